@@ -1,0 +1,184 @@
+"""Data for a run: which splits, how they are sharded across ranks, and how batches are produced.
+
+Two pipelines produce identical-in-distribution batches:
+- `device`: the whole split sits on the device as one uint8 tensor; each step gathers its indices and runs
+  the batched, exact transforms of `dtl.augment` (no per-image Python, no worker processes);
+- `workers`: a DataLoader with worker processes and torchvision v2 per-image transforms (image folders,
+  and a fallback).
+Training indices come from a `DistributedSampler` (disjoint shards, reshuffled by `set_epoch`); evaluation
+uses contiguous shards without padding, so every test image is counted exactly once at any world size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from dtl.augment import IMAGENET_MEAN, IMAGENET_STD, BatchTransform
+from dtl.cifar import Split, load_cifar, make_synthetic
+from dtl.config import Config
+from dtl.dist import DistEnv
+
+SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2000, 500
+
+
+def stream_seed(*parts: int) -> int:
+    """A 63-bit seed from (seed, epoch, rank, ...) that does not collide the way `seed + rank` does."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass
+class Splits:
+    train: Split
+    test: Split
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+
+def load_splits(cfg: Config, allow_download: bool) -> Splits:
+    """Read (or generate) both splits and apply the subsets. `allow_download` is rank 0's privilege."""
+    if cfg.dataset == "synthetic":
+        train = make_synthetic(cfg.train_subset or SYNTHETIC_TRAIN, seed=cfg.seed)
+        test = make_synthetic(cfg.eval_subset or SYNTHETIC_TEST, seed=cfg.seed + 1_000_003)
+    elif cfg.dataset in ("cifar10", "cifar100"):
+        train, test = load_cifar(cfg.data_dir, cfg.dataset, allow_download and cfg.download, cfg.coarse_labels)
+    else:
+        from dtl.folder import load_folder_splits  # image folders: decoded lazily by workers
+
+        return load_folder_splits(cfg)
+    return Splits(train.subset(cfg.train_subset, cfg.subset_order, cfg.seed),
+                  test.subset(cfg.eval_subset, cfg.subset_order, cfg.seed + 1))
+
+
+class EvalShardSampler(Sampler[int]):
+    """Rank r of W gets the contiguous indices [r*N//W, (r+1)*N//W): no padding, no dropped tail."""
+
+    def __init__(self, n: int, rank: int, world_size: int) -> None:
+        self.start, self.stop = rank * n // world_size, (rank + 1) * n // world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def train_sampler(n: int, env: DistEnv, seed: int) -> DistributedSampler:
+    # DistributedSampler only needs len(); a range stands in for the data set.
+    return DistributedSampler(range(n), num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed,
+                              drop_last=False)
+
+
+class DeviceLoader:
+    """Batches from a split held on the device, transformed in batches. Iterating yields (images, labels).
+
+    Augmentation randomness comes from one generator per (seed, epoch, rank), so an epoch's crops are
+    reproducible, and a resume in the middle of an epoch replays the skipped batches' draws (cheap: boxes
+    only) to land on the same random stream."""
+
+    def __init__(self, split: Split, sampler: Sampler[int], batch_size: int, transform: BatchTransform,
+                 device: torch.device, seed: int, rank: int) -> None:
+        self.images = split.images.to(device)
+        self.labels = split.labels.to(device)
+        self.sampler, self.batch_size, self.transform = sampler, batch_size, transform
+        self.device, self.seed, self.rank = device, seed, rank
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.tensor(list(self.sampler), dtype=torch.int64)
+        gen = torch.Generator(device=self.device).manual_seed(stream_seed(self.seed, self.epoch, self.rank))
+        for b, start in enumerate(range(0, len(order), self.batch_size)):
+            idx = order[start:start + self.batch_size].to(self.device, non_blocking=True)
+            if b < self.start_batch:
+                self.transform.skip(len(idx), self.images.shape[-2:], gen)
+                continue
+            yield self.transform(self.images[idx], gen), self.labels[idx]
+
+
+class _PerImageDataset(Dataset):
+    """Per-image v2 transforms for the `workers` pipeline. Each image's randomness is seeded from
+    (seed, epoch, index), so results do not depend on which worker handles it or on a resume point."""
+
+    def __init__(self, split: Split, transform, seed: int) -> None:  # noqa: ANN001 - any v2 transform
+        self.split, self.transform, self.seed, self.epoch = split, transform, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        torch.manual_seed(stream_seed(self.seed, self.epoch, i))
+        return self.transform(self.split.images[i]), int(self.split.labels[i])
+
+
+class WorkerLoader:
+    """DataLoader-based pipeline with the same interface as DeviceLoader."""
+
+    def __init__(self, split: Split, sampler: Sampler[int], batch_size: int, transform, num_workers: int,
+                 device: torch.device, seed: int) -> None:  # noqa: ANN001
+        self.dataset = _PerImageDataset(split, transform, seed)
+        self.sampler, self.batch_size, self.num_workers, self.device = sampler, batch_size, num_workers, device
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.dataset.epoch, self.start_batch = epoch, start_batch
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices = list(self.sampler)[self.start_batch * self.batch_size:]
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=indices,
+                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+                            persistent_workers=False)
+        for images, labels in loader:
+            yield (images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last),
+                   labels.to(self.device, non_blocking=True))
+
+
+def v2_transform(train: bool, size: int, augment: bool):  # noqa: ANN201 - a torchvision v2 Compose
+    """The reference recipe's per-image transforms, on uint8 tensors."""
+    from torchvision.transforms import v2
+
+    head = ([v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+            if train and augment else [v2.Resize(size, antialias=True)])
+    return v2.Compose([*head, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def resolve_pipeline(cfg: Config) -> str:
+    if cfg.data_pipeline != "auto":
+        return cfg.data_pipeline
+    return "workers" if cfg.dataset == "folder" else "device"
+
+
+def build_loaders(cfg: Config, splits: Splits, env: DistEnv, device: torch.device,
+                  compute_dtype: torch.dtype) -> tuple[DeviceLoader | WorkerLoader, DeviceLoader | WorkerLoader]:
+    """Train and eval loaders for this rank."""
+    tsampler = train_sampler(len(splits.train), env, cfg.seed)
+    esampler = EvalShardSampler(len(splits.test), env.rank, env.world_size)
+    if resolve_pipeline(cfg) == "device" and hasattr(splits.train, "images"):
+        ttrans = BatchTransform(train=cfg.augment, size=cfg.image_size, dtype=compute_dtype)
+        etrans = BatchTransform(train=False, size=cfg.image_size, dtype=compute_dtype)
+        return (DeviceLoader(splits.train, tsampler, cfg.batch_size, ttrans, device, cfg.seed, env.rank),
+                DeviceLoader(splits.test, esampler, cfg.batch_size, etrans, device, cfg.seed, env.rank))
+    return (WorkerLoader(splits.train, tsampler, cfg.batch_size, v2_transform(True, cfg.image_size, cfg.augment),
+                         cfg.num_workers, device, cfg.seed),
+            WorkerLoader(splits.test, esampler, cfg.batch_size, v2_transform(False, cfg.image_size, False),
+                         cfg.num_workers, device, cfg.seed))

@@ -1,0 +1,417 @@
+"""The training engine: `train(cfg, env, device)` is the one code path every launcher runs.
+
+Order of a run: validate everything that can be wrong (output folder, data, weights, checkpoint) before
+anything is written; then epochs of train + eval; checkpoints at epoch ends, every N steps/minutes, and on a
+stop signal; final weights and curves at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from dtl import checkpoint as ckpt
+from dtl import data as dtl_data
+from dtl import models, rundir, signals
+from dtl.config import Config
+from dtl.dist import DistEnv, all_gather_tensor, any_rank, barrier, unwrap
+from dtl.errors import EXIT_OK, EXIT_PREEMPTED, NonFiniteLossError, UserError
+from dtl.metrics import Meter, append_metrics, plot_runs
+
+log = logging.getLogger("dtl")
+
+
+@dataclass
+class Progress:
+    """The counters a checkpoint restores."""
+
+    epoch: int = 0
+    """Completed epochs."""
+    step_in_epoch: int = 0
+    """Optimizer steps already done in the current (incomplete) epoch."""
+    global_step: int = 0
+    best_acc: float = -1.0
+    nan_skips: int = 0
+    partial_meter: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    """Train loss/correct/count sums of the incomplete epoch, over all ranks."""
+    partial_seconds: float = 0.0
+
+
+@dataclass
+class Run:
+    """Everything one training run holds, so functions take one argument instead of eighteen."""
+
+    cfg: Config
+    env: DistEnv
+    device: torch.device
+    outdir: Path
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    precision: str
+    train_loader: Any
+    eval_loader: Any
+    classes: list[str]
+    progress: Progress
+    info: dict[str, Any]
+    last_ckpt_time: float = field(default_factory=time.monotonic)
+    tb: Any = None
+
+    @property
+    def accum(self) -> int:
+        return self.cfg.grad_accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train_loader) / self.accum)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+
+# ---- setup -------------------------------------------------------------------------------------
+
+def resolve_precision(cfg: Config, env: DistEnv, device: torch.device) -> tuple[str, str]:
+    """(precision, why). Flag > accelerate config > bf16 on capable GPUs / fp16 on older ones / fp32 on CPU."""
+    if cfg.precision != "auto":
+        return cfg.precision, "--precision flag"
+    mp = env.accelerate_mixed_precision
+    if mp is not None:
+        return {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}.get(mp, "fp32"), f"accelerate config ({mp})"
+    if device.type == "cuda":
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), "GPU default"
+    return "fp32", "CPU default (bf16 autocast is slower on CPUs)"
+
+
+def lr_at(cfg: Config, step: int, steps_per_epoch: int, world_size: int) -> float:
+    """Learning rate for an optimizer step: a pure function of the step, so resume needs no scheduler state."""
+    base = cfg.lr * (world_size * cfg.grad_accum if cfg.lr_scale == "linear" else 1)
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    if cfg.lr_schedule == "cosine":
+        total = max(cfg.epochs * steps_per_epoch - warmup, 1)
+        return base * 0.5 * (1 + math.cos(math.pi * min((step - warmup) / total, 1.0)))
+    return base
+
+
+def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    # foreach is the fast path on both CPU and GPU; fused only exists for (and helps on) CUDA.
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay,
+                                 **fast)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fast)
+
+
+def run_info(cfg: Config, env: DistEnv, device: torch.device, precision: str, why: str,
+             classes: list[str]) -> dict[str, Any]:
+    import torchvision
+
+    import dtl
+
+    return {
+        "launcher": env.launcher, "world_size": env.world_size, "device": str(device).split(":")[0],
+        "precision": precision, "precision_source": why,
+        "global_batch": cfg.batch_size * env.world_size * cfg.grad_accum,
+        "num_classes": len(classes), "classes": classes,
+        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, "dtl": dtl.__version__},
+    }
+
+
+def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
+    """Validate and build everything; nothing is written to the output folder before this returns."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    precision, why = resolve_precision(cfg, env, device)
+    outdir = rundir.resolve(cfg, env, device)
+    resume_from = rundir.check(outdir, cfg)
+
+    # Local rank 0 of each node reads (and if needed downloads) first; the others then read what it left.
+    splits = None
+    if env.local_rank == 0:
+        splits = dtl_data.load_splits(cfg, allow_download=True)
+    barrier(env)
+    if splits is None:
+        splits = dtl_data.load_splits(cfg, allow_download=False)
+
+    torch.manual_seed(cfg.seed)  # same initial head on every rank (DDP broadcasts rank 0's anyway)
+    model = models.build_model(cfg.model, len(splits.classes), cfg.weights, cfg.image_size, cfg.dropout)
+    trainable = models.freeze(model, cfg.model, cfg.mode, cfg.finetune_last_n)
+    model = model.to(device, memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    progress = Progress()
+    if resume_from is not None:
+        progress = restore(resume_from, cfg, env, model, optimizer, scaler, len(splits.classes))
+    info = run_info(cfg, env, device, precision, why, splits.classes)
+    total, n_train = models.count_parameters(model)
+    log.info("%s %s: %d params, %d trainable (%s)", cfg.model, cfg.mode, total, n_train,
+             ", ".join(trainable) if len(trainable) <= 4 else f"{len(trainable)} tensors")
+    if env.distributed:
+        # Frozen before wrapping: DDP reduces only parameters that require grad at construction.
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    gradient_as_bucket_view=True)
+    if cfg.compile:
+        model = torch.compile(model)
+    compute_dtype = torch.float32  # autocast decides the matmul dtype; inputs stay fp32 for exactness
+    train_loader, eval_loader = dtl_data.build_loaders(cfg, splits, env, device, compute_dtype)
+    return Run(cfg, env, device, outdir, model, optimizer, scaler, precision, train_loader, eval_loader,
+               splits.classes, progress, info)
+
+
+def restore(path: Path, cfg: Config, env: DistEnv, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, num_classes: int) -> Progress:
+    state = ckpt.load_checkpoint(path)
+    meta = state["meta"]
+    ckpt.check_compatible(meta, cfg.model, num_classes, path)
+    models.load_into(model, state["model"], f"checkpoint {path}")
+    trainable = [k for k, p in model.named_parameters() if p.requires_grad]
+    if meta.get("trainable") != trainable:
+        raise UserError(f"{path} was trained with other trainable parameters (mode {meta['config']['mode']!r}); "
+                        "resume with the same --mode/--finetune-last-n or start a new --output-dir")
+    optimizer.load_state_dict(state["optim"])
+    if meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
+    progress = Progress(**meta["progress"])
+    key = f"cpu.rank{env.rank}"
+    if progress.step_in_epoch and meta.get("world_size") == env.world_size and key in state["rng"]:
+        torch.set_rng_state(state["rng"][key])
+        if torch.cuda.is_available() and f"cuda.rank{env.rank}" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"][f"cuda.rank{env.rank}"])
+    elif progress.step_in_epoch and meta.get("world_size") != env.world_size:
+        log.warning("resuming mid-epoch with a different world size (%s -> %d): the data order of the rest of "
+                    "this epoch differs from the interrupted run", meta.get("world_size"), env.world_size)
+    log.info("resumed from %s (epoch %d, step %d of the epoch)", path, progress.epoch, progress.step_in_epoch)
+    return progress
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+def gather_rng(run: Run) -> dict[str, torch.Tensor]:
+    """Every rank's RNG state (a collective: all ranks call it), keyed by rank for rank 0 to save."""
+    out: dict[str, torch.Tensor] = {}
+    states = {"cpu": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(run.device)
+    for name, state in states.items():
+        for r, s in enumerate(all_gather_tensor(state.to(_collective_device(run)), run.env)):
+            out[f"{name}.rank{r}"] = s.cpu()
+    return out
+
+
+def _collective_device(run: Run) -> torch.device:
+    return run.device if run.env.distributed else torch.device("cpu")
+
+
+def save(run: Run, is_best: bool = False) -> Path | None:
+    """Checkpoint the current position (a collective for the RNG states; rank 0 writes)."""
+    rng = gather_rng(run)
+    path = None
+    if run.env.is_main:
+        meta = {"progress": vars(run.progress), "config": run.cfg.to_dict(), "num_classes": len(run.classes),
+                "world_size": run.env.world_size, "run": run.info, "scaler": run.scaler.state_dict(),
+                "trainable": [k for k, p in unwrap(run.model).named_parameters() if p.requires_grad],
+                "global_step": run.progress.global_step, "best_acc": run.progress.best_acc}
+        path = ckpt.save_checkpoint(run.outdir, model_state=unwrap(run.model).state_dict(),
+                                    optim_state=run.optimizer.state_dict(), rng=rng, meta=meta,
+                                    keep_last=run.cfg.keep_last, is_best=is_best)
+    run.last_ckpt_time = time.monotonic()
+    barrier(run.env)  # nobody leaves (or gets killed by the launcher) while rank 0 is still writing
+    return path
+
+
+def periodic_due(run: Run) -> bool:
+    cfg = run.cfg
+    due = bool(cfg.checkpoint_every_steps and run.progress.global_step % cfg.checkpoint_every_steps == 0)
+    if cfg.checkpoint_every_minutes and run.env.is_main:
+        due |= time.monotonic() - run.last_ckpt_time >= 60 * cfg.checkpoint_every_minutes
+    # rank 0 alone decides on time; the others follow through the agreement all-reduce
+    return any_rank(due, run.env, _collective_device(run)) if cfg.checkpoint_every_minutes else due
+
+
+# ---- the loops ---------------------------------------------------------------------------------
+
+def check_finite(run: Run, bad_step: torch.Tensor) -> None:
+    """Abort policy: read the device-side flag (at sync points only) and stop before anything is saved."""
+    step = int(bad_step.item())
+    if step >= 0:
+        last = ckpt.latest_checkpoint(run.outdir)
+        where = f"--resume {last}" if last else "a fresh run (no checkpoint was written yet)"
+        raise NonFiniteLossError(f"non-finite loss at global step {step}; nothing was saved after it. "
+                                 f"Lower --lr, check the data, or use --nan-policy skip; resume from {where}")
+
+
+def optimizer_step(run: Run, bad_step: torch.Tensor) -> None:
+    """lr -> unscale -> finite check -> step -> zero_grad."""
+    p = run.progress
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(run.cfg, p.global_step, run.steps_per_epoch, run.env.world_size)
+    run.scaler.unscale_(run.optimizer)
+    grads = [q.grad for q in run.optimizer.param_groups[0]["params"] if q.grad is not None]
+    # DDP already averaged the gradients, so a NaN on any rank is a NaN on every rank: all agree for free.
+    finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+    if run.cfg.nan_policy == "skip":
+        if not bool(finite):  # the skip policy pays one host sync per step to decide
+            p.nan_skips += 1
+            if p.nan_skips > run.cfg.max_nan_skips:
+                raise NonFiniteLossError(f"{p.nan_skips} non-finite steps in a row up to step {p.global_step}")
+            log.warning("non-finite loss at step %d: update skipped (%d in a row)", p.global_step, p.nan_skips)
+            run.optimizer.zero_grad(set_to_none=True)
+            run.scaler.update()
+            return
+        p.nan_skips = 0
+    else:
+        bad_step.copy_(torch.where(finite | (bad_step >= 0), bad_step, torch.tensor(p.global_step,
+                                                                                      device=bad_step.device)))
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def train_one_epoch(run: Run, epoch: int) -> str:
+    """One epoch from the saved position; returns "done" or "stopped" (a signal arrived)."""
+    cfg, p, env = run.cfg, run.progress, run.env
+    start_batch = p.step_in_epoch * run.accum
+    if start_batch == 0:
+        torch.manual_seed(dtl_data.stream_seed(cfg.seed, epoch, env.rank, 1))  # dropout stream per epoch/rank
+    run.train_loader.set_epoch(epoch, start_batch)
+    meter = Meter(run.device)
+    if env.is_main:
+        meter.load(p.partial_meter)
+    model = run.model
+    model.train()
+    models.freeze_frozen_norms(model)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    bad_step = torch.tensor(-1, device=run.device)
+    n_batches = len(run.train_loader)
+    bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs} train",
+               disable=not env.is_main, dynamic_ncols=True, leave=False)
+    t0 = time.perf_counter() - p.partial_seconds
+    for i, (images, labels) in enumerate(run.train_loader, start=start_batch):
+        last_micro = (i + 1) % run.accum == 0 or i + 1 == n_batches
+        sync = model.no_sync() if isinstance(model, DDP) and not last_micro else contextlib.nullcontext()
+        with sync:
+            with run.autocast():
+                logits = model(images)
+                loss = criterion(logits, labels)
+            if cfg.fault_nan_at_step is not None and p.global_step == cfg.fault_nan_at_step:
+                loss = loss * float("nan")  # test hook: poison this step
+            run.scaler.scale(loss / run.accum).backward()
+        meter.update(loss.detach() * labels.shape[0], (logits.argmax(1) == labels).sum(), labels.shape[0])
+        bar.update(1)
+        if not last_micro:
+            continue
+        optimizer_step(run, bad_step)
+        p.global_step += 1
+        p.step_in_epoch += 1
+        if env.is_main and (p.step_in_epoch % cfg.log_every == 0):
+            loss_sum, correct, count = meter.local()  # the one host sync of a log interval
+            bar.set_postfix(loss=f"{loss_sum / max(count, 1):.3f}", acc=f"{correct / max(count, 1):.3f}",
+                            img_s=f"{count / max(time.perf_counter() - t0, 1e-9):.0f}")
+        stop = any_rank(signals.requested(), env, _collective_device(run))
+        if stop or (i + 1 < n_batches and periodic_due(run)):
+            check_finite(run, bad_step)
+            p.partial_meter = meter.reduced_totals(env)
+            p.partial_seconds = time.perf_counter() - t0
+            save(run)
+            if stop:
+                bar.close()
+                return "stopped"
+    bar.close()
+    check_finite(run, bad_step)
+    run.info["_train"] = meter.reduced(env)
+    run.info["_train_seconds"] = time.perf_counter() - t0
+    return "done"
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, device: torch.device, env: DistEnv, autocast: Any,
+             desc: str = "eval") -> dict[str, float]:
+    """Loss/accuracy over this rank's contiguous shard, summed over ranks: every image counted once.
+    Runs on the unwrapped model so no DDP buffer broadcast is started that other ranks would not join."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    meter = Meter(device)
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    for images, labels in tqdm(loader, desc=desc, disable=not env.is_main, leave=False, dynamic_ncols=True):
+        with autocast():
+            logits = model(images)
+        meter.update(criterion(logits.float(), labels), (logits.argmax(1) == labels).sum(), labels.shape[0])
+    model.train(was_training)
+    return meter.reduced(env)
+
+
+def end_epoch(run: Run, epoch: int) -> None:
+    p = run.progress
+    test = evaluate(run.model, run.eval_loader, run.device, run.env, run.autocast)
+    train = run.info.pop("_train")
+    seconds = run.info.pop("_train_seconds")
+    row = {"epoch": epoch + 1, "train_loss": train["loss"], "train_acc": train["acc"],
+           "train_count": train["count"], "test_loss": test["loss"], "test_acc": test["acc"],
+           "test_count": test["count"], "lr": run.optimizer.param_groups[0]["lr"], "epoch_seconds": seconds,
+           "images_per_sec": train["count"] / max(seconds, 1e-9), "global_step": p.global_step,
+           "nan_skips": p.nan_skips}
+    is_best = test["acc"] > p.best_acc
+    p.best_acc = max(p.best_acc, test["acc"])
+    p.epoch, p.step_in_epoch, p.partial_meter, p.partial_seconds = epoch + 1, 0, [0.0, 0.0, 0.0], 0.0
+    if run.env.is_main:
+        append_metrics(run.outdir, row)
+        if run.tb is not None:
+            for key, value in row.items():
+                if key != "epoch":
+                    run.tb.add_scalar(key, value, epoch + 1)
+            run.tb.flush()
+        log.info("epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f (%d images) | %.1f img/s",
+                 epoch + 1, run.cfg.epochs, row["train_loss"], row["train_acc"], row["test_loss"],
+                 row["test_acc"], row["test_count"], row["images_per_sec"])
+    save(run, is_best=is_best)
+
+
+def fit(run: Run) -> int:
+    """Epochs from the saved position to the end; the exit code."""
+    for epoch in range(run.progress.epoch, run.cfg.epochs):
+        if train_one_epoch(run, epoch) == "stopped":
+            rundir.write_status(run, "preempted", EXIT_PREEMPTED)
+            log.warning("stopped by signal at step %d; checkpoint written, resume with --resume auto",
+                        run.progress.global_step)
+            return EXIT_PREEMPTED
+        end_epoch(run, epoch)
+    if run.env.is_main:
+        ckpt.write_tensors(run.outdir / "model.safetensors", unwrap(run.model).state_dict())
+        plot_runs([run.outdir], run.outdir / "curves.png")
+        rundir.write_status(run, "completed", EXIT_OK)
+        log.info("done: %s", run.outdir)
+    barrier(run.env)
+    return EXIT_OK
+
+
+def train(cfg: Config, env: DistEnv, device: torch.device) -> int:
+    run = prepare(cfg, env, device)
+    rundir.start(run)
+    try:
+        with torch.autograd.set_detect_anomaly(cfg.debug):
+            return fit(run)
+    except Exception:
+        rundir.write_status(run, "failed", 1)
+        raise
+    finally:
+        if run.tb is not None:
+            run.tb.close()

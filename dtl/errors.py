@@ -1,0 +1,19 @@
+"""Exit codes and the one exception type that means "the user can fix this"."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+#: Bad flag, bad file, missing data: nothing was written, fix the input and run again.
+EXIT_USAGE = 2
+#: Stopped on SIGTERM/SIGUSR1/SIGINT after writing a checkpoint of the current step.
+#: 75 is sysexits' EX_TEMPFAIL ("try again later"): schedulers and the SLURM templates requeue on it.
+EXIT_PREEMPTED = 75
+
+
+class UserError(Exception):
+    """A problem with the user's input that they can fix; printed as one message, exit code 2."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf and the policy says abort."""

@@ -1,0 +1,294 @@
+"""Backbones: build any torchvision classification model, load weights, replace the head, freeze per mode.
+
+What a "block" is for `--finetune-last-n` (counted from the end; the new head always trains):
+
+| family | blocks, in forward order |
+|---|---|
+| vgg, alexnet | each conv layer of `features`, then each hidden Linear of `classifier` (fc6, fc7) |
+| resnet, resnext, wide_resnet | the stem (conv1 + bn1), then each residual block of layer1..layer4 |
+| regnet | the stem, then each residual block of trunk_output.block1..4 |
+| efficientnet, mobilenet, convnext, densenet, squeezenet, mnasnet, swin | each stage of `features` (`layers` for mnasnet), then hidden layers of the classifier |
+| vit | the stem (patch projection, class token, position embedding), each encoder layer, the final norm |
+| shufflenet, googlenet, inception, others | each top-level child with parameters |
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from dtl.errors import UserError
+
+log = logging.getLogger("dtl")
+
+# family prefix -> (stem children grouped as one block, containers whose children are blocks)
+_FAMILIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "vgg": ((), ("features", "classifier")),
+    "alexnet": ((), ("features", "classifier")),
+    "resnet": (("conv1", "bn1"), ("layer1", "layer2", "layer3", "layer4")),
+    "resnext": (("conv1", "bn1"), ("layer1", "layer2", "layer3", "layer4")),
+    "wide_resnet": (("conv1", "bn1"), ("layer1", "layer2", "layer3", "layer4")),
+    "regnet": ((), ("trunk_output.block1", "trunk_output.block2", "trunk_output.block3",
+                    "trunk_output.block4")),
+    "efficientnet": ((), ("features", "classifier")),
+    "mobilenet": ((), ("features", "classifier")),
+    "convnext": ((), ("features", "classifier")),
+    "densenet": ((), ("features",)),
+    "squeezenet": ((), ("features",)),
+    "mnasnet": ((), ("layers", "classifier")),
+    "swin": ((), ("features",)),
+    "maxvit": ((), ("blocks", "classifier")),
+    "vit": (("conv_proj", "class_token", "encoder.pos_embedding"), ("encoder.layers",)),
+}
+#: Aux classifiers only matter for the original papers' training; they break a plain `logits = model(x)`.
+_AUX_MODELS = ("googlenet", "inception_v3")
+
+
+def classification_models() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def check_model_name(name: str) -> None:
+    names = classification_models()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; `dtl models` lists them"
+        raise UserError(f"unknown model {name!r}: not a torchvision classification model{hint}")
+
+
+def family(name: str) -> str | None:
+    for prefix in sorted(_FAMILIES, key=len, reverse=True):
+        if name.startswith(prefix):
+            return prefix
+    return None
+
+
+def head_name(model: nn.Module) -> str:
+    """Qualified name of the classification layer: the last Linear (or SqueezeNet's final 1x1 conv)."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not name.startswith(("aux", "AuxLogits")):
+            last = name
+    if last is None:
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Conv2d) and module.out_channels == 1000:
+                last = name
+    if last is None:
+        raise UserError(f"cannot find the classification layer of {type(model).__name__}")
+    return last
+
+
+def replace_head(model: nn.Module, num_classes: int) -> str:
+    """Swap the classification layer for a fresh one with `num_classes` outputs; returns its name."""
+    name = head_name(model)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    if isinstance(old, nn.Linear):
+        new: nn.Module = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    else:
+        new = nn.Conv2d(old.in_channels, num_classes, kernel_size=1)
+    setattr(parent, attr, new.to(old.weight.device))
+    return name
+
+
+def _builder_kwargs(name: str, image_size: int, pretrained: bool) -> dict:
+    kwargs: dict = {}
+    if name in _AUX_MODELS:
+        kwargs["aux_logits"] = False
+        kwargs["init_weights"] = not pretrained
+    if name.startswith("vit") and not pretrained:
+        kwargs["image_size"] = image_size
+    return kwargs
+
+
+def check_image_size(name: str, image_size: int, pretrained: bool) -> None:
+    """Refuse an image size the architecture cannot take, before anything big is built or written."""
+    if name.startswith(("vit", "swin", "maxvit")) and pretrained and image_size != 224:
+        raise UserError(f"--image-size {image_size} does not fit pretrained {name}: its position embeddings "
+                        "expect 224 px; use --image-size 224")
+    try:
+        with torch.device("meta"):
+            model = torchvision.models.get_model(name, weights=None, **_builder_kwargs(name, image_size, False))
+            model.eval()(torch.empty(1, 3, image_size, image_size))
+    except (RuntimeError, ValueError, AssertionError) as err:
+        raise UserError(f"--image-size {image_size} is too small or invalid for {name} ({err}); "
+                        "try --image-size 32 or larger (224 for the reference recipe)") from None
+
+
+def _resolve_enum(name: str, weights: str):  # noqa: ANN202 - a torchvision WeightsEnum member
+    enum = torchvision.models.get_model_weights(name)
+    if weights == "imagenet":
+        return enum.DEFAULT
+    try:
+        return enum[weights]
+    except KeyError:
+        options = ", ".join(w.name for w in enum)
+        raise UserError(f"--weights {weights!r}: {name} has no such weights (choose from imagenet, none, "
+                        f"{options}, or a .safetensors/.pth file)") from None
+
+
+def is_weight_file(weights: str) -> bool:
+    return weights not in ("imagenet", "none") and (
+        Path(weights).suffix in (".safetensors", ".pth", ".pt", ".bin") or "/" in weights
+    )
+
+
+def load_state_file(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file or a weights-only .pth/.pt (never an arbitrary pickle)."""
+    if not path.is_file():
+        raise UserError(f"--weights {path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure here means "this file is not usable weights"
+        raise UserError(f"--weights {path} could not be read as weights ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:300]}); it is corrupt, truncated, or not a plain "
+                        "state dict (pickled code is refused)") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"--weights {path} does not hold a state dict of tensors")
+    return {_strip_prefixes(k): v for k, v in state.items()}
+
+
+def _strip_prefixes(key: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """strict load that names every missing, unexpected or mis-shaped parameter."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        lines = ([f"missing: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"] if missing else [])
+        lines += [f"unexpected: {', '.join(unexpected[:8])}"] if unexpected else []
+        lines += [f"shape mismatch: {s}" for s in shapes[:8]]
+        raise UserError(f"{source} does not fit {type(model).__name__}:\n  " + "\n  ".join(lines))
+    model.load_state_dict(state, strict=True)
+
+
+def _pretrained_state(name: str, weights: str) -> dict[str, torch.Tensor]:
+    enum = _resolve_enum(name, weights)
+    hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    filename = enum.url.rsplit("/", 1)[-1]
+    try:
+        state = enum.get_state_dict(progress=False, check_hash=True)
+    except Exception as err:  # noqa: BLE001 - offline: URLError / socket errors, or a corrupt cached file
+        raise UserError(
+            f"could not get the pretrained weights {name} {enum.name}: {type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}.\nOn a machine without internet, download {enum.url} elsewhere "
+            f"and place it as {hub_dir / filename} (the folder follows TORCH_HOME), or pass --weights FILE."
+        ) from None
+    if name in _AUX_MODELS:
+        state = {k: v for k, v in state.items() if not k.startswith(("aux", "AuxLogits"))}
+    return state
+
+
+def build_model(name: str, num_classes: int, weights: str, image_size: int, dropout: float | None = None) -> nn.Module:
+    """A torchvision model with the requested init and a fresh `num_classes` head (not yet frozen)."""
+    check_model_name(name)
+    pretrained = weights != "none"
+    check_image_size(name, image_size, pretrained and not is_weight_file(weights))
+    model = torchvision.models.get_model(name, weights=None, **_builder_kwargs(name, image_size, pretrained))
+    if is_weight_file(weights):
+        state = load_state_file(Path(weights))
+        head = head_name(model)
+        head_w = state.get(f"{head}.weight")
+        if head_w is not None and head_w.shape[0] == num_classes:
+            replace_head(model, num_classes)  # a file trained for our classes (e.g. a dtl model.safetensors)
+            load_into(model, state, f"--weights {weights}")
+            return _set_dropout(model, dropout)
+        load_into(model, state, f"--weights {weights}")
+    elif pretrained:
+        load_into(model, _pretrained_state(name, weights), f"{name} {weights} weights")
+    replace_head(model, num_classes)
+    return _set_dropout(model, dropout)
+
+
+def _set_dropout(model: nn.Module, p: float | None) -> nn.Module:
+    if p is not None:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+    return model
+
+
+def backbone_blocks(model: nn.Module, name: str) -> list[list[str]]:
+    """Blocks (each a list of parameter-name prefixes) of the backbone in forward order, head excluded."""
+    head = head_name(model)
+    stem, containers = _FAMILIES.get(family(name) or "", ((), ()))
+    blocks: list[list[str]] = []
+    if stem:
+        blocks.append(list(stem))
+    claimed = set(stem)
+    for path in containers:
+        try:
+            container = model.get_submodule(path)
+        except AttributeError:
+            continue
+        for child_name, child in container.named_children():
+            full = f"{path}.{child_name}"
+            if full != head and any(True for _ in child.parameters()):
+                blocks.append([full])
+        claimed.add(path)
+    # Everything with parameters not covered above (e.g. ViT's final norm, GoogLeNet's inceptions).
+    covered = lambda key: any(key == c or key.startswith(c + ".") for c in claimed)  # noqa: E731
+    for child_name, child in model.named_children():
+        if child_name == head or covered(child_name) or not any(True for _ in child.parameters()):
+            continue
+        inner = [f"{child_name}.{n}" for n, c in child.named_children()
+                 if not covered(f"{child_name}.{n}") and any(True for _ in c.parameters())]
+        has_claimed_inside = any(c.startswith(child_name + ".") for c in claimed)
+        blocks.extend([[p] for p in inner] if has_claimed_inside else [[child_name]])
+    return blocks
+
+
+def freeze(model: nn.Module, name: str, mode: str, finetune_last_n: int | None) -> list[str]:
+    """Set requires_grad per mode; returns the names of the trainable parameters. Call before DDP wraps the
+    model: DDP decides at construction which parameters it reduces."""
+    head = head_name(model)
+    if mode == "scratch" or (mode == "finetune" and finetune_last_n is None):
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        prefixes = [head]
+        if mode == "finetune":
+            blocks = backbone_blocks(model, name)
+            if finetune_last_n > len(blocks):
+                raise UserError(f"--finetune-last-n {finetune_last_n} is more than the {len(blocks)} blocks "
+                                f"{name} has; omit it to train everything")
+            prefixes += [p for block in blocks[len(blocks) - finetune_last_n:] for p in block]
+        for key, p in model.named_parameters():
+            p.requires_grad_(any(key == pre or key.startswith(pre + ".") for pre in prefixes))
+    return [k for k, p in model.named_parameters() if p.requires_grad]
+
+
+def freeze_frozen_norms(model: nn.Module) -> None:
+    """Put normalisation layers whose parameters are all frozen in eval mode, so a frozen backbone stays
+    frozen (its BatchNorm running statistics do not drift). Dropout keeps the train-mode semantics."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
