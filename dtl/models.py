@@ -7,7 +7,8 @@ What a "block" is for `--finetune-last-n` (counted from the end; the new head al
 | vgg, alexnet | each conv layer of `features`, then each hidden Linear of `classifier` (fc6, fc7) |
 | resnet, resnext, wide_resnet | the stem (conv1 + bn1), then each residual block of layer1..layer4 |
 | regnet | the stem, then each residual block of trunk_output.block1..4 |
-| efficientnet, mobilenet, convnext, densenet, squeezenet, mnasnet, swin | each stage of `features` (`layers` for mnasnet), then hidden layers of the classifier |
+| efficientnet, mobilenet, convnext, densenet, squeezenet, mnasnet, swin | each stage of `features` |
+|   | (`layers` for mnasnet), then the classifier's hidden layers |
 | vit | the stem (patch projection, class token, position embedding), each encoder layer, the final norm |
 | shufflenet, googlenet, inception, others | each top-level child with parameters |
 """
@@ -74,9 +75,9 @@ def head_name(model: nn.Module) -> str:
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and not name.startswith(("aux", "AuxLogits")):
             last = name
-    if last is None:
+    if last is None:  # SqueezeNet classifies with a 1x1 conv inside `classifier`
         for name, module in model.named_modules():
-            if isinstance(module, nn.Conv2d) and module.out_channels == 1000:
+            if isinstance(module, nn.Conv2d) and name.startswith("classifier."):
                 last = name
     if last is None:
         raise UserError(f"cannot find the classification layer of {type(model).__name__}")
@@ -107,15 +108,27 @@ def _builder_kwargs(name: str, image_size: int, pretrained: bool) -> dict:
     return kwargs
 
 
+def skeleton(name: str, image_size: int = 224) -> nn.Module:
+    """The architecture without real weights: on the meta device (no memory) where the builder allows it,
+    else on the CPU (RegNet's builder computes its widths with tensors)."""
+    kwargs = _builder_kwargs(name, image_size, False)
+    try:
+        with torch.device("meta"):
+            return torchvision.models.get_model(name, weights=None, **kwargs)
+    except NotImplementedError:
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+
+
 def check_image_size(name: str, image_size: int, pretrained: bool) -> None:
     """Refuse an image size the architecture cannot take, before anything big is built or written."""
     if name.startswith(("vit", "swin", "maxvit")) and pretrained and image_size != 224:
         raise UserError(f"--image-size {image_size} does not fit pretrained {name}: its position embeddings "
                         "expect 224 px; use --image-size 224")
     try:
-        with torch.device("meta"):
-            model = torchvision.models.get_model(name, weights=None, **_builder_kwargs(name, image_size, False))
-            model.eval()(torch.empty(1, 3, image_size, image_size))
+        model = skeleton(name, image_size).eval()
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=device))
     except (RuntimeError, ValueError, AssertionError) as err:
         raise UserError(f"--image-size {image_size} is too small or invalid for {name} ({err}); "
                         "try --image-size 32 or larger (224 for the reference recipe)") from None
@@ -233,29 +246,25 @@ def backbone_blocks(model: nn.Module, name: str) -> list[list[str]]:
     """Blocks (each a list of parameter-name prefixes) of the backbone in forward order, head excluded."""
     head = head_name(model)
     stem, containers = _FAMILIES.get(family(name) or "", ((), ()))
-    blocks: list[list[str]] = []
-    if stem:
-        blocks.append(list(stem))
-    claimed = set(stem)
-    for path in containers:
-        try:
-            container = model.get_submodule(path)
-        except AttributeError:
-            continue
-        for child_name, child in container.named_children():
-            full = f"{path}.{child_name}"
-            if full != head and any(True for _ in child.parameters()):
+    blocks: list[list[str]] = [list(stem)] if stem else []
+
+    def has_params(module: nn.Module) -> bool:
+        return any(True for _ in module.parameters())
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for child_name, child in module.named_children():
+            full = prefix + child_name
+            if full == head or full in stem or not has_params(child):
+                continue
+            if full in containers:
+                blocks.extend([f"{full}.{n}"] for n, c in child.named_children()
+                              if f"{full}.{n}" != head and has_params(c))
+            elif head.startswith(full + ".") or any(c.startswith(full + ".") for c in containers):
+                walk(child, full + ".")
+            else:
                 blocks.append([full])
-        claimed.add(path)
-    # Everything with parameters not covered above (e.g. ViT's final norm, GoogLeNet's inceptions).
-    covered = lambda key: any(key == c or key.startswith(c + ".") for c in claimed)  # noqa: E731
-    for child_name, child in model.named_children():
-        if child_name == head or covered(child_name) or not any(True for _ in child.parameters()):
-            continue
-        inner = [f"{child_name}.{n}" for n, c in child.named_children()
-                 if not covered(f"{child_name}.{n}") and any(True for _ in c.parameters())]
-        has_claimed_inside = any(c.startswith(child_name + ".") for c in claimed)
-        blocks.extend([[p] for p in inner] if has_claimed_inside else [[child_name]])
+
+    walk(model, "")
     return blocks
 
 

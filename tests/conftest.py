@@ -1,0 +1,102 @@
+"""Shared fixtures: generated data and weights (never the network), and in-process / subprocess runners."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# One thread per process: the suite runs two pytest workers (and two-process launches) on two cores, and
+# oversubscribed OpenMP threads spin-wait, which made CPU steps several times slower when measured here.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+#: A small, fast configuration used wherever a test is not about VGG16 itself (squeezenet1_1: no
+#: BatchNorm, about 7x faster than resnet18 per image on this CPU).
+TINY = ["--dataset", "synthetic", "--image-size", "32", "--device", "cpu", "--batch-size", "16",
+        "--log-every", "1", "--model", "squeezenet1_1", "--mode", "scratch"]
+
+
+@pytest.fixture(autouse=True)
+def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test may reach the network or the user's torch cache."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def offline(*args, **kwargs):
+        import urllib.error
+
+        raise urllib.error.URLError("offline (tests never download)")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS",
+                "ACCELERATE_MIXED_PRECISION"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def train_inproc(*flags: str) -> int:
+    """Run `dtl train` in this process (no interpreter start-up); returns the exit code."""
+    from dtl import cli, signals
+    from dtl.config import config_from_args
+
+    saved = {s: signal.getsignal(s) for s in signals.HANDLED}
+    try:
+        args = cli.build_parser().parse_args(["train", *flags])
+        return cli.run_train(config_from_args(args))
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+        signals.reset()
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None,
+            module: bool = True) -> subprocess.CompletedProcess:
+    cmd = [PY, "-m", "dtl.cli", *args] if module else list(args)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """path -> (size, mtime_ns) of everything below folder, to assert that nothing changed."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small learnable data set in the official CIFAR-10 python layout, written by `dtl data synth`."""
+    out = tmp_path_factory.mktemp("synth")
+    from dtl import cifar
+
+    cifar.write_cifar10(out, cifar.make_synthetic(600, seed=0), cifar.make_synthetic(203, seed=7), "py")
+    return out
+
+
+@pytest.fixture(scope="session")
+def fake_vgg16_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A TORCH_HOME whose hub cache holds a random VGG16 ImageNet state dict under torchvision's file name."""
+    import torchvision
+
+    home = tmp_path_factory.mktemp("torch_home")
+    ckpt_dir = home / "hub" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    torch.manual_seed(0)
+    state = torchvision.models.vgg16().state_dict()
+    url = torchvision.models.VGG16_Weights.IMAGENET1K_V1.url
+    torch.save(state, ckpt_dir / url.rsplit("/", 1)[-1])
+    return home

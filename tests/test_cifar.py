@@ -1,0 +1,96 @@
+import pickle
+import tarfile
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dtl import cifar
+from dtl.errors import UserError
+from tests.conftest import run_cli
+
+
+@pytest.mark.parametrize("fmt", ["py", "bin"])
+def test_synth_roundtrip_via_cli(tmp_path: Path, fmt: str):
+    res = run_cli("data", "synth", "--out", str(tmp_path), "--train", "120", "--test", "30", "--format", fmt)
+    assert res.returncode == 0, res.stderr
+    train, test = cifar.load_cifar(tmp_path)
+    want_train, want_test = cifar.make_synthetic(120, seed=0), cifar.make_synthetic(30, seed=1_000_003)
+    assert torch.equal(train.images, want_train.images) and torch.equal(train.labels, want_train.labels)
+    assert torch.equal(test.images, want_test.images) and torch.equal(test.labels, want_test.labels)
+    assert train.images.dtype == torch.uint8 and train.images.shape == (120, 3, 32, 32)
+    info = run_cli("data", "info", "--data-dir", str(tmp_path))
+    assert info.returncode == 0 and "train: 120 images" in info.stdout and "mean (R,G,B)" in info.stdout
+
+
+def test_restricted_unpickler_refuses_code(tmp_path: Path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    folder = tmp_path / "cifar-10-batches-py"
+    cifar.write_cifar10(tmp_path, cifar.make_synthetic(50), cifar.make_synthetic(10), "py")
+    (folder / "data_batch_1").write_bytes(pickle.dumps(Evil(), protocol=2))
+    with pytest.raises(UserError, match="os.system|posix.system"):
+        cifar.load_cifar(tmp_path)
+    assert not marker.exists()
+
+
+def test_truncated_and_missing_files_are_reported(tmp_path: Path):
+    cifar.write_cifar10(tmp_path, cifar.make_synthetic(50), cifar.make_synthetic(10), "bin")
+    batch = tmp_path / "cifar-10-batches-bin" / "data_batch_2.bin"
+    batch.write_bytes(batch.read_bytes()[:-100])
+    with pytest.raises(UserError, match="truncated"):
+        cifar.load_cifar(tmp_path)
+    batch.unlink()
+    with pytest.raises(UserError, match="data_batch_2.bin is missing"):
+        cifar.load_cifar(tmp_path)
+
+
+def test_labels_out_of_range_are_refused(tmp_path: Path):
+    bad = cifar.make_synthetic(20)
+    bad.labels[3] = 12
+    cifar.write_cifar10(tmp_path, bad, cifar.make_synthetic(10), "bin")
+    with pytest.raises(UserError, match="labels range"):
+        cifar.load_cifar(tmp_path)
+
+
+def test_archive_is_extracted(tmp_path: Path):
+    src = tmp_path / "src"
+    cifar.write_cifar10(src, cifar.make_synthetic(40), cifar.make_synthetic(10), "py")
+    data = tmp_path / "data"
+    data.mkdir()
+    with tarfile.open(data / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    train, _ = cifar.load_cifar(data)
+    assert len(train) == 40
+
+
+def test_offline_download_says_what_to_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import torchvision.datasets.utils as tv_utils
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    with pytest.raises(UserError) as err:
+        cifar.load_cifar(tmp_path, allow_download=True)
+    msg = str(err.value)
+    assert "cifar-10-python.tar.gz" in msg and str(tmp_path.resolve()) in msg and "--no-download" in msg
+    with pytest.raises(UserError, match="--download"):
+        cifar.load_cifar(tmp_path, allow_download=False)
+
+
+def test_synthetic_is_learnable_by_colour_alone():
+    split = cifar.make_synthetic(500)
+    means = split.images.float().mean(dim=(2, 3))
+    centroids = torch.stack([means[split.labels == c].mean(0) for c in range(10)])
+    pred = torch.cdist(means, centroids).argmin(1)
+    assert (pred == split.labels).float().mean() > 0.5
+    assert np.unique(split.labels.numpy()).size == 10

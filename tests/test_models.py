@@ -1,0 +1,139 @@
+import pickle
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from dtl import models
+from dtl.errors import UserError
+
+
+def names(model):
+    return [k for k, p in model.named_parameters() if p.requires_grad]
+
+
+@pytest.fixture(scope="module")
+def vgg16():
+    return models.build_model("vgg16", 10, "none", 32)
+
+
+def test_transfer_trains_exactly_the_new_head_weight_and_bias(vgg16):
+    # The reference script misspelled "classifier.6.baias", so its head bias never trained.
+    assert models.freeze(vgg16, "vgg16", "transfer", None) == ["classifier.6.weight", "classifier.6.bias"]
+    assert vgg16.classifier[6].out_features == 10
+
+
+def test_finetune_last_block_and_scratch(vgg16):
+    assert models.freeze(vgg16, "vgg16", "finetune", 1) == [
+        "classifier.3.weight", "classifier.3.bias", "classifier.6.weight", "classifier.6.bias"]
+    three = models.freeze(vgg16, "vgg16", "finetune", 3)
+    assert three[:2] == ["features.28.weight", "features.28.bias"] and len(three) == 8
+    everything = [k for k, _ in vgg16.named_parameters()]
+    assert models.freeze(vgg16, "vgg16", "finetune", None) == everything
+    assert models.freeze(vgg16, "vgg16", "scratch", None) == everything
+    with pytest.raises(UserError, match="blocks"):
+        models.freeze(vgg16, "vgg16", "finetune", 99)
+
+
+# one model of each family the foundation issue lists, with its head and the last block's first parameter
+FAMILIES = {
+    "vgg16": ("classifier.6", "classifier.3.weight"),
+    "alexnet": ("classifier.6", "classifier.4.weight"),
+    "resnet18": ("fc", "layer4.1.conv1.weight"),
+    "googlenet": ("fc", "inception5b.branch1.conv.weight"),
+    "regnet_y_400mf": ("fc", "trunk_output.block4.block4-5.f.a.0.weight"),
+    "efficientnet_b0": ("classifier.1", "features.8.0.weight"),
+    "mobilenet_v3_small": ("classifier.3", "classifier.0.weight"),
+    "convnext_tiny": ("classifier.2", "classifier.0.weight"),
+    "vit_b_16": ("heads.head", "encoder.ln.weight"),
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_head_replacement_and_last_block_per_family(name):
+    head, last_block_param = FAMILIES[name]
+    size = 224 if name.startswith("vit") else 64
+    model = models.skeleton(name, size)
+    assert models.replace_head(model, 7) == head
+    layer = model.get_submodule(head)
+    assert layer.out_features == 7
+    with torch.no_grad():
+        out = model.eval()(torch.zeros(2, 3, size, size, device=layer.weight.device))
+    assert out.shape == (2, 7)
+    trainable = models.freeze(model, name, "finetune", 1)
+    assert trainable[0] == last_block_param and trainable[-2:] == [f"{head}.weight", f"{head}.bias"]
+    assert models.freeze(model, name, "transfer", None) == [f"{head}.weight", f"{head}.bias"]
+
+
+def test_unknown_model_lists_close_matches():
+    with pytest.raises(UserError, match="vgg16"):
+        models.check_model_name("vgg61")
+
+
+def test_image_size_too_small_is_refused():
+    with pytest.raises(UserError, match="too small"):
+        models.check_image_size("vgg16", 16, pretrained=False)
+    with pytest.raises(UserError, match="224"):
+        models.check_image_size("vit_b_16", 32, pretrained=True)
+
+
+def test_imagenet_weights_come_from_torchvisions_cache(fake_vgg16_home, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(fake_vgg16_home))
+    model = models.build_model("vgg16", 10, "imagenet", 32)
+    cached = torch.load(next((fake_vgg16_home / "hub" / "checkpoints").iterdir()), weights_only=True)
+    assert torch.equal(model.features[0].weight, cached["features.0.weight"])
+    assert model.classifier[6].out_features == 10
+
+
+def test_imagenet_weights_offline_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
+    with pytest.raises(UserError) as err:
+        models.build_model("resnet18", 10, "imagenet", 32)
+    assert "resnet18-f37072fd.pth" in str(err.value)
+    assert str(tmp_path / "empty_home" / "hub" / "checkpoints") in str(err.value)
+
+
+def test_weight_files_safetensors_pth_and_bad_ones(tmp_path):
+    src = torchvision.models.resnet18(num_classes=10)
+    st, pth = tmp_path / "w.safetensors", tmp_path / "w.pth"
+    save_file({f"module.{k}": v.contiguous() for k, v in src.state_dict().items()}, str(st))
+    torch.save(src.state_dict(), pth)
+    for path in (st, pth):
+        model = models.build_model("resnet18", 10, str(path), 32)
+        assert torch.equal(model.fc.weight, src.fc.weight)
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(st.read_bytes()[:1000])
+    with pytest.raises(UserError, match="corrupt"):
+        models.build_model("resnet18", 10, str(corrupt), 32)
+    wrong = tmp_path / "wrong.pth"
+    state = src.state_dict()
+    state["layer1.0.conv1.weight"] = torch.zeros(3, 3)
+    torch.save(state, wrong)
+    with pytest.raises(UserError, match=r"layer1\.0\.conv1\.weight"):
+        models.build_model("resnet18", 10, str(wrong), 32)
+
+
+def test_pickled_code_in_a_pth_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "evil.pth"
+    bad.write_bytes(pickle.dumps({"fc.weight": Evil()}))
+    with pytest.raises(UserError, match="pickled code is refused"):
+        models.build_model("resnet18", 10, str(bad), 32)
+    assert not marker.exists()
+
+
+def test_frozen_batchnorm_stays_in_eval_mode():
+    model = models.build_model("resnet18", 10, "none", 32)
+    models.freeze(model, "resnet18", "finetune", 1)
+    model.train()
+    models.freeze_frozen_norms(model)
+    assert not model.bn1.training and model.layer4[1].bn1.training
