@@ -138,8 +138,12 @@ class Config:
     """Seconds a collective may wait before the job is declared dead (a crashed rank)."""
     debug: bool = False
     """Single process even under a launcher, no workers, a small subset, 1 epoch, anomaly detection."""
-    fault_nan_at_step: int | None = None
-    """Testing hook: make the loss non-finite at this global step (to exercise --nan-policy)."""
+    fault_step: int | None = None
+    """Testing hook: inject --fault-kind at this global step (on --fault-rank, default every rank)."""
+    fault_kind: Literal["nan", "raise", "kill"] = "nan"
+    """Testing hook: nan = poison the loss, raise = an exception, kill = SIGKILL this process."""
+    fault_rank: int | None = None
+    """Testing hook: the rank that misbehaves (default: all)."""
 
     def __post_init__(self) -> None:
         if self.debug:
@@ -242,8 +246,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(Config)
     docs = field_docs()
     for f in dataclasses.fields(Config):
-        if f.name == "fault_nan_at_step":
-            parser.add_argument("--fault-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)
+        if f.name.startswith("fault_"):  # testing hooks: accepted, not advertised
+            parser.add_argument("--" + f.name.replace("_", "-"), default=None, help=argparse.SUPPRESS,
+                                type=_base_type(hints[f.name]))
             continue
         hint = hints[f.name]
         flag = "--" + f.name.replace("_", "-")

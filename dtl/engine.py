@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +170,8 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
         # Frozen before wrapping: DDP reduces only parameters that require grad at construction.
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     gradient_as_bucket_view=True)
+        log.info("model wrapped in %s (%s backend, %d ranks)", type(model).__name__,
+                 torch.distributed.get_backend(), env.world_size)
     if cfg.compile:
         model = torch.compile(model)
     compute_dtype = torch.float32  # autocast decides the matmul dtype; inputs stay fp32 for exactness
@@ -248,6 +252,28 @@ def periodic_due(run: Run) -> bool:
 
 # ---- the loops ---------------------------------------------------------------------------------
 
+def inject_fault(kind: str, loss: torch.Tensor) -> torch.Tensor:
+    """Testing hook (--fault-step/--fault-kind/--fault-rank): what clusters do to jobs, on demand."""
+    if kind == "raise":
+        raise RuntimeError("injected fault (--fault-kind raise)")
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return loss * float("nan")
+
+
+def check_replicas(run: Run) -> None:
+    """DDP keeps replicas identical by construction; verify it (one checksum per rank) rather than assume."""
+    if not run.env.distributed:
+        return
+    params = [p.detach().double().flatten() for p in unwrap(run.model).parameters()]
+    flat = torch.cat(params)
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device) % 9973
+    checksum = torch.stack([flat.sum(), (flat * weights).sum()])
+    sums = all_gather_tensor(checksum, run.env)
+    if any(not torch.equal(sums[0], s) for s in sums[1:]):
+        raise RuntimeError(f"replicas diverged: parameter checksums per rank {[s.tolist() for s in sums]}")
+    log.info("replicas in sync: identical parameter checksums on all %d ranks", run.env.world_size)
+
 def check_finite(run: Run, bad_step: torch.Tensor) -> None:
     """Abort policy: read the device-side flag (at sync points only) and stop before anything is saved."""
     step = int(bad_step.item())
@@ -311,8 +337,8 @@ def train_one_epoch(run: Run, epoch: int) -> str:
             with run.autocast():
                 logits = model(images)
                 loss = criterion(logits, labels)
-            if cfg.fault_nan_at_step is not None and p.global_step == cfg.fault_nan_at_step:
-                loss = loss * float("nan")  # test hook: poison this step
+            if cfg.fault_step == p.global_step and cfg.fault_rank in (None, env.rank):
+                loss = inject_fault(cfg.fault_kind, loss)
             run.scaler.scale(loss / run.accum).backward()
         meter.update(loss.detach() * labels.shape[0], (logits.argmax(1) == labels).sum(), labels.shape[0])
         bar.update(1)
@@ -394,6 +420,7 @@ def fit(run: Run) -> int:
                         run.progress.global_step)
             return EXIT_PREEMPTED
         end_epoch(run, epoch)
+    check_replicas(run)
     if run.env.is_main:
         ckpt.write_tensors(run.outdir / "model.safetensors", unwrap(run.model).state_dict())
         plot_runs([run.outdir], run.outdir / "curves.png")
