@@ -88,11 +88,21 @@ def run_train(cfg: Config) -> int:
         if env.is_main:
             log.error("error: %s", err)
         return EXIT_USAGE
-    except torch.distributed.DistBackendError as err:
-        # A peer died (killed, OOM, exception): say so once instead of a second traceback.
-        log.error("a collective failed, most likely because another rank died first: %s",
-                  str(err).splitlines()[0][:300])
+    except RuntimeError as err:
+        if not (env.distributed and _peer_failure(err)):
+            raise
+        # Another rank died (exception, OOM, kill) and our collective broke: one line, not a second
+        # traceback; the launcher's summary names the rank that failed first.
+        log.error("stopping: a collective failed because another rank died (%s)", str(err).splitlines()[0][:200])
         return EXIT_FAILURE
+
+
+_PEER_FAILURE_HINTS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                       "remote worker crashing", "NCCL communicator was aborted", "Timed out", "timed out")
+
+
+def _peer_failure(err: BaseException) -> bool:
+    return isinstance(err, torch.distributed.DistBackendError) or any(h in str(err) for h in _PEER_FAILURE_HINTS)
 
 
 def _train_entry(cfg: Config) -> None:

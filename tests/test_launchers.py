@@ -1,0 +1,128 @@
+"""The same train.py under real launchers, on CPU with gloo: torchrun, accelerate, two 'nodes', srun-style."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dtl import models
+from tests.conftest import PY, ROOT, TINY, free_port, train_inproc
+
+pytestmark = pytest.mark.slow
+SHORT = [*TINY, "--epochs", "2", "--train-subset", "64", "--eval-subset", "33", "--batch-size", "8"]
+
+
+def launch(cmd: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    full = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, env=full, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(nproc: int, *args: str, env: dict | None = None, timeout: float = 300):
+    return launch([PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "train.py", *args], env, timeout)
+
+
+def assert_one_run(out: Path, epochs: int = 2) -> None:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
+    assert all(r["train_count"] == 64 and r["test_count"] == 33 for r in rows)
+    top = sorted(p.name for p in out.iterdir())
+    assert top == ["checkpoints", "config.json", "curves.png", "metrics.jsonl", "model.safetensors", "status.json"]
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["best.json", "step-00000004", "step-00000008"]  # 64 images / (8 x 2 ranks) = 4 steps
+
+
+def test_torchrun_two_processes(tmp_path):
+    out = tmp_path / "run"
+    res = torchrun(2, *SHORT, "--output-dir", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "model wrapped in DistributedDataParallel (gloo backend, 2 ranks)" in res.stderr
+    assert "replicas in sync: identical parameter checksums on all 2 ranks" in res.stderr
+    assert_one_run(out)
+    cfg = json.loads((out / "config.json").read_text())["run"]
+    assert (cfg["launcher"], cfg["world_size"], cfg["global_batch"]) == ("torchrun", 2, 16)
+
+
+def test_accelerate_launch_two_cpu_processes(tmp_path):
+    out = tmp_path / "run"
+    res = launch([PY, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate_cpu_2proc.yaml",
+                  "--main_process_port", str(free_port()), "train.py", *SHORT, "--output-dir", str(out)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "model wrapped in DistributedDataParallel (gloo backend, 2 ranks)" in res.stderr
+    assert "replicas in sync" in res.stderr
+    assert "precision fp32 (accelerate config (no))" in res.stderr  # the config's choice is honoured
+    assert_one_run(out)
+    assert json.loads((out / "config.json").read_text())["run"]["launcher"] == "accelerate"
+
+
+def test_same_global_batch_gives_the_same_weights(tmp_path):
+    """1 process x batch 8 vs 2 processes x batch 4, no augmentation, no dropout, no BatchNorm (squeezenet).
+    Tolerance 1e-5 abs / 1e-4 rel: DDP averages two 4-image gradients where one process takes one 8-image
+    mean, so float32 sums are added in another order (about 1e-7 relative per step, over 4 steps)."""
+    common = [*TINY, "--epochs", "1", "--train-subset", "32", "--eval-subset", "8", "--no-augment",
+              "--dropout", "0", "--lr", "0.01", "--seed", "5"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert train_inproc(*common, "--batch-size", "8", "--output-dir", str(one)) == 0
+    res = torchrun(2, *common, "--batch-size", "4", "--output-dir", str(two))
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    torch.manual_seed(5)
+    init = models.build_model("squeezenet1_1", 10, "none", 32, dropout=0.0).state_dict()
+    assert any((a[k] - init[k]).abs().max() > 1e-3 for k in a)  # training moved the weights...
+    for key in a:  # ...and both worlds moved them the same way
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+
+
+def test_two_nodes_on_localhost(tmp_path):
+    out = tmp_path / "run"
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        cmd = [PY, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=test{port}", "train.py",
+               *SHORT, "--output-dir", str(out)]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    assert "2 ranks" in results[0][1] + results[1][1]
+    assert_one_run(out)
+
+
+def test_srun_style_processes_with_only_slurm_variables(tmp_path):
+    out = tmp_path / "run"
+    job_id = free_port() - 15000 + 20000  # the trainer derives its port as 15000 + job id % 20000
+    procs = []
+    for rank in (0, 1):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        env.update({"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": "2",
+                    "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NODELIST": "localhost",
+                    "SLURM_STEP_TASKS_PER_NODE": "2", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+        procs.append(subprocess.Popen([PY, "train.py", *SHORT, "--output-dir", str(out)], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    assert "launcher srun, world size 2" in results[0][1]
+    assert_one_run(out)
+
+
+def test_a_rank_that_raises_ends_the_job_quickly(tmp_path):
+    out = tmp_path / "run"
+    start = time.monotonic()
+    res = torchrun(2, *SHORT, "--output-dir", str(out), "--fault-step", "2", "--fault-kind", "raise",
+                   "--fault-rank", "1", "--dist-timeout", "60")
+    elapsed = time.monotonic() - start
+    assert res.returncode != 0
+    assert elapsed < 60 + 30, elapsed  # within the process-group timeout plus a margin, not a hang
+    text = res.stdout + res.stderr
+    assert "RuntimeError: injected fault" in text
+    assert "rank     : 1" in text or "rank: 1" in text  # torchrun's summary names the failing rank
+    # printed once by the failing rank (torchrun's summary repeats it); the surviving rank says one line
+    assert "[rank0]: Traceback" not in text and "[rank 0] stopping: a collective failed" in text
