@@ -32,6 +32,7 @@ from dtl.errors import UserError
 log = logging.getLogger("dtl")
 
 FORMAT_VERSION = 1
+_SLOW_WRITES = float(os.environ.get("DTL_TEST_SLOW_WRITES", "0") or 0)
 CKPT_DIR = "checkpoints"
 _PREFIX = "step-"
 
@@ -130,9 +131,10 @@ def save_checkpoint(outdir: Path, *, model_state: dict[str, torch.Tensor], optim
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     optim_tensors, optim_extra = optimizer_to_tensors(optim_state)
-    write_tensors(tmp / "model.safetensors", model_state)
-    write_tensors(tmp / "optim.safetensors", optim_tensors)
-    write_tensors(tmp / "rng.safetensors", rng)
+    for part, tensors in (("model", model_state), ("optim", optim_tensors), ("rng", rng)):
+        write_tensors(tmp / f"{part}.safetensors", tensors)
+        if _SLOW_WRITES:  # testing hook: widen the window in which a kill -9 lands mid-checkpoint
+            time.sleep(_SLOW_WRITES)
     # state.json last: it names the format version that readers check first.
     write_json(tmp / "state.json", {**meta, "optimizer": optim_extra, "format_version": FORMAT_VERSION,
                                     "saved_at": time.time()})

@@ -16,7 +16,7 @@ import torch
 
 from dtl import dist, signals
 from dtl.config import Config, add_config_arguments, config_from_args
-from dtl.errors import EXIT_FAILURE, EXIT_USAGE, UserError
+from dtl.errors import EXIT_FAILURE, EXIT_USAGE, NonFiniteLossError, UserError
 
 log = logging.getLogger("dtl")
 
@@ -88,6 +88,10 @@ def run_train(cfg: Config) -> int:
         if env.is_main:
             log.error("error: %s", err)
         return EXIT_USAGE
+    except NonFiniteLossError as err:
+        if env.is_main:
+            log.error("error: %s", err)
+        return EXIT_FAILURE
     except RuntimeError as err:
         if not (env.distributed and _peer_failure(err)):
             raise

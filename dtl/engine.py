@@ -44,6 +44,8 @@ class Progress:
     global_step: int = 0
     best_acc: float = -1.0
     nan_skips: int = 0
+    """Non-finite steps skipped in a row (--nan-policy skip)."""
+    nan_skips_total: int = 0
     partial_meter: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     """Train loss/correct/count sums of the incomplete epoch, over all ranks."""
     partial_seconds: float = 0.0
@@ -296,6 +298,7 @@ def optimizer_step(run: Run, bad_step: torch.Tensor) -> None:
     if run.cfg.nan_policy == "skip":
         if not bool(finite):  # the skip policy pays one host sync per step to decide
             p.nan_skips += 1
+            p.nan_skips_total += 1
             if p.nan_skips > run.cfg.max_nan_skips:
                 raise NonFiniteLossError(f"{p.nan_skips} non-finite steps in a row up to step {p.global_step}")
             log.warning("non-finite loss at step %d: update skipped (%d in a row)", p.global_step, p.nan_skips)
@@ -340,7 +343,10 @@ def train_one_epoch(run: Run, epoch: int) -> str:
             if cfg.fault_step == p.global_step and cfg.fault_rank in (None, env.rank):
                 loss = inject_fault(cfg.fault_kind, loss)
             run.scaler.scale(loss / run.accum).backward()
-        meter.update(loss.detach() * labels.shape[0], (logits.argmax(1) == labels).sum(), labels.shape[0])
+        # A non-finite step (skipped or about to abort) must not poison the epoch's sums.
+        finite = torch.isfinite(loss.detach())
+        meter.update(torch.where(finite, loss.detach() * labels.shape[0], 0.0),
+                     torch.where(finite, (logits.argmax(1) == labels).sum(), 0), finite * labels.shape[0])
         bar.update(1)
         if not last_micro:
             continue
@@ -394,7 +400,7 @@ def end_epoch(run: Run, epoch: int) -> None:
            "train_count": train["count"], "test_loss": test["loss"], "test_acc": test["acc"],
            "test_count": test["count"], "lr": run.optimizer.param_groups[0]["lr"], "epoch_seconds": seconds,
            "images_per_sec": train["count"] / max(seconds, 1e-9), "global_step": p.global_step,
-           "nan_skips": p.nan_skips}
+           "nan_skips": p.nan_skips_total}
     is_best = test["acc"] > p.best_acc
     p.best_acc = max(p.best_acc, test["acc"])
     p.epoch, p.step_in_epoch, p.partial_meter, p.partial_seconds = epoch + 1, 0, [0.0, 0.0, 0.0], 0.0
@@ -416,8 +422,9 @@ def fit(run: Run) -> int:
     for epoch in range(run.progress.epoch, run.cfg.epochs):
         if train_one_epoch(run, epoch) == "stopped":
             rundir.write_status(run, "preempted", EXIT_PREEMPTED)
-            log.warning("stopped by signal at step %d; checkpoint written, resume with --resume auto",
-                        run.progress.global_step)
+            log.warning("stopped by %s at global step %d (epoch %d); checkpoint written; exit code %d, "
+                        "continue with --resume auto", "/".join(signals.received()) or "a peer's signal",
+                        run.progress.global_step, epoch + 1, EXIT_PREEMPTED)
             return EXIT_PREEMPTED
         end_epoch(run, epoch)
     check_replicas(run)

@@ -21,7 +21,7 @@ class Meter:
     def __init__(self, device: torch.device) -> None:
         self.totals = torch.zeros(3, dtype=torch.float64, device=device)
 
-    def update(self, loss_sum: torch.Tensor, correct: torch.Tensor, count: int) -> None:
+    def update(self, loss_sum: torch.Tensor, correct: torch.Tensor, count: int | torch.Tensor) -> None:
         self.totals[0] += loss_sum.detach().to(torch.float64)
         self.totals[1] += correct.detach().to(torch.float64)
         self.totals[2] += count

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,11 +64,16 @@ def check(outdir: Path, cfg: Config) -> Path | None:
 
 
 def _check_writable(outdir: Path, need_bytes: int) -> None:
+    """Fail before training, not at the first checkpoint: probe with a real file (permission bits say
+    nothing for root, and nothing about a read-only mount) and compare free space with what we will write."""
     existing = outdir
     while not existing.exists():
         existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to {existing} (read-only or no permission): choose another --output-dir")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".dtl-probe-"):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to {existing} ({err.strerror}): choose another --output-dir") from None
     free = shutil.disk_usage(existing).free
     if free < need_bytes:
         raise UserError(f"{existing} has {free / 2**20:.0f} MiB free but checkpoints of this run need about "

@@ -45,11 +45,17 @@ def train_inproc(*flags: str) -> int:
     """Run `dtl train` in this process (no interpreter start-up); returns the exit code."""
     from dtl import cli, signals
     from dtl.config import config_from_args
+    from dtl.errors import UserError
 
     saved = {s: signal.getsignal(s) for s in signals.HANDLED}
     try:
         args = cli.build_parser().parse_args(["train", *flags])
-        return cli.run_train(config_from_args(args))
+        try:
+            cfg = config_from_args(args)
+        except UserError as err:  # what `dtl.cli.main` does with a bad flag value
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return cli.run_train(cfg)
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
