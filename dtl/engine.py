@@ -314,6 +314,25 @@ def optimizer_step(run: Run, bad_step: torch.Tensor) -> None:
     run.optimizer.zero_grad(set_to_none=True)
 
 
+def forward_backward(run: Run, images: torch.Tensor, labels: torch.Tensor, criterion: nn.Module, meter: Meter,
+                     sync: bool = True) -> None:
+    """One micro-step: forward under autocast, scaled backward (gradient all-reduce only when `sync`),
+    device-side metric sums. No host sync."""
+    model, p = run.model, run.progress
+    no_sync = model.no_sync() if isinstance(model, DDP) and not sync else contextlib.nullcontext()
+    with no_sync:
+        with run.autocast():
+            logits = model(images)
+            loss = criterion(logits, labels)
+        if run.cfg.fault_step == p.global_step and run.cfg.fault_rank in (None, run.env.rank):
+            loss = inject_fault(run.cfg.fault_kind, loss)
+        run.scaler.scale(loss / run.accum).backward()
+    # A non-finite step (skipped or about to abort) must not poison the epoch's sums.
+    finite = torch.isfinite(loss.detach())
+    meter.update(torch.where(finite, loss.detach() * labels.shape[0], 0.0),
+                 torch.where(finite, (logits.argmax(1) == labels).sum(), 0), finite * labels.shape[0])
+
+
 def train_one_epoch(run: Run, epoch: int) -> str:
     """One epoch from the saved position; returns "done" or "stopped" (a signal arrived)."""
     cfg, p, env = run.cfg, run.progress, run.env
@@ -335,18 +354,7 @@ def train_one_epoch(run: Run, epoch: int) -> str:
     t0 = time.perf_counter() - p.partial_seconds
     for i, (images, labels) in enumerate(run.train_loader, start=start_batch):
         last_micro = (i + 1) % run.accum == 0 or i + 1 == n_batches
-        sync = model.no_sync() if isinstance(model, DDP) and not last_micro else contextlib.nullcontext()
-        with sync:
-            with run.autocast():
-                logits = model(images)
-                loss = criterion(logits, labels)
-            if cfg.fault_step == p.global_step and cfg.fault_rank in (None, env.rank):
-                loss = inject_fault(cfg.fault_kind, loss)
-            run.scaler.scale(loss / run.accum).backward()
-        # A non-finite step (skipped or about to abort) must not poison the epoch's sums.
-        finite = torch.isfinite(loss.detach())
-        meter.update(torch.where(finite, loss.detach() * labels.shape[0], 0.0),
-                     torch.where(finite, (logits.argmax(1) == labels).sum(), 0), finite * labels.shape[0])
+        forward_backward(run, images, labels, criterion, meter, sync=last_micro)
         bar.update(1)
         if not last_micro:
             continue
