@@ -26,6 +26,8 @@ EXAMPLES = {
     "data": "dtl data synth --out data/synth --train 2000 --test 500 && dtl data info --data-dir data/synth",
     "models": "dtl models --filter resnet",
     "plot": "dtl plot runs/a runs/b --output compare.png",
+    "eval": "dtl eval --checkpoint runs/exp1      (or: torchrun --nproc_per_node=4 -m dtl.cli eval ...)",
+    "predict": "dtl predict --checkpoint runs/exp1 photos/ --top-k 3 --output preds.csv",
 }
 
 
@@ -68,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog=f"example:\n  {EXAMPLES['plot']}")
     plot.add_argument("runs", nargs="+", type=Path, help="run folders (with metrics.jsonl)")
     plot.add_argument("--output", type=Path, default=Path("curves.png"))
+
+    from dtl.inference import add_eval_parser, add_predict_parser
+
+    add_eval_parser(sub)
+    add_predict_parser(sub)
     return parser
 
 
@@ -180,7 +187,14 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(EXIT_USAGE)
         _train_entry(cfg)
         return
-    handlers = {"data": run_data, "models": run_models, "plot": run_plot}
+    if args.command == "eval":
+        from dtl.inference import eval_entry
+
+        eval_entry(args)  # distributed like train: leaves through dist.exit_process
+        return
+    from dtl.inference import run_predict
+
+    handlers = {"data": run_data, "models": run_models, "plot": run_plot, "predict": run_predict}
     try:
         code = handlers[args.command](args)
     except UserError as err:

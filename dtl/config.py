@@ -70,7 +70,8 @@ class Config:
     coarse_labels: bool = False
     """cifar100 only: use the 20 coarse super-classes instead of the 100 fine labels."""
     strict_images: bool = False
-    """folder data sets: stop at the first unreadable image instead of skipping it with a warning."""
+    """folder data sets: refuse to start when any image is unreadable (all are listed) instead of skipping
+    them with a warning."""
 
     # ---- optimisation ------------------------------------------------------------------------
     epochs: int = 3

@@ -158,7 +158,7 @@ def v2_transform(train: bool, size: int, augment: bool):  # noqa: ANN201 - a tor
     from torchvision.transforms import v2
 
     head = ([v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()]
-            if train and augment else [v2.Resize(size, antialias=True)])
+            if train and augment else [v2.Resize(size, antialias=True), v2.CenterCrop(size)])
     return v2.Compose([*head, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
@@ -173,7 +173,7 @@ def build_loaders(cfg: Config, splits: Splits, env: DistEnv, device: torch.devic
     """Train and eval loaders for this rank."""
     tsampler = train_sampler(len(splits.train), env, cfg.seed)
     esampler = EvalShardSampler(len(splits.test), env.rank, env.world_size)
-    if resolve_pipeline(cfg) == "device" and hasattr(splits.train, "images"):
+    if resolve_pipeline(cfg) == "device" and isinstance(getattr(splits.train, "images", None), torch.Tensor):
         ttrans = BatchTransform(train=cfg.augment, size=cfg.image_size, dtype=compute_dtype)
         etrans = BatchTransform(train=False, size=cfg.image_size, dtype=compute_dtype)
         return (DeviceLoader(splits.train, tsampler, cfg.batch_size, ttrans, device, cfg.seed, env.rank),

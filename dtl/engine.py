@@ -70,6 +70,8 @@ class Run:
     info: dict[str, Any]
     last_ckpt_time: float = field(default_factory=time.monotonic)
     tb: Any = None
+    splits: Any = None
+    """The data splits (`dtl.data.Splits`); an image folder's split is saved to OUTDIR/split.json."""
 
     @property
     def accum(self) -> int:
@@ -158,6 +160,8 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
     torch.manual_seed(cfg.seed)  # same initial head on every rank (DDP broadcasts rank 0's anyway)
     model = models.build_model(cfg.model, len(splits.classes), cfg.weights, cfg.image_size, cfg.dropout)
     trainable = models.freeze(model, cfg.model, cfg.mode, cfg.finetune_last_n)
+    if cfg.mode == "transfer":
+        models.FrozenPrefix(model, models.head_name(model))
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -179,7 +183,7 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
     compute_dtype = torch.float32  # autocast decides the matmul dtype; inputs stay fp32 for exactness
     train_loader, eval_loader = dtl_data.build_loaders(cfg, splits, env, device, compute_dtype)
     return Run(cfg, env, device, outdir, model, optimizer, scaler, precision, train_loader, eval_loader,
-               splits.classes, progress, info)
+               splits.classes, progress, info, splits=splits)
 
 
 def restore(path: Path, cfg: Config, env: DistEnv, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -301,3 +301,34 @@ def freeze_frozen_norms(model: nn.Module) -> None:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class FrozenPrefix:
+    """Runs everything before the head under no_grad (transfer mode): the frozen backbone stores no
+    activations and builds no graph; the head runs in whatever grad mode the caller had.
+
+    Done with hooks rather than a `with torch.no_grad()` around the backbone so it works for every family's
+    own forward() and leaves the grad mode unchanged outside the model (DDP decides whether to prepare its
+    gradient all-reduce from the grad mode after forward)."""
+
+    def __init__(self, model: nn.Module, head: str) -> None:
+        self._saved: list[bool] = []
+        self.handles = [
+            model.register_forward_pre_hook(self._enter),
+            model.get_submodule(head).register_forward_pre_hook(self._at_head),
+            model.register_forward_hook(self._leave, always_call=True),
+        ]
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        self._saved.append(torch.is_grad_enabled())
+        torch.set_grad_enabled(False)
+
+    def _at_head(self, module: nn.Module, args: tuple) -> None:
+        torch.set_grad_enabled(self._saved[-1])
+
+    def _leave(self, module: nn.Module, args: tuple, output: object) -> None:
+        torch.set_grad_enabled(self._saved.pop())
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from dtl.engine import Run
 
 log = logging.getLogger("dtl")
-RUN_FILES = ("config.json", METRICS_FILE, "status.json", "model.safetensors", "curves.png")
+RUN_FILES = ("config.json", METRICS_FILE, "status.json", "model.safetensors", "curves.png", "split.json")
 
 
 def resolve(cfg: Config, env: DistEnv, device: torch.device) -> Path:
@@ -98,6 +98,10 @@ def start(run: Run) -> None:
             save_json(run.outdir / "config.json", {"config": cfg.to_dict(), "run": run.info,
                                                    "resolved_output_dir": str(run.outdir)})
             write_status(run, "running", None)
+            if run.splits is not None and cfg.dataset == "folder":
+                from dtl.folder import save_split
+
+                save_split(run.outdir, run.splits)  # a resume and `dtl eval` reuse exactly this split
         except OSError as err:
             raise UserError(f"cannot write to {run.outdir}: {err}") from None
         if cfg.log_with == "tensorboard":

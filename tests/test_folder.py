@@ -1,0 +1,248 @@
+"""Image folders (`--dataset folder`): discovery, the load-time check of every file, the seeded stratified
+split and its saved copy, lazy decoding in workers, and a short training run on a folder.
+
+The folders are written by the tests from `dtl.cifar.make_synthetic` images, as PNG and JPEG files of
+different sizes (square and not), plus one corrupt file (random bytes named .jpg) and one truncated PNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dtl import folder
+from dtl.cifar import make_synthetic
+from dtl.config import Config
+from dtl.errors import UserError
+from tests.conftest import train_inproc
+
+CLASSES = 3
+PER_CLASS = 16
+#: (width, height) of image i % 3: square, wide and tall, so resizing must produce one fixed size
+SIZES = ((32, 32), (48, 32), (32, 40))
+
+
+def write_folder(root: Path, per_class: int = PER_CLASS, seed: int = 0, bad: bool = True) -> dict[str, Path]:
+    """root/<class>/NNN.{png,jpg} from the synthetic set; returns {"corrupt": ..., "truncated": ...}."""
+    split = make_synthetic(per_class * CLASSES, num_classes=CLASSES, seed=seed)
+    for i in range(len(split)):
+        cls_dir = root / split.classes[int(split.labels[i])]
+        cls_dir.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(split.images[i].permute(1, 2, 0).numpy()).resize(SIZES[i % 3])
+        if i % 2:
+            img.save(cls_dir / f"{i:03d}.jpg", quality=95)
+        else:
+            img.save(cls_dir / f"{i:03d}.png")
+    if not bad:
+        return {}
+    corrupt = root / split.classes[1] / "corrupt.jpg"
+    corrupt.write_bytes(np.random.default_rng(0).bytes(2000))
+    png = next((root / split.classes[2]).glob("*.png")).read_bytes()
+    truncated = root / split.classes[2] / "truncated.png"
+    truncated.write_bytes(png[: len(png) // 2])
+    return {"corrupt": corrupt, "truncated": truncated}
+
+
+@contextlib.contextmanager
+def dtl_log():
+    """Records of the `dtl` logger, whatever handlers an earlier run installed on it."""
+    records: list[logging.LogRecord] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("dtl")
+    handler, level = _Keep(logging.DEBUG), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def cfg_for(data_dir: Path, **kw) -> Config:
+    return Config(dataset="folder", data_dir=str(data_dir), mode="scratch", **kw)
+
+
+def all_files(split: folder.FolderSplit) -> set[str]:
+    return {str(p) for p in split.paths()}
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("folder") / "images"
+    return root, write_folder(root)
+
+
+# ---- the load-time check ---------------------------------------------------------------------------
+
+def test_unreadable_files_are_reported_by_path_and_skipped(image_dir):
+    root, bad = image_dir
+    with dtl_log() as records:
+        splits = folder.load_folder_splits(cfg_for(root, val_split=0.25))
+    warnings = "\n".join(r.getMessage() for r in records if r.levelno == logging.WARNING)
+    assert str(bad["corrupt"]) in warnings and str(bad["truncated"]) in warnings
+    assert "skipping 2 unreadable" in warnings
+    used = all_files(splits.train) | all_files(splits.test)
+    assert len(used) == CLASSES * PER_CLASS and not {str(p) for p in bad.values()} & used
+    assert sorted(splits.train.source["skipped"]) == sorted(p.relative_to(root).as_posix() for p in bad.values())
+
+
+def test_strict_images_refuses_and_names_every_bad_file(image_dir):
+    root, bad = image_dir
+    with pytest.raises(UserError) as err:
+        folder.load_folder_splits(cfg_for(root, val_split=0.25, strict_images=True))
+    assert str(bad["corrupt"]) in str(err.value) and str(bad["truncated"]) in str(err.value)
+
+
+def test_check_image_catches_a_truncated_jpeg_that_pil_verify_passes(tmp_path):
+    img = Image.fromarray(make_synthetic(1, size=64).images[0].permute(1, 2, 0).numpy())
+    img.save(tmp_path / "ok.jpg", quality=90)
+    data = (tmp_path / "ok.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
+    with Image.open(tmp_path / "cut.jpg") as im:
+        im.verify()  # the header check alone would let it through
+    assert folder.check_image(tmp_path / "ok.jpg") is None
+    assert "truncated" in folder.check_image(tmp_path / "cut.jpg")
+
+
+# ---- the split ---------------------------------------------------------------------------------------
+
+def test_val_split_is_seeded_stratified_and_saved(image_dir, tmp_path):
+    root, _ = image_dir
+    a = folder.load_folder_splits(cfg_for(root, val_split=0.25, seed=0))
+    b = folder.load_folder_splits(cfg_for(root, val_split=0.25, seed=0))
+    c = folder.load_folder_splits(cfg_for(root, val_split=0.25, seed=1))
+    assert a.test.files == b.test.files and a.train.files == b.train.files  # same seed, same split
+    assert a.test.files != c.test.files  # another seed, another split
+    assert a.classes == ["class_0", "class_1", "class_2"]  # sorted folder names
+    # stratified: round(0.25 x 16) = 4 held out of every class (the corrupt files were dropped first)
+    assert a.test.counts() == [4, 4, 4] and a.train.counts() == [12, 12, 12]
+    assert not set(a.train.files) & set(a.test.files)
+    for s in (a.train, a.test):  # labels follow the class folders
+        assert [s.classes[lab] for lab in s.labels.tolist()] == [f.split("/")[0] for f in s.files]
+
+    path = folder.save_split(tmp_path / "run", a)
+    saved = json.loads(path.read_text())
+    assert path == tmp_path / "run" / "split.json"
+    assert saved["val"]["files"] == a.test.files and saved["train"]["files"] == a.train.files
+    assert all(not Path(f).is_absolute() for f in saved["train"]["files"] + saved["val"]["files"])
+    # a resumed run reads the saved split back, even if the seed it is given differs
+    resumed = folder.load_folder_splits(cfg_for(root, val_split=0.25, seed=7, resume="auto",
+                                                output_dir=str(tmp_path / "run")))
+    assert resumed.test.files == a.test.files and resumed.train.files == a.train.files
+    assert torch.equal(resumed.test.labels, a.test.labels)
+
+
+def test_train_and_val_folders(tmp_path):
+    write_folder(tmp_path / "d" / "train", per_class=4, bad=False)
+    write_folder(tmp_path / "d" / "val", per_class=2, seed=1, bad=False)
+    with dtl_log() as records:
+        splits = folder.load_folder_splits(cfg_for(tmp_path / "d", val_split=0.5))
+    assert any("ignored" in r.getMessage() for r in records)  # the val/ folder wins over --val-split
+    assert len(splits.train) == 12 and len(splits.test) == 6
+    assert splits.test.root == tmp_path / "d" / "val" and splits.test.counts() == [2, 2, 2]
+    # no held-out folder and no --val-split: a clear error, not an empty test set
+    with pytest.raises(UserError, match="--val-split"):
+        folder.load_folder_splits(cfg_for(tmp_path / "d" / "train"))
+    with pytest.raises(UserError, match="device"):
+        folder.load_folder_splits(cfg_for(tmp_path / "d", data_pipeline="device"))
+
+
+def test_subset_matches_split_subset_semantics(image_dir):
+    root, _ = image_dir
+    splits = folder.load_folder_splits(cfg_for(root, val_split=0.25, train_subset=10, eval_subset=5,
+                                               subset_order="random"))
+    assert len(splits.train) == 10 and len(splits.test) == 5
+    full = folder.load_folder_splits(cfg_for(root, val_split=0.25))
+    assert splits.train.files == full.train.subset(10, "random", 0).files
+    assert full.train.subset(3).files == full.train.files[:3]
+
+
+# ---- lazy decoding -----------------------------------------------------------------------------------
+
+def test_images_decode_lazily_to_uint8_and_resize_to_one_size(image_dir):
+    root, _ = image_dir
+    split = folder.load_folder_splits(cfg_for(root, val_split=0.25)).train
+    shapes = set()
+    for i in range(len(split)):
+        img = split.images[i]
+        assert img.dtype == torch.uint8 and img.shape[0] == 3
+        shapes.add(tuple(img.shape[1:]))
+        out = folder.eval_transform(32)(img)  # Resize + CenterCrop: one size whatever the input
+        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    assert shapes == {(32, 32), (32, 48), (40, 32)}
+    grey = Image.fromarray(np.full((20, 30), 128, np.uint8))
+    grey.save(root.parent / "grey.png")
+    assert folder.decode(root.parent / "grey.png").shape == (3, 20, 30)
+
+
+def test_a_file_that_breaks_after_the_check_does_not_crash_the_worker(tmp_path):
+    write_folder(tmp_path / "d", per_class=4, bad=False)
+    split = folder.load_folder_splits(cfg_for(tmp_path / "d", val_split=0.25)).train
+    victim = split.paths()[0]
+    victim.write_bytes(b"gone bad")
+    with dtl_log() as records:
+        img = split.images[0]
+    assert img.dtype == torch.uint8 and img.shape[0] == 3  # the next image of the same class
+    assert any(str(victim) in r.getMessage() for r in records)
+
+
+# ---- training on a folder ----------------------------------------------------------------------------
+
+def test_transfer_training_on_an_image_folder(image_dir, tmp_path, capsys):
+    """A short transfer run (a weights file we write) on the folder, with a DataLoader worker decoding the
+    files; the unreadable files are named on stderr, the split is saved, and `dtl eval` of the run uses it."""
+    import torchvision
+    from safetensors.torch import save_file
+
+    from dtl import inference
+
+    root, bad = image_dir
+    torch.manual_seed(0)
+    weights = tmp_path / "squeezenet_random.safetensors"
+    save_file(torchvision.models.squeezenet1_1().state_dict(), str(weights))
+    out = tmp_path / "run"
+    code = train_inproc("--dataset", "folder", "--data-dir", str(root), "--val-split", "0.25",
+                        "--model", "squeezenet1_1", "--mode", "transfer", "--weights", str(weights),
+                        "--image-size", "32", "--epochs", "1", "--batch-size", "16", "--num-workers", "1",
+                        "--lr", "0.01", "--device", "cpu", "--output-dir", str(out))
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert str(bad["corrupt"]) in err and str(bad["truncated"]) in err
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["train_count"] == 36 and row["test_count"] == 12
+    saved = json.loads((out / "split.json").read_text())
+    expected = folder.load_folder_splits(cfg_for(root, val_split=0.25))
+    assert saved["val"]["files"] == expected.test.files and len(saved["skipped"]) == 2
+
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(["eval", "--checkpoint", str(out), "--device", "cpu", "--output-dir", str(tmp_path / "ev")])
+    assert exit_info.value.code == 0
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["count"] == 12 and summary["top1"] == row["test_acc"]
+    assert summary["top5"] is None  # 3 classes: no top-5
+
+    # another labelled folder: its val/ folder is evaluated; class folders the model lacks are refused
+    write_folder(tmp_path / "other" / "val", per_class=2, seed=3, bad=False)
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(["eval", "--checkpoint", str(out), "--device", "cpu", "--data-dir", str(tmp_path / "other"),
+                        "--output-dir", str(tmp_path / "ev2")])
+    assert exit_info.value.code == 0
+    assert json.loads((tmp_path / "ev2" / "summary.json").read_text())["count"] == 6
+    (tmp_path / "other" / "val" / "zebra").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "other" / "val" / "zebra" / "z.png")
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main(["eval", "--checkpoint", str(out), "--device", "cpu", "--data-dir", str(tmp_path / "other"),
+                        "--output-dir", str(tmp_path / "ev3")])
+    assert exit_info.value.code == 2 and "zebra" in capsys.readouterr().err
