@@ -168,17 +168,25 @@ def resolve_pipeline(cfg: Config) -> str:
     return "workers" if cfg.dataset == "folder" else "device"
 
 
+def eval_loader(cfg: Config, split: Split, env: DistEnv, device: torch.device,
+                compute_dtype: torch.dtype = torch.float32) -> DeviceLoader | WorkerLoader:
+    """This rank's contiguous shard of a split with the eval transform."""
+    sampler = EvalShardSampler(len(split), env.rank, env.world_size)
+    if resolve_pipeline(cfg) == "device" and isinstance(getattr(split, "images", None), torch.Tensor):
+        transform = BatchTransform(train=False, size=cfg.image_size, dtype=compute_dtype)
+        return DeviceLoader(split, sampler, cfg.batch_size, transform, device, cfg.seed, env.rank)
+    return WorkerLoader(split, sampler, cfg.batch_size, v2_transform(False, cfg.image_size, False),
+                        cfg.num_workers, device, cfg.seed)
+
+
 def build_loaders(cfg: Config, splits: Splits, env: DistEnv, device: torch.device,
                   compute_dtype: torch.dtype) -> tuple[DeviceLoader | WorkerLoader, DeviceLoader | WorkerLoader]:
     """Train and eval loaders for this rank."""
     tsampler = train_sampler(len(splits.train), env, cfg.seed)
-    esampler = EvalShardSampler(len(splits.test), env.rank, env.world_size)
     if resolve_pipeline(cfg) == "device" and isinstance(getattr(splits.train, "images", None), torch.Tensor):
         ttrans = BatchTransform(train=cfg.augment, size=cfg.image_size, dtype=compute_dtype)
-        etrans = BatchTransform(train=False, size=cfg.image_size, dtype=compute_dtype)
-        return (DeviceLoader(splits.train, tsampler, cfg.batch_size, ttrans, device, cfg.seed, env.rank),
-                DeviceLoader(splits.test, esampler, cfg.batch_size, etrans, device, cfg.seed, env.rank))
-    return (WorkerLoader(splits.train, tsampler, cfg.batch_size, v2_transform(True, cfg.image_size, cfg.augment),
-                         cfg.num_workers, device, cfg.seed),
-            WorkerLoader(splits.test, esampler, cfg.batch_size, v2_transform(False, cfg.image_size, False),
-                         cfg.num_workers, device, cfg.seed))
+        train = DeviceLoader(splits.train, tsampler, cfg.batch_size, ttrans, device, cfg.seed, env.rank)
+    else:
+        train = WorkerLoader(splits.train, tsampler, cfg.batch_size,
+                             v2_transform(True, cfg.image_size, cfg.augment), cfg.num_workers, device, cfg.seed)
+    return train, eval_loader(cfg, splits.test, env, device, compute_dtype)

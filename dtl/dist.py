@@ -216,13 +216,15 @@ def all_gather_tensor(tensor: torch.Tensor, env: DistEnv) -> list[torch.Tensor]:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip the DDP (`.module`) and torch.compile (`._orig_mod`) wrappers so state-dict keys are the
-    model's own torchvision names."""
+    """Strip the DDP (`.module`), torch.compile (`._orig_mod`) and cached-feature wrappers so state-dict keys
+    are the model's own torchvision names."""
     while True:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod  # type: ignore[assignment]
+        elif hasattr(model, "wrapped_model"):  # dtl.features.FeatureHead: the head trains, the model saves
+            model = model.wrapped_model  # type: ignore[assignment]
         else:
             return model
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from dtl import checkpoint as ckpt
 from dtl import data as dtl_data
-from dtl import models, rundir, signals
+from dtl import features, models, rundir, signals
 from dtl.config import Config
 from dtl.dist import DistEnv, all_gather_tensor, any_rank, barrier, unwrap
 from dtl.errors import EXIT_OK, EXIT_PREEMPTED, NonFiniteLossError, UserError
@@ -70,6 +70,8 @@ class Run:
     info: dict[str, Any]
     last_ckpt_time: float = field(default_factory=time.monotonic)
     tb: Any = None
+    new_features: dict = field(default_factory=dict)
+    """Features computed by this run (--cache-features), written to OUTDIR/features once the folder exists."""
     splits: Any = None
     """The data splits (`dtl.data.Splits`); an image folder's split is saved to OUTDIR/split.json."""
 
@@ -82,10 +84,13 @@ class Run:
         return math.ceil(len(self.train_loader) / self.accum)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast_for(self.precision, self.device)
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 # ---- setup -------------------------------------------------------------------------------------
@@ -172,6 +177,12 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
     total, n_train = models.count_parameters(model)
     log.info("%s %s: %d params, %d trainable (%s)", cfg.model, cfg.mode, total, n_train,
              ", ".join(trainable) if len(trainable) <= 4 else f"{len(trainable)} tensors")
+    compute_dtype = torch.float32  # autocast decides the matmul dtype; inputs stay fp32 for exactness
+    train_loader, eval_loader = dtl_data.build_loaders(cfg, splits, env, device, compute_dtype)
+    new_features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if cfg.cache_features:
+        model, train_loader, eval_loader, new_features = use_cached_features(cfg, env, device, model, splits,
+                                                                             outdir, precision)
     if env.distributed:
         # Frozen before wrapping: DDP reduces only parameters that require grad at construction.
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -180,10 +191,32 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
                  torch.distributed.get_backend(), env.world_size)
     if cfg.compile:
         model = torch.compile(model)
-    compute_dtype = torch.float32  # autocast decides the matmul dtype; inputs stay fp32 for exactness
-    train_loader, eval_loader = dtl_data.build_loaders(cfg, splits, env, device, compute_dtype)
     return Run(cfg, env, device, outdir, model, optimizer, scaler, precision, train_loader, eval_loader,
-               splits.classes, progress, info, splits=splits)
+               splits.classes, progress, info, splits=splits, new_features=new_features)
+
+
+def use_cached_features(cfg: Config, env: DistEnv, device: torch.device, model: nn.Module, splits: Any,
+                        outdir: Path, precision: str) -> tuple[nn.Module, Any, Any, dict]:
+    """Replace the image loaders by feature loaders and the model by its head (see dtl.features)."""
+    head = models.head_name(model)
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        log.warning("--cache-features computes features with dropout off (eval mode); the uncached run keeps "
+                    "the backbone's dropout active: pass --dropout 0 to compare the two")
+    found, new = {}, {}
+    for name, split in (("train", splits.train), ("test", splits.test)):
+        hit = features.cached(outdir, cfg, name, len(split), device)
+        if hit is None:
+            loader = dtl_data.eval_loader(cfg, split, env, device)
+            hit = new[name] = features.extract(model, head, loader, env, lambda: autocast_for(precision, device))
+        found[name] = hit
+    log.info("cached features: train %s, test %s (%s)", tuple(found["train"][0].shape),
+             tuple(found["test"][0].shape), "computed" if new else f"reused from {outdir / 'features'}")
+    train = features.FeatureLoader(*found["train"], dtl_data.train_sampler(len(splits.train), env, cfg.seed),
+                                   cfg.batch_size)
+    test = features.FeatureLoader(*found["test"],
+                                  dtl_data.EvalShardSampler(len(splits.test), env.rank, env.world_size),
+                                  cfg.batch_size)
+    return features.FeatureHead(model, head), train, test, new
 
 
 def restore(path: Path, cfg: Config, env: DistEnv, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -390,7 +423,7 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, env: DistEnv, 
              desc: str = "eval") -> dict[str, float]:
     """Loss/accuracy over this rank's contiguous shard, summed over ranks: every image counted once.
     Runs on the unwrapped model so no DDP buffer broadcast is started that other ranks would not join."""
-    model = unwrap(model)
+    model = model.module if isinstance(model, DDP) else model
     was_training = model.training
     model.eval()
     meter = Meter(device)
@@ -452,6 +485,9 @@ def fit(run: Run) -> int:
 def train(cfg: Config, env: DistEnv, device: torch.device) -> int:
     run = prepare(cfg, env, device)
     rundir.start(run)
+    if env.is_main:
+        for name, (feats, labels) in run.new_features.items():
+            features.store(run.outdir, cfg, name, feats, labels)
     try:
         with torch.autograd.set_detect_anomaly(cfg.debug):
             return fit(run)

@@ -324,7 +324,8 @@ class FrozenPrefix:
         torch.set_grad_enabled(False)
 
     def _at_head(self, module: nn.Module, args: tuple) -> None:
-        torch.set_grad_enabled(self._saved[-1])
+        if self._saved:  # the head called on its own (cached features) never went through _enter
+            torch.set_grad_enabled(self._saved[-1])
 
     def _leave(self, module: nn.Module, args: tuple, output: object) -> None:
         torch.set_grad_enabled(self._saved.pop())
