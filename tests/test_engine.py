@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import torchvision
 from safetensors.torch import load_file
@@ -98,3 +99,29 @@ def test_debug_runs_one_small_epoch(tmp_path):
                         "--output-dir", str(out)) == 0
     (row,) = rows(out)
     assert row["train_count"] == 256 and json.loads((out / "config.json").read_text())["run"]["launcher"] == "debug"
+
+
+def test_grad_accumulation_matches_the_larger_batch(tmp_path):
+    """2 micro-batches of 4 (gradients summed, then one step) vs one batch of 8: same weights within float
+    tolerance (no BatchNorm, no dropout, no augmentation)."""
+    common = [*TINY, "--epochs", "1", "--train-subset", "32", "--eval-subset", "8", "--no-augment",
+              "--dropout", "0", "--lr", "0.01"]
+    assert train_inproc(*common, "--batch-size", "8", "--output-dir", str(tmp_path / "big")) == 0
+    assert train_inproc(*common, "--batch-size", "4", "--grad-accum", "2", "--output-dir", str(tmp_path / "acc")) == 0
+    a = load_file(str(tmp_path / "big" / "model.safetensors"))
+    b = load_file(str(tmp_path / "acc" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+    cfg = json.loads((tmp_path / "acc" / "config.json").read_text())
+    assert cfg["run"]["global_batch"] == 8
+
+
+def test_lr_schedule_and_linear_scaling():
+    from dtl.config import Config
+    from dtl.engine import lr_at
+
+    cfg = Config(lr=0.1, lr_scale="linear", grad_accum=2, warmup_epochs=1, lr_schedule="cosine", epochs=3)
+    assert lr_at(cfg, 0, steps_per_epoch=10, world_size=4) == pytest.approx(0.8 / 10)  # warm-up, scaled x8
+    assert lr_at(cfg, 10, 10, 4) == pytest.approx(0.8)  # cosine starts at the scaled rate
+    assert lr_at(cfg, 29, 10, 4) < 0.01
+    assert lr_at(Config(lr=0.1), 5, 10, 4) == 0.1  # --lr-scale none: as given

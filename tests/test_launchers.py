@@ -126,3 +126,19 @@ def test_a_rank_that_raises_ends_the_job_quickly(tmp_path):
     assert "rank     : 1" in text or "rank: 1" in text  # torchrun's summary names the failing rank
     # printed once by the failing rank (torchrun's summary repeats it); the surviving rank says one line
     assert "[rank0]: Traceback" not in text and "[rank 0] stopping: a collective failed" in text
+
+
+def test_eval_counts_1003_images_once_at_world_sizes_2_and_3(tmp_path):
+    out = tmp_path / "run"
+    assert train_inproc(*TINY, "--epochs", "1", "--train-subset", "48", "--eval-subset", "1003",
+                        "--output-dir", str(out)) == 0
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["test_count"] == 1003
+    for world in (2, 3):
+        res = launch([PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m",
+                      "dtl.cli", "eval", "--checkpoint", str(out), "--device", "cpu", "--output-dir",
+                      str(tmp_path / f"eval{world}")])
+        assert res.returncode == 0, res.stderr[-3000:]
+        summary = json.loads((tmp_path / f"eval{world}" / "summary.json").read_text())
+        assert (summary["world_size"], summary["count"]) == (world, 1003)
+        assert summary["top1"] == row["test_acc"]

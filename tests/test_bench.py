@@ -1,0 +1,102 @@
+"""`dtl bench`: the JSON it writes (structure, positive numbers, ratios = dtl / reference); never timings."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dtl import bench
+from dtl.errors import UserError
+
+TINY = ["--device", "cpu", "--image-size", "32", "--batch-size", "8", "--steps", "2", "--warmup", "1",
+        "--repeats", "2", "--train-subset", "64", "--eval-subset", "32"]
+
+
+def numbers(obj: Any, where: str = "") -> Iterator[tuple[str, float]]:
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from numbers(value, f"{where}.{key}")
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            yield from numbers(value, f"{where}[{i}]")
+    else:
+        assert isinstance(obj, (int, float)) and not isinstance(obj, bool), f"{where} is {obj!r}"
+        yield where, float(obj)
+
+
+def check_result(result: dict[str, Any]) -> None:
+    assert set(result) == {"meta", "reference", "dtl", "ratio"}
+    for side in ("reference", "dtl", "ratio"):
+        assert set(result[side]) == {"input", "train_step", "eval_step"}, side
+        for where, value in numbers(result[side], side):
+            assert math.isfinite(value) and value > 0, f"{where} = {value}"
+    for phase, ratio in result["ratio"].items():
+        assert "images_per_s" in ratio
+        for key, value in ratio.items():
+            expected = result["dtl"][phase][key] / result["reference"][phase][key]
+            assert value == pytest.approx(expected), (phase, key)
+    for side in ("reference", "dtl"):
+        for phase, entry in result[side].items():
+            assert len(entry["runs"]) == result["meta"]["repeats"]
+            assert entry["images_per_s"] == pytest.approx(statistics.median(entry["runs"])), (side, phase)
+    meta = result["meta"]
+    for key in ("device", "model", "mode", "image_size", "batch_size", "precision", "torch", "date", "command"):
+        assert key in meta, key
+    assert meta["command"].startswith("python -m dtl.bench")
+
+
+def test_bench_scratch_squeezenet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    code = bench.main(["--model", "squeezenet1_1", "--mode", "scratch", "--weights", "none", *TINY,
+                       "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    check_result(result)
+    meta = result["meta"]
+    assert (meta["model"], meta["mode"], meta["image_size"], meta["batch_size"]) == ("squeezenet1_1", "scratch", 32, 8)
+    assert meta["precision"] == {"reference": "fp32", "dtl": "fp32"}
+    assert meta["dataset"] == "synthetic" and meta["threads"] == torch.get_num_threads()
+    for side in ("reference", "dtl"):  # measured in a subprocess per side, per phase
+        assert all("peak_rss_mib" in result[side][phase] for phase in bench.PHASES)
+    table = capsys.readouterr().out
+    assert "reference img/s" in table and all(phase in table for phase in bench.PHASES)
+
+
+def test_bench_transfer_resnet18_weights_file(tmp_path: Path) -> None:
+    import torchvision
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    out = tmp_path / "bench.json"
+    code = bench.main(["--model", "resnet18", "--mode", "transfer", "--weights", str(weights), *TINY,
+                       "--memory", "off", "--flops", "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    check_result(result)
+    assert result["meta"]["mode"] == "transfer" and result["meta"]["weights"] == str(weights)
+    flops = result["meta"]["flops_per_image"]
+    # transfer: the backward pass only reaches the head, so a train step costs about one forward
+    assert flops["eval_step"] <= flops["train_step"] < 1.2 * flops["eval_step"]
+    for side in ("reference", "dtl"):
+        assert result[side]["train_step"]["tflops"] > 0 and "peak_rss_mib" not in result[side]["train_step"]
+
+
+def test_bench_flags_are_trains_plus_its_own() -> None:
+    args = bench.build_parser().parse_args(["--model", "resnet18", "--mode", "scratch", "--device", "cpu"])
+    cfg = bench.bench_config(args)
+    assert cfg.dataset == "synthetic" and (cfg.train_subset, cfg.eval_subset) == bench.SYNTHETIC_COUNTS["cpu"]
+    assert (cfg.model, cfg.mode, cfg.weights) == ("resnet18", "scratch", "none")
+    args = bench.build_parser().parse_args(["--data-dir", "somewhere", "--device", "cpu"])
+    cfg = bench.bench_config(args)
+    assert cfg.dataset == "cifar10" and cfg.train_subset is None
+    args = bench.build_parser().parse_args(["--steps", "0"])
+    with pytest.raises(UserError, match="--steps"):
+        bench.options_from_args(args, "x")
+    assert bench.main(["--dataset", "folder", "--device", "cpu"]) == 2
