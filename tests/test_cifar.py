@@ -94,3 +94,37 @@ def test_synthetic_is_learnable_by_colour_alone():
     pred = torch.cdist(means, centroids).argmin(1)
     assert (pred == split.labels).float().mean() > 0.5
     assert np.unique(split.labels.numpy()).size == 10
+
+
+def _write_cifar100(root: Path, fmt: str, n: int = 30) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+    fine, coarse = rng.integers(0, 100, n), rng.integers(0, 20, n)
+    if fmt == "py":
+        folder = root / "cifar-100-python"
+        folder.mkdir(parents=True)
+        for name in ("train", "test"):
+            payload = {b"data": data, b"fine_labels": fine.tolist(), b"coarse_labels": coarse.tolist()}
+            (folder / name).write_bytes(pickle.dumps(payload, protocol=2))
+        meta = {b"fine_label_names": [f"f{i}".encode() for i in range(100)],
+                b"coarse_label_names": [f"c{i}".encode() for i in range(20)]}
+        (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    else:
+        folder = root / "cifar-100-binary"
+        folder.mkdir(parents=True)
+        records = np.concatenate([coarse.astype(np.uint8)[:, None], fine.astype(np.uint8)[:, None], data], 1)
+        for name in ("train.bin", "test.bin"):
+            (folder / name).write_bytes(records.tobytes())
+        (folder / "fine_label_names.txt").write_text("\n".join(f"f{i}" for i in range(100)))
+        (folder / "coarse_label_names.txt").write_text("\n".join(f"c{i}" for i in range(20)))
+    return data, fine, coarse
+
+
+@pytest.mark.parametrize("fmt", ["py", "bin"])
+def test_cifar100_both_label_granularities(tmp_path: Path, fmt: str):
+    data, fine, coarse = _write_cifar100(tmp_path, fmt)
+    train, test = cifar.load_cifar(tmp_path, "cifar100")
+    assert train.labels.tolist() == fine.tolist() and len(train.classes) == 100 and train.classes[3] == "f3"
+    assert torch.equal(train.images.reshape(-1, 3072), torch.from_numpy(data))
+    train, _ = cifar.load_cifar(tmp_path, "cifar100", coarse=True)
+    assert train.labels.tolist() == coarse.tolist() and train.classes[:2] == ["c0", "c1"]

@@ -137,3 +137,11 @@ def test_frozen_batchnorm_stays_in_eval_mode():
     model.train()
     models.freeze_frozen_norms(model)
     assert not model.bn1.training and model.layer4[1].bn1.training
+
+
+def test_weights_by_torchvision_enum_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(UserError, match="resnet50-11ad3fa6.pth"):  # IMAGENET1K_V2's file, not V1's
+        models.build_model("resnet50", 10, "IMAGENET1K_V2", 32)
+    with pytest.raises(UserError, match="IMAGENET1K_V1, IMAGENET1K_V2"):
+        models.build_model("resnet50", 10, "IMAGENET9K", 32)
