@@ -126,6 +126,15 @@ class _PerImageDataset(Dataset):
         return self.transform(self.split.images[i]), int(self.split.labels[i])
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave stop signals to the trainer: a SIGUSR1/SIGTERM forwarded to the whole process
+    group must not kill a spawn/forkserver-started worker mid-batch (the main process checkpoints first)."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class WorkerLoader:
     """DataLoader-based pipeline with the same interface as DeviceLoader."""
 
@@ -147,7 +156,8 @@ class WorkerLoader:
         indices = list(self.sampler)[self.start_batch * self.batch_size:]
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=indices,
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
-                            persistent_workers=False)
+                            persistent_workers=False,
+                            worker_init_fn=_ignore_stop_signals if self.num_workers else None)
         for images, labels in loader:
             yield (images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last),
                    labels.to(self.device, non_blocking=True))

@@ -3,7 +3,7 @@
 # Offline (no CIFAR-10 and no ImageNet weights reachable) it falls back, loudly, to synthetic data and
 # random weights: that fallback exists only here, never in a normal `train.py` run.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${DEMO_OUT:-runs/demo}
 
 python train.py --debug --model vgg16 --mode transfer --dataset cifar10 --data-dir "${DATA_DIR:-./data}" \

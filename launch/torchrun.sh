@@ -4,7 +4,7 @@
 #   NNODES=2 NODE_RANK=0 RDZV_ENDPOINT=node0:29400 bash launch/torchrun.sh ... # on node 0, then NODE_RANK=1
 # Arguments go to train.py. The c10d rendezvous needs RDZV_ENDPOINT reachable from every node.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}

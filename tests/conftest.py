@@ -62,6 +62,17 @@ def train_inproc(*flags: str) -> int:
         signals.reset()
 
 
+def main_inproc(*args: str) -> int:
+    """`dtl ARGS` in this process (pair with capsys); returns the exit code."""
+    from dtl import cli
+
+    try:
+        cli.main(list(args))
+    except SystemExit as done:
+        return int(done.code or 0)
+    return 0
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None,
             module: bool = True) -> subprocess.CompletedProcess:
     cmd = [PY, "-m", "dtl.cli", *args] if module else list(args)

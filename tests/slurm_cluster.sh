@@ -12,6 +12,7 @@
 # clients find the config through SLURM_CONF, so after `start` run
 #   export SLURM_CONF=/tmp/dtl-slurm/slurm.conf      (or: eval "$(tests/slurm_cluster.sh env)")
 # Jobs inherit SLURM_CONF from sbatch's environment, so srun inside a job finds it too.
+# A freshly started controller cancels the jobs it recovers from an earlier life of the cluster.
 #
 # Needs root (it installs packages and starts munged as the munge user) and no
 # systemd.  Tested with Debian bookworm's Slurm 22.05 / munge 0.5.15.
@@ -57,12 +58,14 @@ install_packages() {
 
 write_conf() {
     local cpus mem_mib real_mem tmp
-    cpus=$(nproc)
+    # what slurmd counts (not `nproc`, which obeys OMP_NUM_THREADS and CPU affinity)
+    cpus=$(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc --all)
     mem_mib=$(awk '/^MemTotal:/ {print int($2/1024)}' /proc/meminfo)
     # leave headroom: slurmd marks the node invalid if RealMemory > what it finds
     real_mem=$(( mem_mib > 2048 ? mem_mib - 1024 : mem_mib * 3 / 4 ))
     mkdir -p "$STATE/ctld" "$STATE/spool" "$STATE/log"
     tmp=$(mktemp "$STATE/slurm.conf.XXXXXX")
+    chmod 644 "$tmp"
     cat >"$tmp" <<EOF
 # written by tests/slurm_cluster.sh - one node on localhost
 ClusterName=dtl
@@ -137,12 +140,14 @@ start_munge() {
     die "munged did not come up"
 }
 
+CTLD_STARTED=""
 start_daemon() { # start_daemon slurmctld|slurmd
     local name=$1 pid
     if pid=$(alive "$name"); then
         say "$name already running (pid $pid)"
         return 0
     fi
+    [[ $name != slurmctld ]] || CTLD_STARTED=1
     setsid "/usr/sbin/$name" -D -f "$CONF" </dev/null >>"$STATE/log/$name.out" 2>&1 &
     echo $! >"$STATE/$name.pid"
     say "started $name (pid $!)"
@@ -196,6 +201,17 @@ cmd_start() {
     done
     start_daemon slurmd
     wait_idle
+    # slurmctld recovers the jobs of its previous life from $STATE/ctld: left-overs of an interrupted test
+    # run would start now and take the CPUs.  A fresh controller cancels them (job ids keep counting up).
+    if [[ -n $CTLD_STARTED ]]; then
+        local stale
+        stale=$(squeue -h -o %i 2>/dev/null | tr '\n' ' ')
+        if [[ -n ${stale// /} ]]; then
+            say "cancelling jobs left from an earlier run of this cluster: $stale"
+            # shellcheck disable=SC2086  # a list of job ids
+            scancel $stale || true
+        fi
+    fi
     say "ready. Use: export SLURM_CONF=$CONF"
 }
 

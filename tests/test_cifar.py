@@ -9,20 +9,21 @@ import torch
 
 from dtl import cifar
 from dtl.errors import UserError
-from tests.conftest import run_cli
+from tests.conftest import main_inproc
 
 
 @pytest.mark.parametrize("fmt", ["py", "bin"])
-def test_synth_roundtrip_via_cli(tmp_path: Path, fmt: str):
-    res = run_cli("data", "synth", "--out", str(tmp_path), "--train", "120", "--test", "30", "--format", fmt)
-    assert res.returncode == 0, res.stderr
+def test_synth_roundtrip_via_cli(tmp_path: Path, fmt: str, capsys):
+    assert main_inproc("data", "synth", "--out", str(tmp_path), "--train", "120", "--test", "30", "--format", fmt) == 0
     train, test = cifar.load_cifar(tmp_path)
     want_train, want_test = cifar.make_synthetic(120, seed=0), cifar.make_synthetic(30, seed=1_000_003)
     assert torch.equal(train.images, want_train.images) and torch.equal(train.labels, want_train.labels)
     assert torch.equal(test.images, want_test.images) and torch.equal(test.labels, want_test.labels)
     assert train.images.dtype == torch.uint8 and train.images.shape == (120, 3, 32, 32)
-    info = run_cli("data", "info", "--data-dir", str(tmp_path))
-    assert info.returncode == 0 and "train: 120 images" in info.stdout and "mean (R,G,B)" in info.stdout
+    capsys.readouterr()
+    assert main_inproc("data", "info", "--data-dir", str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "train: 120 images" in out and "mean (R,G,B)" in out
 
 
 def test_restricted_unpickler_refuses_code(tmp_path: Path):

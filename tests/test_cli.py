@@ -5,19 +5,20 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import TINY, run_cli, train_inproc
+from tests.conftest import TINY, main_inproc, train_inproc
 
 
-def test_every_subcommand_has_help_with_an_example():
+def test_every_subcommand_has_help_with_an_example(capsys):
     for cmd in ("train", "data", "models", "plot", "eval", "predict"):
-        res = run_cli(cmd, "--help")
-        assert res.returncode == 0 and ("example" in res.stdout.lower() or "dtl " in res.stdout), cmd
+        assert main_inproc(cmd, "--help") == 0
+        out = capsys.readouterr().out
+        assert "example" in out.lower() and "dtl " in out or "train.py" in out, cmd
+    assert main_inproc("--help") == 0 and "examples:" in capsys.readouterr().out
 
 
-def test_models_lists_names_params_and_weights():
-    res = run_cli("models", "--filter", "vgg16")
-    assert res.returncode == 0
-    line = next(line for line in res.stdout.splitlines() if line.startswith("vgg16 "))
+def test_models_lists_names_params_and_weights(capsys):
+    assert main_inproc("models", "--filter", "vgg16") == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("vgg16 "))
     assert "138,357,544" in line and "IMAGENET1K_V1 (default)" in line
 
 
@@ -40,11 +41,9 @@ def test_tensorboard_scalars_equal_metrics_and_plot_overlays_two_runs(tmp_path):
         assert [e.value for e in events] == [np.float32(r[key]) for r in rows]  # TensorBoard stores float32
 
     png = tmp_path / "cmp.png"
-    res = run_cli("plot", str(runs[0]), str(runs[1]), "--output", str(png))
-    assert res.returncode == 0, res.stderr
+    assert main_inproc("plot", str(runs[0]), str(runs[1]), "--output", str(png)) == 0
     import matplotlib.image
 
     img = matplotlib.image.imread(png)
     assert img.ndim == 3 and img.shape[1] > 500 and img[..., :3].std() > 0.05  # a real picture, not blank
-    res = run_cli("plot", str(tmp_path), "--output", str(png))
-    assert res.returncode == 2 and "metrics.jsonl" in res.stderr
+    assert main_inproc("plot", str(tmp_path), "--output", str(png)) == 2

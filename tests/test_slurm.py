@@ -4,6 +4,7 @@ Lint: `bash -n` and shellcheck on every template and helper.  Jobs: the CPU temp
 template on one node (c10d rendezvous), the per-task template (srun, no launcher), and a preemption round
 trip (SIGUSR1 -> checkpoint -> scontrol requeue -> resume -> COMPLETED with every epoch logged once).
 Needs root and apt-get (or an installed Slurm); skipped only when neither sbatch nor apt-get exists.
+DTL_SLURM_FULL=1 also runs the accelerate template (another ~35 s).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "tests" / "slurm_cluster.sh"
 STATE = Path(os.environ.get("DTL_SLURM_STATE", "/tmp/dtl-slurm"))
 PY = sys.executable
+#: Pending reasons that never resolve by waiting: fail at once instead of at the timeout.
+STUCK = {"PartitionConfig", "BadConstraints", "PartitionNodeLimit", "PartitionTimeLimit", "ReqNodeNotAvail",
+         "InvalidQOS", "InvalidAccount", "JobHeldAdmin", "JobHeldUser", "NodeDown", "launch_failed_requeued_held"}
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
             "DEADLINE"}
 #: train.py flags for a few-second CPU run (the templates add --output-dir and --resume auto).
@@ -118,6 +122,10 @@ def _wait(env: dict, out: Path, job_id: str, timeout: float) -> dict[str, str]:
         info = _job(env, job_id)
         if info.get("JobState") in TERMINAL:
             return info
+        if info.get("JobState") == "PENDING" and info.get("Reason") in STUCK:
+            subprocess.run(["scancel", job_id], env=env, timeout=30)
+            node = subprocess.run(["scontrol", "show", "node"], env=env, capture_output=True, text=True).stdout
+            pytest.fail(f"job {job_id} cannot start ({info.get('Reason')}):\n{node}")
         time.sleep(0.5)
     subprocess.run(["scancel", job_id], env=env, timeout=30)
     pytest.fail(f"job {job_id} not done after {timeout} s ({info.get('JobState')}):\n"
@@ -175,6 +183,17 @@ def test_per_task_two_srun_tasks(slurm) -> None:
                            ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1"])
     assert "srun --nodes=1 --ntasks-per-node=2" in log
     assert "launcher srun, world size 2" in log, log[-4000:]
+    assert _epochs(run_dir) == [1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("DTL_SLURM_FULL") != "1", reason="set DTL_SLURM_FULL=1 (adds ~35 s)")
+def test_accelerate_template_on_cpu(slurm) -> None:
+    env, out = slurm
+    run_dir, log = _run_ok(env, out, "accelerate.sbatch", [*TRAIN, "--train-subset", "64", "--epochs", "1"],
+                           ["--nodes=1", *NO_GPU], {"GPUS": "2", "ACCELERATE_USE_CPU": "1"})
+    assert "--machine_rank @SLURM_NODEID@" in log and "--num_processes 2" in log
+    assert "launcher accelerate, world size 2" in log, log[-4000:]
     assert _epochs(run_dir) == [1]
 
 
