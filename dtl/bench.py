@@ -78,6 +78,10 @@ class Options:
     threads: int | None = None
     json_path: str | None = None
     command: str = ""
+    input_steps: int = 50
+
+    def steps_for(self, phase: str) -> int:
+        return self.input_steps if phase == "input" else self.steps
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -87,6 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     group = parser.add_argument_group("bench")
     group.add_argument("--steps", type=int, default=5, help="timed steps per measurement (default: 5)")
+    group.add_argument("--input-steps", type=int, default=None, help="timed batches per measurement of the "
+                       "input phase, which is cheap (default: 10 x --steps)")
     group.add_argument("--warmup", type=int, default=2, help="untimed steps per side and phase first (default: 2)")
     group.add_argument("--repeats", type=int, default=3, help="interleaved measurements per side and phase; the "
                        "median is reported (default: 3)")
@@ -108,11 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace, command: str) -> Options:
+    input_steps = args.input_steps if args.input_steps is not None else 10 * args.steps
     opts = Options(args.steps, args.warmup, args.repeats, args.memory, args.flops, args.threads,
-                   args.json_path, command)
-    for name in ("steps", "repeats"):
+                   args.json_path, command, input_steps)
+    for name in ("steps", "input_steps", "repeats"):
         if getattr(opts, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(opts, name)}")
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
     if opts.warmup < 0 or (opts.threads is not None and opts.threads < 1):
         raise UserError(f"--warmup must be >= 0 and --threads >= 1, got {opts.warmup} and {opts.threads}")
     return opts
@@ -121,6 +128,7 @@ def options_from_args(args: argparse.Namespace, command: str) -> Options:
 def bench_config(args: argparse.Namespace, device: torch.device | None = None) -> Config:
     """`train`'s config, with the bench's data defaults: synthetic data unless --dataset/--data-dir say
     otherwise, and CIFAR-sized on a GPU / small on a CPU unless --train-subset/--eval-subset are given."""
+    args = argparse.Namespace(**vars(args))  # the caller's namespace stays as parsed
     toml = load_toml(Path(args.config)) if getattr(args, "config", None) else {}
     if args.dataset is None and "dataset" not in toml:
         args.dataset = "cifar10" if (args.data_dir or "data_dir" in toml) else "synthetic"
@@ -377,7 +385,7 @@ def interleaved(loops: dict[str, Loop], opts: Options) -> dict[str, dict[str, li
     for r in range(opts.repeats):
         for phase in PHASES:
             for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
-                rate = timed(loops[side], phase, opts.steps)
+                rate = timed(loops[side], phase, opts.steps_for(phase))
                 runs[side][phase].append(rate)
                 print(f"  round {r + 1}/{opts.repeats} {phase:<10} {side:<9} {rate:10.1f} img/s",
                       file=sys.stderr, flush=True)
@@ -469,8 +477,9 @@ def meta(cfg: Config, opts: Options, device: torch.device, precision: str) -> di
             "weights": cfg.weights, "image_size": cfg.image_size, "batch_size": cfg.batch_size,
             "precision": {"reference": "fp32", "dtl": precision}, "dataset": cfg.dataset,
             "train_images": cfg.train_subset, "eval_images": cfg.eval_subset, "steps": opts.steps,
-            "warmup": opts.warmup, "repeats": opts.repeats, "threads": torch.get_num_threads(),
-            "memory": opts.memory, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "input_steps": opts.input_steps, "warmup": opts.warmup, "repeats": opts.repeats,
+            "threads": torch.get_num_threads(), "memory": opts.memory, "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "command": opts.command}
 
 
@@ -489,10 +498,16 @@ def side_results(runs: dict[str, list[float]], memory: dict[str, dict[str, float
 
 
 def ratios(ref: dict[str, dict[str, Any]], ours: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """dtl / reference for every scalar both sides report (images/s, peak memory, TFLOP/s)."""
+    """dtl / reference for every scalar both sides report (images/s, peak memory, TFLOP/s), plus
+    `images_per_s_paired`: the median over rounds of each round's ratio (the two measurements of a round
+    ran back to back, so a load change between rounds cancels out)."""
     keys = ("images_per_s", "peak_rss_mib", "peak_cuda_mib", "tflops")
-    return {phase: {k: ours[phase][k] / ref[phase][k] for k in keys if k in ours[phase] and k in ref[phase]}
-            for phase in PHASES}
+    out = {}
+    for phase in PHASES:
+        out[phase] = {k: ours[phase][k] / ref[phase][k] for k in keys if k in ours[phase] and k in ref[phase]}
+        pairs = zip(ours[phase]["runs"], ref[phase]["runs"])
+        out[phase]["images_per_s_paired"] = statistics.median(d / r for d, r in pairs)
+    return out
 
 
 def assemble(cfg: Config, opts: Options, device: torch.device, precision: str,
@@ -515,15 +530,16 @@ def format_table(result: dict[str, Any]) -> str:
     m = result["meta"]
     lines = [f"dtl bench: {m['model']} {m['mode']}, {m['image_size']} px, batch {m['batch_size']}, dtl "
              f"{m['precision']['dtl']} vs reference fp32 on {m['device']} ({m['device_name']}, "
-             f"{m['threads']} threads); median of {m['repeats']} x {m['steps']} steps",
-             f"{'phase':<11}{'reference img/s':>16}{'dtl img/s':>12}{'dtl/ref':>9}"
+             f"{m['threads']} threads); median of {m['repeats']} rounds of {m['steps']} steps "
+             f"({m['input_steps']} batches for input)",
+             f"{'phase':<11}{'reference img/s':>16}{'dtl img/s':>12}{'dtl/ref':>9}{'paired':>8}"
              f"{'ref peak RSS':>14}{'dtl peak RSS':>14}{'dtl/ref':>9}"]
     for phase in PHASES:
         ref, ours, ratio = result["reference"][phase], result["dtl"][phase], result["ratio"][phase]
         mem = (f"{ref['peak_rss_mib']:>10.0f} MiB{ours['peak_rss_mib']:>10.0f} MiB"
                f"{ratio['peak_rss_mib']:>8.2f}x" if "peak_rss_mib" in ratio else "")
         lines.append(f"{phase:<11}{ref['images_per_s']:>16.1f}{ours['images_per_s']:>12.1f}"
-                     f"{ratio['images_per_s']:>8.2f}x{mem}")
+                     f"{ratio['images_per_s']:>8.2f}x{ratio['images_per_s_paired']:>7.2f}x{mem}")
     for phase in ("train_step", "eval_step"):
         ours = result["dtl"][phase]
         if "peak_cuda_mib" in ours:
@@ -558,12 +574,15 @@ def run_bench(cfg: Config, opts: Options) -> dict[str, Any]:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     device = pick_device(DistEnv(), cfg.device)
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="dtl-bench-") as tmp:
         # prepare() validates the output folder but writes nothing to it: a path that never gets created.
         cfg = dataclasses.replace(cfg, output_dir=str(Path(tmp) / "run"))
         runs, precision, flops, peak = measure(cfg, opts, device)
         memory = measure_memory(cfg, opts, Path(tmp)) if opts.memory == "subprocess" else None
     result = assemble(cfg, opts, device, precision, runs, memory, flops, peak)
+    # the 1-minute load average around the measurement: other processes on the machine (0 = idle)
+    result["meta"]["loadavg_1min"] = {"start": load_start, "end": os.getloadavg()[0]}
     result["meta"]["config"] = {k: v for k, v in cfg.to_dict().items() if k != "output_dir"}
     print(format_table(result))
     if opts.json_path:

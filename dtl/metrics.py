@@ -83,8 +83,10 @@ def plot_runs(run_dirs: list[Path], output: Path, labels: list[str] | None = Non
         for ax, (title, keys) in zip(axes.flat, panels):
             for key in keys:
                 if rows and key in rows[0]:
+                    # one colour per run; train solid, test dashed
                     style = "--" if key.startswith("test") else "-"
-                    ax.plot(epochs, [r[key] for r in rows], style, marker="o", label=f"{label} {key}")
+                    ax.plot(epochs, [r[key] for r in rows], style, color=f"C{i % 10}", marker="o",
+                            label=f"{label} {key}")
             ax.set_title(title)
             ax.set_xlabel("epoch")
     for ax in axes.flat:
