@@ -58,6 +58,16 @@ def load_splits(cfg: Config, allow_download: bool) -> Splits:
                   test.subset(cfg.eval_subset, cfg.subset_order, cfg.seed + 1))
 
 
+def load_splits_once(cfg: Config, env: DistEnv) -> Splits:
+    """Local rank 0 of each node reads (and if needed downloads) first; the others then read what it left,
+    so a download happens once per node and never concurrently into the same folder."""
+    from dtl.dist import barrier
+
+    splits = load_splits(cfg, allow_download=True) if env.local_rank == 0 else None
+    barrier(env)
+    return splits if splits is not None else load_splits(cfg, allow_download=False)
+
+
 class EvalShardSampler(Sampler[int]):
     """Rank r of W gets the contiguous indices [r*N//W, (r+1)*N//W): no padding, no dropped tail."""
 

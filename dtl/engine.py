@@ -154,13 +154,7 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
     outdir = rundir.resolve(cfg, env, device)
     resume_from = rundir.check(outdir, cfg)
 
-    # Local rank 0 of each node reads (and if needed downloads) first; the others then read what it left.
-    splits = None
-    if env.local_rank == 0:
-        splits = dtl_data.load_splits(cfg, allow_download=True)
-    barrier(env)
-    if splits is None:
-        splits = dtl_data.load_splits(cfg, allow_download=False)
+    splits = dtl_data.load_splits_once(cfg, env)
 
     torch.manual_seed(cfg.seed)  # same initial head on every rank (DDP broadcasts rank 0's anyway)
     model = models.build_model(cfg.model, len(splits.classes), cfg.weights, cfg.image_size, cfg.dropout)

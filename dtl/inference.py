@@ -13,8 +13,7 @@ pretrained weights are downloaded.
   columns ``path, rank, class, probability`` (one row per image and rank, rank 1 = the most likely class),
   printed as a table or written as CSV (`.csv`) or JSON lines (`.jsonl`, one object per row).
 
-Standalone entry point (same code as the `dtl` subcommands):
-``python -m dtl.inference eval --checkpoint RUN`` / ``python -m dtl.inference predict --checkpoint RUN IMG``.
+Under a launcher: ``torchrun --nproc_per_node=4 -m dtl.cli eval --checkpoint RUN``.
 """
 
 from __future__ import annotations
@@ -189,7 +188,6 @@ def _eval_config(args: argparse.Namespace, loaded: Loaded) -> Any:
 def _test_split(cfg: Any, loaded: Loaded, env: Any) -> Any:
     """The test split, labelled in the checkpoint's class order."""
     from dtl import data as dtl_data
-    from dtl.dist import barrier
 
     if cfg.dataset == "folder":
         from dtl import folder
@@ -204,13 +202,7 @@ def _test_split(cfg: Any, loaded: Loaded, env: Any) -> Any:
             test = folder.load_image_folder(folder.eval_root(Path(cfg.data_dir)), strict=cfg.strict_images)
             test = test.subset(cfg.eval_subset, cfg.subset_order, cfg.seed + 1)
         return test.with_classes(loaded.classes)
-    splits = None
-    if env.local_rank == 0:
-        splits = dtl_data.load_splits(cfg, allow_download=True)
-    barrier(env)
-    if splits is None:
-        splits = dtl_data.load_splits(cfg, allow_download=False)
-    test = splits.test
+    test = dtl_data.load_splits_once(cfg, env).test
     if len(test.classes) != len(loaded.classes):
         raise UserError(f"{cfg.dataset} has {len(test.classes)} classes but the checkpoint's model has "
                         f"{len(loaded.classes)} ({', '.join(loaded.classes[:10])}...)")
@@ -539,30 +531,3 @@ def run_predict(args: argparse.Namespace) -> int:
     else:
         print_table(rows)
     return EXIT_OK
-
-
-# ---- standalone entry ----------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dtl.inference", description="dtl eval / dtl predict")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_eval_parser(sub)
-    add_predict_parser(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.command == "eval":
-        eval_entry(args)
-        return
-    try:
-        code = run_predict(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        code = EXIT_USAGE
-    sys.exit(code)
-
-
-if __name__ == "__main__":
-    main()
