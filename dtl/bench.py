@@ -17,11 +17,12 @@ warm-up, so load from other processes hits both alike; the median of ``--repeats
 
 Phases (images/s): ``input`` (training batches produced by the pipeline alone), ``train_step`` (pipeline +
 training step, as a user sees it), ``eval_step`` (eval pipeline + forward). Peak memory is measured in a
-fresh subprocess per side (so one side's tensors never count for the other): phases run there in the order
-input -> eval_step -> train_step and the peak is reset before each (``/proc/self/clear_refs``), so each
-phase's number is the peak RSS (and on a GPU ``torch.cuda.max_memory_allocated``) of a process holding only
-that side while it runs that phase. On a GPU the achieved TFLOP/s (FLOPs counted by ``FlopCounterMode`` on
-one batch) and their fraction of a bf16 matmul rate measured in the same run are reported too.
+fresh subprocess per side (so one side's tensors never count for the other; the two run concurrently):
+phases run there in the order input -> eval_step -> train_step and the peak is reset before each
+(``/proc/self/clear_refs``), so each phase's number is the peak RSS (and on a GPU
+``torch.cuda.max_memory_allocated``) of a process holding only that side while it runs that phase.
+On a GPU the achieved TFLOP/s (FLOPs counted by ``FlopCounterMode`` on one batch) and their fraction of a
+bf16 matmul rate measured in the same run are reported too.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import torch
 from torch import nn
 
 from dtl.config import Config, add_config_arguments, config_from_args, load_toml
-from dtl.dist import DistEnv, pick_device, unwrap
+from dtl.dist import DistEnv, pick_device
 from dtl.errors import EXIT_USAGE, UserError
 
 if TYPE_CHECKING:
@@ -329,8 +330,13 @@ class DtlLoop:
             run.progress.global_step += 1
         return int(labels.shape[0])
 
+    def eval_model(self) -> nn.Module:
+        """The model `engine.evaluate` runs: without a DDP wrapper (a cached-features head stays a head)."""
+        model = self.run.model
+        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
     def eval_batch(self, images: torch.Tensor, labels: torch.Tensor) -> int:
-        model = unwrap(self.run.model)
+        model = self.eval_model()
         with torch.no_grad():
             with self.run.autocast():
                 logits = model(images)
@@ -346,7 +352,7 @@ class DtlLoop:
         return sum(self.train_batch(*next(self.train_batches)) for _ in range(steps))
 
     def eval_step(self, steps: int) -> int:
-        unwrap(self.run.model).eval()
+        self.eval_model().eval()
         return sum(self.eval_batch(*next(self.eval_batches)) for _ in range(steps))
 
 
@@ -393,16 +399,18 @@ def interleaved(loops: dict[str, Loop], opts: Options) -> dict[str, dict[str, li
 
 
 def count_flops(loop: Loop) -> dict[str, float]:
-    """FLOPs per image of one training step and one eval step (model only: the batch is made outside)."""
+    """FLOPs per image of one training step and one eval step (model only: the batch is made outside).
+    Counted per side: they differ where dtl does less work (e.g. --cache-features runs only the head)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     out = {}
     for phase, batches, step in (("train_step", loop.train_batches, loop.train_batch),
                                  ("eval_step", loop.eval_batches, loop.eval_batch)):
         images, labels = next(batches)
-        getattr(loop, phase)(0)  # sets train/eval mode
-        with FlopCounterMode(display=False) as counter:
-            n = step(images, labels)
+        with loop.context():
+            getattr(loop, phase)(0)  # sets train/eval mode
+            with FlopCounterMode(display=False) as counter:
+                n = step(images, labels)
         out[phase] = counter.get_total_flops() / n
     return out
 
@@ -442,18 +450,24 @@ def probe(spec: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def measure_memory(cfg: Config, opts: Options, tmp: Path) -> dict[str, dict[str, dict[str, float]]]:
-    """Peak memory per side and phase, each side in its own fresh `python -m dtl.bench --probe` process."""
-    result = {}
+    """Peak memory per side and phase, each side in its own fresh `python -m dtl.bench --probe` process.
+    The two run at the same time: peaks are per process, and nothing is timed there."""
+    procs = {}
     for side in SIDES:
-        spec_path, out_path = tmp / f"probe-{side}.json", tmp / f"probe-{side}.out.json"
+        spec_path = tmp / f"probe-{side}.json"
         spec = {"config": cfg.to_dict(), "side": side, "steps": max(opts.warmup, 1) + 1,
-                "threads": torch.get_num_threads(), "out": str(out_path)}
+                "threads": torch.get_num_threads(), "out": str(tmp / f"probe-{side}.out.json")}
         spec_path.write_text(json.dumps(spec))
-        print(f"  memory: {side} in a subprocess", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, "-m", "dtl.bench", "--probe", str(spec_path)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0 or not out_path.is_file():
-            raise RuntimeError(f"memory probe for {side} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        with open(tmp / f"probe-{side}.log", "w") as log_file:
+            procs[side] = subprocess.Popen([sys.executable, "-m", "dtl.bench", "--probe", str(spec_path)],
+                                           stdout=log_file, stderr=subprocess.STDOUT)
+    print(f"  memory: {' and '.join(SIDES)}, each in a subprocess", file=sys.stderr, flush=True)
+    result = {}
+    for side, proc in procs.items():
+        code, out_path = proc.wait(), tmp / f"probe-{side}.out.json"
+        if code != 0 or not out_path.is_file():
+            log_tail = (tmp / f"probe-{side}.log").read_text()[-3000:]
+            raise RuntimeError(f"memory probe for {side} failed (exit {code}):\n{log_tail}")
         result[side] = json.loads(out_path.read_text())
     return result
 
@@ -511,11 +525,11 @@ def ratios(ref: dict[str, dict[str, Any]], ours: dict[str, dict[str, Any]]) -> d
 
 
 def assemble(cfg: Config, opts: Options, device: torch.device, precision: str,
-             runs: dict[str, dict[str, list[float]]], memory: dict | None, flops: dict[str, float] | None,
-             peak_tflops: float | None) -> dict[str, Any]:
+             runs: dict[str, dict[str, list[float]]], memory: dict | None,
+             flops: dict[str, dict[str, float]] | None, peak_tflops: float | None) -> dict[str, Any]:
     result: dict[str, Any] = {"meta": meta(cfg, opts, device, precision)}
     for side in SIDES:
-        result[side] = side_results(runs[side], (memory or {}).get(side), flops)
+        result[side] = side_results(runs[side], (memory or {}).get(side), (flops or {}).get(side))
     result["ratio"] = ratios(result["reference"], result["dtl"])
     if flops:
         result["meta"]["flops_per_image"] = flops
@@ -549,8 +563,10 @@ def format_table(result: dict[str, Any]) -> str:
             frac = (f" = {ours['fraction_of_bf16_matmul']:.1%} of bf16 matmul "
                     f"({result['meta']['bf16_matmul_tflops']:.0f} TFLOP/s)" if "fraction_of_bf16_matmul" in ours
                     else "")
-            lines.append(f"{phase}: {ours['flops_per_image'] / 1e9:.2f} GFLOP/image; dtl {ours['tflops']:.3f} "
-                         f"TFLOP/s{frac}, reference {result['reference'][phase]['tflops']:.3f} TFLOP/s")
+            ref = result["reference"][phase]
+            lines.append(f"{phase}: dtl {ours['flops_per_image'] / 1e9:.2f} GFLOP/image, {ours['tflops']:.3f} "
+                         f"TFLOP/s{frac}; reference {ref['flops_per_image'] / 1e9:.2f} GFLOP/image, "
+                         f"{ref['tflops']:.3f} TFLOP/s")
     return "\n".join(lines)
 
 
@@ -564,8 +580,9 @@ def measure(cfg: Config, opts: Options, device: torch.device) -> tuple[dict, str
     warm_up(loops, opts.warmup)
     runs = interleaved(loops, opts)
     want_flops = opts.flops if opts.flops is not None else device.type == "cuda"
-    flops = count_flops(loops["dtl"]) if want_flops else None
-    peak = matmul_tflops(device) if want_flops and device.type == "cuda" else None
+    flops = {side: count_flops(loop) for side, loop in loops.items()} if want_flops else None
+    yardstick = want_flops and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    peak = matmul_tflops(device) if yardstick else None
     return runs, precision, flops, peak
 
 

@@ -1,4 +1,4 @@
-"""The `dtl` command: train, data synth/info, models, plot (and the subcommands later issues add).
+"""The `dtl` command: train, data synth/info, models, plot, eval, predict, bench.
 
 Error policy: a `UserError` (bad flag, missing data, wrong checkpoint) is one line on rank 0 and exit code 2;
 an unexpected exception is a traceback from the rank where it happened (recorded for torchrun's summary)
@@ -26,6 +26,8 @@ EXAMPLES = {
     "data": "dtl data synth --out data/synth --train 2000 --test 500 && dtl data info --data-dir data/synth",
     "models": "dtl models --filter resnet",
     "plot": "dtl plot runs/a runs/b --output compare.png",
+    "bench": "dtl bench --model vgg16 --mode transfer --weights vgg16.pth --image-size 32 --batch-size 32 "
+             "--json bench.json",
     "eval": "dtl eval --checkpoint runs/exp1      (or: torchrun --nproc_per_node=4 -m dtl.cli eval ...)",
     "predict": "dtl predict --checkpoint runs/exp1 photos/ --top-k 3 --output preds.csv",
 }
@@ -71,7 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("runs", nargs="+", type=Path, help="run folders (with metrics.jsonl)")
     plot.add_argument("--output", type=Path, default=Path("curves.png"))
 
+    from dtl.bench import add_arguments as add_bench_arguments
     from dtl.inference import add_eval_parser, add_predict_parser
+
+    bench = sub.add_parser("bench", help="time dtl's loop against the reference recipe's (images/s, peak memory)",
+                           description="Time the reference recipe's loop and dtl's on the same device, model, mode, "
+                                       "image size and batch size, interleaved after a warm-up: input pipeline, "
+                                       "train step, eval step (images/s), peak memory, and dtl / reference.",
+                           epilog=f"example:\n  {EXAMPLES['bench']}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_bench_arguments(bench)
 
     add_eval_parser(sub)
     add_predict_parser(sub)
@@ -166,6 +177,12 @@ def run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    from dtl import bench
+
+    return bench.run(args)
+
+
 def run_plot(args: argparse.Namespace) -> int:
     from dtl.metrics import plot_runs, read_metrics
 
@@ -194,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     from dtl.inference import run_predict
 
-    handlers = {"data": run_data, "models": run_models, "plot": run_plot, "predict": run_predict}
+    handlers = {"data": run_data, "models": run_models, "plot": run_plot, "predict": run_predict,
+                "bench": run_bench}
     try:
         code = handlers[args.command](args)
     except UserError as err:

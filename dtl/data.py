@@ -149,8 +149,9 @@ class WorkerLoader:
     """DataLoader-based pipeline with the same interface as DeviceLoader."""
 
     def __init__(self, split: Split, sampler: Sampler[int], batch_size: int, transform, num_workers: int,
-                 device: torch.device, seed: int) -> None:  # noqa: ANN001
+                 device: torch.device, seed: int, channels_last: bool = True) -> None:  # noqa: ANN001
         self.dataset = _PerImageDataset(split, transform, seed)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.sampler, self.batch_size, self.num_workers, self.device = sampler, batch_size, num_workers, device
         self.start_batch = 0
 
@@ -169,7 +170,7 @@ class WorkerLoader:
                             persistent_workers=False,
                             worker_init_fn=_ignore_stop_signals if self.num_workers else None)
         for images, labels in loader:
-            yield (images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last),
+            yield (images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format),
                    labels.to(self.device, non_blocking=True))
 
 
@@ -189,24 +190,25 @@ def resolve_pipeline(cfg: Config) -> str:
 
 
 def eval_loader(cfg: Config, split: Split, env: DistEnv, device: torch.device,
-                compute_dtype: torch.dtype = torch.float32) -> DeviceLoader | WorkerLoader:
+                compute_dtype: torch.dtype = torch.float32, channels_last: bool = True) -> DeviceLoader | WorkerLoader:
     """This rank's contiguous shard of a split with the eval transform."""
     sampler = EvalShardSampler(len(split), env.rank, env.world_size)
     if resolve_pipeline(cfg) == "device" and isinstance(getattr(split, "images", None), torch.Tensor):
-        transform = BatchTransform(train=False, size=cfg.image_size, dtype=compute_dtype)
+        transform = BatchTransform(train=False, size=cfg.image_size, dtype=compute_dtype, channels_last=channels_last)
         return DeviceLoader(split, sampler, cfg.batch_size, transform, device, cfg.seed, env.rank)
     return WorkerLoader(split, sampler, cfg.batch_size, v2_transform(False, cfg.image_size, False),
-                        cfg.num_workers, device, cfg.seed)
+                        cfg.num_workers, device, cfg.seed, channels_last)
 
 
-def build_loaders(cfg: Config, splits: Splits, env: DistEnv, device: torch.device,
-                  compute_dtype: torch.dtype) -> tuple[DeviceLoader | WorkerLoader, DeviceLoader | WorkerLoader]:
+def build_loaders(cfg: Config, splits: Splits, env: DistEnv, device: torch.device, compute_dtype: torch.dtype,
+                  channels_last: bool = True) -> tuple[DeviceLoader | WorkerLoader, DeviceLoader | WorkerLoader]:
     """Train and eval loaders for this rank."""
     tsampler = train_sampler(len(splits.train), env, cfg.seed)
     if resolve_pipeline(cfg) == "device" and isinstance(getattr(splits.train, "images", None), torch.Tensor):
-        ttrans = BatchTransform(train=cfg.augment, size=cfg.image_size, dtype=compute_dtype)
+        ttrans = BatchTransform(train=cfg.augment, size=cfg.image_size, dtype=compute_dtype,
+                                channels_last=channels_last)
         train = DeviceLoader(splits.train, tsampler, cfg.batch_size, ttrans, device, cfg.seed, env.rank)
     else:
-        train = WorkerLoader(splits.train, tsampler, cfg.batch_size,
-                             v2_transform(True, cfg.image_size, cfg.augment), cfg.num_workers, device, cfg.seed)
-    return train, eval_loader(cfg, splits.test, env, device, compute_dtype)
+        train = WorkerLoader(splits.train, tsampler, cfg.batch_size, v2_transform(True, cfg.image_size, cfg.augment),
+                             cfg.num_workers, device, cfg.seed, channels_last)
+    return train, eval_loader(cfg, splits.test, env, device, compute_dtype, channels_last)

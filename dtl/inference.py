@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from dtl import data as dtl_data
+from dtl import models
 from dtl.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UserError
 
 log = logging.getLogger("dtl")
@@ -86,7 +88,6 @@ def load_model(path: str | Path, device: torch.device) -> Loaded:
     """Resolve `path` (a run folder or a checkpoint folder), rebuild the architecture from its saved config
     (random init, no download) and load the verified weights; the model is in eval mode on `device`."""
     from dtl import checkpoint as ckpt
-    from dtl import models
     from dtl.config import Config
 
     path = Path(path)
@@ -106,8 +107,8 @@ def load_model(path: str | Path, device: torch.device) -> Loaded:
         raise UserError(f"{folder}/state.json names {len(classes)} classes for a {num_classes}-class model")
     model = models.build_model(cfg.model, num_classes, "none", cfg.image_size)
     models.load_into(model, ckpt.read_tensors(folder / "model.safetensors"), f"checkpoint {folder}")
-    # channels_last as in training: the same kernels, so the same logits as the run's own evaluation
-    model = model.to(device, memory_format=torch.channels_last).eval()
+    # the training run's memory format: the same kernels, so the same logits as the run's own evaluation
+    model = model.to(device, memory_format=models.memory_format(device.type, cfg.mode)).eval()
     run_dir = folder.parent.parent if folder.parent.name == ckpt.CKPT_DIR else None
     return Loaded(model, folder, run_dir, meta, cfg, classes)
 
@@ -187,7 +188,6 @@ def _eval_config(args: argparse.Namespace, loaded: Loaded) -> Any:
 
 def _test_split(cfg: Any, loaded: Loaded, env: Any) -> Any:
     """The test split, labelled in the checkpoint's class order."""
-    from dtl import data as dtl_data
 
     if cfg.dataset == "folder":
         from dtl import folder
@@ -210,19 +210,6 @@ def _test_split(cfg: Any, loaded: Loaded, env: Any) -> Any:
         log.warning("the class names of %s differ from the checkpoint's; labels are matched by index",
                     cfg.dataset)
     return test
-
-
-def _eval_loader(cfg: Any, test: Any, env: Any, device: torch.device) -> Any:
-    from dtl import data as dtl_data
-    from dtl.augment import BatchTransform
-    from dtl.folder import eval_transform
-
-    sampler = dtl_data.EvalShardSampler(len(test), env.rank, env.world_size)
-    if dtl_data.resolve_pipeline(cfg) == "device" and isinstance(getattr(test, "images", None), torch.Tensor):
-        transform = BatchTransform(train=False, size=cfg.image_size, dtype=torch.float32)
-        return dtl_data.DeviceLoader(test, sampler, cfg.batch_size, transform, device, cfg.seed, env.rank)
-    return dtl_data.WorkerLoader(test, sampler, cfg.batch_size, eval_transform(cfg.image_size),
-                                 cfg.num_workers, device, cfg.seed)
 
 
 @torch.no_grad()
@@ -324,7 +311,8 @@ def _evaluate(args: argparse.Namespace, env: Any, device: torch.device) -> int:
     if cfg.device == "auto":
         cfg = dataclasses.replace(cfg, device=device.type)
     test = _test_split(cfg, loaded, env)
-    loader = _eval_loader(cfg, test, env, device)
+    fmt = models.memory_format(device.type, loaded.config.mode)
+    loader = dtl_data.eval_loader(cfg, test, env, device, channels_last=fmt == torch.channels_last)
     precision, _ = resolve_precision(cfg, env, device)
     t0 = time.perf_counter()
     metrics, confusion = evaluate_confusion(loaded.model, loader, len(loaded.classes), device, env, precision)
@@ -457,7 +445,8 @@ def predict(loaded: Loaded, paths: list[Path], top_k: int, batch_size: int, num_
                     log.warning("skipped unreadable image %s (%s)", paths[i], err)
             if not good:
                 continue
-            x = torch.stack([t for _, t in good]).to(device).contiguous(memory_format=torch.channels_last)
+            fmt = models.memory_format(device.type, loaded.config.mode)
+            x = torch.stack([t for _, t in good]).to(device).contiguous(memory_format=fmt)
             probs = torch.softmax(loaded.model(x).float(), dim=1)
             top = probs.topk(k, dim=1)
             for (i, _), p_row, c_row in zip(good, top.values.tolist(), top.indices.tolist(), strict=True):

@@ -86,8 +86,9 @@ def test_bench_transfer_resnet18_weights_file(tmp_path: Path) -> None:
     check_result(result)
     assert result["meta"]["mode"] == "transfer" and result["meta"]["weights"] == str(weights)
     flops = result["meta"]["flops_per_image"]
+    assert flops["dtl"] == pytest.approx(flops["reference"], rel=1e-3)  # the same model, counted per side
     # transfer: the backward pass only reaches the head, so a train step costs about one forward
-    assert flops["eval_step"] <= flops["train_step"] < 1.2 * flops["eval_step"]
+    assert flops["dtl"]["eval_step"] <= flops["dtl"]["train_step"] < 1.2 * flops["dtl"]["eval_step"]
     for side in ("reference", "dtl"):
         assert result[side]["train_step"]["tflops"] > 0 and "peak_rss_mib" not in result[side]["train_step"]
 

@@ -9,7 +9,7 @@ from tests.conftest import TINY, main_inproc, train_inproc
 
 
 def test_every_subcommand_has_help_with_an_example(capsys):
-    for cmd in ("train", "data", "models", "plot", "eval", "predict"):
+    for cmd in ("train", "data", "models", "plot", "eval", "predict", "bench"):
         assert main_inproc(cmd, "--help") == 0
         out = capsys.readouterr().out
         assert "example" in out.lower() and "dtl " in out or "train.py" in out, cmd

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dtl import folder
+from dtl import cli, folder
 from dtl.cifar import make_synthetic
 from dtl.config import Config
 from dtl.errors import UserError
@@ -206,8 +206,6 @@ def test_transfer_training_on_an_image_folder(image_dir, tmp_path, capsys):
     import torchvision
     from safetensors.torch import save_file
 
-    from dtl import inference
-
     root, bad = image_dir
     torch.manual_seed(0)
     weights = tmp_path / "squeezenet_random.safetensors"
@@ -227,7 +225,7 @@ def test_transfer_training_on_an_image_folder(image_dir, tmp_path, capsys):
     assert saved["val"]["files"] == expected.test.files and len(saved["skipped"]) == 2
 
     with pytest.raises(SystemExit) as exit_info:
-        inference.main(["eval", "--checkpoint", str(out), "--device", "cpu", "--output-dir", str(tmp_path / "ev")])
+        cli.main(["eval", "--checkpoint", str(out), "--device", "cpu", "--output-dir", str(tmp_path / "ev")])
     assert exit_info.value.code == 0
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["count"] == 12 and summary["top1"] == row["test_acc"]
@@ -236,13 +234,13 @@ def test_transfer_training_on_an_image_folder(image_dir, tmp_path, capsys):
     # another labelled folder: its val/ folder is evaluated; class folders the model lacks are refused
     write_folder(tmp_path / "other" / "val", per_class=2, seed=3, bad=False)
     with pytest.raises(SystemExit) as exit_info:
-        inference.main(["eval", "--checkpoint", str(out), "--device", "cpu", "--data-dir", str(tmp_path / "other"),
+        cli.main(["eval", "--checkpoint", str(out), "--device", "cpu", "--data-dir", str(tmp_path / "other"),
                         "--output-dir", str(tmp_path / "ev2")])
     assert exit_info.value.code == 0
     assert json.loads((tmp_path / "ev2" / "summary.json").read_text())["count"] == 6
     (tmp_path / "other" / "val" / "zebra").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "other" / "val" / "zebra" / "z.png")
     with pytest.raises(SystemExit) as exit_info:
-        inference.main(["eval", "--checkpoint", str(out), "--device", "cpu", "--data-dir", str(tmp_path / "other"),
+        cli.main(["eval", "--checkpoint", str(out), "--device", "cpu", "--data-dir", str(tmp_path / "other"),
                         "--output-dir", str(tmp_path / "ev3")])
     assert exit_info.value.code == 2 and "zebra" in capsys.readouterr().err
