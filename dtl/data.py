@@ -25,6 +25,7 @@ from dtl.config import Config
 from dtl.dist import DistEnv
 
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2000, 500
+_CHUNK_PIXELS = 512 * 32 * 32  # output pixels per batched-transform call (see DeviceLoader.chunk_batches)
 
 
 def stream_seed(*parts: int) -> int:
@@ -110,15 +111,27 @@ class DeviceLoader:
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
 
+    @property
+    def chunk_batches(self) -> int:
+        """Batches transformed per call: the per-call cost of the batched transform (a few hundred small
+        ops) dominates at 32 px, so small outputs are produced ~512 images at a time; large ones per batch."""
+        pixels = self.transform.size ** 2
+        return max(1, _CHUNK_PIXELS // pixels // self.batch_size)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.tensor(list(self.sampler), dtype=torch.int64)
+        order = torch.tensor(list(self.sampler), dtype=torch.int64).to(self.device, non_blocking=True)
         gen = torch.Generator(device=self.device).manual_seed(stream_seed(self.seed, self.epoch, self.rank))
-        for b, start in enumerate(range(0, len(order), self.batch_size)):
-            idx = order[start:start + self.batch_size].to(self.device, non_blocking=True)
-            if b < self.start_batch:
+        bs, per_chunk = self.batch_size, self.chunk_batches
+        for first in range(0, len(self), per_chunk):
+            last = min(first + per_chunk, len(self))
+            idx = order[first * bs:last * bs]
+            if last <= self.start_batch:  # before the resume point: same draws, no pixels
                 self.transform.skip(len(idx), self.images.shape[-2:], gen)
                 continue
-            yield self.transform(self.images[idx], gen), self.labels[idx]
+            images, labels = self.transform(self.images[idx], gen), self.labels[idx]
+            for b in range(max(first, self.start_batch), last):
+                lo = (b - first) * bs
+                yield images[lo:lo + bs], labels[lo:lo + bs]
 
 
 class _PerImageDataset(Dataset):
