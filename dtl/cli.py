@@ -16,7 +16,7 @@ import torch
 
 from dtl import dist, signals
 from dtl.config import Config, add_config_arguments, config_from_args
-from dtl.errors import EXIT_FAILURE, EXIT_USAGE, NonFiniteLossError, UserError
+from dtl.errors import EXIT_USAGE, UserError
 
 log = logging.getLogger("dtl")
 
@@ -98,33 +98,7 @@ def run_train(cfg: Config) -> int:
     env = dist.detect(debug=cfg.debug)
     dist.setup_logging(env)
     signals.install()
-    try:
-        device = dist.pick_device(env, cfg.device)
-        dist.setup(env, device, cfg.dist_timeout)
-        return train(cfg, env, device)
-    except UserError as err:
-        if env.is_main:
-            log.error("error: %s", err)
-        return EXIT_USAGE
-    except NonFiniteLossError as err:
-        if env.is_main:
-            log.error("error: %s", err)
-        return EXIT_FAILURE
-    except RuntimeError as err:
-        if not (env.distributed and _peer_failure(err)):
-            raise
-        # Another rank died (exception, OOM, kill) and our collective broke: one line, not a second
-        # traceback; the launcher's summary names the rank that failed first.
-        log.error("stopping: a collective failed because another rank died (%s)", str(err).splitlines()[0][:200])
-        return EXIT_FAILURE
-
-
-_PEER_FAILURE_HINTS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                       "remote worker crashing", "NCCL communicator was aborted", "Timed out", "timed out")
-
-
-def _peer_failure(err: BaseException) -> bool:
-    return isinstance(err, torch.distributed.DistBackendError) or any(h in str(err) for h in _PEER_FAILURE_HINTS)
+    return dist.run_guarded(env, cfg.device, cfg.dist_timeout, lambda device: train(cfg, env, device))
 
 
 def _train_entry(cfg: Config) -> None:

@@ -17,13 +17,13 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
 
-from dtl.errors import UserError
+from dtl.errors import EXIT_FAILURE, EXIT_USAGE, NonFiniteLossError, UserError
 
 log = logging.getLogger("dtl")
 
@@ -150,6 +150,40 @@ def setup(env: DistEnv, device: torch.device, timeout_s: float) -> None:
     if got != env.world_size or tdist.get_rank() != env.rank:
         raise RuntimeError(f"the launcher promised rank {env.rank} of {env.world_size} but the process group "
                            f"is rank {tdist.get_rank()} of {got}: refusing to train undistributed")
+
+
+_PEER_FAILURE_HINTS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                       "remote worker crashing", "NCCL communicator was aborted", "Timed out", "timed out")
+
+
+def peer_failure(err: BaseException) -> bool:
+    """A collective that broke because another rank died (exception, OOM, kill)."""
+    return isinstance(err, tdist.DistBackendError) or any(h in str(err) for h in _PEER_FAILURE_HINTS)
+
+
+def run_guarded(env: DistEnv, device_preference: str, timeout_s: float,
+                body: Callable[[torch.device], int]) -> int:
+    """Pick the device, create the group, run `body(device)`, and turn errors into exit codes the same way
+    for every command: a UserError or a non-finite loss is one line on rank 0 (exit 2 / 1); a rank whose
+    collective broke because a peer died says so in one line (exit 1) instead of a second traceback;
+    anything else propagates as a traceback from the rank where it happened."""
+    try:
+        device = pick_device(env, device_preference)
+        setup(env, device, timeout_s)
+        return body(device)
+    except UserError as err:
+        if env.is_main:
+            log.error("error: %s", err)
+        return EXIT_USAGE
+    except NonFiniteLossError as err:
+        if env.is_main:
+            log.error("error: %s", err)
+        return EXIT_FAILURE
+    except RuntimeError as err:
+        if not (env.distributed and peer_failure(err)):
+            raise
+        log.error("stopping: a collective failed because another rank died (%s)", str(err).splitlines()[0][:200])
+        return EXIT_FAILURE
 
 
 def teardown() -> None:

@@ -34,7 +34,7 @@ import torch
 
 from dtl import data as dtl_data
 from dtl import models
-from dtl.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UserError
+from dtl.errors import EXIT_OK, UserError
 
 log = logging.getLogger("dtl")
 
@@ -350,20 +350,12 @@ def run_eval(args: argparse.Namespace) -> int:
 
     env = dist.detect()
     dist.setup_logging(env)
-    try:
+    def body(device: torch.device) -> int:
         if args.batch_size is not None and args.batch_size <= 0:
             raise UserError(f"--batch-size must be > 0, got {args.batch_size}")
-        device = dist.pick_device(env, args.device)
-        dist.setup(env, device, args.dist_timeout)
         return _evaluate(args, env, device)
-    except UserError as err:
-        if env.is_main:
-            log.error("error: %s", err)
-        return EXIT_USAGE
-    except torch.distributed.DistBackendError as err:
-        log.error("a collective failed, most likely because another rank died first: %s",
-                  str(err).splitlines()[0][:300])
-        return EXIT_FAILURE
+
+    return dist.run_guarded(env, args.device, args.dist_timeout, body)
 
 
 def eval_entry(args: argparse.Namespace) -> None:
