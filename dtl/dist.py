@@ -26,6 +26,7 @@ import torch.distributed as tdist
 from dtl.errors import EXIT_FAILURE, EXIT_USAGE, NonFiniteLossError, UserError
 
 log = logging.getLogger("dtl")
+_CONTROL_GROUP = None  # a gloo group beside NCCL for CPU-side agreements; None: the default group is gloo
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,9 @@ def setup(env: DistEnv, device: torch.device, timeout_s: float) -> None:
                                  rank=env.rank, world_size=env.world_size, timeout=timeout)
     else:
         tdist.init_process_group(backend, timeout=timeout)
+    global _CONTROL_GROUP
+    # NCCL collectives run on the GPU stream; small per-step agreements (stop flag) go through gloo on the CPU
+    _CONTROL_GROUP = tdist.new_group(backend="gloo") if backend == "nccl" else None
     got = tdist.get_world_size()
     if got != env.world_size or tdist.get_rank() != env.rank:
         raise RuntimeError(f"the launcher promised rank {env.rank} of {env.world_size} but the process group "
@@ -219,12 +223,13 @@ def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return tensor
 
 
-def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
-    """True when the flag is set on any rank, so every rank takes the same branch (no one left waiting)."""
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True when the flag is set on any rank, so every rank takes the same branch (no one left waiting).
+    Runs on the CPU control group: called every step, it must not make the host wait for the GPU."""
     if not env.distributed:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    t = torch.tensor([1.0 if flag else 0.0])
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=_CONTROL_GROUP)
     return bool(t.item())
 
 

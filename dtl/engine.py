@@ -282,7 +282,7 @@ def periodic_due(run: Run) -> bool:
     if cfg.checkpoint_every_minutes and run.env.is_main:
         due |= time.monotonic() - run.last_ckpt_time >= 60 * cfg.checkpoint_every_minutes
     # rank 0 alone decides on time; the others follow through the agreement all-reduce
-    return any_rank(due, run.env, _collective_device(run)) if cfg.checkpoint_every_minutes else due
+    return any_rank(due, run.env) if cfg.checkpoint_every_minutes else due
 
 
 # ---- the loops ---------------------------------------------------------------------------------
@@ -342,8 +342,8 @@ def optimizer_step(run: Run, bad_step: torch.Tensor) -> None:
             return
         p.nan_skips = 0
     else:
-        bad_step.copy_(torch.where(finite | (bad_step >= 0), bad_step, torch.tensor(p.global_step,
-                                                                                      device=bad_step.device)))
+        # remember the first bad step on the device: read only at sync points, never here
+        bad_step.copy_(torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, p.global_step)))
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -400,7 +400,7 @@ def train_one_epoch(run: Run, epoch: int) -> str:
             loss_sum, correct, count = meter.local()  # the one host sync of a log interval
             bar.set_postfix(loss=f"{loss_sum / max(count, 1):.3f}", acc=f"{correct / max(count, 1):.3f}",
                             img_s=f"{count / max(time.perf_counter() - t0, 1e-9):.0f}")
-        stop = any_rank(signals.requested(), env, _collective_device(run))
+        stop = any_rank(signals.requested(), env)
         if stop or (i + 1 < n_batches and periodic_due(run)):
             check_finite(run, bad_step)
             p.partial_meter = meter.reduced_totals(env)
