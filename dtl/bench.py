@@ -310,6 +310,7 @@ class DtlLoop:
         self.eval_criterion = nn.CrossEntropyLoss(reduction="sum")
         self.meter, self.eval_meter = Meter(device), Meter(device)
         self.bad_step = torch.tensor(-1, device=device)
+        self.loss_finite = torch.ones((), dtype=torch.bool, device=device)
         self.micro_steps = 0
 
     def context(self) -> contextlib.AbstractContextManager:
@@ -324,16 +325,18 @@ class DtlLoop:
         run = self.run
         self.micro_steps += 1
         last_micro = self.micro_steps % run.accum == 0
-        engine.forward_backward(run, images, labels, self.criterion, self.meter, sync=last_micro)
+        self.loss_finite &= engine.forward_backward(run, images, labels, self.criterion, self.meter,
+                                                    sync=last_micro)
         if last_micro:
-            engine.optimizer_step(run, self.bad_step)
+            engine.optimizer_step(run, self.bad_step, self.loss_finite)
             run.progress.global_step += 1
         return int(labels.shape[0])
 
     def eval_model(self) -> nn.Module:
-        """The model `engine.evaluate` runs: without a DDP wrapper (a cached-features head stays a head)."""
-        model = self.run.model
-        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        """The model `engine.evaluate` runs: without DDP/compile wrappers (a cached-features head stays a head)."""
+        from dtl.dist import local_module
+
+        return local_module(self.run.model)
 
     def eval_batch(self, images: torch.Tensor, labels: torch.Tensor) -> int:
         model = self.eval_model()
@@ -451,7 +454,11 @@ def probe(spec: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def measure_memory(cfg: Config, opts: Options, tmp: Path) -> dict[str, dict[str, dict[str, float]]]:
     """Peak memory per side and phase, each side in its own fresh `python -m dtl.bench --probe` process.
-    The two run at the same time: peaks are per process, and nothing is timed there."""
+    On a CPU the two run at the same time (peaks are per process, and nothing is timed there); on a GPU one
+    after the other, with this process's cached blocks released first, so each probe has the GPU to itself."""
+    sequential = cfg.device != "cpu" and torch.cuda.is_available()
+    if sequential:
+        torch.cuda.empty_cache()
     procs = {}
     for side in SIDES:
         spec_path = tmp / f"probe-{side}.json"
@@ -461,6 +468,8 @@ def measure_memory(cfg: Config, opts: Options, tmp: Path) -> dict[str, dict[str,
         with open(tmp / f"probe-{side}.log", "w") as log_file:
             procs[side] = subprocess.Popen([sys.executable, "-m", "dtl.bench", "--probe", str(spec_path)],
                                            stdout=log_file, stderr=subprocess.STDOUT)
+        if sequential:
+            procs[side].wait()
     print(f"  memory: {' and '.join(SIDES)}, each in a subprocess", file=sys.stderr, flush=True)
     result = {}
     for side, proc in procs.items():

@@ -98,6 +98,8 @@ def run_train(cfg: Config) -> int:
     env = dist.detect(debug=cfg.debug)
     dist.setup_logging(env)
     signals.install()
+    if cfg.deterministic:
+        dist.prepare_determinism()
     return dist.run_guarded(env, cfg.device, cfg.dist_timeout, lambda device: train(cfg, env, device))
 
 

@@ -99,6 +99,9 @@ class Config:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: the accelerate config's choice under `accelerate launch`, else bf16 on GPUs that support it,
     fp16 on older GPUs, fp32 on CPU."""
+    fp16_init_scale: float = 65536.0
+    """fp16: the GradScaler's initial loss scale. Steps whose scaled gradients overflow are skipped and the
+    scale halves (counted as overflow_skips in metrics.jsonl; not an error)."""
     dropout: float | None = None
     """Override the dropout probability of the model's Dropout layers (default: the model's own)."""
     compile: bool = False
@@ -174,6 +177,7 @@ class Config:
         _check("dropout", self.dropout, self.dropout is None or 0 <= self.dropout < 1, "must be in [0, 1)")
         _check("val_split", self.val_split, 0 <= self.val_split < 1, "must be in [0, 1)")
         _check("dist_timeout", self.dist_timeout, self.dist_timeout > 0, "must be > 0")
+        _check("fp16_init_scale", self.fp16_init_scale, self.fp16_init_scale > 0, "must be > 0")
         for name, hint in typing.get_type_hints(Config).items():
             choices = _choices(hint)
             if choices:

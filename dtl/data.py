@@ -60,13 +60,12 @@ def load_splits(cfg: Config, allow_download: bool) -> Splits:
 
 
 def load_splits_once(cfg: Config, env: DistEnv) -> Splits:
-    """Local rank 0 of each node reads (and if needed downloads) first; the others then read what it left,
-    so a download happens once per node and never concurrently into the same folder."""
-    from dtl.dist import barrier
+    """Global rank 0 reads (and if needed downloads and extracts) first, then the first process of every
+    other node (which finds the files when the folder is shared, else fetches its own copy), then the rest,
+    which only read: a download happens once per folder and never concurrently into it."""
+    from dtl.dist import main_first
 
-    splits = load_splits(cfg, allow_download=True) if env.local_rank == 0 else None
-    barrier(env)
-    return splits if splits is not None else load_splits(cfg, allow_download=False)
+    return main_first(env, lambda first: load_splits(cfg, allow_download=first))
 
 
 class EvalShardSampler(Sampler[int]):

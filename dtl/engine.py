@@ -26,7 +26,17 @@ from dtl import checkpoint as ckpt
 from dtl import data as dtl_data
 from dtl import features, models, rundir, signals
 from dtl.config import Config
-from dtl.dist import DistEnv, all_gather_tensor, any_rank, barrier, unwrap
+from dtl.dist import (
+    Agreement,
+    DistEnv,
+    all_gather_tensor,
+    barrier,
+    ddp_of,
+    local_module,
+    main_first,
+    unwrap,
+    wait_for_main,
+)
 from dtl.errors import EXIT_OK, EXIT_PREEMPTED, NonFiniteLossError, UserError
 from dtl.metrics import Meter, append_metrics, plot_runs
 
@@ -46,6 +56,8 @@ class Progress:
     nan_skips: int = 0
     """Non-finite steps skipped in a row (--nan-policy skip)."""
     nan_skips_total: int = 0
+    overflow_skips: int = 0
+    """fp16: optimizer steps the GradScaler skipped because the scaled gradients overflowed (not errors)."""
     partial_meter: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     """Train loss/correct/count sums of the incomplete epoch, over all ranks."""
     partial_seconds: float = 0.0
@@ -74,6 +86,8 @@ class Run:
     """Features computed by this run (--cache-features), written to OUTDIR/features once the folder exists."""
     splits: Any = None
     """The data splits (`dtl.data.Splits`); an image folder's split is saved to OUTDIR/split.json."""
+    overflows: torch.Tensor | None = None
+    """fp16: overflow-skipped steps since the last sync point, counted on the device (no host sync per step)."""
 
     @property
     def accum(self) -> int:
@@ -86,6 +100,10 @@ class Run:
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast_for(self.precision, self.device)
 
+    def __post_init__(self) -> None:
+        if self.overflows is None:
+            self.overflows = torch.zeros((), dtype=torch.int64, device=self.device)
+
 
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     if precision == "fp32":
@@ -96,15 +114,46 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
 # ---- setup -------------------------------------------------------------------------------------
 
 def resolve_precision(cfg: Config, env: DistEnv, device: torch.device) -> tuple[str, str]:
-    """(precision, why). Flag > accelerate config > bf16 on capable GPUs / fp16 on older ones / fp32 on CPU."""
+    """(precision, why). Flag > accelerate's explicit choice > bf16 on GPUs that have bf16 in hardware
+    (Ampere and newer) / fp16 + GradScaler on older ones / fp32 on CPU. `accelerate launch` exports
+    ACCELERATE_MIXED_PRECISION=no whenever neither its config nor its flag chose, so "no" is not taken as a
+    choice: pass --precision fp32 for fp32 on a GPU."""
     if cfg.precision != "auto":
         return cfg.precision, "--precision flag"
     mp = env.accelerate_mixed_precision
-    if mp is not None:
-        return {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}.get(mp, "fp32"), f"accelerate config ({mp})"
+    if mp in ("bf16", "fp16"):
+        return mp, f"accelerate config ({mp})"
     if device.type == "cuda":
-        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), "GPU default"
+        note = (" (accelerate exports mixed_precision=no whenever nothing chose: not a choice; "
+                "--precision fp32 forces fp32)") if mp == "no" else ""
+        return ("bf16" if bf16_in_hardware() else "fp16"), "GPU default" + note
+    if mp == "no":
+        return "fp32", "accelerate config (no)"
     return "fp32", "CPU default (bf16 autocast is slower on CPUs)"
+
+
+def bf16_in_hardware() -> bool:
+    """bf16 without emulation: `is_bf16_supported()` alone also says yes on V100/T4, where bf16 is emulated
+    (and slow)."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.3 has no such argument and counted no emulation
+        return torch.cuda.is_bf16_supported()
+
+
+def configure_backends(cfg: Config, device: torch.device, precision: str) -> None:
+    """Kernel choices that follow from the run's settings (process-wide, so set once here)."""
+    if cfg.deterministic:
+        # warn_only=False: an op without a deterministic kernel stops the run naming the op (dist.run_guarded
+        # turns it into one message), instead of a warning nobody reads and a run that is not reproducible.
+        torch.use_deterministic_algorithms(True, warn_only=False)
+    if device.type != "cuda":
+        return
+    # benchmark picks the fastest kernels by timing them, which differs between runs (and after a resume)
+    torch.backends.cudnn.benchmark = not cfg.deterministic
+    if precision == "fp32" and not cfg.deterministic:
+        torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls (~10 bits of mantissa)
+        log.info("fp32 on CUDA: matmuls and convolutions use TF32 (torch.set_float32_matmul_precision('high'))")
 
 
 def lr_at(cfg: Config, step: int, steps_per_epoch: int, world_size: int) -> float:
@@ -129,6 +178,21 @@ def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torc
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fast)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """`optimizer.load_state_dict`, then give every per-parameter state tensor its parameter's memory layout.
+    Checkpoints store tensors contiguous (NCHW); load_state_dict keeps that layout, while the parameters of a
+    channels_last model are NHWC. The fused CUDA kernels refuse such a mix (RuntimeError at the first step
+    after a resume), and the fused CPU kernels silently pair the wrong elements."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            pstate = optimizer.state.get(param, {})
+            for name, value in pstate.items():
+                if (isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim() > 1
+                        and value.stride() != param.stride()):
+                    pstate[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def run_info(cfg: Config, env: DistEnv, device: torch.device, precision: str, why: str,
              classes: list[str]) -> dict[str, Any]:
     import torchvision
@@ -146,25 +210,26 @@ def run_info(cfg: Config, env: DistEnv, device: torch.device, precision: str, wh
 
 def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
     """Validate and build everything; nothing is written to the output folder before this returns."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not cfg.deterministic
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
     precision, why = resolve_precision(cfg, env, device)
+    configure_backends(cfg, device, precision)
     outdir = rundir.resolve(cfg, env, device)
     resume_from = rundir.check(outdir, cfg)
 
     splits = dtl_data.load_splits_once(cfg, env)
+    # the ImageNet weights reach the hub cache once per node (rank 0 first), not once per rank at a time
+    main_first(env, lambda first: models.fetch_weights(cfg.model, cfg.weights) if first else None)
 
     torch.manual_seed(cfg.seed)  # same initial head on every rank (DDP broadcasts rank 0's anyway)
     model = models.build_model(cfg.model, len(splits.classes), cfg.weights, cfg.image_size, cfg.dropout)
+    if cfg.deterministic and device.type == "cuda":
+        models.deterministic_pooling(model)
     trainable = models.freeze(model, cfg.model, cfg.mode, cfg.finetune_last_n)
     if cfg.mode == "transfer":
         models.FrozenPrefix(model, models.head_name(model))
     fmt = models.memory_format(device.type, cfg.mode)
     model = model.to(device, memory_format=fmt)
     optimizer = build_optimizer(cfg, model, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, init_scale=cfg.fp16_init_scale, enabled=precision == "fp16")
     progress = Progress()
     if resume_from is not None:
         progress = restore(resume_from, cfg, env, model, optimizer, scaler, len(splits.classes))
@@ -225,7 +290,7 @@ def restore(path: Path, cfg: Config, env: DistEnv, model: nn.Module, optimizer: 
     if meta.get("trainable") != trainable:
         raise UserError(f"{path} was trained with other trainable parameters (mode {meta['config']['mode']!r}); "
                         "resume with the same --mode/--finetune-last-n or start a new --output-dir")
-    optimizer.load_state_dict(state["optim"])
+    load_optimizer_state(optimizer, state["optim"])
     if meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
     progress = Progress(**meta["progress"])
@@ -272,17 +337,25 @@ def save(run: Run, is_best: bool = False) -> Path | None:
                                     optim_state=run.optimizer.state_dict(), rng=rng, meta=meta,
                                     keep_last=run.cfg.keep_last, is_best=is_best)
     run.last_ckpt_time = time.monotonic()
-    barrier(run.env)  # nobody leaves (or gets killed by the launcher) while rank 0 is still writing
+    # nobody leaves (or gets killed by the launcher) while rank 0 is still writing; the others wait on the CPU
+    # group, not in an NCCL collective whose timeout a 1.6 GB VGG16 + AdamW checkpoint could outlast
+    wait_for_main(run.env)
     return path
 
 
-def periodic_due(run: Run) -> bool:
-    cfg = run.cfg
-    due = bool(cfg.checkpoint_every_steps and run.progress.global_step % cfg.checkpoint_every_steps == 0)
-    if cfg.checkpoint_every_minutes and run.env.is_main:
-        due |= time.monotonic() - run.last_ckpt_time >= 60 * cfg.checkpoint_every_minutes
-    # rank 0 alone decides on time; the others follow through the agreement all-reduce
-    return any_rank(due, run.env) if cfg.checkpoint_every_minutes else due
+def checkpoint_due(run: Run, agreed_time_due: bool, last_step: bool) -> bool:
+    """A mid-epoch checkpoint at this step: every N steps (the same on every rank by construction), or when
+    rank 0's clock said the minutes had passed (agreed through `dist.Agreement`)."""
+    if last_step:  # the epoch's end checkpoints anyway
+        return False
+    every = run.cfg.checkpoint_every_steps
+    return bool(every and run.progress.global_step % every == 0) or agreed_time_due
+
+
+def time_due(run: Run) -> bool:
+    """Rank 0 alone decides on time; the others follow through the agreement."""
+    minutes = run.cfg.checkpoint_every_minutes
+    return bool(minutes) and run.env.is_main and time.monotonic() - run.last_ckpt_time >= 60 * minutes
 
 
 # ---- the loops ---------------------------------------------------------------------------------
@@ -297,20 +370,32 @@ def inject_fault(kind: str, loss: torch.Tensor) -> torch.Tensor:
 
 
 def check_replicas(run: Run) -> None:
-    """DDP keeps replicas identical by construction; verify it (one checksum per rank) rather than assume."""
+    """DDP keeps replicas identical by construction; verify it (one checksum per rank) rather than assume.
+    Summed parameter by parameter: one float64 copy of VGG16 at once would be ~4 GB of temporaries."""
     if not run.env.distributed:
         return
-    params = [p.detach().double().flatten() for p in unwrap(run.model).parameters()]
-    flat = torch.cat(params)
-    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device) % 9973
-    checksum = torch.stack([flat.sum(), (flat * weights).sum()])
+    params = list(unwrap(run.model).parameters())
+    checksum = torch.zeros(2, dtype=torch.float64, device=params[0].device)
+    offset = 0
+    for p in params:
+        flat = p.detach().flatten().double()
+        weights = (torch.arange(offset + 1, offset + flat.numel() + 1, dtype=torch.float64, device=flat.device)
+                   % 9973)
+        checksum[0] += flat.sum()
+        checksum[1] += (flat * weights).sum()
+        offset += flat.numel()
     sums = all_gather_tensor(checksum, run.env)
     if any(not torch.equal(sums[0], s) for s in sums[1:]):
         raise RuntimeError(f"replicas diverged: parameter checksums per rank {[s.tolist() for s in sums]}")
     log.info("replicas in sync: identical parameter checksums on all %d ranks", run.env.world_size)
 
-def check_finite(run: Run, bad_step: torch.Tensor) -> None:
-    """Abort policy: read the device-side flag (at sync points only) and stop before anything is saved."""
+
+def sync_point(run: Run, bad_step: torch.Tensor) -> None:
+    """Read the device-side counters (only where the host waits anyway: checkpoints, epoch ends). Abort
+    policy: stop before anything is saved when a step had a non-finite loss."""
+    p = run.progress
+    p.overflow_skips += int(run.overflows.item())
+    run.overflows.zero_()
     step = int(bad_step.item())
     if step >= 0:
         last = ckpt.latest_checkpoint(run.outdir)
@@ -319,17 +404,28 @@ def check_finite(run: Run, bad_step: torch.Tensor) -> None:
                                  f"Lower --lr, check the data, or use --nan-policy skip; resume from {where}")
 
 
-def optimizer_step(run: Run, bad_step: torch.Tensor) -> None:
-    """lr -> unscale -> finite check -> step -> zero_grad."""
+def optimizer_step(run: Run, bad_step: torch.Tensor, loss_finite: torch.Tensor) -> None:
+    """lr -> unscale -> finite check -> step -> zero_grad. `loss_finite`: the step's losses were all finite
+    (a device tensor)."""
     p = run.progress
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(run.cfg, p.global_step, run.steps_per_epoch, run.env.world_size)
-    run.scaler.unscale_(run.optimizer)
-    grads = [q.grad for q in run.optimizer.param_groups[0]["params"] if q.grad is not None]
-    # DDP already averaged the gradients, so a NaN on any rank is a NaN on every rank: all agree for free.
-    # One fused pass over the gradients (per-tensor norms, then the small result checked): isfinite() on each
-    # gradient allocated full-size temporaries, +700 MiB and 1-2 s per step for VGG16 on a CPU.
-    finite = torch.stack(torch._foreach_norm(grads)).isfinite().all() if grads else torch.tensor(True)
+    scaler = run.scaler
+    if scaler.is_enabled():
+        # fp16: gradients that overflow the loss scale are expected (at the start, after each scale growth);
+        # GradScaler skips those steps itself and lowers the scale. Only a non-finite *loss* is an error.
+        # Both are decided on the device: no host sync.
+        scaler.unscale_(run.optimizer)
+        found_inf = sum(v for v in scaler._found_inf_per_device(run.optimizer).values())
+        run.overflows += (loss_finite & (found_inf > 0)).to(torch.int64)
+        finite = loss_finite
+    else:
+        grads = [q.grad for g in run.optimizer.param_groups for q in g["params"] if q.grad is not None]
+        # DDP already averaged the gradients, so a NaN on any rank is a NaN on every rank: all agree for free.
+        # One fused pass over the gradients (per-tensor norms, then the small result checked): isfinite() on
+        # each gradient allocated full-size temporaries, +700 MiB and 1-2 s per step for VGG16 on a CPU.
+        finite = torch.stack(torch._foreach_norm(grads)).isfinite().all() if grads else loss_finite
+        finite = finite & loss_finite
     if run.cfg.nan_policy == "skip":
         if not bool(finite):  # the skip policy pays one host sync per step to decide
             p.nan_skips += 1
@@ -338,26 +434,27 @@ def optimizer_step(run: Run, bad_step: torch.Tensor) -> None:
                 raise NonFiniteLossError(f"{p.nan_skips} non-finite steps in a row up to step {p.global_step}")
             log.warning("non-finite loss at step %d: update skipped (%d in a row)", p.global_step, p.nan_skips)
             run.optimizer.zero_grad(set_to_none=True)
-            run.scaler.update()
+            scaler.update()
             return
         p.nan_skips = 0
     else:
         # remember the first bad step on the device: read only at sync points, never here
         bad_step.copy_(torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, p.global_step)))
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
+    scaler.step(run.optimizer)
+    scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
 
 
 def forward_backward(run: Run, images: torch.Tensor, labels: torch.Tensor, criterion: nn.Module, meter: Meter,
-                     sync: bool = True) -> None:
+                     sync: bool = True) -> torch.Tensor:
     """One micro-step: forward under autocast, scaled backward (gradient all-reduce only when `sync`),
-    device-side metric sums. No host sync."""
-    model, p = run.model, run.progress
-    no_sync = model.no_sync() if isinstance(model, DDP) and not sync else contextlib.nullcontext()
+    device-side metric sums. No host sync. Returns whether the loss was finite (a device tensor)."""
+    p = run.progress
+    ddp = ddp_of(run.model)  # also under torch.compile, whose wrapper is not a DDP instance
+    no_sync = ddp.no_sync() if ddp is not None and not sync else contextlib.nullcontext()
     with no_sync:
         with run.autocast():
-            logits = model(images)
+            logits = run.model(images)
             loss = criterion(logits, labels)
         if run.cfg.fault_step == p.global_step and run.cfg.fault_rank in (None, run.env.rank):
             loss = inject_fault(run.cfg.fault_kind, loss)
@@ -366,6 +463,7 @@ def forward_backward(run: Run, images: torch.Tensor, labels: torch.Tensor, crite
     finite = torch.isfinite(loss.detach())
     meter.update(torch.where(finite, loss.detach() * labels.shape[0], 0.0),
                  torch.where(finite, (logits.argmax(1) == labels).sum(), 0), finite * labels.shape[0])
+    return finite
 
 
 def train_one_epoch(run: Run, epoch: int) -> str:
@@ -383,34 +481,40 @@ def train_one_epoch(run: Run, epoch: int) -> str:
     models.freeze_frozen_norms(model)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     bad_step = torch.tensor(-1, device=run.device)
+    agreement = Agreement(env)  # stop flag + rank 0's "checkpoint time", without a per-step round trip
     n_batches = len(run.train_loader)
     bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs} train",
                disable=not env.is_main, dynamic_ncols=True, leave=False)
     t0 = time.perf_counter() - p.partial_seconds
+    loss_finite = torch.ones((), dtype=torch.bool, device=run.device)
+    stop = False
     for i, (images, labels) in enumerate(run.train_loader, start=start_batch):
         last_micro = (i + 1) % run.accum == 0 or i + 1 == n_batches
-        forward_backward(run, images, labels, criterion, meter, sync=last_micro)
+        loss_finite &= forward_backward(run, images, labels, criterion, meter, sync=last_micro)
         bar.update(1)
         if not last_micro:
             continue
-        optimizer_step(run, bad_step)
+        optimizer_step(run, bad_step, loss_finite)
+        loss_finite.fill_(True)
         p.global_step += 1
         p.step_in_epoch += 1
         if env.is_main and (p.step_in_epoch % cfg.log_every == 0):
             loss_sum, correct, count = meter.local()  # the one host sync of a log interval
             bar.set_postfix(loss=f"{loss_sum / max(count, 1):.3f}", acc=f"{correct / max(count, 1):.3f}",
                             img_s=f"{count / max(time.perf_counter() - t0, 1e-9):.0f}")
-        stop = any_rank(signals.requested(), env)
-        if stop or (i + 1 < n_batches and periodic_due(run)):
-            check_finite(run, bad_step)
+        last = i + 1 == n_batches
+        stop, agreed_time = agreement.drain() if last else agreement.step(signals.requested(), time_due(run))
+        if stop or checkpoint_due(run, agreed_time, last):
+            sync_point(run, bad_step)
             p.partial_meter = meter.reduced_totals(env)
             p.partial_seconds = time.perf_counter() - t0
             save(run)
             if stop:
                 bar.close()
                 return "stopped"
+    agreement.drain()
     bar.close()
-    check_finite(run, bad_step)
+    sync_point(run, bad_step)
     run.info["_train"] = meter.reduced(env)
     run.info["_train_seconds"] = time.perf_counter() - t0
     return "done"
@@ -420,8 +524,8 @@ def train_one_epoch(run: Run, epoch: int) -> str:
 def evaluate(model: nn.Module, loader: Any, device: torch.device, env: DistEnv, autocast: Any,
              desc: str = "eval") -> dict[str, float]:
     """Loss/accuracy over this rank's contiguous shard, summed over ranks: every image counted once.
-    Runs on the unwrapped model so no DDP buffer broadcast is started that other ranks would not join."""
-    model = model.module if isinstance(model, DDP) else model
+    Runs without the DDP/compile wrappers so no DDP buffer broadcast is started that other ranks would not join."""
+    model = local_module(model)
     was_training = model.training
     model.eval()
     meter = Meter(device)
@@ -444,6 +548,9 @@ def end_epoch(run: Run, epoch: int) -> None:
            "test_count": test["count"], "lr": run.optimizer.param_groups[0]["lr"], "epoch_seconds": seconds,
            "images_per_sec": train["count"] / max(seconds, 1e-9), "global_step": p.global_step,
            "nan_skips": p.nan_skips_total}
+    if run.scaler.is_enabled():
+        row["overflow_skips"] = p.overflow_skips
+        row["loss_scale"] = run.scaler.get_scale()
     is_best = test["acc"] > p.best_acc
     p.best_acc = max(p.best_acc, test["acc"])
     p.epoch, p.step_in_epoch, p.partial_meter, p.partial_seconds = epoch + 1, 0, [0.0, 0.0, 0.0], 0.0
@@ -486,6 +593,8 @@ def train(cfg: Config, env: DistEnv, device: torch.device) -> int:
     if env.is_main:
         for name, (feats, labels) in run.new_features.items():
             features.store(run.outdir, cfg, name, feats, labels)
+    if run.new_features:
+        wait_for_main(env)  # ~1 GB of features for CIFAR-10 at 224 px: not under the NCCL timeout
     try:
         with torch.autograd.set_detect_anomaly(cfg.debug):
             return fit(run)

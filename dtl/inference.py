@@ -223,8 +223,9 @@ def evaluate_confusion(model: torch.nn.Module, loader: Any, num_classes: int, de
 
     k = min(5, num_classes)
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-k, count
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     criterion = torch.nn.CrossEntropyLoss(reduction="sum")
+    classes = torch.arange(num_classes, device=device)
     for images, labels in tqdm(loader, desc="eval", disable=not env.is_main, leave=False, dynamic_ncols=True):
         with _autocast(precision, device):
             logits = model(images)
@@ -232,15 +233,18 @@ def evaluate_confusion(model: torch.nn.Module, loader: Any, num_classes: int, de
         pred = logits.argmax(1)
         hit1 = pred == labels
         hitk = (logits.topk(k, dim=1).indices == labels[:, None]).any(1) | hit1
-        totals += torch.stack([criterion(logits, labels).double(), hit1.sum().double(), hitk.sum().double(),
-                               torch.tensor(float(labels.shape[0]), dtype=torch.float64, device=device)])
-        confusion += torch.bincount(labels * num_classes + pred, minlength=num_classes * num_classes)
+        totals[:3] += torch.stack([criterion(logits, labels).double(), hit1.sum().double(), hitk.sum().double()])
+        totals[3] += labels.shape[0]  # a Python number: a kernel argument, not a host-to-device copy
+        # a product of one-hot matrices instead of bincount, whose output size depends on the data (a host sync
+        # per batch); exact in float32 (0/1 inputs, sums below 2**24)
+        true_1hot = (labels[:, None] == classes).float()
+        confusion += (true_1hot.T @ (pred[:, None] == classes).float()).long()
     all_reduce_sum(totals, env)
     all_reduce_sum(confusion, env)
     loss, top1, topk, count = totals.tolist()
     n = max(count, 1)
     return ({"loss": loss / n, "top1": top1 / n, "top5": topk / n, "count": int(count)},
-            confusion.view(num_classes, num_classes).cpu())
+            confusion.cpu())
 
 
 def _default_output(loaded: Loaded) -> Path:

@@ -196,6 +196,14 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
     model.load_state_dict(state, strict=True)
 
 
+def fetch_weights(name: str, weights: str) -> None:
+    """Bring torchvision's pretrained file into the hub cache (a download when it is missing), so that the
+    processes that build the model afterwards only read it. Nothing to do for `none` and weight files."""
+    if weights != "none" and not is_weight_file(weights):
+        check_model_name(name)
+        _pretrained_state(name, weights)
+
+
 def _pretrained_state(name: str, weights: str) -> dict[str, torch.Tensor]:
     enum = _resolve_enum(name, weights)
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
@@ -232,6 +240,43 @@ def build_model(name: str, num_classes: int, weights: str, image_size: int, drop
         load_into(model, _pretrained_state(name, weights), f"{name} {weights} weights")
     replace_head(model, num_classes)
     return _set_dropout(model, dropout)
+
+
+class DeterministicAdaptiveAvgPool2d(nn.Module):
+    """AdaptiveAvgPool2d for the shapes classifiers use, built from ops whose CUDA backward is deterministic
+    (`adaptive_avg_pool2d_backward_cuda` accumulates with atomics and has no deterministic kernel): output 1x1
+    -> a mean; input size a multiple of the output -> avg_pool2d; a 1x1 input -> expand. Other shapes run the
+    original op (which then stops a --deterministic run with torch's message naming it)."""
+
+    def __init__(self, output_size: int | tuple) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(output_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.pool.output_size
+        oh, ow = (out, out) if isinstance(out, int) else out
+        h, w = x.shape[-2:]
+        oh, ow = oh or h, ow or w
+        if (oh, ow) == (h, w):
+            return x
+        if (oh, ow) == (1, 1):
+            return x.mean(dim=(-2, -1), keepdim=True)
+        if (h, w) == (1, 1):
+            return x.expand(*x.shape[:-2], oh, ow)
+        if h % oh == 0 and w % ow == 0:
+            return nn.functional.avg_pool2d(x, (h // oh, w // ow))
+        return self.pool(x)
+
+
+def deterministic_pooling(model: nn.Module) -> int:
+    """Swap every AdaptiveAvgPool2d for `DeterministicAdaptiveAvgPool2d` (same outputs up to summation
+    order; no parameters, so state dicts are unchanged); returns how many were swapped."""
+    swaps = [(name, m) for name, m in model.named_modules() if type(m) is nn.AdaptiveAvgPool2d]
+    for name, module in swaps:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, DeterministicAdaptiveAvgPool2d(module.output_size))
+    return len(swaps)
 
 
 def _set_dropout(model: nn.Module, p: float | None) -> nn.Module:

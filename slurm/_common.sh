@@ -10,6 +10,7 @@
 #                     job's folder to continue that run in a new job.
 #   DTL_MAX_REQUEUES  how often a preempted job requeues itself; default 3
 #   DTL_PORT          rendezvous port; default 20000 + SLURM_JOB_ID % 20000 (two jobs on a node differ)
+#   GLOO_SOCKET_IFNAME  network interface of dtl's gloo control group; default: NCCL_SOCKET_IFNAME when set
 
 # ---- where we are ------------------------------------------------------------------------------------
 DTL_ROOT=$(cd "${DTL_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}" && pwd)
@@ -31,6 +32,12 @@ fi
 DTL_MAX_REQUEUES=${DTL_MAX_REQUEUES:-3}
 DTL_PORT=${DTL_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 DTL_RESTART=${SLURM_RESTART_COUNT:-0}
+# dtl agrees on stop flags and waits for rank 0's writes over a gloo group beside NCCL. gloo binds to the
+# address of the hostname unless told otherwise, which on many clusters is 127.0.1.1 or the wrong network
+# (ranks on other nodes then hang at start): use the interface NCCL was told to use (gloo has no "^exclude").
+if [[ -z ${GLOO_SOCKET_IFNAME:-} && -n ${NCCL_SOCKET_IFNAME:-} && ${NCCL_SOCKET_IFNAME} != ^* ]]; then
+    export GLOO_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME#=}
+fi
 # the first host of the allocation: rendezvous / main process
 DTL_HEAD=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname -s)}" 2>/dev/null | head -n1)
 DTL_HEAD=${DTL_HEAD:-$(hostname -s)}

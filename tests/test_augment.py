@@ -388,6 +388,7 @@ def test_batch_transform_eval_is_deterministic_resize() -> None:
     assert "train=False" in repr(transform)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu() -> None:
     images = random_images(32, 32, 32, seed=18)

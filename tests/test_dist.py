@@ -32,7 +32,7 @@ def test_srun_environment():
                                "SLURM_JOB_NODELIST": "gpu[003-004]", "SLURM_JOB_ID": "4242",
                                "SLURM_STEP_TASKS_PER_NODE": "4(x2)"})
     assert (env.rank, env.local_rank, env.world_size, env.local_world_size) == (5, 1, 8, 4)
-    assert env.launcher == "srun" and env.master_port == 15000 + 4242
+    assert env.launcher == "srun" and env.master_port == 20000 + 4242
     assert env.master_addr in ("gpu003",)
 
 

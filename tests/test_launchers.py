@@ -96,9 +96,23 @@ def test_two_nodes_on_localhost(tmp_path):
     assert_one_run(out)
 
 
+def _free_port_between(lo: int, hi: int) -> int:
+    import random
+    import socket
+
+    for port in random.sample(range(lo, hi), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port - lo
+    raise RuntimeError(f"no free port in [{lo}, {hi})")
+
+
 def test_srun_style_processes_with_only_slurm_variables(tmp_path):
     out = tmp_path / "run"
-    job_id = free_port() - 15000 + 20000  # the trainer derives its port as 15000 + job id % 20000
+    job_id = 20000 + _free_port_between(20000, 40000)  # the trainer derives its port as 20000 + job id % 20000
     procs = []
     for rank in (0, 1):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
