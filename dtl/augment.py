@@ -64,6 +64,16 @@ def _devices(
     return rng_device, (torch.device(device) if device is not None else rng_device)
 
 
+def _fallback_crop(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    """torchvision's (w, h) when no attempt fits: depends on the image shape only, so Python numbers."""
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        return width, int(round(width / min(ratio)))
+    if in_ratio > max(ratio):
+        return int(round(height * max(ratio))), height
+    return width, height
+
+
 def sample_crop_boxes(
     n: int,
     height: int,
@@ -86,16 +96,10 @@ def sample_crop_boxes(
     are drawn for every image (even when the first one is accepted) so the amount of randomness consumed,
     and therefore the generator state afterwards, does not depend on the data.
 
-    Args:
-        n: number of boxes.
-        height, width: size of the source image(s).
-        scale: range of the crop area as a fraction of the image area.
-        ratio: range of the crop aspect ratio (w / h), sampled log-uniformly.
-        generator: random generator (default: torch's global one); the random numbers are drawn on
-            its device.
-        device: device of the result; defaults to the generator's device (CPU without a generator).
-            If it differs from the generator's device the boxes are copied over (a small copy; pass a
-            generator on the target device to keep a GPU pipeline free of host transfers).
+    ``scale``: range of the crop area as a fraction of the image area; ``ratio``: range of the aspect ratio
+    (w / h), sampled log-uniformly. The random numbers are drawn on the ``generator``'s device (default:
+    torch's global generator); ``device`` (default: the generator's) receives the boxes -- a small copy if
+    it differs (pass a generator on the target device to keep a GPU pipeline free of host transfers).
     """
     device, out_device = _devices(generator, device)
     area = float(height * width)
@@ -120,16 +124,7 @@ def sample_crop_boxes(
     w = w_all.gather(0, first).squeeze(0)
     h = h_all.gather(0, first).squeeze(0)
 
-    # Fallback of torchvision (depends on the image shape only, so it is computed with Python numbers).
-    in_ratio = float(width) / float(height)
-    if in_ratio < min(ratio):
-        fb_w = width
-        fb_h = int(round(fb_w / min(ratio)))
-    elif in_ratio > max(ratio):
-        fb_h = height
-        fb_w = int(round(fb_h * max(ratio)))
-    else:
-        fb_w, fb_h = width, height
+    fb_w, fb_h = _fallback_crop(height, width, ratio)
     w = torch.where(any_valid, w, fb_w)
     h = torch.where(any_valid, h, fb_h)
 

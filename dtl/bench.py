@@ -6,21 +6,18 @@
 Two loops are built side by side and timed **interleaved** (reference, dtl, dtl, reference, ...) after a
 warm-up, so load from other processes hits both alike; the median of ``--repeats`` measurements is reported:
 
-* ``reference``: the reference recipe exactly -- CIFAR-format uint8 images made into PIL images, per-image
-  torchvision transforms in a ``DataLoader`` (``num_workers=0``, ``shuffle=True``), fp32, plain SGD
-  (lr 1e-3, momentum 0.9) over the parameters the mode trains, and ``loss.item()`` + ``torch.sum(preds ==
-  labels)`` (host syncs) every step;
-* ``dtl``: built by ``dtl.engine.prepare`` with the chosen settings (device-resident data with batched exact
-  augmentation, channels_last, foreach/fused optimizer, precision), stepped with ``engine.forward_backward``
-  + ``engine.optimizer_step`` and evaluated as ``engine.evaluate`` does, with no host sync inside the timed
-  region except the one at its end.
+* ``reference``: the reference recipe exactly (`dtl.reference`);
+* ``dtl``: built by ``dtl.setup.prepare`` with the chosen settings (device-resident data with batched exact
+  augmentation, channels_last, foreach/fused optimizer, precision), stepped with ``dtl.loop.train_step`` and
+  evaluated with ``dtl.evaluate.evaluate`` -- the training run's own code -- with no host sync inside the
+  timed region except the one at its end.
 
 Phases (images/s): ``input`` (training batches produced by the pipeline alone), ``train_step`` (pipeline +
 training step, as a user sees it), ``eval_step`` (eval pipeline + forward). Peak memory is measured in a
-fresh subprocess per side (so one side's tensors never count for the other; the two run concurrently):
-phases run there in the order input -> eval_step -> train_step and the peak is reset before each
-(``/proc/self/clear_refs``), so each phase's number is the peak RSS (and on a GPU
-``torch.cuda.max_memory_allocated``) of a process holding only that side while it runs that phase.
+fresh subprocess per side (so one side's tensors never count for the other; on a CPU the two run
+concurrently, on a GPU one after the other): phases run there in the order input -> eval_step -> train_step
+and the peak is reset before each (``/proc/self/clear_refs``), so each phase's number is the peak RSS (and on
+a GPU ``torch.cuda.max_memory_allocated``) of a process holding only that side while it runs that phase.
 On a GPU the achieved TFLOP/s (FLOPs counted by ``FlopCounterMode`` on one batch) and their fraction of a
 bf16 matmul rate measured in the same run are reported too.
 """
@@ -30,88 +27,38 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
+import itertools
 import json
 import os
-import platform
 import re
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from dtl.config import Config, add_config_arguments, config_from_args, load_toml
+from dtl import models
+from dtl.bench_report import PHASES, SIDES, Options, assemble, format_table
+from dtl.config import Config, config_from_args, load_toml
 from dtl.dist import DistEnv, pick_device
-from dtl.errors import EXIT_USAGE, UserError
+from dtl.errors import UserError
+from dtl.evaluate import evaluate
+from dtl.loop import train_step
+from dtl.metrics import Meter
+from dtl.reference import ReferenceLoop, endless
+from dtl.setup import prepare
 
-if TYPE_CHECKING:
-    from dtl.cifar import Split
-    from dtl.engine import Run
-
-PHASES = ("input", "train_step", "eval_step")
-SIDES = ("reference", "dtl")
 #: The memory probe's phase order: lightest first, so memory a phase leaves behind never exceeds the next's.
 PROBE_ORDER = ("input", "eval_step", "train_step")
-REFERENCE_LR, REFERENCE_MOMENTUM = 1e-3, 0.9
 #: Synthetic train/test images when --train-subset/--eval-subset are not given: small on a CPU, CIFAR-10's
 #: size on a GPU.
 SYNTHETIC_COUNTS = {"cpu": (2000, 500), "cuda": (50_000, 10_000)}
 MATMUL_SIZE = 8192
-
-
-@dataclasses.dataclass
-class Options:
-    """The bench's own settings (the model/data/device ones are a `Config`)."""
-
-    steps: int = 5
-    warmup: int = 2
-    repeats: int = 3
-    memory: str = "subprocess"
-    flops: bool | None = None
-    threads: int | None = None
-    json_path: str | None = None
-    command: str = ""
-    input_steps: int = 50
-
-    def steps_for(self, phase: str) -> int:
-        return self.input_steps if phase == "input" else self.steps
-
-
-# ---- command line ------------------------------------------------------------------------------
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`train`'s flags (same names, same meaning) plus the bench's own."""
-    add_config_arguments(parser)
-    group = parser.add_argument_group("bench")
-    group.add_argument("--steps", type=int, default=5, help="timed steps per measurement (default: 5)")
-    group.add_argument("--input-steps", type=int, default=None, help="timed batches per measurement of the "
-                       "input phase, which is cheap (default: 10 x --steps)")
-    group.add_argument("--warmup", type=int, default=2, help="untimed steps per side and phase first (default: 2)")
-    group.add_argument("--repeats", type=int, default=3, help="interleaved measurements per side and phase; the "
-                       "median is reported (default: 3)")
-    group.add_argument("--memory", choices=("subprocess", "off"), default="subprocess",
-                       help="peak memory per side and phase, each side in a fresh subprocess (default), or off")
-    group.add_argument("--flops", action=argparse.BooleanOptionalAction, default=None,
-                       help="count FLOPs of one batch and report TFLOP/s (default: on for CUDA only)")
-    group.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both sides "
-                       "(default: torch's choice)")
-    group.add_argument("--json", dest="json_path", metavar="PATH", help="also write the results as JSON")
-    group.add_argument("--probe", help=argparse.SUPPRESS)  # internal: the memory subprocess's spec file
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dtl.bench", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return parser
 
 
 def options_from_args(args: argparse.Namespace, command: str) -> Options:
@@ -152,16 +99,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def endless(loader: Iterable) -> Iterator[Any]:
-    """Batches forever, one pass (epoch) after another, like a multi-epoch run."""
-    epoch = 0
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
 def reset_peak_memory(device: torch.device) -> bool:
     """Reset the process's peak RSS (Linux: write 5 to /proc/self/clear_refs) and the CUDA peak."""
     if device.type == "cuda":
@@ -189,129 +126,22 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     return out
 
 
-# ---- the reference loop ------------------------------------------------------------------------
-
-class CifarPIL(torch.utils.data.Dataset):
-    """What `torchvision.datasets.CIFAR10.__getitem__` does: an HWC uint8 array -> PIL image -> transform."""
-
-    def __init__(self, split: Split, transform: Callable[[Any], torch.Tensor]) -> None:
-        self.data = split.images.permute(0, 2, 3, 1).contiguous().numpy()
-        self.targets = split.labels.tolist()
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.data[index])), self.targets[index]
-
-
-def reference_transform(train: bool, size: int) -> Callable[[Any], torch.Tensor]:
-    """The reference recipe's per-image PIL transforms (torchvision.transforms, v1)."""
-    from torchvision import transforms
-
-    from dtl.augment import IMAGENET_MEAN, IMAGENET_STD
-
-    head = ([transforms.RandomResizedCrop(size, scale=(0.5, 1.0)), transforms.RandomHorizontalFlip()]
-            if train else [transforms.Resize(size)])
-    return transforms.Compose([*head, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-class ReferenceLoop:
-    """The reference recipe's data pipeline and train/test loops, one method per benchmarked phase."""
-
-    name = "reference"
-
-    def __init__(self, cfg: Config, device: torch.device) -> None:
-        from torch.utils.data import DataLoader
-
-        from dtl import data as dtl_data
-        from dtl import models
-
-        splits = dtl_data.load_splits(cfg, allow_download=False)
-        torch.manual_seed(cfg.seed)
-        net = models.build_model(cfg.model, len(splits.classes), cfg.weights, cfg.image_size, cfg.dropout)
-        models.freeze(net, cfg.model, cfg.mode, cfg.finetune_last_n)  # the same trainable set as dtl
-        self.device, self.net = device, net.to(device)
-        params = [p for p in net.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params=params, lr=REFERENCE_LR, momentum=REFERENCE_MOMENTUM)
-        self.criterion = nn.CrossEntropyLoss()
-        size, bsz = cfg.image_size, cfg.batch_size
-        self.train_batches = endless(DataLoader(CifarPIL(splits.train, reference_transform(True, size)),
-                                                batch_size=bsz, shuffle=True))
-        self.eval_batches = endless(DataLoader(CifarPIL(splits.test, reference_transform(False, size)),
-                                               batch_size=bsz, shuffle=False))
-        self.epoch_loss, self.epoch_corrects = 0.0, 0
-
-    def context(self) -> contextlib.AbstractContextManager:
-        """The recipe never turns on cuDNN autotuning (dtl's prepare does, process-wide)."""
-        if self.device.type != "cuda":
-            return contextlib.nullcontext()
-        return torch.backends.cudnn.flags(enabled=True, benchmark=False)
-
-    def input(self, steps: int) -> int:
-        images = 0
-        for _ in range(steps):
-            inputs, labels = next(self.train_batches)
-            inputs, labels = inputs.to(self.device), labels.to(self.device)
-            images += inputs.size(0)
-        return images
-
-    def train_batch(self, inputs: torch.Tensor, labels: torch.Tensor) -> int:
-        inputs, labels = inputs.to(self.device), labels.to(self.device)
-        self.optimizer.zero_grad()
-        with torch.set_grad_enabled(True):
-            outputs = self.net(inputs)
-            loss = self.criterion(outputs, labels)
-            _, preds = torch.max(outputs, 1)
-            loss.backward()
-            self.optimizer.step()
-        self.epoch_loss += loss.item() * inputs.size(0)
-        self.epoch_corrects += torch.sum(preds == labels.data)
-        return inputs.size(0)
-
-    def eval_batch(self, inputs: torch.Tensor, labels: torch.Tensor) -> int:
-        inputs, labels = inputs.to(self.device), labels.to(self.device)
-        with torch.set_grad_enabled(False):
-            outputs = self.net(inputs)
-            loss = self.criterion(outputs, labels)
-            _, preds = torch.max(outputs, 1)
-        self.epoch_loss += loss.item() * inputs.size(0)
-        self.epoch_corrects += torch.sum(preds == labels.data)
-        return inputs.size(0)
-
-    def train_step(self, steps: int) -> int:
-        self.net.train()
-        return sum(self.train_batch(*next(self.train_batches)) for _ in range(steps))
-
-    def eval_step(self, steps: int) -> int:
-        self.net.eval()
-        return sum(self.eval_batch(*next(self.eval_batches)) for _ in range(steps))
-
-
 # ---- dtl's loop --------------------------------------------------------------------------------
 
 class DtlLoop:
-    """dtl's own pipeline and steps, built by `engine.prepare` and stepped as `train_one_epoch`/`evaluate` do."""
+    """dtl's own pipeline and steps: built by `setup.prepare`, stepped by `loop.train_step` (grad_accum
+    micro-batches per step), evaluated by `evaluate.evaluate`."""
 
     name = "dtl"
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
-        from dtl import engine
-        from dtl.metrics import Meter
-
-        self.run: Run = engine.prepare(cfg, DistEnv(), device)
+        self.run = prepare(cfg, DistEnv(), device)
         self.device = device
         self.train_batches = endless(self.run.train_loader)
         self.eval_batches = endless(self.run.eval_loader)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.eval_criterion = nn.CrossEntropyLoss(reduction="sum")
-        self.meter, self.eval_meter = Meter(device), Meter(device)
+        self.meter = Meter(device)
         self.bad_step = torch.tensor(-1, device=device)
-        self.loss_finite = torch.ones((), dtype=torch.bool, device=device)
-        self.micro_steps = 0
 
     def context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -320,43 +150,26 @@ class DtlLoop:
         return sum(int(next(self.train_batches)[1].shape[0]) for _ in range(steps))
 
     def train_batch(self, images: torch.Tensor, labels: torch.Tensor) -> int:
-        from dtl import engine
-
-        run = self.run
-        self.micro_steps += 1
-        last_micro = self.micro_steps % run.accum == 0
-        self.loss_finite &= engine.forward_backward(run, images, labels, self.criterion, self.meter,
-                                                    sync=last_micro)
-        if last_micro:
-            engine.optimizer_step(run, self.bad_step, self.loss_finite)
-            run.progress.global_step += 1
-        return int(labels.shape[0])
-
-    def eval_model(self) -> nn.Module:
-        """The model `engine.evaluate` runs: without DDP/compile wrappers (a cached-features head stays a head)."""
-        from dtl.dist import local_module
-
-        return local_module(self.run.model)
+        """One step on one micro-batch (FLOP counting)."""
+        return train_step(self.run, [(images, labels)], self.criterion, self.meter, self.bad_step).images
 
     def eval_batch(self, images: torch.Tensor, labels: torch.Tensor) -> int:
-        model = self.eval_model()
-        with torch.no_grad():
-            with self.run.autocast():
-                logits = model(images)
-            self.eval_meter.update(self.eval_criterion(logits.float(), labels), (logits.argmax(1) == labels).sum(),
-                                   labels.shape[0])
-        return int(labels.shape[0])
+        return self._evaluate([(images, labels)])
+
+    def _evaluate(self, batches: Any) -> int:
+        run = self.run
+        return evaluate(run.model, batches, self.device, run.env, run.precision, len(run.splits.classes),
+                        desc=None).count
 
     def train_step(self, steps: int) -> int:
-        from dtl import models
-
-        self.run.model.train()
-        models.freeze_frozen_norms(self.run.model)
-        return sum(self.train_batch(*next(self.train_batches)) for _ in range(steps))
+        run = self.run
+        run.model.train()
+        models.freeze_frozen_norms(run.model)
+        return sum(train_step(run, [next(self.train_batches) for _ in range(run.accum)], self.criterion,
+                              self.meter, self.bad_step).images for _ in range(steps))
 
     def eval_step(self, steps: int) -> int:
-        self.eval_model().eval()
-        return sum(self.eval_batch(*next(self.eval_batches)) for _ in range(steps))
+        return self._evaluate(itertools.islice(self.eval_batches, steps))
 
 
 Loop = ReferenceLoop | DtlLoop
@@ -453,7 +266,7 @@ def probe(spec: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def measure_memory(cfg: Config, opts: Options, tmp: Path) -> dict[str, dict[str, dict[str, float]]]:
-    """Peak memory per side and phase, each side in its own fresh `python -m dtl.bench --probe` process.
+    """Peak memory per side and phase, each side in its own fresh `python -m dtl.cli bench --probe` process.
     On a CPU the two run at the same time (peaks are per process, and nothing is timed there); on a GPU one
     after the other, with this process's cached blocks released first, so each probe has the GPU to itself."""
     sequential = cfg.device != "cpu" and torch.cuda.is_available()
@@ -466,7 +279,7 @@ def measure_memory(cfg: Config, opts: Options, tmp: Path) -> dict[str, dict[str,
                 "threads": torch.get_num_threads(), "out": str(tmp / f"probe-{side}.out.json")}
         spec_path.write_text(json.dumps(spec))
         with open(tmp / f"probe-{side}.log", "w") as log_file:
-            procs[side] = subprocess.Popen([sys.executable, "-m", "dtl.bench", "--probe", str(spec_path)],
+            procs[side] = subprocess.Popen([sys.executable, "-m", "dtl.cli", "bench", "--probe", str(spec_path)],
                                            stdout=log_file, stderr=subprocess.STDOUT)
         if sequential:
             procs[side].wait()
@@ -483,100 +296,16 @@ def measure_memory(cfg: Config, opts: Options, tmp: Path) -> dict[str, dict[str,
 
 # ---- the report --------------------------------------------------------------------------------
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        model = found.group(1).strip() if found else model
-    return f"{model}, {os.cpu_count()} cores"
 
 
-def meta(cfg: Config, opts: Options, device: torch.device, precision: str) -> dict[str, Any]:
-    import torchvision
-
-    return {"device": str(device), "device_name": device_name(device), "model": cfg.model, "mode": cfg.mode,
-            "weights": cfg.weights, "image_size": cfg.image_size, "batch_size": cfg.batch_size,
-            "precision": {"reference": "fp32", "dtl": precision}, "dataset": cfg.dataset,
-            "train_images": cfg.train_subset, "eval_images": cfg.eval_subset, "steps": opts.steps,
-            "input_steps": opts.input_steps, "warmup": opts.warmup, "repeats": opts.repeats,
-            "threads": torch.get_num_threads(), "memory": opts.memory, "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "command": opts.command}
 
 
-def side_results(runs: dict[str, list[float]], memory: dict[str, dict[str, float]] | None,
-                 flops: dict[str, float] | None) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for phase in PHASES:
-        rate = statistics.median(runs[phase])
-        entry: dict[str, Any] = {"images_per_s": rate, "runs": runs[phase]}
-        entry.update((memory or {}).get(phase, {}))
-        if flops and phase in flops:
-            entry["flops_per_image"] = flops[phase]
-            entry["tflops"] = flops[phase] * rate / 1e12
-        out[phase] = entry
-    return out
 
 
-def ratios(ref: dict[str, dict[str, Any]], ours: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """dtl / reference for every scalar both sides report (images/s, peak memory, TFLOP/s), plus
-    `images_per_s_paired`: the median over rounds of each round's ratio (the two measurements of a round
-    ran back to back, so a load change between rounds cancels out)."""
-    keys = ("images_per_s", "peak_rss_mib", "peak_cuda_mib", "tflops")
-    out = {}
-    for phase in PHASES:
-        out[phase] = {k: ours[phase][k] / ref[phase][k] for k in keys if k in ours[phase] and k in ref[phase]}
-        pairs = zip(ours[phase]["runs"], ref[phase]["runs"])
-        out[phase]["images_per_s_paired"] = statistics.median(d / r for d, r in pairs)
-    return out
 
 
-def assemble(cfg: Config, opts: Options, device: torch.device, precision: str,
-             runs: dict[str, dict[str, list[float]]], memory: dict | None,
-             flops: dict[str, dict[str, float]] | None, peak_tflops: float | None) -> dict[str, Any]:
-    result: dict[str, Any] = {"meta": meta(cfg, opts, device, precision)}
-    for side in SIDES:
-        result[side] = side_results(runs[side], (memory or {}).get(side), (flops or {}).get(side))
-    result["ratio"] = ratios(result["reference"], result["dtl"])
-    if flops:
-        result["meta"]["flops_per_image"] = flops
-    if peak_tflops:
-        result["meta"]["bf16_matmul_tflops"] = peak_tflops
-        for phase in ("train_step", "eval_step"):
-            result["dtl"][phase]["fraction_of_bf16_matmul"] = result["dtl"][phase]["tflops"] / peak_tflops
-    return result
 
 
-def format_table(result: dict[str, Any]) -> str:
-    m = result["meta"]
-    lines = [f"dtl bench: {m['model']} {m['mode']}, {m['image_size']} px, batch {m['batch_size']}, dtl "
-             f"{m['precision']['dtl']} vs reference fp32 on {m['device']} ({m['device_name']}, "
-             f"{m['threads']} threads); median of {m['repeats']} rounds of {m['steps']} steps "
-             f"({m['input_steps']} batches for input)",
-             f"{'phase':<11}{'reference img/s':>16}{'dtl img/s':>12}{'dtl/ref':>9}{'paired':>8}"
-             f"{'ref peak RSS':>14}{'dtl peak RSS':>14}{'dtl/ref':>9}"]
-    for phase in PHASES:
-        ref, ours, ratio = result["reference"][phase], result["dtl"][phase], result["ratio"][phase]
-        mem = (f"{ref['peak_rss_mib']:>10.0f} MiB{ours['peak_rss_mib']:>10.0f} MiB"
-               f"{ratio['peak_rss_mib']:>8.2f}x" if "peak_rss_mib" in ratio else "")
-        lines.append(f"{phase:<11}{ref['images_per_s']:>16.1f}{ours['images_per_s']:>12.1f}"
-                     f"{ratio['images_per_s']:>8.2f}x{ratio['images_per_s_paired']:>7.2f}x{mem}")
-    for phase in ("train_step", "eval_step"):
-        ours = result["dtl"][phase]
-        if "peak_cuda_mib" in ours:
-            lines.append(f"{phase}: peak CUDA memory reference {result['reference'][phase]['peak_cuda_mib']:.0f} "
-                         f"MiB, dtl {ours['peak_cuda_mib']:.0f} MiB")
-        if "tflops" in ours:
-            frac = (f" = {ours['fraction_of_bf16_matmul']:.1%} of bf16 matmul "
-                    f"({result['meta']['bf16_matmul_tflops']:.0f} TFLOP/s)" if "fraction_of_bf16_matmul" in ours
-                    else "")
-            ref = result["reference"][phase]
-            lines.append(f"{phase}: dtl {ours['flops_per_image'] / 1e9:.2f} GFLOP/image, {ours['tflops']:.3f} "
-                         f"TFLOP/s{frac}; reference {ref['flops_per_image'] / 1e9:.2f} GFLOP/image, "
-                         f"{ref['tflops']:.3f} TFLOP/s")
-    return "\n".join(lines)
 
 
 # ---- entry points ------------------------------------------------------------------------------
@@ -616,7 +345,9 @@ def run_bench(cfg: Config, opts: Options) -> dict[str, Any]:
     return result
 
 
-def _command(argv: list[str] | None) -> str:
+def command_line(argv: list[str] | None) -> str:
+    """The command as a user would retype it (recorded in the JSON): the bench's own flags `argv` when given
+    (`python -m dtl.bench ARGV`), else this process's command line."""
     if argv is not None:
         return shlex.join(["python", "-m", "dtl.bench", *argv])
     prog = Path(sys.argv[0]).name
@@ -624,25 +355,17 @@ def _command(argv: list[str] | None) -> str:
     return shlex.join([*head, *sys.argv[1:]])
 
 
-def run(args: argparse.Namespace, command: str | None = None) -> int:
+def run(args: argparse.Namespace, command: str) -> int:
     """Handler for `dtl bench` (and `python -m dtl.bench`): parsed flags in, exit code out."""
     if args.probe:
         spec = json.loads(Path(args.probe).read_text())
         Path(spec["out"]).write_text(json.dumps(probe(spec)))
         return 0
-    opts = options_from_args(args, command or _command(None))
-    run_bench(bench_config(args), opts)
+    run_bench(bench_config(args), options_from_args(args, command))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args, _command(argv))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+if __name__ == "__main__":  # entry-point shim (the top of the import graph, not a dependency)
+    from dtl.__main__ import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    main(["bench", *sys.argv[1:]])

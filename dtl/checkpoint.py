@@ -27,12 +27,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from dtl import testing
 from dtl.errors import UserError
 
 log = logging.getLogger("dtl")
 
 FORMAT_VERSION = 1
-_SLOW_WRITES = float(os.environ.get("DTL_TEST_SLOW_WRITES", "0") or 0)
 CKPT_DIR = "checkpoints"
 _PREFIX = "step-"
 
@@ -133,8 +133,8 @@ def save_checkpoint(outdir: Path, *, model_state: dict[str, torch.Tensor], optim
     optim_tensors, optim_extra = optimizer_to_tensors(optim_state)
     for part, tensors in (("model", model_state), ("optim", optim_tensors), ("rng", rng)):
         write_tensors(tmp / f"{part}.safetensors", tensors)
-        if _SLOW_WRITES:  # testing hook: widen the window in which a kill -9 lands mid-checkpoint
-            time.sleep(_SLOW_WRITES)
+        if testing.slow_writes():  # testing hook: widen the window in which a kill -9 lands mid-checkpoint
+            time.sleep(testing.slow_writes())
     # state.json last: it names the format version that readers check first.
     write_json(tmp / "state.json", {**meta, "optimizer": optim_extra, "format_version": FORMAT_VERSION,
                                     "saved_at": time.time()})
@@ -196,19 +196,33 @@ def best_or_last(path: Path) -> Path:
     return last
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read and verify a checkpoint folder: {"meta", "model", "optim", "rng"}."""
+def run_folder_of(checkpoint: Path) -> Path | None:
+    """The run folder holding a checkpoint folder (RUN/checkpoints/step-*), or None when it sits elsewhere."""
+    return checkpoint.parent.parent if checkpoint.parent.name == CKPT_DIR else None
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """state.json of a checkpoint folder, checked: readable, this format version, written by `dtl train`."""
     state_file = path / "state.json"
     if not state_file.is_file():
         raise UserError(f"{path} is not a dtl checkpoint folder (no state.json)")
     try:
         meta = json.loads(state_file.read_text())
-    except ValueError as err:
+    except (OSError, ValueError) as err:
         raise UserError(f"{state_file} is corrupt ({err})") from None
-    version = meta.get("format_version")
+    version = meta.get("format_version") if isinstance(meta, dict) else None
     if version != FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format version {version!r}; this dtl reads version "
                         f"{FORMAT_VERSION}")
+    for key in ("config", "num_classes"):
+        if key not in meta:
+            raise UserError(f"{state_file} lacks {key!r}: not a checkpoint written by `dtl train`")
+    return meta
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read and verify a checkpoint folder: {"meta", "model", "optim", "rng"}."""
+    meta = read_meta(path)
     out = {"meta": meta, "model": read_tensors(path / "model.safetensors")}
     out["optim"] = optimizer_from_tensors(read_tensors(path / "optim.safetensors"), meta["optimizer"])
     out["rng"] = read_tensors(path / "rng.safetensors")

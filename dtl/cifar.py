@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from dtl.errors import UserError
+from dtl.splits import Split
 
 URL_BASE = "https://www.cs.toronto.edu/~kriz/"
 
@@ -48,27 +49,6 @@ LAYOUTS: dict[str, dict[str, Layout]] = {
                       ("train.bin",), ("test.bin",), label_bytes=2),
     },
 }
-
-
-@dataclass
-class Split:
-    """A whole split in memory: uint8 images (N, 3, H, W), int64 labels (N,), class names."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    classes: list[str]
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def subset(self, n: int | None, order: str = "first", seed: int = 0) -> Split:
-        if n is None or n >= len(self):
-            return self
-        if order == "first":
-            idx = torch.arange(n)
-        else:
-            idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-        return Split(self.images[idx], self.labels[idx], self.classes)
 
 
 # ---- reading -------------------------------------------------------------------------------------

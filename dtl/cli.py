@@ -1,8 +1,14 @@
-"""The `dtl` command: train, data synth/info, models, plot, eval, predict, bench.
+"""The `dtl` command: every parser and the one distributed entry.
 
-Error policy: a `UserError` (bad flag, missing data, wrong checkpoint) is one line on rank 0 and exit code 2;
-an unexpected exception is a traceback from the rank where it happened (recorded for torchrun's summary)
-and exit code 1; a peer's collective failing because another rank died is one line, not a second traceback.
+    dtl train ...     (= python train.py ...; torchrun/accelerate/srun start it the same way)
+    dtl eval | predict | bench | data | models | plot ...
+
+`main(argv)` returns the exit code; the console script and `train.py` leave through `dtl.__main__`, which
+exits the way multi-process runs need (`dist.exit_process`). Error policy, in one place (`guarded`): a
+`UserError` (bad flag, missing data, wrong checkpoint) is one line on rank 0 and exit code 2; a non-finite
+loss under `--nan-policy abort` is one line and exit 1; a collective that failed because another rank died is
+one line (exit 1) instead of a second traceback; anything else is a traceback from the rank where it
+happened (recorded for torchrun's summary) and exit code 1.
 """
 
 from __future__ import annotations
@@ -10,13 +16,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
-from dtl import dist, signals
-from dtl.config import Config, add_config_arguments, config_from_args
-from dtl.errors import EXIT_USAGE, UserError
+from dtl import bench, cifar, dist, engine, inference, predict, signals
+from dtl.config import add_config_arguments, config_from_args
+from dtl.errors import EXIT_FAILURE, EXIT_USAGE, NonFiniteLossError, UserError
+from dtl.metrics import plot_runs, read_metrics
+from dtl.models import classification_models
 
 log = logging.getLogger("dtl")
 
@@ -31,6 +43,18 @@ EXAMPLES = {
     "eval": "dtl eval --checkpoint runs/exp1      (or: torchrun --nproc_per_node=4 -m dtl.cli eval ...)",
     "predict": "dtl predict --checkpoint runs/exp1 photos/ --top-k 3 --output preds.csv",
 }
+
+
+EVAL_EXAMPLES = ("dtl eval --checkpoint runs/exp1\n"
+                 "  dtl eval --checkpoint runs/exp1/checkpoints/step-00000420 --eval-subset 0 -o ev\n"
+                 "  torchrun --standalone --nproc_per_node=4 -m dtl.cli eval --checkpoint runs/exp1")
+PREDICT_EXAMPLES = ("dtl predict --checkpoint runs/exp1 cat.jpg photos/ --top-k 3\n"
+                    "  dtl predict --checkpoint runs/exp1 photos/ --output preds.csv --device cpu")
+_RAW = argparse.RawDescriptionHelpFormatter
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, 100)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,49 +97,105 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("runs", nargs="+", type=Path, help="run folders (with metrics.jsonl)")
     plot.add_argument("--output", type=Path, default=Path("curves.png"))
 
-    from dtl.bench import add_arguments as add_bench_arguments
-    from dtl.inference import add_eval_parser, add_predict_parser
-
-    bench = sub.add_parser("bench", help="time dtl's loop against the reference recipe's (images/s, peak memory)",
-                           description="Time the reference recipe's loop and dtl's on the same device, model, mode, "
-                                       "image size and batch size, interleaved after a warm-up: input pipeline, "
-                                       "train step, eval step (images/s), peak memory, and dtl / reference.",
-                           epilog=f"example:\n  {EXAMPLES['bench']}",
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_bench_arguments(bench)
+    bench_parser = sub.add_parser(
+        "bench", help="time dtl's loop against the reference recipe's (images/s, peak memory)",
+        description="Time the reference recipe's loop and dtl's on the same device, model, mode, image size and "
+                    "batch size, interleaved after a warm-up: input pipeline, train step, eval step (images/s), "
+                    "peak memory, and dtl / reference.",
+        epilog=f"example:\n  {EXAMPLES['bench']}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_bench_arguments(bench_parser)
 
     add_eval_parser(sub)
     add_predict_parser(sub)
     return parser
 
 
-# ---- train -------------------------------------------------------------------------------------
+def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval", help="measure a checkpoint: top-1/top-5, per-class accuracy, confusion matrix",
+        description=_wrap("Evaluate a trained checkpoint on a test split: top-1, top-5 (with 5 or more classes), "
+                    "per-class accuracy, the confusion matrix (CSV and PNG) and a JSON summary. By default "
+                    "the data set, data folder, subset and held-out split of the training run are used, so "
+                    "top-1 equals the run's own test accuracy of that checkpoint. Runs distributed under "
+                    "torchrun/srun (each test image counted once); rank 0 writes."),
+        epilog=f"examples:\n  {EVAL_EXAMPLES}", formatter_class=_RAW)
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a run folder (its best checkpoint, else its newest) or a checkpoint folder")
+    p.add_argument("--dataset", choices=("cifar10", "cifar100", "synthetic", "folder"), default=None,
+                   help="data set to evaluate on (default: the run's)")
+    p.add_argument("--data-dir", default=None,
+                   help="data folder (default: the run's). For --dataset folder, a folder other than the "
+                        "run's is evaluated on its val/ (or validation/, valid/, test/) folder when it has "
+                        "one, else on all its images (DATA_DIR/<class>/...)")
+    p.add_argument("--eval-subset", type=int, default=None, metavar="N",
+                   help="evaluate the first N test images (default: the run's --eval-subset; 0: all)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="images per process per step (default: the run's)")
+    p.add_argument("--num-workers", type=int, default=None, metavar="N",
+                   help="DataLoader workers for image folders (default: the run's)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda:LOCAL_RANK when CUDA is available, else CPU")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+                   help="default: the run's (auto: bf16/fp16 on GPUs, fp32 on CPU)")
+    p.add_argument("--output-dir", "-o", type=Path, default=None, metavar="DIR",
+                   help="where to write summary.json, per_class.csv, confusion_matrix.csv/.png "
+                        "(default: RUN/eval/<checkpoint name>)")
+    p.add_argument("--strict-images", action=argparse.BooleanOptionalAction, default=None,
+                   help="image folders: refuse unreadable images instead of skipping them "
+                        "(default: the run's)")
+    p.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="seconds a collective may wait before the job is declared dead")
+    return p
 
-def run_train(cfg: Config) -> int:
-    """Launcher-independent entry: read the environment, set up the group, train, tear down."""
-    from dtl.engine import train
 
-    env = dist.detect(debug=cfg.debug)
-    dist.setup_logging(env)
-    signals.install()
-    if cfg.deterministic:
-        dist.prepare_determinism()
-    return dist.run_guarded(env, cfg.device, cfg.dist_timeout, lambda device: train(cfg, env, device))
+def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "predict", help="top-k classes of image files/folders with a trained checkpoint",
+        description=_wrap("Classify image files (and every image under folders given, recursively) with a trained "
+                    "checkpoint: its class names and its eval preprocessing (Resize + CenterCrop to the "
+                    "run's image size, ImageNet normalisation). Output rows have the columns "
+                    "path, rank, class, probability (one row per image and rank; rank 1 is the most likely "
+                    "class): a table on stdout, or --output FILE.csv / FILE.jsonl. Unreadable images are "
+                    "reported by path on stderr and skipped."),
+        epilog=f"examples:\n  {PREDICT_EXAMPLES}", formatter_class=_RAW)
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a run folder (its best checkpoint, else its newest) or a checkpoint folder")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders")
+    p.add_argument("--top-k", type=int, default=5, metavar="K",
+                   help="classes per image (at most the number of classes; default 5)")
+    p.add_argument("--output", type=Path, default=None, metavar="FILE",
+                   help="write FILE.csv or FILE.jsonl instead of printing a table")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per forward pass (32)")
+    p.add_argument("--num-workers", type=int, default=0, metavar="N",
+                   help="DataLoader worker processes decoding images (default 0: in this process)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: the first GPU when CUDA is available, else CPU")
+    return p
 
 
-def _train_entry(cfg: Config) -> None:
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    env = dist.detect(debug=cfg.debug)
-    code = record(run_train)(cfg)
-    dist.exit_process(code, env)
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """`train`'s flags (same names, same meaning) plus the bench's own."""
+    add_config_arguments(parser)
+    group = parser.add_argument_group("bench")
+    group.add_argument("--steps", type=int, default=5, help="timed steps per measurement (default: 5)")
+    group.add_argument("--input-steps", type=int, default=None, help="timed batches per measurement of the "
+                       "input phase, which is cheap (default: 10 x --steps)")
+    group.add_argument("--warmup", type=int, default=2, help="untimed steps per side and phase first (default: 2)")
+    group.add_argument("--repeats", type=int, default=3, help="interleaved measurements per side and phase; the "
+                       "median is reported (default: 3)")
+    group.add_argument("--memory", choices=("subprocess", "off"), default="subprocess",
+                       help="peak memory per side and phase, each side in a fresh subprocess (default), or off")
+    group.add_argument("--flops", action=argparse.BooleanOptionalAction, default=None,
+                       help="count FLOPs of one batch and report TFLOP/s (default: on for CUDA only)")
+    group.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both sides "
+                       "(default: torch's choice)")
+    group.add_argument("--json", dest="json_path", metavar="PATH", help="also write the results as JSON")
+    group.add_argument("--probe", help=argparse.SUPPRESS)  # internal: the memory subprocess's spec file
 
 
 # ---- small commands ----------------------------------------------------------------------------
 
 def run_data(args: argparse.Namespace) -> int:
-    from dtl import cifar
-
     if args.data_command == "synth":
         if args.train <= 0 or args.test <= 0:
             raise UserError(f"--train and --test must be > 0, got {args.train} and {args.test}")
@@ -140,8 +220,6 @@ def run_data(args: argparse.Namespace) -> int:
 def run_models(args: argparse.Namespace) -> int:
     import torchvision
 
-    from dtl.models import classification_models
-
     print(f"{'model':<28} {'params':>12}  pretrained weights")
     for name in classification_models():
         if args.filter not in name:
@@ -153,15 +231,7 @@ def run_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    from dtl import bench
-
-    return bench.run(args)
-
-
 def run_plot(args: argparse.Namespace) -> int:
-    from dtl.metrics import plot_runs, read_metrics
-
     for run in args.runs:
         if not read_metrics(run):
             raise UserError(f"{run} has no {run / 'metrics.jsonl'}: not a run folder, or no epoch finished yet")
@@ -169,33 +239,81 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> None:
+# ---- the one error policy and the one distributed entry -------------------------------------------
+
+def guarded(env: dist.DistEnv, body: Callable[[], int]) -> int:
+    """Run a command's body; turn the errors people can act on into one message and an exit code."""
+    try:
+        return body()
+    except UserError as err:
+        if env.is_main:  # one message, not one per rank
+            log.error("error: %s", err)
+        return EXIT_USAGE
+    except NonFiniteLossError as err:
+        if env.is_main:
+            log.error("error: %s", err)
+        return EXIT_FAILURE
+    except RuntimeError as err:
+        if dist.DETERMINISM_HINT in str(err):
+            if env.is_main:
+                log.error("error: --deterministic: %s. This model needs an operation that has no deterministic "
+                          "kernel on this device; run without --deterministic (README: GPUs)",
+                          str(err).splitlines()[0].split(", but you set")[0])
+            return EXIT_USAGE
+        if not (env.distributed and dist.peer_failure(err)):
+            raise
+        log.error("stopping: a collective failed because another rank died (%s)", str(err).splitlines()[0][:200])
+        return EXIT_FAILURE
+
+
+@record  # an unexpected exception's traceback goes to torchrun's error file and summary
+def in_process_group(env: dist.DistEnv, device_preference: str, timeout_s: float,
+                     body: Callable[[torch.device], int]) -> int:
+    """Pick this process's device, create the process group, run `body(device)` (train, eval)."""
+    def start() -> int:
+        device = dist.pick_device(env, device_preference)
+        dist.setup(env, device, timeout_s)
+        return body(device)
+
+    return guarded(env, start)
+
+
+# ---- commands ----------------------------------------------------------------------------------
+
+def run_train(args: argparse.Namespace) -> int:
+    env = dist.detect(debug=bool(args.debug))
+    dist.setup_logging(env)
+    cfg = config_from_args(args)  # a UserError here is the caller's guarded one line
+    signals.install()
+    if cfg.deterministic:
+        dist.prepare_determinism()
+    return in_process_group(env, cfg.device, cfg.dist_timeout, lambda device: engine.train(cfg, env, device))
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    env = dist.detect()
+    dist.setup_logging(env)
+    return in_process_group(env, args.device, args.dist_timeout,
+                            lambda device: inference.evaluate_checkpoint(args, env, device))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse and run one `dtl` command; the exit code."""
     args = build_parser().parse_args(argv)
     if args.command == "train":
-        try:
-            cfg = config_from_args(args)
-        except UserError as err:
-            if dist.detect(debug=bool(args.debug)).is_main:  # one message, not one per rank
-                print(f"error: {err}", file=sys.stderr)
-            sys.exit(EXIT_USAGE)
-        _train_entry(cfg)
-        return
+        return guarded(dist.detect(debug=bool(args.debug)), lambda: run_train(args))
     if args.command == "eval":
-        from dtl.inference import eval_entry
-
-        eval_entry(args)  # distributed like train: leaves through dist.exit_process
-        return
-    from dtl.inference import run_predict
-
-    handlers = {"data": run_data, "models": run_models, "plot": run_plot, "predict": run_predict,
-                "bench": run_bench}
-    try:
-        code = handlers[args.command](args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        code = EXIT_USAGE
-    sys.exit(code)
+        return run_eval(args)
+    env = dist.DistEnv()  # one process, whatever launched it
+    dist.setup_logging(env)
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "data": run_data, "models": run_models, "plot": run_plot, "predict": predict.run_predict,
+        "bench": lambda a: bench.run(a, bench.command_line(argv[1:] if argv else None)),
+    }
+    return guarded(env, lambda: handlers[args.command](args))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m dtl.cli ...` (torchrun -m): entry-point shim, see dtl/__main__.py
+    from dtl.__main__ import main as _main
+
+    _main()

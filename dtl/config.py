@@ -10,7 +10,6 @@ import ast
 import dataclasses
 import functools
 import inspect
-import json
 import sys
 import typing
 from dataclasses import dataclass
@@ -23,9 +22,6 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
-
-MODES = ("transfer", "finetune", "scratch")
-
 
 @dataclass
 class Config:
@@ -142,12 +138,6 @@ class Config:
     """Seconds a collective may wait before the job is declared dead (a crashed rank)."""
     debug: bool = False
     """Single process even under a launcher, no workers, a small subset, 1 epoch, anomaly detection."""
-    fault_step: int | None = None
-    """Testing hook: inject --fault-kind at this global step (on --fault-rank, default every rank)."""
-    fault_kind: Literal["nan", "raise", "kill"] = "nan"
-    """Testing hook: nan = poison the loss, raise = an exception, kill = SIGKILL this process."""
-    fault_rank: int | None = None
-    """Testing hook: the rank that misbehaves (default: all)."""
 
     def __post_init__(self) -> None:
         if self.debug:
@@ -251,10 +241,6 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(Config)
     docs = field_docs()
     for f in dataclasses.fields(Config):
-        if f.name.startswith("fault_"):  # testing hooks: accepted, not advertised
-            parser.add_argument("--" + f.name.replace("_", "-"), default=None, help=argparse.SUPPRESS,
-                                type=_base_type(hints[f.name]))
-            continue
         hint = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
         base = _base_type(hint)
@@ -292,7 +278,3 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise UserError(f"config file {path} is not valid TOML: {err}") from None
     data = data.get("train", data)
     return {key.replace("-", "_"): value for key, value in data.items()}
-
-
-def save_json(path: Path, payload: dict[str, Any]) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")

@@ -7,65 +7,68 @@ Two pipelines produce identical-in-distribution batches:
   and a fallback).
 Training indices come from a `DistributedSampler` (disjoint shards, reshuffled by `set_epoch`); evaluation
 uses contiguous shards without padding, so every test image is counted exactly once at any world size.
+Both loaders (and `dtl.features.FeatureLoader`) are `BatchLoader`s: what the training loop may rely on.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
+import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from dtl.augment import IMAGENET_MEAN, IMAGENET_STD, BatchTransform
-from dtl.cifar import Split, load_cifar, make_synthetic
+from dtl.cifar import load_cifar, make_synthetic
 from dtl.config import Config
-from dtl.dist import DistEnv
+from dtl.dist import DistEnv, main_first
+from dtl.folder import load_folder_splits
+from dtl.splits import DatasetSplit, Split, Splits, stream_seed
 
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2000, 500
 _CHUNK_PIXELS = 512 * 32 * 32  # output pixels per batched-transform call (see DeviceLoader.chunk_batches)
 
 
-def stream_seed(*parts: int) -> int:
-    """A 63-bit seed from (seed, epoch, rank, ...) that does not collide the way `seed + rank` does."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+@runtime_checkable
+class BatchLoader(Protocol):
+    """What the training and evaluation loops use of a loader: `set_epoch` before each pass (reshuffles the
+    training shard; `start_batch` > 0 resumes in the middle of an epoch, skipping the batches already
+    trained on), `len()` (batches per pass, the skipped ones included) and iteration, which yields this
+    rank's (images, labels) batches as tensors on the device."""
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
-@dataclass
-class Splits:
-    train: Split
-    test: Split
-
-    @property
-    def classes(self) -> list[str]:
-        return self.train.classes
-
-
-def load_splits(cfg: Config, allow_download: bool) -> Splits:
-    """Read (or generate) both splits and apply the subsets. `allow_download` is rank 0's privilege."""
+def load_splits(cfg: Config, allow_download: bool, split_file: Path | None = None,
+                is_main: bool = True) -> Splits:
+    """Read (or generate) both splits and apply the subsets. `allow_download` is rank 0's privilege.
+    Image folders: `split_file` is a saved split to reuse (a resumed run's), `is_main` whether this process
+    logs the warnings (see `dtl.folder.load_folder_splits`)."""
     if cfg.dataset == "synthetic":
         train = make_synthetic(cfg.train_subset or SYNTHETIC_TRAIN, seed=cfg.seed)
         test = make_synthetic(cfg.eval_subset or SYNTHETIC_TEST, seed=cfg.seed + 1_000_003)
     elif cfg.dataset in ("cifar10", "cifar100"):
         train, test = load_cifar(cfg.data_dir, cfg.dataset, allow_download and cfg.download, cfg.coarse_labels)
     else:
-        from dtl.folder import load_folder_splits  # image folders: decoded lazily by workers
-
-        return load_folder_splits(cfg)
+        return load_folder_splits(cfg, split_file, is_main=is_main)  # decoded lazily by workers
     return Splits(train.subset(cfg.train_subset, cfg.subset_order, cfg.seed),
                   test.subset(cfg.eval_subset, cfg.subset_order, cfg.seed + 1))
 
 
-def load_splits_once(cfg: Config, env: DistEnv) -> Splits:
+def load_splits_once(cfg: Config, env: DistEnv, split_file: Path | None = None) -> Splits:
     """Global rank 0 reads (and if needed downloads and extracts) first, then the first process of every
     other node (which finds the files when the folder is shared, else fetches its own copy), then the rest,
-    which only read: a download happens once per folder and never concurrently into it."""
-    from dtl.dist import main_first
-
-    return main_first(env, lambda first: load_splits(cfg, allow_download=first))
+    which only read: a download happens once per folder and never concurrently into it. Global rank 0 logs
+    the data set's warnings (unreadable files, ...) for the whole job."""
+    return main_first(env, lambda first: load_splits(cfg, allow_download=first, split_file=split_file,
+                                                     is_main=env.is_main))
 
 
 class EvalShardSampler(Sampler[int]):
@@ -137,7 +140,7 @@ class _PerImageDataset(Dataset):
     """Per-image v2 transforms for the `workers` pipeline. Each image's randomness is seeded from
     (seed, epoch, index), so results do not depend on which worker handles it or on a resume point."""
 
-    def __init__(self, split: Split, transform, seed: int) -> None:  # noqa: ANN001 - any v2 transform
+    def __init__(self, split: DatasetSplit, transform, seed: int) -> None:  # noqa: ANN001 - any v2 transform
         self.split, self.transform, self.seed, self.epoch = split, transform, seed, 0
 
     def __len__(self) -> int:
@@ -151,16 +154,14 @@ class _PerImageDataset(Dataset):
 def _ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers leave stop signals to the trainer: a SIGUSR1/SIGTERM forwarded to the whole process
     group must not kill a spawn/forkserver-started worker mid-batch (the main process checkpoints first)."""
-    import signal
-
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
 
 
 class WorkerLoader:
-    """DataLoader-based pipeline with the same interface as DeviceLoader."""
+    """DataLoader-based pipeline with the same interface (`BatchLoader`) as DeviceLoader."""
 
-    def __init__(self, split: Split, sampler: Sampler[int], batch_size: int, transform, num_workers: int,
+    def __init__(self, split: DatasetSplit, sampler: Sampler[int], batch_size: int, transform, num_workers: int,
                  device: torch.device, seed: int, channels_last: bool = True) -> None:  # noqa: ANN001
         self.dataset = _PerImageDataset(split, transform, seed)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -201,8 +202,8 @@ def resolve_pipeline(cfg: Config) -> str:
     return "workers" if cfg.dataset == "folder" else "device"
 
 
-def eval_loader(cfg: Config, split: Split, env: DistEnv, device: torch.device,
-                compute_dtype: torch.dtype = torch.float32, channels_last: bool = True) -> DeviceLoader | WorkerLoader:
+def eval_loader(cfg: Config, split: DatasetSplit, env: DistEnv, device: torch.device,
+                compute_dtype: torch.dtype = torch.float32, channels_last: bool = True) -> BatchLoader:
     """This rank's contiguous shard of a split with the eval transform."""
     sampler = EvalShardSampler(len(split), env.rank, env.world_size)
     if resolve_pipeline(cfg) == "device" and isinstance(getattr(split, "images", None), torch.Tensor):
@@ -213,7 +214,7 @@ def eval_loader(cfg: Config, split: Split, env: DistEnv, device: torch.device,
 
 
 def build_loaders(cfg: Config, splits: Splits, env: DistEnv, device: torch.device, compute_dtype: torch.dtype,
-                  channels_last: bool = True) -> tuple[DeviceLoader | WorkerLoader, DeviceLoader | WorkerLoader]:
+                  channels_last: bool = True) -> tuple[BatchLoader, BatchLoader]:
     """Train and eval loaders for this rank."""
     tsampler = train_sampler(len(splits.train), env, cfg.seed)
     if resolve_pipeline(cfg) == "device" and isinstance(getattr(splits.train, "images", None), torch.Tensor):

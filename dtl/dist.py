@@ -24,7 +24,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as tdist
 
-from dtl.errors import EXIT_FAILURE, EXIT_USAGE, NonFiniteLossError, UserError
+from dtl.errors import UserError
 
 log = logging.getLogger("dtl")
 T = TypeVar("T")
@@ -201,7 +201,8 @@ def setup(env: DistEnv, device: torch.device, timeout_s: float) -> None:
     _CONTROL_TIMEOUT_S = timeout_s
 
 
-_DETERMINISM_HINT = "does not have a deterministic implementation"
+#: torch's message when --deterministic meets an op without a deterministic kernel (the cli names the op)
+DETERMINISM_HINT = "does not have a deterministic implementation"
 _PEER_FAILURE_HINTS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
                        "remote worker crashing", "NCCL communicator was aborted", "Timed out", "timed out")
 
@@ -209,37 +210,6 @@ _PEER_FAILURE_HINTS = ("Connection closed by peer", "Connection reset by peer", 
 def peer_failure(err: BaseException) -> bool:
     """A collective that broke because another rank died (exception, OOM, kill)."""
     return isinstance(err, tdist.DistBackendError) or any(h in str(err) for h in _PEER_FAILURE_HINTS)
-
-
-def run_guarded(env: DistEnv, device_preference: str, timeout_s: float,
-                body: Callable[[torch.device], int]) -> int:
-    """Pick the device, create the group, run `body(device)`, and turn errors into exit codes the same way
-    for every command: a UserError or a non-finite loss is one line on rank 0 (exit 2 / 1); a rank whose
-    collective broke because a peer died says so in one line (exit 1) instead of a second traceback;
-    anything else propagates as a traceback from the rank where it happened."""
-    try:
-        device = pick_device(env, device_preference)
-        setup(env, device, timeout_s)
-        return body(device)
-    except UserError as err:
-        if env.is_main:
-            log.error("error: %s", err)
-        return EXIT_USAGE
-    except NonFiniteLossError as err:
-        if env.is_main:
-            log.error("error: %s", err)
-        return EXIT_FAILURE
-    except RuntimeError as err:
-        if _DETERMINISM_HINT in str(err):
-            if env.is_main:
-                log.error("error: --deterministic: %s. This model needs an operation that has no deterministic "
-                          "kernel on %s; run without --deterministic (README: Reproducibility)",
-                          str(err).splitlines()[0].split(", but you set")[0], device_preference)
-            return EXIT_USAGE
-        if not (env.distributed and peer_failure(err)):
-            raise
-        log.error("stopping: a collective failed because another rank died (%s)", str(err).splitlines()[0][:200])
-        return EXIT_FAILURE
 
 
 def teardown() -> None:

@@ -13,7 +13,8 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -45,9 +46,11 @@ class _Captured(Exception):
 
 
 @torch.no_grad()
-def extract(model: nn.Module, head: str, loader, env: DistEnv, autocast) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
-    """Head inputs and labels of the whole split, in data-set order, on every rank. `loader` must yield this
-    rank's contiguous shard (EvalShardSampler) with the eval transform."""
+def extract(model: nn.Module, head: str, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], env: DistEnv,
+            autocast: Callable[[], AbstractContextManager]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head inputs and labels of the whole split, in data-set order, on every rank. `loader` (a
+    `dtl.data.BatchLoader`) must yield this rank's contiguous shard (EvalShardSampler) with the eval
+    transform; `autocast()` gives the precision context the model runs in."""
     captured: list[torch.Tensor] = []
 
     def grab(module: nn.Module, args: tuple) -> None:
@@ -111,7 +114,8 @@ def store(outdir: Path, cfg: Config, split: str, feats: torch.Tensor, labels: to
 
 
 class FeatureLoader:
-    """Batches of cached features, with the same sampler (hence the same batches) as the image loader."""
+    """Batches of cached features, with the same sampler (hence the same batches) as the image loader: a
+    `dtl.data.BatchLoader`, whose (features, labels) batches stand in for (images, labels)."""
 
     def __init__(self, feats: torch.Tensor, labels: torch.Tensor, sampler: Sampler[int], batch_size: int) -> None:
         self.feats, self.labels, self.sampler, self.batch_size = feats, labels, sampler, batch_size

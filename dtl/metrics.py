@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from dtl.dist import DistEnv, all_reduce_sum
+from dtl.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -66,6 +67,33 @@ def append_metrics(outdir: Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+class MetricsLog:
+    """Rank 0's per-epoch log: a line in OUTDIR/metrics.jsonl and, with TensorBoard, the same scalars."""
+
+    def __init__(self, outdir: Path, tensorboard: bool) -> None:
+        self.outdir = outdir
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # optional dependency
+            except ImportError:
+                raise UserError("--log-with tensorboard needs the tensorboard package: "
+                                "pip install 'dtl[tensorboard]'") from None
+            self.tb = SummaryWriter(str(outdir / "tensorboard"))
+
+    def append(self, row: dict[str, Any]) -> None:
+        append_metrics(self.outdir, row)
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "epoch":
+                    self.tb.add_scalar(key, value, row["epoch"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
 def plot_runs(run_dirs: list[Path], output: Path, labels: list[str] | None = None) -> Path:
     """Loss, accuracy, learning rate and throughput vs epoch; several runs overlaid with a legend."""
     import matplotlib
@@ -95,6 +123,38 @@ def plot_runs(run_dirs: list[Path], output: Path, labels: list[str] | None = Non
         ax.grid(alpha=0.3)
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    return output
+
+
+def plot_confusion(confusion: torch.Tensor, classes: list[str], output: Path, title: str = "") -> Path:
+    """Row-normalised confusion matrix as an image (counts written in the cells when there are few)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = len(classes)
+    counts = confusion.double()
+    rates = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    side = min(4 + 0.45 * c, 30)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    im = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if c <= 40:
+        ax.set_xticks(range(c), classes, rotation=90, fontsize=8)
+        ax.set_yticks(range(c), classes, fontsize=8)
+    if c <= 20:
+        for i in range(c):
+            for j in range(c):
+                if counts[i, j]:
+                    ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
     fig.savefig(output, dpi=100)
     plt.close(fig)
     return output

@@ -357,33 +357,26 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-class FrozenPrefix:
-    """Runs everything before the head under no_grad (transfer mode): the frozen backbone stores no
+def run_prefix_without_grad(model: nn.Module, head: str) -> None:
+    """Run everything before the head under no_grad (transfer mode): the frozen backbone stores no
     activations and builds no graph; the head runs in whatever grad mode the caller had.
 
-    Done with hooks rather than a `with torch.no_grad()` around the backbone so it works for every family's
-    own forward() and leaves the grad mode unchanged outside the model (DDP decides whether to prepare its
-    gradient all-reduce from the grad mode after forward)."""
+    Done with hooks (which live as long as the model) rather than a `with torch.no_grad()` around the backbone
+    so it works for every family's own forward() and leaves the grad mode unchanged outside the model (DDP
+    decides whether to prepare its gradient all-reduce from the grad mode after forward)."""
+    saved: list[bool] = []
 
-    def __init__(self, model: nn.Module, head: str) -> None:
-        self._saved: list[bool] = []
-        self.handles = [
-            model.register_forward_pre_hook(self._enter),
-            model.get_submodule(head).register_forward_pre_hook(self._at_head),
-            model.register_forward_hook(self._leave, always_call=True),
-        ]
-
-    def _enter(self, module: nn.Module, args: tuple) -> None:
-        self._saved.append(torch.is_grad_enabled())
+    def enter(module: nn.Module, args: tuple) -> None:
+        saved.append(torch.is_grad_enabled())
         torch.set_grad_enabled(False)
 
-    def _at_head(self, module: nn.Module, args: tuple) -> None:
-        if self._saved:  # the head called on its own (cached features) never went through _enter
-            torch.set_grad_enabled(self._saved[-1])
+    def at_head(module: nn.Module, args: tuple) -> None:
+        if saved:  # the head called on its own (cached features) never went through enter
+            torch.set_grad_enabled(saved[-1])
 
-    def _leave(self, module: nn.Module, args: tuple, output: object) -> None:
-        torch.set_grad_enabled(self._saved.pop())
+    def leave(module: nn.Module, args: tuple, output: object) -> None:
+        torch.set_grad_enabled(saved.pop())
 
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+    model.register_forward_pre_hook(enter)
+    model.get_submodule(head).register_forward_pre_hook(at_head)
+    model.register_forward_hook(leave, always_call=True)

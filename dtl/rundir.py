@@ -1,32 +1,55 @@
-"""The run folder: where it is, whether we may use it, and the files that describe the run (config.json,
-status.json). Only rank 0 writes here."""
+"""The run folder: where it is, whether we may use it, what `--resume` means (resolved once, here), and the
+files that describe the run (config.json, status.json). Only rank 0 writes here."""
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from dtl import checkpoint as ckpt
-from dtl.config import Config, save_json
+from dtl.config import Config
 from dtl.dist import DistEnv, barrier, broadcast_str
 from dtl.errors import UserError
-from dtl.metrics import METRICS_FILE, truncate_metrics
-
-if TYPE_CHECKING:
-    from dtl.engine import Run
+from dtl.folder import SPLIT_FILE, save_split
+from dtl.metrics import METRICS_FILE, MetricsLog, truncate_metrics
+from dtl.splits import Splits
 
 log = logging.getLogger("dtl")
-RUN_FILES = ("config.json", METRICS_FILE, "status.json", "model.safetensors", "curves.png", "split.json")
+RUN_FILES = ("config.json", METRICS_FILE, "status.json", "model.safetensors", "curves.png", SPLIT_FILE)
 
 
-def resolve(cfg: Config, env: DistEnv, device: torch.device) -> Path:
+@dataclass(frozen=True)
+class RunPlan:
+    """`--output-dir`/`--resume`/`--overwrite` resolved once at the start of a run."""
+
+    outdir: Path
+    resume_from: Path | None
+    """The checkpoint to continue from (None: start fresh)."""
+    split_file: Path | None
+    """The resumed run's saved image split (OUTDIR/split.json), to reuse instead of splitting again."""
+    replace: bool
+    """Start over in a folder that holds another run (--overwrite without --resume)."""
+
+
+def plan(cfg: Config, env: DistEnv, device: torch.device) -> RunPlan:
+    """Where the run goes and where it continues from; refuses to clobber another run."""
+    outdir = _outdir(cfg, env, device)
+    resume_from = _resume_point(outdir, cfg)
+    if resume_from is None and not cfg.resume and holds_run(outdir) and not cfg.overwrite:
+        raise UserError(f"{outdir} already holds a run; continue it with --resume auto, replace it with "
+                        "--overwrite, or choose another --output-dir")
+    split = outdir / SPLIT_FILE if cfg.resume and (outdir / SPLIT_FILE).is_file() else None
+    return RunPlan(outdir, resume_from, split, replace=cfg.overwrite and not cfg.resume)
+
+
+def _outdir(cfg: Config, env: DistEnv, device: torch.device) -> Path:
     """--output-dir, or the run folder of a --resume PATH, or runs/<timestamp> chosen by rank 0."""
     if cfg.output_dir:
         return Path(cfg.output_dir)
@@ -34,33 +57,29 @@ def resolve(cfg: Config, env: DistEnv, device: torch.device) -> Path:
         raise UserError("--resume auto needs --output-dir: the run folder to continue")
     if cfg.resume:
         path = Path(cfg.resume)
-        return path.parent.parent if path.parent.name == ckpt.CKPT_DIR else path
+        return ckpt.run_folder_of(path) or path
     stamp = time.strftime("runs/%Y%m%d-%H%M%S") if env.is_main else ""
     return Path(broadcast_str(stamp, env, device if device.type == "cuda" else torch.device("cpu")))
 
 
-def holds_run(outdir: Path) -> bool:
-    return outdir.is_dir() and (any((outdir / f).exists() for f in RUN_FILES) or (outdir / ckpt.CKPT_DIR).exists())
-
-
-def check(outdir: Path, cfg: Config) -> Path | None:
-    """The checkpoint to resume from (None: start fresh); refuses to clobber another run."""
+def _resume_point(outdir: Path, cfg: Config) -> Path | None:
     if cfg.resume == "auto":
         return ckpt.latest_checkpoint(outdir)
-    if cfg.resume:
-        path = Path(cfg.resume)
-        if not path.exists():
-            raise UserError(f"--resume {path}: no such checkpoint or run folder")
-        if (path / "state.json").is_file():
-            return path
-        last = ckpt.latest_checkpoint(path)
-        if last is None:
-            raise UserError(f"--resume {path}: holds no complete checkpoint")
-        return last
-    if holds_run(outdir) and not cfg.overwrite:
-        raise UserError(f"{outdir} already holds a run; continue it with --resume auto, replace it with "
-                        "--overwrite, or choose another --output-dir")
-    return None
+    if not cfg.resume:
+        return None
+    path = Path(cfg.resume)
+    if not path.exists():
+        raise UserError(f"--resume {path}: no such checkpoint or run folder")
+    if (path / "state.json").is_file():
+        return path
+    last = ckpt.latest_checkpoint(path)
+    if last is None:
+        raise UserError(f"--resume {path}: holds no complete checkpoint")
+    return last
+
+
+def holds_run(outdir: Path) -> bool:
+    return outdir.is_dir() and (any((outdir / f).exists() for f in RUN_FILES) or (outdir / ckpt.CKPT_DIR).exists())
 
 
 def _check_writable(outdir: Path, need_bytes: int) -> None:
@@ -80,60 +99,46 @@ def _check_writable(outdir: Path, need_bytes: int) -> None:
                         f"{need_bytes / 2**20:.0f} MiB: free space or choose another --output-dir")
 
 
-def start(run: Run) -> None:
-    """Create the folder and describe the run; after this, files exist."""
-    cfg, env = run.cfg, run.env
+def start(run_plan: RunPlan, cfg: Config, env: DistEnv, info: dict[str, Any], position: tuple[int, int],
+          splits: Splits, model: torch.nn.Module) -> MetricsLog | None:
+    """Create the folder and describe the run (rank 0); after this, files exist. Rank 0 gets the metrics
+    writer. `position`: (completed epochs, global step) of the resumed checkpoint, (0, 0) when fresh."""
+    metrics_log = None
     if env.is_main:
-        n_bytes = sum(t.numel() * t.element_size() for t in run.model.state_dict().values())
-        n_optim = sum(p.numel() * p.element_size() for p in run.model.parameters() if p.requires_grad)
+        outdir = run_plan.outdir
+        n_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        n_optim = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         # keep_last + best + final weights, each model + optimizer state, with headroom
-        _check_writable(run.outdir, int((cfg.keep_last + 2) * (n_bytes + 2 * n_optim) * 1.1))
+        _check_writable(outdir, int((cfg.keep_last + 2) * (n_bytes + 2 * n_optim) * 1.1))
         try:
-            run.outdir.mkdir(parents=True, exist_ok=True)
-            if cfg.overwrite and not cfg.resume:
-                shutil.rmtree(run.outdir / ckpt.CKPT_DIR, ignore_errors=True)
+            outdir.mkdir(parents=True, exist_ok=True)
+            if run_plan.replace:
+                shutil.rmtree(outdir / ckpt.CKPT_DIR, ignore_errors=True)
                 for name in RUN_FILES:
-                    (run.outdir / name).unlink(missing_ok=True)
-            truncate_metrics(run.outdir, run.progress.epoch)
-            save_json(run.outdir / "config.json", {"config": cfg.to_dict(), "run": run.info,
-                                                   "resolved_output_dir": str(run.outdir)})
-            write_status(run, "running", None)
-            if run.splits is not None and cfg.dataset == "folder":
-                from dtl.folder import save_split
-
-                save_split(run.outdir, run.splits)  # a resume and `dtl eval` reuse exactly this split
+                    (outdir / name).unlink(missing_ok=True)
+            truncate_metrics(outdir, position[0])
+            ckpt.write_json(outdir / "config.json", {"config": cfg.to_dict(), "run": info,
+                                                      "resolved_output_dir": str(outdir)})
+            write_status(outdir, env, "running", None, position, run_plan.resume_from)
+            save_split(outdir, splits)  # image folders: a resume and `dtl eval` reuse exactly this split
         except OSError as err:
-            raise UserError(f"cannot write to {run.outdir}: {err}") from None
-        if cfg.log_with == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("--log-with tensorboard needs the tensorboard package: "
-                                "pip install 'dtl[tensorboard]'") from None
-            run.tb = SummaryWriter(str(run.outdir / "tensorboard"))
-        info = run.info
+            raise UserError(f"cannot write to {outdir}: {err}") from None
+        metrics_log = MetricsLog(outdir, cfg.log_with == "tensorboard")
         log.info("launcher %s, world size %d, device %s, precision %s (%s), global batch %d = %d x %d x %d",
                  info["launcher"], info["world_size"], info["device"], info["precision"],
                  info["precision_source"], info["global_batch"], cfg.batch_size, env.world_size, cfg.grad_accum)
-        log.info("output: %s", run.outdir)
+        log.info("output: %s", outdir)
     barrier(env)
+    return metrics_log
 
 
-def write_status(run: Run, state: str, exit_code: int | None) -> None:
+def write_status(outdir: Path, env: DistEnv, state: str, exit_code: int | None, position: tuple[int, int],
+                 checkpoint: Path | None) -> None:
     """status.json tells scripts how the run ended, also when a launcher (torchrun) reports only 'failed':
-    state is running | completed | preempted | failed."""
-    if not run.env.is_main:
+    state is running | completed | preempted | failed; position is (epoch, global step)."""
+    if not env.is_main:
         return
-    last = ckpt.latest_checkpoint(run.outdir)
-    ckpt.write_json(run.outdir / "status.json", {
-        "state": state, "exit_code": exit_code, "epoch": run.progress.epoch,
-        "global_step": run.progress.global_step, "checkpoint": str(last) if last else None,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    ckpt.write_json(outdir / "status.json", {
+        "state": state, "exit_code": exit_code, "epoch": position[0], "global_step": position[1],
+        "checkpoint": str(checkpoint) if checkpoint else None, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     })
-
-
-def read_status(outdir: Path) -> dict:
-    try:
-        return json.loads((outdir / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}

@@ -41,25 +41,35 @@ def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         monkeypatch.delenv(var, raising=False)
 
 
-def train_inproc(*flags: str) -> int:
-    """Run `dtl train` in this process (no interpreter start-up); returns the exit code."""
-    from dtl import cli, signals
-    from dtl.config import config_from_args
-    from dtl.errors import UserError
+def fault_env(step: int, kind: str = "nan", rank: int | None = None) -> dict[str, str]:
+    """The environment that makes `dtl.testing` inject a fault (see its docstring)."""
+    env = {"DTL_FAULT_STEP": str(step), "DTL_FAULT_KIND": kind}
+    if rank is not None:
+        env["DTL_FAULT_RANK"] = str(rank)
+    return env
+
+
+def train_inproc(*flags: str, env: dict[str, str] | None = None) -> int:
+    """Run `dtl train` in this process (no interpreter start-up); returns the exit code. `env`: extra
+    environment variables for this run only (e.g. `fault_env(...)`)."""
+    from dtl import cli, signals, testing
 
     saved = {s: signal.getsignal(s) for s in signals.HANDLED}
+    saved_env = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    testing.faults.cache_clear()
     try:
-        args = cli.build_parser().parse_args(["train", *flags])
-        try:
-            cfg = config_from_args(args)
-        except UserError as err:  # what `dtl.cli.main` does with a bad flag value
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        return cli.run_train(cfg)
+        return cli.main(["train", *flags])
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
         signals.reset()
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        testing.faults.cache_clear()
 
 
 def main_inproc(*args: str) -> int:
@@ -67,10 +77,9 @@ def main_inproc(*args: str) -> int:
     from dtl import cli
 
     try:
-        cli.main(list(args))
-    except SystemExit as done:
+        return cli.main(list(args))
+    except SystemExit as done:  # argparse: --help, bad flags
         return int(done.code or 0)
-    return 0
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None,

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from dtl import checkpoint as ckpt
 from dtl import cifar
-from tests.conftest import PY, ROOT, TINY, snapshot, train_inproc
+from tests.conftest import PY, ROOT, TINY, fault_env, snapshot, train_inproc
 
 # 2 ranks x batch 8: 32 optimizer steps per epoch, long enough to land a signal in the middle
 SIGNAL_RUN = [*TINY, "--epochs", "2", "--train-subset", "512", "--eval-subset", "40", "--batch-size", "8",
@@ -134,9 +134,9 @@ def test_a_failing_rank_ends_the_job_and_is_named(tmp_path, kind):
     t0 = time.monotonic()
     res = subprocess.run(torchrun_cmd(*TINY, "--epochs", "1", "--train-subset", "128", "--eval-subset", "16",
                                       "--batch-size", "8", "--checkpoint-every-steps", "2", "--output-dir",
-                                      str(out), "--fault-step", "4", "--fault-kind", kind, "--fault-rank", "1",
-                                      "--dist-timeout", "60"),
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+                                      str(out), "--dist-timeout", "60"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **fault_env(4, kind, rank=1)})
     assert res.returncode != 0 and time.monotonic() - t0 < 60 + 30
     text = res.stdout + res.stderr
     assert "rank      : 1" in text and ("Signal 9" in text or "SIGKILL" in text if kind == "kill"
@@ -148,7 +148,7 @@ def test_nan_abort_saves_nothing_broken_and_names_the_step(tmp_path, capfd):
     out = tmp_path / "run"
     code = train_inproc(*TINY, "--epochs", "1", "--train-subset", "96", "--eval-subset", "16",
                         "--checkpoint-every-steps", "1", "--keep-last", "10", "--output-dir", str(out),
-                        "--fault-step", "3")
+                        env=fault_env(3))
     assert code == 1
     err = capfd.readouterr().err
     assert "non-finite loss at global step 3" in err and "step-00000003" in err
@@ -160,15 +160,15 @@ def test_nan_abort_saves_nothing_broken_and_names_the_step(tmp_path, capfd):
 def test_nan_skip_drops_the_update_and_counts_it(tmp_path):
     out = tmp_path / "run"
     assert train_inproc(*TINY, "--epochs", "1", "--train-subset", "96", "--eval-subset", "16", "--output-dir",
-                        str(out), "--nan-policy", "skip", "--fault-step", "3") == 0
+                        str(out), "--nan-policy", "skip", env=fault_env(3)) == 0
     (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert row["nan_skips"] == 1 and row["train_count"] == 96 - 16 and row["train_loss"] == row["train_loss"]
     out2 = tmp_path / "run2"
     assert train_inproc(*TINY, "--epochs", "1", "--train-subset", "96", "--eval-subset", "16", "--output-dir",
-                        str(out2), "--nan-policy", "skip", "--max-nan-skips", "1", "--fault-step", "3") == 0
+                        str(out2), "--nan-policy", "skip", "--max-nan-skips", "1", env=fault_env(3)) == 0
     assert train_inproc(*TINY, "--epochs", "1", "--train-subset", "96", "--eval-subset", "16", "--output-dir",
                         str(tmp_path / "run3"), "--nan-policy", "skip", "--max-nan-skips", "1",
-                        "--fault-step", "3", "--fault-kind", "nan", "--lr", "1e30") == 1  # NaN every step
+                        "--lr", "1e30", env=fault_env(3, "nan")) == 1  # NaN every step
 
 
 # ---- bad input: exit 2, one clear message, nothing written or overwritten -----------------------------

@@ -2,15 +2,15 @@
 # A throw-away one-node SLURM cluster on localhost, for tests and for trying
 # the templates in slurm/ by hand.
 #
-#   tests/slurm_cluster.sh start    install (apt) if needed, configure, start, wait until idle
-#   tests/slurm_cluster.sh stop     stop exactly the daemons this script started
-#   tests/slurm_cluster.sh status   say what runs; exit 0 only when the node answers
-#   tests/slurm_cluster.sh env      print 'export SLURM_CONF=...' for eval
+#   tests/e2e/slurm_cluster.sh start    install (apt) if needed, configure, start, wait until idle
+#   tests/e2e/slurm_cluster.sh stop     stop exactly the daemons this script started
+#   tests/e2e/slurm_cluster.sh status   say what runs; exit 0 only when the node answers
+#   tests/e2e/slurm_cluster.sh env      print 'export SLURM_CONF=...' for eval
 #
 # Everything lives in one state folder, ${DTL_SLURM_STATE:-/tmp/dtl-slurm}:
 # slurm.conf, spool/state dirs, daemon logs and pid files.  The daemons and the
 # clients find the config through SLURM_CONF, so after `start` run
-#   export SLURM_CONF=/tmp/dtl-slurm/slurm.conf      (or: eval "$(tests/slurm_cluster.sh env)")
+#   export SLURM_CONF=/tmp/dtl-slurm/slurm.conf      (or: eval "$(tests/e2e/slurm_cluster.sh env)")
 # Jobs inherit SLURM_CONF from sbatch's environment, so srun inside a job finds it too.
 # A freshly started controller cancels the jobs it recovers from an earlier life of the cluster.
 #
@@ -67,7 +67,7 @@ write_conf() {
     tmp=$(mktemp "$STATE/slurm.conf.XXXXXX")
     chmod 644 "$tmp"
     cat >"$tmp" <<EOF
-# written by tests/slurm_cluster.sh - one node on localhost
+# written by tests/e2e/slurm_cluster.sh - one node on localhost
 ClusterName=dtl
 SlurmctldHost=$HOST
 SlurmUser=root

@@ -58,9 +58,7 @@ def metrics_rows(run: Path) -> list[dict]:
 
 
 def run_main(*argv: str) -> int:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(list(argv))
-    return exit_info.value.code
+    return cli.main(list(argv))
 
 
 # ---- predict -----------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """The small commands: models, plot, and TensorBoard logging; --help of every subcommand."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
 
+from dtl import cli, dist
 from tests.conftest import TINY, main_inproc, train_inproc
 
 
@@ -47,3 +49,18 @@ def test_tensorboard_scalars_equal_metrics_and_plot_overlays_two_runs(tmp_path):
     img = matplotlib.image.imread(png)
     assert img.ndim == 3 and img.shape[1] > 500 and img[..., :3].std() > 0.05  # a real picture, not blank
     assert main_inproc("plot", str(tmp_path), "--output", str(png)) == 2
+
+
+def test_an_op_without_deterministic_kernel_is_one_clear_message(caplog):
+    def body(device):
+        raise RuntimeError("adaptive_avg_pool2d_backward_cuda does not have a deterministic implementation, but "
+                           "you set 'torch.use_deterministic_algorithms(True)'. You can turn off determinism ...")
+
+    dist.setup_logging(dist.DistEnv())
+    logging.getLogger("dtl").propagate = True
+    with caplog.at_level(logging.ERROR, logger="dtl"):
+        code = cli.in_process_group(dist.DistEnv(), "cpu", 10, body)
+    assert code == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "adaptive_avg_pool2d_backward_cuda" in messages[0]
+    assert "without --deterministic" in messages[0]

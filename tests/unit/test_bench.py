@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from dtl import bench
+from dtl import bench, cli
+from dtl.bench_report import PHASES
 from dtl.errors import UserError
 
 TINY = ["--device", "cpu", "--image-size", "32", "--batch-size", "8", "--steps", "2", "--warmup", "1",
@@ -56,9 +57,17 @@ def check_result(result: dict[str, Any]) -> None:
     assert meta["command"].startswith("python -m dtl.bench")
 
 
+def bench_main(argv: list[str]) -> int:
+    return cli.main(["bench", *argv])
+
+
+def bench_args(argv: list[str]):
+    return cli.build_parser().parse_args(["bench", *argv])
+
+
 def test_bench_scratch_squeezenet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
-    code = bench.main(["--model", "squeezenet1_1", "--mode", "scratch", "--weights", "none", *TINY,
+    code = bench_main(["--model", "squeezenet1_1", "--mode", "scratch", "--weights", "none", *TINY,
                        "--json", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
@@ -68,9 +77,9 @@ def test_bench_scratch_squeezenet(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert meta["precision"] == {"reference": "fp32", "dtl": "fp32"}
     assert meta["dataset"] == "synthetic" and meta["threads"] == torch.get_num_threads()
     for side in ("reference", "dtl"):  # measured in a subprocess per side, per phase
-        assert all("peak_rss_mib" in result[side][phase] for phase in bench.PHASES)
+        assert all("peak_rss_mib" in result[side][phase] for phase in PHASES)
     table = capsys.readouterr().out
-    assert "reference img/s" in table and all(phase in table for phase in bench.PHASES)
+    assert "reference img/s" in table and all(phase in table for phase in PHASES)
 
 
 def test_bench_transfer_resnet18_weights_file(tmp_path: Path) -> None:
@@ -79,7 +88,7 @@ def test_bench_transfer_resnet18_weights_file(tmp_path: Path) -> None:
     weights = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     out = tmp_path / "bench.json"
-    code = bench.main(["--model", "resnet18", "--mode", "transfer", "--weights", str(weights), *TINY,
+    code = bench_main(["--model", "resnet18", "--mode", "transfer", "--weights", str(weights), *TINY,
                        "--memory", "off", "--flops", "--json", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
@@ -94,14 +103,14 @@ def test_bench_transfer_resnet18_weights_file(tmp_path: Path) -> None:
 
 
 def test_bench_flags_are_trains_plus_its_own() -> None:
-    args = bench.build_parser().parse_args(["--model", "resnet18", "--mode", "scratch", "--device", "cpu"])
+    args = bench_args(["--model", "resnet18", "--mode", "scratch", "--device", "cpu"])
     cfg = bench.bench_config(args)
     assert cfg.dataset == "synthetic" and (cfg.train_subset, cfg.eval_subset) == bench.SYNTHETIC_COUNTS["cpu"]
     assert (cfg.model, cfg.mode, cfg.weights) == ("resnet18", "scratch", "none")
-    args = bench.build_parser().parse_args(["--data-dir", "somewhere", "--device", "cpu"])
+    args = bench_args(["--data-dir", "somewhere", "--device", "cpu"])
     cfg = bench.bench_config(args)
     assert cfg.dataset == "cifar10" and cfg.train_subset is None
-    args = bench.build_parser().parse_args(["--steps", "0"])
+    args = bench_args(["--steps", "0"])
     with pytest.raises(UserError, match="--steps"):
         bench.options_from_args(args, "x")
-    assert bench.main(["--dataset", "folder", "--device", "cpu"]) == 2
+    assert bench_main(["--dataset", "folder", "--device", "cpu"]) == 2

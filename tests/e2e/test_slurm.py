@@ -1,4 +1,4 @@
-"""The SLURM templates (slurm/*.sbatch) on a real one-node Slurm on localhost (tests/slurm_cluster.sh).
+"""The SLURM templates (slurm/*.sbatch) on a real one-node Slurm on localhost (tests/e2e/slurm_cluster.sh).
 
 Lint: `bash -n` and shellcheck on every template and helper.  Jobs: the CPU template, the multi-node
 template on one node (c10d rendezvous), the per-task template (srun, no launcher), and a preemption round
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CLUSTER = ROOT / "tests" / "slurm_cluster.sh"
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "tests" / "e2e" / "slurm_cluster.sh"
 STATE = Path(os.environ.get("DTL_SLURM_STATE", "/tmp/dtl-slurm"))
 PY = sys.executable
 #: Pending reasons that never resolve by waiting: fail at once instead of at the timeout.
@@ -80,7 +80,7 @@ def slurm(tmp_path_factory: pytest.TempPathFactory):
     t0 = time.monotonic()
     started = _cluster("start", env, 600)
     if started.returncode != 0:
-        pytest.fail(f"tests/slurm_cluster.sh start failed:\n{started.stdout}\n{started.stderr}")
+        pytest.fail(f"tests/e2e/slurm_cluster.sh start failed:\n{started.stdout}\n{started.stderr}")
     print(f"\nslurm cluster up in {time.monotonic() - t0:.1f} s (was running: {was_running})")
     out = tmp_path_factory.mktemp("slurm-runs")
     env["OUTPUT_ROOT"] = str(out)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from dtl import models
-from tests.conftest import PY, ROOT, TINY, free_port, train_inproc
+from tests.conftest import PY, ROOT, TINY, fault_env, free_port, train_inproc
 
 pytestmark = pytest.mark.slow
 SHORT = [*TINY, "--epochs", "2", "--train-subset", "64", "--eval-subset", "33", "--batch-size", "8"]
@@ -130,8 +130,7 @@ def test_srun_style_processes_with_only_slurm_variables(tmp_path):
 def test_a_rank_that_raises_ends_the_job_quickly(tmp_path):
     out = tmp_path / "run"
     start = time.monotonic()
-    res = torchrun(2, *SHORT, "--output-dir", str(out), "--fault-step", "2", "--fault-kind", "raise",
-                   "--fault-rank", "1", "--dist-timeout", "60")
+    res = torchrun(2, *SHORT, "--output-dir", str(out), "--dist-timeout", "60", env=fault_env(2, "raise", rank=1))
     elapsed = time.monotonic() - start
     assert res.returncode != 0
     assert elapsed < 60 + 30, elapsed  # within the process-group timeout plus a margin, not a hang
@@ -156,3 +155,28 @@ def test_eval_counts_1003_images_once_at_world_sizes_2_and_3(tmp_path):
         summary = json.loads((tmp_path / f"eval{world}" / "summary.json").read_text())
         assert (summary["world_size"], summary["count"]) == (world, 1003)
         assert summary["top1"] == row["test_acc"]
+
+
+def test_weights_are_fetched_once_not_by_every_rank(tmp_path):
+    """Offline, two ranks: one download attempt (rank 0's), one error message, exit non-zero, no hang."""
+    attempts = tmp_path / "attempts.txt"
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, urllib.error\n"
+        "import torch.hub\n"
+        "def _offline(url, dst, *args, **kwargs):\n"
+        f"    with open({str(attempts)!r}, 'a') as f:\n"
+        "        f.write(os.environ.get('RANK', '?') + '\\n')\n"
+        "    raise urllib.error.URLError('offline (test)')\n"
+        "torch.hub.download_url_to_file = _offline\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TORCH_HOME": str(tmp_path / "th"),
+           "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--dataset", "synthetic", "--image-size", "32", "--device", "cpu", "--model", "squeezenet1_1",
+           "--mode", "transfer", "--epochs", "1", "--output-dir", str(tmp_path / "run")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert attempts.read_text().split() == ["0"], done.stderr[-3000:]
+    assert done.stderr.count("could not get the pretrained weights") == 1
+    assert not (tmp_path / "run").exists()

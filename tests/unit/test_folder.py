@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dtl import cli, folder
+from dtl import cli, data, folder, images
 from dtl.cifar import make_synthetic
 from dtl.config import Config
 from dtl.errors import UserError
@@ -105,15 +105,14 @@ def test_strict_images_refuses_and_names_every_bad_file(image_dir):
     assert str(bad["corrupt"]) in str(err.value) and str(bad["truncated"]) in str(err.value)
 
 
-def test_check_image_catches_a_truncated_jpeg_that_pil_verify_passes(tmp_path):
-    img = Image.fromarray(make_synthetic(1, size=64).images[0].permute(1, 2, 0).numpy())
-    img.save(tmp_path / "ok.jpg", quality=90)
-    data = (tmp_path / "ok.jpg").read_bytes()
-    (tmp_path / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
-    with Image.open(tmp_path / "cut.jpg") as im:
-        im.verify()  # the header check alone would let it through
-    assert folder.check_image(tmp_path / "ok.jpg") is None
-    assert "truncated" in folder.check_image(tmp_path / "cut.jpg")
+def test_warnings_come_from_the_main_process_only(image_dir):
+    root, bad = image_dir
+    with dtl_log() as records:
+        logging.getLogger("dtl").setLevel(logging.DEBUG)  # dtl_log restores the level
+        splits = folder.load_folder_splits(cfg_for(root, val_split=0.25), is_main=False)
+    assert not [r for r in records if r.levelno >= logging.WARNING]  # another rank: debug level only
+    assert any(str(bad["corrupt"]) in r.getMessage() for r in records if r.levelno == logging.DEBUG)
+    assert len(splits.train) + len(splits.test) == CLASSES * PER_CLASS  # the same files are skipped
 
 
 # ---- the split ---------------------------------------------------------------------------------------
@@ -137,11 +136,24 @@ def test_val_split_is_seeded_stratified_and_saved(image_dir, tmp_path):
     assert path == tmp_path / "run" / "split.json"
     assert saved["val"]["files"] == a.test.files and saved["train"]["files"] == a.train.files
     assert all(not Path(f).is_absolute() for f in saved["train"]["files"] + saved["val"]["files"])
-    # a resumed run reads the saved split back, even if the seed it is given differs
-    resumed = folder.load_folder_splits(cfg_for(root, val_split=0.25, seed=7, resume="auto",
-                                                output_dir=str(tmp_path / "run")))
+    # a resumed run reads the saved split back (its caller passes the file), even if the seed it is given differs
+    resumed = folder.load_folder_splits(cfg_for(root, val_split=0.25, seed=7), split_file=path)
     assert resumed.test.files == a.test.files and resumed.train.files == a.train.files
     assert torch.equal(resumed.test.labels, a.test.labels)
+
+
+def test_the_split_file_is_the_callers_choice(image_dir, tmp_path):
+    """No split file, or one that does not exist: split anew; `data.load_splits` passes the file through."""
+    root, _ = image_dir
+    a = folder.load_folder_splits(cfg_for(root, val_split=0.25, seed=0))
+    path = folder.save_split(tmp_path / "run", a)
+    assert folder.load_folder_splits(cfg_for(root, val_split=0.25, seed=1),
+                                     split_file=tmp_path / "none.json").test.files != a.test.files
+    resumed = data.load_splits(cfg_for(root, val_split=0.25, seed=1), allow_download=False, split_file=path)
+    assert resumed.test.files == a.test.files and resumed.train.files == a.train.files
+    only_test = folder.load_folder_splits(cfg_for(root, val_split=0.25, seed=1), split_file=path,
+                                          with_train=False)
+    assert only_test.test.files == a.test.files and len(only_test.train) == 0
 
 
 def test_train_and_val_folders(tmp_path):
@@ -179,12 +191,12 @@ def test_images_decode_lazily_to_uint8_and_resize_to_one_size(image_dir):
         img = split.images[i]
         assert img.dtype == torch.uint8 and img.shape[0] == 3
         shapes.add(tuple(img.shape[1:]))
-        out = folder.eval_transform(32)(img)  # Resize + CenterCrop: one size whatever the input
+        out = images.eval_transform(32)(img)  # Resize + CenterCrop: one size whatever the input
         assert out.shape == (3, 32, 32) and out.dtype == torch.float32
     assert shapes == {(32, 32), (32, 48), (40, 32)}
     grey = Image.fromarray(np.full((20, 30), 128, np.uint8))
     grey.save(root.parent / "grey.png")
-    assert folder.decode(root.parent / "grey.png").shape == (3, 20, 30)
+    assert images.decode(root.parent / "grey.png").shape == (3, 20, 30)
 
 
 def test_a_file_that_breaks_after_the_check_does_not_crash_the_worker(tmp_path):
@@ -224,23 +236,20 @@ def test_transfer_training_on_an_image_folder(image_dir, tmp_path, capsys):
     expected = folder.load_folder_splits(cfg_for(root, val_split=0.25))
     assert saved["val"]["files"] == expected.test.files and len(saved["skipped"]) == 2
 
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["eval", "--checkpoint", str(out), "--device", "cpu", "--output-dir", str(tmp_path / "ev")])
-    assert exit_info.value.code == 0
+    code = cli.main(["eval", "--checkpoint", str(out), "--device", "cpu", "--output-dir", str(tmp_path / "ev")])
+    assert code == 0
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["count"] == 12 and summary["top1"] == row["test_acc"]
     assert summary["top5"] is None  # 3 classes: no top-5
 
     # another labelled folder: its val/ folder is evaluated; class folders the model lacks are refused
     write_folder(tmp_path / "other" / "val", per_class=2, seed=3, bad=False)
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["eval", "--checkpoint", str(out), "--device", "cpu", "--data-dir", str(tmp_path / "other"),
+    code = cli.main(["eval", "--checkpoint", str(out), "--device", "cpu", "--data-dir", str(tmp_path / "other"),
                         "--output-dir", str(tmp_path / "ev2")])
-    assert exit_info.value.code == 0
+    assert code == 0
     assert json.loads((tmp_path / "ev2" / "summary.json").read_text())["count"] == 6
     (tmp_path / "other" / "val" / "zebra").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "other" / "val" / "zebra" / "z.png")
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["eval", "--checkpoint", str(out), "--device", "cpu", "--data-dir", str(tmp_path / "other"),
+    code = cli.main(["eval", "--checkpoint", str(out), "--device", "cpu", "--data-dir", str(tmp_path / "other"),
                         "--output-dir", str(tmp_path / "ev3")])
-    assert exit_info.value.code == 2 and "zebra" in capsys.readouterr().err
+    assert code == 2 and "zebra" in capsys.readouterr().err

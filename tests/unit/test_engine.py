@@ -8,7 +8,7 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 
-from tests.conftest import TINY, snapshot, train_inproc
+from tests.conftest import TINY, fault_env, snapshot, train_inproc
 
 METRIC_KEYS = {"epoch", "train_loss", "train_acc", "train_count", "test_loss", "test_acc", "test_count", "lr",
                "epoch_seconds", "images_per_sec"}
@@ -118,10 +118,29 @@ def test_grad_accumulation_matches_the_larger_batch(tmp_path):
 
 def test_lr_schedule_and_linear_scaling():
     from dtl.config import Config
-    from dtl.engine import lr_at
+    from dtl.optim import lr_at
 
     cfg = Config(lr=0.1, lr_scale="linear", grad_accum=2, warmup_epochs=1, lr_schedule="cosine", epochs=3)
     assert lr_at(cfg, 0, steps_per_epoch=10, world_size=4) == pytest.approx(0.8 / 10)  # warm-up, scaled x8
     assert lr_at(cfg, 10, 10, 4) == pytest.approx(0.8)  # cosine starts at the scaled rate
     assert lr_at(cfg, 29, 10, 4) < 0.01
     assert lr_at(Config(lr=0.1), 5, 10, 4) == 0.1  # --lr-scale none: as given
+
+
+FP16 = [*TINY, "--precision", "fp16", "--train-subset", "48", "--eval-subset", "16", "--epochs", "1"]
+
+
+def test_fp16_overflow_steps_are_skipped_and_the_scale_shrinks(tmp_path):
+    out = tmp_path / "run"
+    assert train_inproc(*FP16, "--fp16-init-scale", "1e38", "--output-dir", str(out)) == 0
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["overflow_skips"] >= 1
+    assert row["loss_scale"] < 1e38
+    assert json.loads((out / "status.json").read_text())["state"] == "completed"
+
+
+def test_fp16_real_nan_loss_still_aborts(tmp_path, capfd):
+    out = tmp_path / "run"
+    code = train_inproc(*FP16, "--output-dir", str(out), env=fault_env(1, "nan"))
+    assert code == 1
+    assert "non-finite loss at global step 1" in capfd.readouterr().err

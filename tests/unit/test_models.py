@@ -1,9 +1,13 @@
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
 import torchvision
 from safetensors.torch import save_file
+from torch import nn
 
 from dtl import models
 from dtl.errors import UserError
@@ -145,3 +149,96 @@ def test_weights_by_torchvision_enum_name(tmp_path, monkeypatch):
         models.build_model("resnet50", 10, "IMAGENET1K_V2", 32)
     with pytest.raises(UserError, match="IMAGENET1K_V1, IMAGENET1K_V2"):
         models.build_model("resnet50", 10, "IMAGENET9K", 32)
+
+
+@pytest.mark.parametrize("size_in, size_out", [(7, 7), (14, 7), (1, 7), (8, 1), (5, (1, 1))])
+def test_deterministic_pooling_matches_adaptive_pooling(size_in, size_out):
+    x = torch.randn(2, 3, size_in, size_in, requires_grad=True)
+    ref = nn.AdaptiveAvgPool2d(size_out)(x)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    out = models.DeterministicAdaptiveAvgPool2d(size_out)(x)
+    (g_out,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(g_out, g_ref)
+
+
+def test_deterministic_pooling_swaps_classifier_pools_and_keeps_state_dict():
+    for name in ("vgg16", "resnet18"):
+        net = models.skeleton(name)
+        keys = list(net.state_dict())
+        assert models.deterministic_pooling(net) == 1
+        assert list(net.state_dict()) == keys
+        wrapped = {id(m.pool) for m in net.modules() if isinstance(m, models.DeterministicAdaptiveAvgPool2d)}
+        assert all(id(m) in wrapped for m in net.modules() if type(m) is nn.AdaptiveAvgPool2d)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_deterministic_backward_through_swapped_pooling_is_bitwise():
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            net = torchvision.models.resnet18(num_classes=10).cuda()
+            models.deterministic_pooling(net)
+            torch.manual_seed(1)
+            x = torch.randn(8, 3, 32, 32, device="cuda")
+            net(x).sum().backward()  # without the swap: adaptive_avg_pool2d_backward_cuda raises here
+            grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+        assert torch.equal(grads[0], grads[1])
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_no_graph_reaches_frozen_parameters():
+    model = models.build_model("vgg11", 10, "none", 32)
+    models.freeze(model, "vgg11", "transfer", None)
+    models.run_prefix_without_grad(model, "classifier.6")
+    seen = []
+    model.classifier[5].register_forward_hook(lambda m, a, out: seen.append(out))
+    out = model(torch.randn(2, 3, 32, 32))
+    assert seen[0].grad_fn is None and not seen[0].requires_grad  # the head's input: no graph behind it
+    assert out.grad_fn is not None and torch.is_grad_enabled()  # the head itself does build one
+    out.sum().backward()
+    frozen = [p for n, p in model.named_parameters() if not n.startswith("classifier.6")]
+    assert all(p.grad is None for p in frozen)
+    assert model.classifier[6].weight.grad is not None
+
+
+PEAK = """
+import torch
+from dtl import models
+torch.manual_seed(0)
+model = models.build_model("vgg11", 10, "none", 64)
+models.freeze(model, "vgg11", MODE, None)
+if MODE == "transfer":
+    models.run_prefix_without_grad(model, "classifier.6")
+x = torch.randn(32, 3, 64, 64)
+saved = []
+def pack(t):
+    saved.append(t.numel() * t.element_size())
+    return t
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS (VmHWM) to the current RSS
+def rss(field):
+    line = next(l for l in open("/proc/self/status") if l.startswith(field))
+    return int(line.split()[1])
+base = rss("VmRSS:")
+with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    model(x).sum().backward()
+print(rss("VmHWM:") - base, sum(saved))
+"""
+
+
+def peak(mode: str) -> tuple[int, int]:
+    """(peak RSS increase in KiB during one step, bytes autograd saved for backward)."""
+    out = subprocess.run([sys.executable, "-c", PEAK.replace("MODE", repr(mode))], capture_output=True,
+                         text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+def test_transfer_step_peaks_below_finetune_step():
+    (rss_t, saved_t), (rss_f, saved_f) = peak("transfer"), peak("finetune")
+    assert saved_t <= 32 * 4096 * 4 * 2  # only the head's input (and its dropout mask) is kept
+    assert saved_f > 50 * saved_t
+    assert rss_t < rss_f, (rss_t, rss_f)

@@ -1,0 +1,16 @@
+"""`python -m dtl ...`, the `dtl` console script and `train.py`: run a command, then leave the process the way
+multi-process runs need (`dist.exit_process`: flushed, and without interpreter finalisers that abort now and
+then after gloo runs)."""
+
+from __future__ import annotations
+
+from dtl import cli, dist
+
+
+def main(argv: list[str] | None = None) -> None:
+    code = cli.main(argv)
+    dist.exit_process(code, dist.detect())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The one evaluation loop: training-time evaluation, `dtl eval` and `dtl bench` all run `evaluate()`.
+
+Each rank evaluates its contiguous shard (`dtl.data.EvalShardSampler`: no padding) and the sums are
+all-reduced, so every image counts exactly once at any world size. Everything is summed on the device; the
+only host sync is the final read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dtl.dist import DistEnv, all_reduce_sum, local_module
+from dtl.precision import autocast
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Loss and accuracies over all ranks (sums divided once, never averages of averages)."""
+
+    loss: float
+    top1: float
+    top5: float
+    """Top-min(5, classes) accuracy."""
+    count: int
+    confusion: torch.Tensor | None = None
+    """C x C counts on the CPU (rows: true class, columns: prediction), when asked for."""
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+             env: DistEnv, precision: str, num_classes: int | None = None, confusion: bool = False,
+             desc: str | None = "eval") -> EvalResult:
+    """Evaluate `model` on this rank's `batches` and sum over ranks. Runs without the DDP/compile wrappers
+    (`dist.local_module`): a DDP forward would start buffer broadcasts that a rank without an eval batch
+    never joins. `num_classes` is needed for top-5 (when fewer than 5) and the confusion matrix; `desc`: the
+    progress bar's label on rank 0 (None: no bar)."""
+    model = local_module(model)
+    was_training = model.training
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-k, count
+    classes = torch.arange(num_classes or 0, device=device)
+    matrix = torch.zeros(len(classes), len(classes), dtype=torch.int64, device=device)
+    bar = tqdm(batches, desc=desc, disable=not env.is_main or desc is None, leave=False, dynamic_ncols=True)
+    for images, labels in bar:
+        with autocast(precision, device):
+            logits = model(images)
+        logits = logits.float()
+        pred = logits.argmax(1)
+        hit1 = pred == labels
+        k = min(5, num_classes or logits.shape[1])
+        hitk = (logits.topk(k, dim=1).indices == labels[:, None]).any(1) | hit1
+        totals[:3] += torch.stack([criterion(logits, labels).double(), hit1.sum().double(), hitk.sum().double()])
+        totals[3] += labels.shape[0]  # a Python number: a kernel argument, not a host-to-device copy
+        if confusion:
+            # a product of one-hot matrices instead of bincount, whose output size depends on the data (a host
+            # sync per batch); exact in float32 (0/1 inputs, sums below 2**24)
+            matrix += ((labels[:, None] == classes).float().T @ (pred[:, None] == classes).float()).long()
+    model.train(was_training)
+    all_reduce_sum(totals, env)
+    if confusion:
+        all_reduce_sum(matrix, env)
+    loss, top1, topk, count = totals.tolist()
+    n = max(count, 1)
+    return EvalResult(loss / n, top1 / n, topk / n, int(count), matrix.cpu() if confusion else None)

@@ -1,0 +1,268 @@
+"""The training loop, top to bottom: `train_step` (micro-steps + one optimizer step), `train_one_epoch`
+(steps from the saved position, stop agreement, mid-epoch checkpoints), `end_epoch` (evaluate, log, save)
+and `fit` (epochs to the end). No host sync inside a step."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dtl import checkpoint as ckpt
+from dtl import models, rundir, signals, testing
+from dtl.dist import Agreement, all_gather_tensor, barrier, ddp_of, unwrap
+from dtl.errors import EXIT_OK, EXIT_PREEMPTED, NonFiniteLossError
+from dtl.evaluate import evaluate
+from dtl.metrics import Meter, plot_runs
+from dtl.optim import lr_at
+from dtl.precision import autocast
+from dtl.splits import stream_seed
+from dtl.state import Run
+
+log = logging.getLogger("dtl")
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepStats:
+    images: int
+    loss_finite: torch.Tensor
+    """All the step's losses were finite (a device tensor: reading it is a host sync)."""
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """How an epoch ended: stopped by a signal (checkpoint written), or done with its training sums."""
+
+    stopped: bool
+    loss: float = 0.0
+    acc: float = 0.0
+    count: int = 0
+    seconds: float = 0.0
+
+
+# ---- one step ----------------------------------------------------------------------------------
+
+def forward_backward(run: Run, images: torch.Tensor, labels: torch.Tensor, criterion: nn.Module, meter: Meter,
+                     sync: bool = True) -> torch.Tensor:
+    """One micro-step: forward under autocast, scaled backward (gradient all-reduce only when `sync`),
+    device-side metric sums. Returns whether the loss was finite (a device tensor)."""
+    p = run.progress
+    ddp = ddp_of(run.model)  # also under torch.compile, whose wrapper is not a DDP instance
+    no_sync = ddp.no_sync() if ddp is not None and not sync else contextlib.nullcontext()
+    faults = testing.faults()
+    with no_sync:
+        with autocast(run.precision, run.device):
+            logits = run.model(images)
+            loss = criterion(logits, labels)
+        if faults.due(p.global_step, run.env.rank):
+            loss = testing.inject(faults.kind, loss)
+        run.scaler.scale(loss / run.accum).backward()
+    # A non-finite step (skipped or about to abort) must not poison the epoch's sums.
+    finite = torch.isfinite(loss.detach())
+    meter.update(torch.where(finite, loss.detach() * labels.shape[0], 0.0),
+                 torch.where(finite, (logits.argmax(1) == labels).sum(), 0), finite * labels.shape[0])
+    return finite
+
+
+def optimizer_step(run: Run, bad_step: torch.Tensor, loss_finite: torch.Tensor) -> None:
+    """lr -> unscale -> finite check -> step -> zero_grad. `loss_finite`: the step's losses were all finite."""
+    p, scaler = run.progress, run.scaler
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(run.cfg, p.global_step, run.steps_per_epoch, run.env.world_size)
+    if scaler.is_enabled():
+        # fp16: gradients that overflow the loss scale are expected (at the start, after each scale growth);
+        # GradScaler skips those steps itself and lowers the scale. Only a non-finite *loss* is an error.
+        # Both are decided on the device: no host sync.
+        scaler.unscale_(run.optimizer)
+        found_inf = sum(v for v in scaler._found_inf_per_device(run.optimizer).values())
+        run.overflows += (loss_finite & (found_inf > 0)).to(torch.int64)
+        finite = loss_finite
+    else:
+        grads = [q.grad for g in run.optimizer.param_groups for q in g["params"] if q.grad is not None]
+        # DDP already averaged the gradients, so a NaN on any rank is a NaN on every rank: all agree for free.
+        # One fused pass (per-tensor norms, then the small result checked): isfinite() on each gradient
+        # allocated full-size temporaries, +700 MiB and 1-2 s per step for VGG16 on a CPU.
+        finite = torch.stack(torch._foreach_norm(grads)).isfinite().all() if grads else loss_finite
+        finite = finite & loss_finite
+    if run.cfg.nan_policy == "skip":
+        if not bool(finite):  # the skip policy pays one host sync per step to decide
+            p.nan_skips += 1
+            p.nan_skips_total += 1
+            if p.nan_skips > run.cfg.max_nan_skips:
+                raise NonFiniteLossError(f"{p.nan_skips} non-finite steps in a row up to step {p.global_step}")
+            log.warning("non-finite loss at step %d: update skipped (%d in a row)", p.global_step, p.nan_skips)
+            run.optimizer.zero_grad(set_to_none=True)
+            scaler.update()
+            return
+        p.nan_skips = 0
+    else:
+        # remember the first bad step on the device: read only at sync points, never here
+        bad_step.copy_(torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, p.global_step)))
+    scaler.step(run.optimizer)
+    scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def train_step(run: Run, batches: Sequence[Batch], criterion: nn.Module, meter: Meter,
+               bad_step: torch.Tensor) -> StepStats:
+    """One optimizer step over `batches` (grad_accum micro-batches; the last synchronises the gradients)."""
+    loss_finite = torch.ones((), dtype=torch.bool, device=run.device)
+    for j, (images, labels) in enumerate(batches):
+        loss_finite &= forward_backward(run, images, labels, criterion, meter, sync=j == len(batches) - 1)
+    optimizer_step(run, bad_step, loss_finite)
+    run.progress.global_step += 1
+    return StepStats(sum(int(labels.shape[0]) for _, labels in batches), loss_finite)
+
+
+def step_groups(run: Run, start_batch: int) -> Iterator[tuple[int, list[Batch]]]:
+    """(index of the group's last batch, the micro-batches of one optimizer step) from the train loader."""
+    n_batches, group = len(run.train_loader), []
+    for i, batch in enumerate(run.train_loader, start=start_batch):
+        group.append(batch)
+        if (i + 1) % run.accum == 0 or i + 1 == n_batches:
+            yield i, group
+            group = []
+
+
+# ---- sync points -------------------------------------------------------------------------------
+
+def sync_point(run: Run, bad_step: torch.Tensor) -> None:
+    """Read the device-side counters (only where the host waits anyway: checkpoints, epoch ends). Abort
+    policy: stop before anything is saved when a step had a non-finite loss."""
+    p = run.progress
+    p.overflow_skips += int(run.overflows.item())
+    run.overflows.zero_()
+    step = int(bad_step.item())
+    if step >= 0:
+        last = run.checkpointer.last
+        where = f"--resume {last}" if last else "a fresh run (no checkpoint was written yet)"
+        raise NonFiniteLossError(f"non-finite loss at global step {step}; nothing was saved after it. "
+                                 f"Lower --lr, check the data, or use --nan-policy skip; resume from {where}")
+
+
+def save(run: Run, is_best: bool = False) -> None:
+    run.checkpointer.save(run.model, run.optimizer, run.scaler, run.progress, is_best)
+
+
+def check_replicas(run: Run) -> None:
+    """DDP keeps replicas identical by construction; verify it (one checksum per rank) rather than assume.
+    Summed parameter by parameter: one float64 copy of VGG16 at once would be ~4 GB of temporaries."""
+    if not run.env.distributed:
+        return
+    params = list(unwrap(run.model).parameters())
+    checksum = torch.zeros(2, dtype=torch.float64, device=params[0].device)
+    offset = 0
+    for p in params:
+        flat = p.detach().flatten().double()
+        weights = (torch.arange(offset + 1, offset + flat.numel() + 1, dtype=torch.float64, device=flat.device)
+                   % 9973)
+        checksum[0] += flat.sum()
+        checksum[1] += (flat * weights).sum()
+        offset += flat.numel()
+    sums = all_gather_tensor(checksum, run.env)
+    if any(not torch.equal(sums[0], s) for s in sums[1:]):
+        raise RuntimeError(f"replicas diverged: parameter checksums per rank {[s.tolist() for s in sums]}")
+    log.info("replicas in sync: identical parameter checksums on all %d ranks", run.env.world_size)
+
+
+# ---- epochs ------------------------------------------------------------------------------------
+
+def train_one_epoch(run: Run, epoch: int) -> EpochResult:
+    """One epoch from the saved position."""
+    cfg, p, env = run.cfg, run.progress, run.env
+    start_batch = p.step_in_epoch * run.accum
+    if start_batch == 0:
+        torch.manual_seed(stream_seed(cfg.seed, epoch, env.rank, 1))  # dropout stream per epoch/rank
+    run.train_loader.set_epoch(epoch, start_batch)
+    meter = Meter(run.device)
+    if env.is_main:
+        meter.load(p.partial_meter)
+    run.model.train()
+    models.freeze_frozen_norms(run.model)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    bad_step = torch.tensor(-1, device=run.device)
+    agreement = Agreement(env)  # stop flag + rank 0's "checkpoint time", without a per-step round trip
+    n_batches = len(run.train_loader)
+    bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs} train",
+               disable=not env.is_main, dynamic_ncols=True, leave=False)
+    t0 = time.perf_counter() - p.partial_seconds
+    for i, batches in step_groups(run, start_batch):
+        train_step(run, batches, criterion, meter, bad_step)
+        p.step_in_epoch += 1
+        bar.update(len(batches))
+        if env.is_main and (p.step_in_epoch % cfg.log_every == 0):
+            loss_sum, correct, count = meter.local()  # the one host sync of a log interval
+            bar.set_postfix(loss=f"{loss_sum / max(count, 1):.3f}", acc=f"{correct / max(count, 1):.3f}",
+                            img_s=f"{count / max(time.perf_counter() - t0, 1e-9):.0f}")
+        last = i + 1 == n_batches
+        flags = agreement.drain() if last else agreement.step(signals.requested(), run.checkpointer.time_due())
+        stop, time_due = flags
+        if stop or run.checkpointer.due(p.global_step, time_due, last):
+            sync_point(run, bad_step)
+            p.partial_meter = meter.reduced_totals(env)
+            p.partial_seconds = time.perf_counter() - t0
+            save(run)
+            if stop:
+                bar.close()
+                return EpochResult(stopped=True)
+    agreement.drain()
+    bar.close()
+    sync_point(run, bad_step)
+    train = meter.reduced(env)
+    return EpochResult(False, train["loss"], train["acc"], int(train["count"]), time.perf_counter() - t0)
+
+
+def end_epoch(run: Run, epoch: int, train: EpochResult) -> None:
+    """Evaluate, log the epoch's row (rank 0), checkpoint."""
+    p = run.progress
+    test = evaluate(run.model, run.eval_loader, run.device, run.env, run.precision, len(run.splits.classes))
+    row = {"epoch": epoch + 1, "train_loss": train.loss, "train_acc": train.acc, "train_count": train.count,
+           "test_loss": test.loss, "test_acc": test.top1, "test_count": test.count,
+           "lr": run.optimizer.param_groups[0]["lr"], "epoch_seconds": train.seconds,
+           "images_per_sec": train.count / max(train.seconds, 1e-9), "global_step": p.global_step,
+           "nan_skips": p.nan_skips_total}
+    if run.scaler.is_enabled():
+        row["overflow_skips"] = p.overflow_skips
+        row["loss_scale"] = run.scaler.get_scale()
+    is_best = test.top1 > p.best_acc
+    p.best_acc = max(p.best_acc, test.top1)
+    p.end_epoch(epoch)
+    if run.metrics_log is not None:
+        run.metrics_log.append(row)
+        log.info("epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f (%d images) | %.1f img/s",
+                 epoch + 1, run.cfg.epochs, row["train_loss"], row["train_acc"], row["test_loss"],
+                 row["test_acc"], row["test_count"], row["images_per_sec"])
+    save(run, is_best=is_best)
+
+
+def write_status(run: Run, state: str, exit_code: int | None) -> None:
+    position = (run.progress.epoch, run.progress.global_step)
+    rundir.write_status(run.outdir, run.env, state, exit_code, position, run.checkpointer.last)
+
+
+def fit(run: Run) -> int:
+    """Epochs from the saved position to the end; the exit code."""
+    for epoch in range(run.progress.epoch, run.cfg.epochs):
+        result = train_one_epoch(run, epoch)
+        if result.stopped:
+            write_status(run, "preempted", EXIT_PREEMPTED)
+            log.warning("stopped by %s at global step %d (epoch %d); checkpoint written; exit code %d, "
+                        "continue with --resume auto", "/".join(signals.received()) or "a peer's signal",
+                        run.progress.global_step, epoch + 1, EXIT_PREEMPTED)
+            return EXIT_PREEMPTED
+        end_epoch(run, epoch, result)
+    check_replicas(run)
+    if run.env.is_main:
+        ckpt.write_tensors(run.outdir / "model.safetensors", unwrap(run.model).state_dict())
+        plot_runs([run.outdir], run.outdir / "curves.png")
+        write_status(run, "completed", EXIT_OK)
+        log.info("done: %s", run.outdir)
+    barrier(run.env)
+    return EXIT_OK

@@ -1,0 +1,77 @@
+"""What one training run holds while it runs (`Run`) and the description of it saved with every checkpoint
+and in config.json (`RunInfo`). Pure data: built by `dtl.setup`, used by `dtl.loop`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dtl.checkpointer import Checkpointer, Progress
+from dtl.config import Config
+from dtl.data import BatchLoader
+from dtl.dist import DistEnv
+from dtl.metrics import MetricsLog
+from dtl.rundir import RunPlan
+from dtl.splits import Splits
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """How the run was launched and what it decided (saved in config.json and every checkpoint as "run")."""
+
+    launcher: str
+    world_size: int
+    device: str
+    precision: str
+    precision_source: str
+    global_batch: int
+    num_classes: int
+    classes: list[str]
+    versions: dict[str, str]
+
+
+@dataclass
+class Run:
+    """Everything one training run holds, so functions take one argument instead of eighteen."""
+
+    cfg: Config
+    env: DistEnv
+    device: torch.device
+    plan: RunPlan
+    """The run folder and what it continues from."""
+    model: nn.Module
+    """What trains: possibly DDP- and compile-wrapped (`dist.unwrap` gives the model itself)."""
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    precision: str
+    train_loader: BatchLoader
+    eval_loader: BatchLoader
+    splits: Splits
+    progress: Progress
+    info: RunInfo
+    checkpointer: Checkpointer
+    new_features: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """Features computed by this run (--cache-features), written to OUTDIR/features once the folder exists."""
+    metrics_log: MetricsLog | None = None
+    """Rank 0's metrics.jsonl (+ TensorBoard) writer, opened once the run folder exists."""
+    overflows: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    """fp16: overflow-skipped steps since the last sync point, counted on the device (no host sync per step)."""
+
+    def __post_init__(self) -> None:
+        self.overflows = self.overflows.to(self.device)
+
+    @property
+    def outdir(self) -> Path:
+        return self.plan.outdir
+
+    @property
+    def accum(self) -> int:
+        return self.cfg.grad_accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train_loader) / self.accum)

@@ -1,0 +1,60 @@
+"""dtl.checkpointer: when to save, and a save -> restore round trip of everything a resume needs."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from dtl.checkpointer import Checkpointer, Progress
+from dtl.dist import DistEnv
+from dtl.errors import UserError
+
+CPU = torch.device("cpu")
+
+
+def make(tmp_path, env=None, **kw) -> Checkpointer:
+    opts = {"every_steps": 0, "every_minutes": 0.0, "keep_last": 2} | kw
+    meta = {"config": {"model": "tiny", "mode": "scratch"}, "num_classes": 3, "world_size": 1, "run": {}}
+    return Checkpointer(tmp_path, env or DistEnv(), CPU, static_meta=meta, **opts)
+
+
+def test_when_to_save(tmp_path):
+    steps = make(tmp_path, every_steps=5)
+    assert steps.due(10, False, last_step=False) and not steps.due(11, False, last_step=False)
+    assert not steps.due(10, True, last_step=True)  # the epoch's end saves anyway
+    minutes = make(tmp_path, every_minutes=0.001)
+    minutes.last_time = time.monotonic() - 1
+    assert minutes.time_due() and minutes.due(3, True, last_step=False)
+    other_rank = make(tmp_path, env=DistEnv(rank=1, world_size=2), every_minutes=0.001)
+    other_rank.last_time = time.monotonic() - 1
+    assert not other_rank.time_due()  # only rank 0's clock decides
+
+
+def test_save_and_restore_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    progress = Progress(epoch=1, step_in_epoch=2, global_step=7, best_acc=0.5, partial_meter=[1.0, 2.0, 3.0])
+    saver = make(tmp_path)
+    path = saver.save(model, opt, scaler, progress, is_best=True)
+    assert saver.last == path and path.name == "step-00000007"
+
+    fresh = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    loader = make(tmp_path)
+    restored = loader.restore(path, fresh, fresh_opt, scaler)
+    assert restored == progress and loader.last == path
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    assert torch.equal(opt.state_dict()["state"][0]["momentum_buffer"],
+                       fresh_opt.state_dict()["state"][0]["momentum_buffer"])
+
+    other = make(tmp_path)
+    other.static_meta = {**other.static_meta, "num_classes": 5}
+    with pytest.raises(UserError, match="3 classes; this run is 'tiny' with 5 classes"):
+        other.restore(path, fresh, fresh_opt, scaler)

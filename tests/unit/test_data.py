@@ -1,0 +1,55 @@
+"""Loaders: the device pipeline's chunked batches and mid-epoch resume replay the same stream; every loader
+is a `BatchLoader`."""
+
+import inspect
+
+import torch
+
+from dtl.augment import BatchTransform
+from dtl.cifar import make_synthetic
+from dtl.data import BatchLoader, DeviceLoader, EvalShardSampler, WorkerLoader, train_sampler, v2_transform
+from dtl.dist import DistEnv
+from dtl.features import FeatureLoader
+
+
+def batches(start_batch: int, size: int = 32, batch: int = 8):
+    split = make_synthetic(200)
+    loader = DeviceLoader(split, train_sampler(len(split), DistEnv(), seed=3), batch, BatchTransform(True, size),
+                          torch.device("cpu"), seed=3, rank=0)
+    loader.set_epoch(1, start_batch)
+    return list(loader), loader
+
+
+def test_resume_mid_chunk_yields_the_same_batches():
+    full, loader = batches(0, size=96)
+    assert 1 < loader.chunk_batches < 25 and len(full) == 25  # 200 images / 8: several chunks of batches
+    for start in (1, loader.chunk_batches, loader.chunk_batches + 3, 24):
+        resumed, _ = batches(start, size=96)
+        assert len(resumed) == len(full) - start
+        for (x, y), (x_full, y_full) in zip(resumed, full[start:], strict=True):
+            assert torch.equal(x, x_full) and torch.equal(y, y_full)
+
+
+def test_batches_are_channels_last_and_the_last_one_is_short():
+    full, _ = batches(0, size=64, batch=16)
+    assert full[0][0].shape == (16, 3, 64, 64) and full[0][0].is_contiguous(memory_format=torch.channels_last)
+    assert full[-1][0].shape[0] == 200 - 16 * 12
+
+
+def test_every_loader_is_a_batch_loader():
+    split = make_synthetic(20)
+    sampler = EvalShardSampler(len(split), 0, 1)
+    loaders = [
+        DeviceLoader(split, sampler, 8, BatchTransform(False, 32), torch.device("cpu"), seed=0, rank=0),
+        WorkerLoader(split, sampler, 8, v2_transform(False, 32, False), 0, torch.device("cpu"), seed=0),
+        FeatureLoader(torch.randn(20, 5), split.labels, sampler, 8),
+    ]
+    want = inspect.signature(BatchLoader.set_epoch)
+    for loader in loaders:
+        assert isinstance(loader, BatchLoader)
+        assert inspect.signature(type(loader).set_epoch) == want
+        loader.set_epoch(0, start_batch=1)
+        batches = list(loader)
+        assert len(loader) == 3 and len(batches) == 2  # the batch before the resume point is skipped
+        assert all(isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) for x, y in batches)
+        assert torch.equal(torch.cat([y for _, y in batches]), split.labels[8:])

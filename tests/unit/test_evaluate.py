@@ -1,0 +1,69 @@
+"""dtl.evaluate: the one evaluation loop (sums, top-k, confusion) against a direct computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dtl import dist
+from dtl.dist import DistEnv
+from dtl.evaluate import evaluate
+
+CPU = torch.device("cpu")
+
+
+def test_matches_a_direct_computation():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 7)
+    x, y = torch.randn(50, 6), torch.randint(0, 7, (50,))
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 50, 16)]
+    model.train()
+    result = evaluate(model, batches, CPU, DistEnv(), "fp32", 7, confusion=True, desc=None)
+    assert model.training  # the caller's mode is restored
+    with torch.no_grad():
+        logits = model(x)
+    assert result.count == 50
+    torch.testing.assert_close(result.loss, nn.functional.cross_entropy(logits, y).item(), rtol=1e-6, atol=0)
+    assert result.top1 == (logits.argmax(1) == y).float().mean().item()
+    assert result.top5 == (logits.topk(5, 1).indices == y[:, None]).any(1).float().mean().item()
+    expected = torch.bincount(y * 7 + logits.argmax(1), minlength=49).view(7, 7)
+    assert torch.equal(result.confusion, expected)
+
+
+def test_fewer_than_five_classes_and_no_confusion_by_default():
+    model = nn.Linear(4, 3)
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    result = evaluate(model, batches, CPU, DistEnv(), "fp32", 3, desc=None)
+    assert result.top5 == 1.0 and result.confusion is None
+
+
+def test_runs_the_model_without_its_ddp_and_compile_wrappers():
+    model = nn.Linear(4, 3)
+    compiled = torch.compile(model, backend="eager")
+    seen = []
+    model.register_forward_hook(lambda m, a, out: seen.append(m))
+    evaluate(compiled, [(torch.randn(2, 4), torch.tensor([0, 1]))], CPU, DistEnv(), "fp32", 3, desc=None)
+    assert seen == [model]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_confusion_matrix_needs_no_host_sync():
+    from dtl.evaluate import evaluate
+
+    labels = torch.randint(0, 10, (64,), device="cuda")
+    batches = [(torch.randn(64, 10, device="cuda"), labels)]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            totals_model = nn.Identity().cuda()
+            # only the final all-reduce/.tolist() may sync: run the per-batch part under the sync guard
+            classes = torch.arange(10, device="cuda")
+            for logits, y in batches:
+                pred = logits.argmax(1)
+                ((y[:, None] == classes).float().T @ (pred[:, None] == classes).float()).long()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    result = evaluate(totals_model, batches, torch.device("cuda"), dist.DistEnv(), "fp32", 10, confusion=True)
+    assert result.count == 64 and int(result.confusion.sum()) == 64

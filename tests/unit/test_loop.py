@@ -1,0 +1,159 @@
+"""dtl.loop: the optimizer step (finite check, skip policy, fp16 overflow counting), the sync point and
+train_step, on a real tiny run built by dtl.setup."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from dtl import dist, loop
+from dtl.cli import build_parser
+from dtl.config import config_from_args
+from dtl.dist import DistEnv
+from dtl.errors import NonFiniteLossError
+from dtl.metrics import Meter
+from dtl.setup import prepare
+from tests.conftest import TINY, free_port, train_inproc
+
+
+def tiny_run(tmp_path, *flags: str):
+    args = build_parser().parse_args(["train", *TINY, "--train-subset", "32", "--eval-subset", "16",
+                                      "--output-dir", str(tmp_path / "run"), *flags])
+    return prepare(config_from_args(args), DistEnv(), torch.device("cpu"))
+
+
+def backward(run, poison: bool = False) -> torch.Tensor:
+    images, labels = next(iter(run.train_loader))
+    loss = nn.functional.cross_entropy(run.model(images), labels)
+    if poison:
+        loss = loss * float("nan")
+    loss.backward()
+    return torch.isfinite(loss.detach())
+
+
+def params(run) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in run.model.parameters()]
+
+
+def test_a_finite_step_updates_and_clears_the_gradients(tmp_path):
+    run = tiny_run(tmp_path)
+    before, bad = params(run), torch.tensor(-1)
+    loop.optimizer_step(run, bad, backward(run))
+    assert int(bad) == -1 and all(p.grad is None for p in run.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, params(run)))
+    assert run.optimizer.param_groups[0]["lr"] == run.cfg.lr
+
+
+def test_abort_policy_remembers_the_first_bad_step_and_the_sync_point_raises(tmp_path):
+    run = tiny_run(tmp_path)
+    run.progress.global_step = 5
+    bad = torch.tensor(-1)
+    loop.optimizer_step(run, bad, backward(run, poison=True))
+    run.progress.global_step = 6
+    loop.optimizer_step(run, bad, backward(run, poison=True))
+    assert int(bad) == 5  # the first one, read only at a sync point
+    with pytest.raises(NonFiniteLossError, match="global step 5.*a fresh run"):
+        loop.sync_point(run, bad)
+
+
+def test_skip_policy_drops_the_update(tmp_path):
+    run = tiny_run(tmp_path, "--nan-policy", "skip", "--max-nan-skips", "1")
+    before, bad = params(run), torch.tensor(-1)
+    loop.optimizer_step(run, bad, backward(run, poison=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, params(run)))
+    assert (run.progress.nan_skips, run.progress.nan_skips_total) == (1, 1)
+    with pytest.raises(NonFiniteLossError, match="2 non-finite steps in a row"):
+        loop.optimizer_step(run, bad, backward(run, poison=True))
+
+
+def test_fp16_overflows_are_counted_on_the_device_and_read_at_the_sync_point(tmp_path):
+    run = tiny_run(tmp_path, "--precision", "fp16", "--fp16-init-scale", "1e38")
+    bad = torch.tensor(-1)
+    images, labels = next(iter(run.train_loader))
+    meter = Meter(run.device)
+    finite = loop.forward_backward(run, images, labels, nn.CrossEntropyLoss(), meter)
+    loop.optimizer_step(run, bad, finite)
+    assert int(run.overflows) == 1 and int(bad) == -1 and run.scaler.get_scale() < 1e38
+    loop.sync_point(run, bad)
+    assert run.progress.overflow_skips == 1 and int(run.overflows) == 0
+
+
+def test_train_step_accumulates_micro_batches_into_one_optimizer_step(tmp_path):
+    run = tiny_run(tmp_path, "--grad-accum", "2")
+    batches = list(run.train_loader)[:2]
+    stats = loop.train_step(run, batches, nn.CrossEntropyLoss(), Meter(run.device), torch.tensor(-1))
+    assert stats.images == sum(len(y) for _, y in batches) and bool(stats.loss_finite)
+    assert run.progress.global_step == 1
+
+
+def test_compiled_ddp_skips_the_all_reduce_on_accumulation_micro_steps(tmp_path, monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("DTL_FORCE_DISTRIBUTED", "1")  # a real (one-rank, gloo) group and DDP wrapper
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    calls: list[int] = []
+    per_micro_step: list[tuple[bool, int]] = []
+
+    original_init = nn.parallel.DistributedDataParallel.__init__
+
+    def init_with_hook(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+
+        def counting_hook(state, bucket):
+            calls.append(1)
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        self.register_comm_hook(None, counting_hook)
+
+    original_fb = loop.forward_backward
+
+    def recording_fb(run, images, labels, criterion, meter, sync=True):
+        before = len(calls)
+        assert dist.ddp_of(run.model) is not None, "the model should be DDP under compile"
+        finite = original_fb(run, images, labels, criterion, meter, sync=sync)
+        per_micro_step.append((sync, len(calls) - before))
+        return finite
+
+    monkeypatch.setattr(nn.parallel.DistributedDataParallel, "__init__", init_with_hook)
+    monkeypatch.setattr(loop, "forward_backward", recording_fb)
+    try:
+        code = train_inproc(*TINY, "--compile", "--grad-accum", "4", "--train-subset", "128", "--eval-subset",
+                            "32", "--epochs", "1", "--output-dir", str(tmp_path / "run"))
+    finally:
+        dist.teardown()
+    assert code == 0
+    assert [s for s, _ in per_micro_step] == [False, False, False, True] * 2
+    assert all(n == 0 for s, n in per_micro_step if not s)  # accumulation: no all-reduce
+    assert all(n > 0 for s, n in per_micro_step if s)
+
+
+def test_replica_check_sums_per_parameter_without_a_full_float64_copy():
+    # the checksum of the whole flattened model equals the per-parameter accumulation
+    net = nn.Sequential(nn.Linear(300, 200), nn.Linear(200, 7))
+    flat = torch.cat([p.detach().double().flatten() for p in net.parameters()])
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64) % 9973
+    expected = torch.stack([flat.sum(), (flat * weights).sum()])
+    seen = {}
+
+    class FakeRun:
+        env = dist.DistEnv(world_size=2)
+        model = net
+
+    def gather(t, env):
+        seen["t"] = t
+        return [t, t]
+
+    original = loop.all_gather_tensor
+    loop.all_gather_tensor = gather
+    try:
+        loop.check_replicas(FakeRun())  # type: ignore[arg-type]
+    finally:
+        loop.all_gather_tensor = original
+    torch.testing.assert_close(seen["t"], expected, rtol=1e-12, atol=1e-9)

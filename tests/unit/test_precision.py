@@ -1,0 +1,44 @@
+"""dtl.precision."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dtl import dist, precision
+from tests.conftest import TINY, train_inproc
+
+
+@pytest.mark.parametrize("hardware_bf16, expected", [(True, "bf16"), (False, "fp16")])
+def test_auto_precision_ignores_emulated_bf16(monkeypatch, hardware_bf16, expected):
+    # V100/T4: is_bf16_supported() is True by default (emulation), False with including_emulation=False
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or hardware_bf16)
+    cuda = torch.device("cuda", 0)
+    assert precision.resolve("auto", dist.DistEnv(), cuda)[0] == expected
+
+
+def test_accelerate_default_no_is_auto_and_explicit_choices_win(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    no = dist.DistEnv(accelerate_mixed_precision="no")
+    chosen, why = precision.resolve("auto", no, cuda)
+    assert chosen == "bf16" and "not a choice" in why, why
+    assert precision.resolve("auto", no, cpu)[0] == "fp32"
+    fp16 = dist.DistEnv(accelerate_mixed_precision="fp16")
+    assert precision.resolve("auto", fp16, cuda)[0] == "fp16"
+    assert precision.resolve("fp32", fp16, cuda) == ("fp32", "--precision flag")
+
+
+def test_deterministic_flag_sets_strict_mode_and_cublas_workspace(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        assert train_inproc(*TINY, "--deterministic", "--train-subset", "32", "--eval-subset", "16",
+                            "--epochs", "1", "--output-dir", str(tmp_path / "run")) == 0
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)

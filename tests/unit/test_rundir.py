@@ -1,0 +1,79 @@
+"""dtl.rundir: `--output-dir`/`--resume`/`--overwrite` resolved once into a RunPlan; config.json/status.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dtl import checkpoint as ckpt
+from dtl import rundir
+from dtl.config import Config
+from dtl.dist import DistEnv
+from dtl.errors import UserError
+from dtl.splits import Split, Splits
+
+CPU = torch.device("cpu")
+
+
+def fake_checkpoint(outdir, step: int):
+    return ckpt.save_checkpoint(outdir, model_state={"w": torch.zeros(2)}, optim_state={"state": {},
+                                "param_groups": []}, rng={}, meta={"global_step": step, "config": {},
+                                                                   "num_classes": 2}, keep_last=5)
+
+
+def plan(**kw):
+    return rundir.plan(Config(mode="scratch", **kw), DistEnv(), CPU)
+
+
+def test_fresh_folder(tmp_path):
+    p = plan(output_dir=str(tmp_path / "run"))
+    assert (p.outdir, p.resume_from, p.split_file, p.replace) == (tmp_path / "run", None, None, False)
+
+
+def test_another_run_is_not_clobbered_unless_asked(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="already holds a run"):
+        plan(output_dir=str(tmp_path))
+    assert plan(output_dir=str(tmp_path), overwrite=True).replace
+
+
+def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path):
+    assert plan(output_dir=str(tmp_path), resume="auto").resume_from is None  # nothing yet: start fresh
+    fake_checkpoint(tmp_path, 3)
+    newest = fake_checkpoint(tmp_path, 7)
+    (tmp_path / "checkpoints" / ".tmp-step-00000009-1").mkdir()  # a killed writer's leftovers
+    assert plan(output_dir=str(tmp_path), resume="auto").resume_from == newest
+    with pytest.raises(UserError, match="needs --output-dir"):
+        plan(resume="auto")
+
+
+def test_resume_path_maps_to_its_run_folder_and_split(tmp_path):
+    first = fake_checkpoint(tmp_path, 3)
+    fake_checkpoint(tmp_path, 7)
+    (tmp_path / "split.json").write_text("{}")
+    p = plan(resume=str(first))
+    assert (p.outdir, p.resume_from, p.split_file) == (tmp_path, first, tmp_path / "split.json")
+    assert ckpt.run_folder_of(first) == tmp_path and ckpt.run_folder_of(tmp_path) is None
+    assert plan(resume=str(tmp_path)).resume_from.name == "step-00000007"  # a run folder: its newest
+    with pytest.raises(UserError, match="no such checkpoint"):
+        plan(resume=str(tmp_path / "nope"))
+
+
+def test_start_describes_the_run_and_status_follows_it(tmp_path):
+    p = plan(output_dir=str(tmp_path / "run"))
+    splits = Splits(Split(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), ["a", "b"]),
+                    Split(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.tensor([1]), ["a", "b"]))
+    info = {"launcher": "python", "world_size": 1, "device": "cpu", "precision": "fp32",
+            "precision_source": "test", "global_batch": 32}
+    log = rundir.start(p, Config(mode="scratch"), DistEnv(), info, (0, 0), splits, torch.nn.Linear(2, 2))
+    assert log is not None and log.tb is None
+    saved = json.loads((p.outdir / "config.json").read_text())
+    assert saved["config"]["mode"] == "scratch" and saved["run"]["launcher"] == "python"
+    assert json.loads((p.outdir / "status.json").read_text())["state"] == "running"
+    rundir.write_status(p.outdir, DistEnv(), "preempted", 75, (1, 40), p.outdir / "checkpoints" / "step-40")
+    status = json.loads((p.outdir / "status.json").read_text())
+    assert (status["state"], status["exit_code"], status["epoch"], status["global_step"]) == ("preempted", 75, 1, 40)
+    rundir.write_status(p.outdir, DistEnv(rank=1, world_size=2), "failed", 1, (0, 0), None)  # not rank 0
+    assert json.loads((p.outdir / "status.json").read_text())["state"] == "preempted"

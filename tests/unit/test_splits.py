@@ -1,0 +1,62 @@
+"""`dtl.splits`: one seeding rule and one subsetting rule for every data source."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dtl.folder import FolderSplit
+from dtl.splits import Split, Splits, stream_seed, subset_indices
+
+
+def test_stream_seed_is_stable_and_keeps_streams_apart():
+    # the values the data streams have always used: a resumed run's augmentation and dropout draws depend on them
+    assert stream_seed(3, 1, 0) == 8105760134395614147
+    assert stream_seed(0, 2, 5, 1) == 1676460354547566576
+    seeds = {stream_seed(s, e, r) for s in range(3) for e in range(3) for r in range(3)}
+    assert len(seeds) == 27 and all(0 <= s < 2 ** 63 for s in seeds)
+    assert stream_seed(1, 23) != stream_seed(12, 3) and stream_seed(0, 1) != stream_seed(1, 0)
+    # class names: the folder's per-class split seed
+    names = {stream_seed(0, f"class_{i}") for i in range(50)} | {stream_seed(1, "class_0")}
+    assert len(names) == 51 and stream_seed(0, "class_1") == stream_seed(0, "class_1")
+    assert stream_seed(1) != stream_seed("1")
+
+
+def _old_random_subset(total: int, n: int, seed: int) -> list[int]:
+    """The rule both `Split.subset` and `FolderSplit.subset` applied before they shared `subset_indices`."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
+
+
+def test_subset_indices_first_random_and_whole():
+    assert subset_indices(10, None) is None and subset_indices(10, 10) is None and subset_indices(10, 12) is None
+    assert subset_indices(10, 4) == [0, 1, 2, 3] and subset_indices(10, 0) == []
+    for seed in (0, 1, 7):
+        idx = subset_indices(50, 12, "random", seed)
+        assert idx == _old_random_subset(50, 12, seed) and idx == sorted(set(idx))
+    assert subset_indices(50, 12, "random", 0) != subset_indices(50, 12, "random", 1)
+
+
+def _splits(total: int) -> tuple[Split, FolderSplit]:
+    """An in-memory split and a folder split (never decoded) whose labels / file names give each item's index."""
+    memory = Split(torch.arange(total, dtype=torch.uint8).reshape(total, 1, 1, 1).expand(total, 3, 2, 2),
+                   torch.arange(total), [str(i) for i in range(total)])
+    files = [f"{i}/{i:03d}.png" for i in range(total)]
+    return memory, FolderSplit("/nonexistent", files, list(range(total)), [str(i) for i in range(total)])
+
+
+@pytest.mark.parametrize("order,seed", [("first", 0), ("random", 0), ("random", 5)])
+def test_split_and_folder_split_subsets_agree(order, seed):
+    memory, folder = _splits(40)
+    want = subset_indices(40, 9, order, seed)
+    sub_m, sub_f = memory.subset(9, order, seed), folder.subset(9, order, seed)
+    assert sub_m.labels.tolist() == want and sub_f.labels.tolist() == want
+    assert sub_m.images[:, 0, 0, 0].tolist() == want and sub_f.files == [f"{i}/{i:03d}.png" for i in want]
+    assert sub_f.images.files == sub_f.files and sub_m.classes == memory.classes
+    if order == "random":
+        assert want == _old_random_subset(40, 9, seed)
+    assert memory.subset(None) is memory and folder.subset(40) is folder
+
+
+def test_splits_pair_takes_the_train_classes():
+    memory, _ = _splits(4)
+    assert Splits(memory, memory.subset(2)).classes == ["0", "1", "2", "3"]
