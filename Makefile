@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
+
+# One-GPU acceptance check (no network, no venv: the machine's python3 with torch; launch/gpu_check.py).
+gpu-check:
+	PYTHON="$(PYTHON)" bash launch/gpu_check.sh
 
 clean:
 	rm -rf runs/demo .pytest_cache .ruff_cache

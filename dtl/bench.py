@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import itertools
 import json
 import os
@@ -81,14 +80,13 @@ def bench_config(args: argparse.Namespace, device: torch.device | None = None) -
     if args.dataset is None and "dataset" not in toml:
         args.dataset = "cifar10" if (args.data_dir or "data_dir" in toml) else "synthetic"
     cfg = config_from_args(args)
-    if cfg.dataset not in ("synthetic", "cifar10", "cifar100"):
+    if cfg.data.dataset not in ("synthetic", "cifar10", "cifar100"):
         raise UserError(f"dtl bench compares CIFAR-format data only (synthetic, cifar10, cifar100), got "
-                        f"--dataset {cfg.dataset}")
-    device = device or pick_device(DistEnv(), cfg.device)
-    if cfg.dataset == "synthetic":
+                        f"--dataset {cfg.data.dataset}")
+    device = device or pick_device(DistEnv(), cfg.dist.device)
+    if cfg.data.dataset == "synthetic":
         n_train, n_test = SYNTHETIC_COUNTS["cuda" if device.type == "cuda" else "cpu"]
-        cfg = dataclasses.replace(cfg, train_subset=cfg.train_subset or n_train,
-                                  eval_subset=cfg.eval_subset or n_test)
+        cfg = cfg.replace(train_subset=cfg.data.train_subset or n_train, eval_subset=cfg.data.eval_subset or n_test)
     return cfg
 
 
@@ -139,7 +137,7 @@ class DtlLoop:
         self.device = device
         self.train_batches = endless(self.run.train_loader)
         self.eval_batches = endless(self.run.eval_loader)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         self.meter = Meter(device)
         self.bad_step = torch.tensor(-1, device=device)
 
@@ -252,7 +250,7 @@ def probe(spec: dict[str, Any]) -> dict[str, dict[str, float]]:
     """In a fresh process: build one side, run each phase after resetting the peaks, read the peaks."""
     torch.set_num_threads(spec["threads"])
     cfg = Config.from_dict(spec["config"])
-    device = pick_device(DistEnv(), cfg.device)
+    device = pick_device(DistEnv(), cfg.dist.device)
     loop = build_loop(spec["side"], cfg, device)
     out = {}
     for phase in PROBE_ORDER:
@@ -269,7 +267,7 @@ def measure_memory(cfg: Config, opts: Options, tmp: Path) -> dict[str, dict[str,
     """Peak memory per side and phase, each side in its own fresh `python -m dtl.cli bench --probe` process.
     On a CPU the two run at the same time (peaks are per process, and nothing is timed there); on a GPU one
     after the other, with this process's cached blocks released first, so each probe has the GPU to itself."""
-    sequential = cfg.device != "cpu" and torch.cuda.is_available()
+    sequential = cfg.dist.device != "cpu" and torch.cuda.is_available()
     if sequential:
         torch.cuda.empty_cache()
     procs = {}
@@ -328,11 +326,11 @@ def run_bench(cfg: Config, opts: Options) -> dict[str, Any]:
     """The whole benchmark; returns the result dictionary (also printed, and written to --json)."""
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    device = pick_device(DistEnv(), cfg.device)
+    device = pick_device(DistEnv(), cfg.dist.device)
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="dtl-bench-") as tmp:
         # prepare() validates the output folder but writes nothing to it: a path that never gets created.
-        cfg = dataclasses.replace(cfg, output_dir=str(Path(tmp) / "run"))
+        cfg = cfg.replace(output_dir=str(Path(tmp) / "run"))
         runs, precision, flops, peak = measure(cfg, opts, device)
         memory = measure_memory(cfg, opts, Path(tmp)) if opts.memory == "subprocess" else None
     result = assemble(cfg, opts, device, precision, runs, memory, flops, peak)

@@ -51,10 +51,11 @@ def device_name(device: torch.device) -> str:
 def meta(cfg: Config, opts: Options, device: torch.device, precision: str) -> dict[str, Any]:
     import torchvision
 
-    return {"device": str(device), "device_name": device_name(device), "model": cfg.model, "mode": cfg.mode,
-            "weights": cfg.weights, "image_size": cfg.image_size, "batch_size": cfg.batch_size,
-            "precision": {"reference": "fp32", "dtl": precision}, "dataset": cfg.dataset,
-            "train_images": cfg.train_subset, "eval_images": cfg.eval_subset, "steps": opts.steps,
+    b, d, o = cfg.backbone, cfg.data, cfg.optim
+    return {"device": str(device), "device_name": device_name(device), "model": b.model, "mode": b.mode,
+            "weights": b.weights, "image_size": d.image_size, "batch_size": o.batch_size,
+            "precision": {"reference": "fp32", "dtl": precision}, "dataset": d.dataset,
+            "train_images": d.train_subset, "eval_images": d.eval_subset, "steps": opts.steps,
             "input_steps": opts.input_steps, "warmup": opts.warmup, "repeats": opts.repeats,
             "threads": torch.get_num_threads(), "memory": opts.memory, "torch": torch.__version__,
             "torchvision": torchvision.__version__,

@@ -285,9 +285,9 @@ def run_train(args: argparse.Namespace) -> int:
     dist.setup_logging(env)
     cfg = config_from_args(args)  # a UserError here is the caller's guarded one line
     signals.install()
-    if cfg.deterministic:
+    if cfg.run.deterministic:
         dist.prepare_determinism()
-    return in_process_group(env, cfg.device, cfg.dist_timeout, lambda device: engine.train(cfg, env, device))
+    return in_process_group(env, cfg.dist.device, cfg.dist.dist_timeout, lambda device: engine.train(cfg, env, device))
 
 
 def run_eval(args: argparse.Namespace) -> int:

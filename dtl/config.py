@@ -1,6 +1,11 @@
-"""The training configuration: one typed dataclass, filled from defaults < TOML file < command-line flags.
+"""The training configuration: typed dataclasses grouped by concern, filled from defaults < TOML < flags.
 
-Every field carries a docstring; it doubles as the flag's ``--help`` text, so the two never drift apart.
+Sections: `backbone`, `data`, `optim`, `run`, `checkpoint`, `dist` -- each a dataclass whose fields carry a
+docstring (it doubles as the flag's ``--help`` text, so the two never drift apart) and are checked in
+``__post_init__`` (a ValueError naming the field and the value). `Config` holds one of each and checks what
+spans sections; a component is handed the section it needs. Flags and TOML keys stay flat (``--lr 0.01``,
+``lr = 0.01``, optionally under ``[train]``); a TOML file may also use section tables (``[optim]`` with
+``lr = 0.01``). The resolved config is saved flat (config.json, every checkpoint).
 """
 
 from __future__ import annotations
@@ -23,11 +28,38 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-@dataclass
-class Config:
-    """Everything that decides what a training run does. Resolved once, saved with the run."""
+#: field -> (rule, message) checked by every section's __post_init__ (besides Literal choices)
+_RULES: dict[str, tuple[Any, str]] = {
+    **{name: (lambda v: v > 0, "must be > 0") for name in (
+        "epochs", "batch_size", "grad_accum", "image_size", "log_every", "keep_last", "max_nan_skips", "lr",
+        "dist_timeout", "fp16_init_scale")},
+    **{name: (lambda v: v is None or v > 0, "must be > 0 when given") for name in (
+        "train_subset", "eval_subset", "finetune_last_n")},
+    **{name: (lambda v: v >= 0, "must be >= 0") for name in (
+        "num_workers", "checkpoint_every_steps", "seed", "warmup_epochs", "weight_decay",
+        "checkpoint_every_minutes")},
+    **{name: (lambda v: 0 <= v < 1, "must be in [0, 1)") for name in ("momentum", "label_smoothing", "val_split")},
+    "dropout": (lambda v: v is None or 0 <= v < 1, "must be in [0, 1)"),
+    "model": (lambda v: bool(v.strip()), "must name a torchvision model"),
+}
 
-    # ---- model -------------------------------------------------------------------------------
+
+def _validate_section(section: Any) -> None:
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        choices = _choices(hints[f.name])
+        if choices:
+            _check(f.name, value, value in choices, f"must be one of {', '.join(choices)}")
+        if f.name in _RULES:
+            rule, message = _RULES[f.name]
+            _check(f.name, value, rule(value), message)
+
+
+@dataclass
+class BackboneConfig:
+    """The network: which backbone, how it is initialised and which part of it trains."""
+
     model: str = "vgg16"
     """torchvision classification model name (see `dtl models`)."""
     mode: Literal["transfer", "finetune", "scratch"] = "transfer"
@@ -38,8 +70,17 @@ class Config:
     Default: imagenet for transfer/finetune, none for scratch."""
     finetune_last_n: int | None = None
     """finetune mode: number of backbone blocks (counted from the end) to unfreeze with the head; default all."""
+    dropout: float | None = None
+    """Override the dropout probability of the model's Dropout layers (default: the model's own)."""
 
-    # ---- data --------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        _validate_section(self)
+
+
+@dataclass
+class DataConfig:
+    """What the run reads and how batches are made."""
+
     dataset: Literal["cifar10", "cifar100", "synthetic", "folder"] = "cifar10"
     """cifar10 | cifar100 | synthetic (a small learnable CIFAR-format set generated in memory) | folder."""
     data_dir: str = "./data"
@@ -68,8 +109,18 @@ class Config:
     strict_images: bool = False
     """folder data sets: refuse to start when any image is unreadable (all are listed) instead of skipping
     them with a warning."""
+    cache_features: bool = False
+    """transfer mode with --no-augment: run the frozen backbone once per split and train the head on the
+    cached features."""
 
-    # ---- optimisation ------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        _validate_section(self)
+
+
+@dataclass
+class OptimConfig:
+    """How the weights are updated."""
+
     epochs: int = 3
     """Number of passes over the training set."""
     batch_size: int = 32
@@ -92,25 +143,46 @@ class Config:
     """Linear warm-up from 0 to --lr over this many epochs."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
+
+    def __post_init__(self) -> None:
+        _validate_section(self)
+
+
+@dataclass
+class RunConfig:
+    """How the run executes: numerics, seeds, non-finite losses, logging."""
+
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: the accelerate config's choice under `accelerate launch`, else bf16 on GPUs that support it,
     fp16 on older GPUs, fp32 on CPU."""
     fp16_init_scale: float = 65536.0
     """fp16: the GradScaler's initial loss scale. Steps whose scaled gradients overflow are skipped and the
     scale halves (counted as overflow_skips in metrics.jsonl; not an error)."""
-    dropout: float | None = None
-    """Override the dropout probability of the model's Dropout layers (default: the model's own)."""
     compile: bool = False
     """torch.compile the model."""
-    cache_features: bool = False
-    """transfer mode with --no-augment: run the frozen backbone once per split and train the head on the
-    cached features."""
     seed: int = 0
     """Seeds model init, data order and augmentation (per rank and epoch)."""
     deterministic: bool = False
     """Ask torch for deterministic kernels (slower; for bitwise-reproducible GPU runs)."""
+    nan_policy: Literal["abort", "skip"] = "abort"
+    """Non-finite loss: abort (no checkpoint of the broken state), or skip that step's update."""
+    max_nan_skips: int = 10
+    """skip policy: abort after this many non-finite steps in a row."""
+    log_every: int = 20
+    """Refresh the progress bar (one host sync) every N steps."""
+    log_with: Literal["none", "tensorboard"] = "none"
+    """Also log the metrics to TensorBoard (OUTDIR/tensorboard)."""
+    debug: bool = False
+    """Single process even under a launcher, no workers, a small subset, 1 epoch, anomaly detection."""
 
-    # ---- run ---------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        _validate_section(self)
+
+
+@dataclass
+class CheckpointConfig:
+    """Where the run lives and when it is saved."""
+
     output_dir: str | None = None
     """Run folder (config, metrics, checkpoints). Default: runs/<timestamp>."""
     overwrite: bool = False
@@ -124,83 +196,110 @@ class Config:
     """Also checkpoint when this many minutes have passed since the last checkpoint (0: off)."""
     keep_last: int = 2
     """Step/epoch checkpoints to keep besides `best` (older ones are removed after a new one is complete)."""
-    nan_policy: Literal["abort", "skip"] = "abort"
-    """Non-finite loss: abort (no checkpoint of the broken state), or skip that step's update."""
-    max_nan_skips: int = 10
-    """skip policy: abort after this many non-finite steps in a row."""
-    log_every: int = 20
-    """Refresh the progress bar (one host sync) every N steps."""
-    log_with: Literal["none", "tensorboard"] = "none"
-    """Also log the metrics to TensorBoard (OUTDIR/tensorboard)."""
+
+    def __post_init__(self) -> None:
+        _validate_section(self)
+
+
+@dataclass
+class DistConfig:
+    """Which device, and how long collectives may wait."""
+
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda:LOCAL_RANK when CUDA is available, else CPU."""
     dist_timeout: float = 300.0
     """Seconds a collective may wait before the job is declared dead (a crashed rank)."""
-    debug: bool = False
-    """Single process even under a launcher, no workers, a small subset, 1 epoch, anomaly detection."""
 
     def __post_init__(self) -> None:
-        if self.debug:
-            # Debug means "pdb works": one process, no worker processes, a short run.
-            self.num_workers = 0
-            self.epochs = 1
-            self.train_subset = min(self.train_subset or 256, 256)
-            self.eval_subset = min(self.eval_subset or 256, 256)
-        if self.weights is None:
-            self.weights = "none" if self.mode == "scratch" else "imagenet"
-        self._validate()
+        _validate_section(self)
 
-    def _validate(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum", "image_size", "log_every", "keep_last",
-                     "max_nan_skips"):
-            _check(name, getattr(self, name), getattr(self, name) > 0, "must be > 0")
-        for name in ("train_subset", "eval_subset", "finetune_last_n"):
-            value = getattr(self, name)
-            _check(name, value, value is None or value > 0, "must be > 0 when given")
-        for name in ("num_workers", "checkpoint_every_steps", "seed"):
-            _check(name, getattr(self, name), getattr(self, name) >= 0, "must be >= 0")
-        for name in ("warmup_epochs", "weight_decay", "checkpoint_every_minutes"):
-            _check(name, getattr(self, name), getattr(self, name) >= 0, "must be >= 0")
-        _check("lr", self.lr, self.lr > 0, "must be > 0")
-        _check("momentum", self.momentum, 0 <= self.momentum < 1, "must be in [0, 1)")
-        _check("label_smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "must be in [0, 1)")
-        _check("dropout", self.dropout, self.dropout is None or 0 <= self.dropout < 1, "must be in [0, 1)")
-        _check("val_split", self.val_split, 0 <= self.val_split < 1, "must be in [0, 1)")
-        _check("dist_timeout", self.dist_timeout, self.dist_timeout > 0, "must be > 0")
-        _check("fp16_init_scale", self.fp16_init_scale, self.fp16_init_scale > 0, "must be > 0")
-        for name, hint in typing.get_type_hints(Config).items():
-            choices = _choices(hint)
-            if choices:
-                value = getattr(self, name)
-                _check(name, value, value in choices, f"must be one of {', '.join(choices)}")
-        _check("model", self.model, bool(self.model.strip()), "must name a torchvision model")
-        if self.mode == "transfer" and self.weights == "none":
+
+SECTIONS: dict[str, type] = {"backbone": BackboneConfig, "data": DataConfig, "optim": OptimConfig,
+                             "run": RunConfig, "checkpoint": CheckpointConfig, "dist": DistConfig}
+#: flat field name -> its section
+SECTION_OF: dict[str, str] = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+class Config:
+    """Everything that decides what a training run does, by section. Resolved once, saved with the run."""
+
+    backbone: BackboneConfig
+    data: DataConfig
+    optim: OptimConfig
+    run: RunConfig
+    checkpoint: CheckpointConfig
+    dist: DistConfig
+
+    def __init__(self, **values: Any) -> None:
+        """Flat settings (``Config(lr=0.1, mode="scratch")``) and/or whole sections (``optim={"lr": 0.1}``
+        or ``optim=OptimConfig(...)``)."""
+        given: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        for key, value in values.items():
+            if key in SECTIONS:
+                if isinstance(value, SECTIONS[key]):
+                    value = dataclasses.asdict(value)
+                if not isinstance(value, dict):
+                    raise ValueError(f"{key} must be a table of settings, got {value!r}")
+                given[key].update(value)
+            elif key in SECTION_OF:
+                given[SECTION_OF[key]][key] = value
+            else:
+                raise ValueError(f"unknown config key {key!r}")
+        for name, cls in SECTIONS.items():
+            setattr(self, name, cls(**given[name]))
+        self._resolve()
+
+    def _resolve(self) -> None:
+        """Defaults that depend on other settings, and the checks that span sections."""
+        b, d, o, r = self.backbone, self.data, self.optim, self.run
+        if r.debug:
+            # Debug means "pdb works": one process, no worker processes, a short run.
+            d.num_workers, o.epochs = 0, 1
+            d.train_subset = min(d.train_subset or 256, 256)
+            d.eval_subset = min(d.eval_subset or 256, 256)
+        if b.weights is None:
+            b.weights = "none" if b.mode == "scratch" else "imagenet"
+        if b.mode == "transfer" and b.weights == "none":
             raise ValueError(
                 "weights='none' with mode='transfer' would train a head on a frozen *random* backbone; "
                 "use --weights imagenet (or a file), or --mode scratch"
             )
-        if self.finetune_last_n is not None and self.mode != "finetune":
-            raise ValueError(f"finetune_last_n={self.finetune_last_n} only applies to --mode finetune, "
-                             f"got mode={self.mode!r}")
-        if self.cache_features and (self.mode != "transfer" or self.augment):
+        if b.finetune_last_n is not None and b.mode != "finetune":
+            raise ValueError(f"finetune_last_n={b.finetune_last_n} only applies to --mode finetune, "
+                             f"got mode={b.mode!r}")
+        if d.cache_features and (b.mode != "transfer" or d.augment):
             raise ValueError(
                 "cache_features=True needs --mode transfer and --no-augment: with augmentation every epoch "
                 "sees different crops, so features computed once would silently drop the augmentation"
             )
-        if self.coarse_labels and self.dataset != "cifar100":
-            raise ValueError(f"coarse_labels=True only applies to --dataset cifar100, got {self.dataset!r}")
+        if d.coarse_labels and d.dataset != "cifar100":
+            raise ValueError(f"coarse_labels=True only applies to --dataset cifar100, got {d.dataset!r}")
 
-    # ---- (de)serialisation -------------------------------------------------------------------
+    # ---- flat views ------------------------------------------------------------------------------
+    @staticmethod
+    def field_names() -> list[str]:
+        return list(SECTION_OF)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The flat settings (the format of config.json and of every checkpoint)."""
+        return {k: v for name in SECTIONS for k, v in dataclasses.asdict(getattr(self, name)).items()}
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some flat settings changed (checked again)."""
+        return Config(**{**self.to_dict(), **changes})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(k for k in values if k not in SECTION_OF and k not in SECTIONS)
         if unknown:
             raise UserError(f"unknown config key(s): {', '.join(unknown)}")
         return cls(**values)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return "Config(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in SECTIONS) + ")"
 
 
 def _check(name: str, value: Any, ok: bool, rule: str) -> None:
@@ -217,12 +316,13 @@ def _choices(hint: Any) -> tuple[str, ...]:
 @functools.cache
 def field_docs() -> dict[str, str]:
     """Field name -> the docstring written under it (parsed from this file, so help text has one source)."""
-    tree = ast.parse(inspect.getsource(Config))
-    body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined]
+    for cls in SECTIONS.values():
+        body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant)):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined]
     return docs
 
 
@@ -235,22 +335,23 @@ def _base_type(hint: Any) -> type:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config field (`finetune_last_n` -> `--finetune-last-n`); defaults stay None so we can
-    tell which flags were actually given and let them win over a TOML file."""
+    """One flag per setting (`finetune_last_n` -> `--finetune-last-n`), grouped by section in --help;
+    defaults stay None so we can tell which flags were actually given and let them win over a TOML file."""
     parser.add_argument("--config", metavar="TOML", help="Read settings from a TOML file; flags win over it.")
-    hints = typing.get_type_hints(Config)
     docs = field_docs()
-    for f in dataclasses.fields(Config):
-        hint = hints[f.name]
-        flag = "--" + f.name.replace("_", "-")
-        base = _base_type(hint)
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{docs.get(f.name, '')} (default: {default})"
-        if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, type=base, default=None, choices=_choices(hint) or None,
-                                metavar=None if _choices(hint) else f.name.upper(), help=help_text)
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            flag = "--" + f.name.replace("_", "-")
+            base = _base_type(hint)
+            help_text = f"{docs.get(f.name, '')} (default: {f.default})"
+            if base is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            else:
+                group.add_argument(flag, type=base, default=None, choices=_choices(hint) or None,
+                                   metavar=None if _choices(hint) else f.name.upper(), help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -258,10 +359,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
         values.update(load_toml(Path(args.config)))
-    for f in dataclasses.fields(Config):
-        given = getattr(args, f.name, None)
+    for name in Config.field_names():
+        given = getattr(args, name, None)
         if given is not None:
-            values[f.name] = given
+            values[name] = given
     try:
         return Config.from_dict(values)
     except (TypeError, ValueError) as err:
@@ -269,12 +370,19 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def load_toml(path: Path) -> dict[str, Any]:
-    """Read a TOML config; keys may use dashes or underscores, and may sit under a [train] table."""
+    """Read a TOML config as flat settings: keys may use dashes or underscores, may sit under a [train]
+    table, or in section tables ([optim], [data], ...)."""
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"config file {path} is not valid TOML: {err}") from None
-    data = data.get("train", data)
-    return {key.replace("-", "_"): value for key, value in data.items()}
+    flat: dict[str, Any] = {}
+    for key, value in data.get("train", data).items():
+        key = key.replace("-", "_")
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update({k.replace("-", "_"): v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat

@@ -51,15 +51,16 @@ def load_splits(cfg: Config, allow_download: bool, split_file: Path | None = Non
     """Read (or generate) both splits and apply the subsets. `allow_download` is rank 0's privilege.
     Image folders: `split_file` is a saved split to reuse (a resumed run's), `is_main` whether this process
     logs the warnings (see `dtl.folder.load_folder_splits`)."""
-    if cfg.dataset == "synthetic":
-        train = make_synthetic(cfg.train_subset or SYNTHETIC_TRAIN, seed=cfg.seed)
-        test = make_synthetic(cfg.eval_subset or SYNTHETIC_TEST, seed=cfg.seed + 1_000_003)
-    elif cfg.dataset in ("cifar10", "cifar100"):
-        train, test = load_cifar(cfg.data_dir, cfg.dataset, allow_download and cfg.download, cfg.coarse_labels)
+    if cfg.data.dataset == "synthetic":
+        train = make_synthetic(cfg.data.train_subset or SYNTHETIC_TRAIN, seed=cfg.run.seed)
+        test = make_synthetic(cfg.data.eval_subset or SYNTHETIC_TEST, seed=cfg.run.seed + 1_000_003)
+    elif cfg.data.dataset in ("cifar10", "cifar100"):
+        d = cfg.data
+        train, test = load_cifar(d.data_dir, d.dataset, allow_download and d.download, d.coarse_labels)
     else:
         return load_folder_splits(cfg, split_file, is_main=is_main)  # decoded lazily by workers
-    return Splits(train.subset(cfg.train_subset, cfg.subset_order, cfg.seed),
-                  test.subset(cfg.eval_subset, cfg.subset_order, cfg.seed + 1))
+    return Splits(train.subset(cfg.data.train_subset, cfg.data.subset_order, cfg.run.seed),
+                  test.subset(cfg.data.eval_subset, cfg.data.subset_order, cfg.run.seed + 1))
 
 
 def load_splits_once(cfg: Config, env: DistEnv, split_file: Path | None = None) -> Splits:
@@ -197,9 +198,9 @@ def v2_transform(train: bool, size: int, augment: bool):  # noqa: ANN201 - a tor
 
 
 def resolve_pipeline(cfg: Config) -> str:
-    if cfg.data_pipeline != "auto":
-        return cfg.data_pipeline
-    return "workers" if cfg.dataset == "folder" else "device"
+    if cfg.data.data_pipeline != "auto":
+        return cfg.data.data_pipeline
+    return "workers" if cfg.data.dataset == "folder" else "device"
 
 
 def eval_loader(cfg: Config, split: DatasetSplit, env: DistEnv, device: torch.device,
@@ -207,21 +208,23 @@ def eval_loader(cfg: Config, split: DatasetSplit, env: DistEnv, device: torch.de
     """This rank's contiguous shard of a split with the eval transform."""
     sampler = EvalShardSampler(len(split), env.rank, env.world_size)
     if resolve_pipeline(cfg) == "device" and isinstance(getattr(split, "images", None), torch.Tensor):
-        transform = BatchTransform(train=False, size=cfg.image_size, dtype=compute_dtype, channels_last=channels_last)
-        return DeviceLoader(split, sampler, cfg.batch_size, transform, device, cfg.seed, env.rank)
-    return WorkerLoader(split, sampler, cfg.batch_size, v2_transform(False, cfg.image_size, False),
-                        cfg.num_workers, device, cfg.seed, channels_last)
+        transform = BatchTransform(train=False, size=cfg.data.image_size, dtype=compute_dtype,
+                                   channels_last=channels_last)
+        return DeviceLoader(split, sampler, cfg.optim.batch_size, transform, device, cfg.run.seed, env.rank)
+    return WorkerLoader(split, sampler, cfg.optim.batch_size, v2_transform(False, cfg.data.image_size, False),
+                        cfg.data.num_workers, device, cfg.run.seed, channels_last)
 
 
 def build_loaders(cfg: Config, splits: Splits, env: DistEnv, device: torch.device, compute_dtype: torch.dtype,
                   channels_last: bool = True) -> tuple[BatchLoader, BatchLoader]:
     """Train and eval loaders for this rank."""
-    tsampler = train_sampler(len(splits.train), env, cfg.seed)
+    tsampler = train_sampler(len(splits.train), env, cfg.run.seed)
     if resolve_pipeline(cfg) == "device" and isinstance(getattr(splits.train, "images", None), torch.Tensor):
-        ttrans = BatchTransform(train=cfg.augment, size=cfg.image_size, dtype=compute_dtype,
+        ttrans = BatchTransform(train=cfg.data.augment, size=cfg.data.image_size, dtype=compute_dtype,
                                 channels_last=channels_last)
-        train = DeviceLoader(splits.train, tsampler, cfg.batch_size, ttrans, device, cfg.seed, env.rank)
+        train = DeviceLoader(splits.train, tsampler, cfg.optim.batch_size, ttrans, device, cfg.run.seed, env.rank)
     else:
-        train = WorkerLoader(splits.train, tsampler, cfg.batch_size, v2_transform(True, cfg.image_size, cfg.augment),
-                             cfg.num_workers, device, cfg.seed, channels_last)
+        transform = v2_transform(True, cfg.data.image_size, cfg.data.augment)
+        train = WorkerLoader(splits.train, tsampler, cfg.optim.batch_size, transform, cfg.data.num_workers, device,
+                             cfg.run.seed, channels_last)
     return train, eval_loader(cfg, splits.test, env, device, compute_dtype, channels_last)

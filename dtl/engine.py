@@ -27,7 +27,7 @@ def train(cfg: Config, env: DistEnv, device: torch.device) -> int:
     if run.new_features:
         wait_for_main(env)  # ~1 GB of features for CIFAR-10 at 224 px: not under the NCCL timeout
     try:
-        with torch.autograd.set_detect_anomaly(cfg.debug):
+        with torch.autograd.set_detect_anomaly(cfg.run.debug):
             return loop.fit(run)
     except Exception:
         loop.write_status(run, "failed", 1)

@@ -91,7 +91,8 @@ def _gather_rows(local: torch.Tensor, env: DistEnv) -> torch.Tensor:
 def fingerprint(cfg: Config, split: str, n: int) -> str:
     keys = ("model", "weights", "image_size", "dataset", "data_dir", "train_subset", "eval_subset",
             "subset_order", "seed", "precision")
-    payload = json.dumps({k: getattr(cfg, k) for k in keys} | {"split": split, "n": n}, sort_keys=True)
+    settings = cfg.to_dict()
+    payload = json.dumps({k: settings[k] for k in keys} | {"split": split, "n": n}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -275,21 +275,21 @@ def _labels_of(files: list[str], classes: list[str], where: Path) -> list[int]:
 
 def load_folder_splits(cfg: Config, split_file: Path | None = None, *, with_train: bool = True,
                        is_main: bool = True) -> Splits:
-    """Train and held-out splits of the image folder `cfg.data_dir` (see the module docstring), with
-    `cfg.train_subset`/`cfg.eval_subset` applied. `split_file`: a saved split to reuse (a resumed run's
+    """Train and held-out splits of the image folder `cfg.data.data_dir` (see the module docstring), with
+    `cfg.data.train_subset`/`cfg.data.eval_subset` applied. `split_file`: a saved split to reuse (a resumed run's
     OUTDIR/split.json, resolved by the caller); None, or a file that does not exist, splits anew.
     `with_train=False` (evaluation) leaves the train split empty and unscanned. `is_main`: whether this
     process logs the warnings (the others log them at debug level)."""
-    if cfg.data_pipeline == "device":
+    if cfg.data.data_pipeline == "device":
         raise UserError("--data-pipeline device holds a whole split in memory as one tensor, which image "
                         "folders (files of any size) cannot be; use --data-pipeline workers (or auto)")
-    data_dir = Path(cfg.data_dir)
+    data_dir = Path(cfg.data.data_dir)
     if not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir} is not a folder: --dataset folder expects "
                         "DATA_DIR/<class>/... or DATA_DIR/train/<class>/... with DATA_DIR/val/<class>/...")
     layout, train_root, val_root = find_layout(data_dir)
-    source: dict[str, Any] = {"data_dir": str(data_dir), "layout": layout, "seed": cfg.seed,
-                              "val_split": cfg.val_split}
+    source: dict[str, Any] = {"data_dir": str(data_dir), "layout": layout, "seed": cfg.run.seed,
+                              "val_split": cfg.data.val_split}
     if split_file is not None and split_file.is_file():
         train, test = _from_saved(cfg, data_dir, split_file, with_train, is_main)
     elif val_root is not None:
@@ -302,10 +302,10 @@ def load_folder_splits(cfg: Config, split_file: Path | None = None, *, with_trai
 def _train_and_val(cfg: Config, train_root: Path, val_root: Path, source: dict[str, Any], with_train: bool,
                    is_main: bool) -> tuple[FolderSplit, FolderSplit]:
     """DATA_DIR/train/ and DATA_DIR/val/ (or validation/, ...): the held-out folder is the test split."""
-    data_dir = Path(cfg.data_dir)
+    data_dir = Path(cfg.data.data_dir)
     classes, files, labels = list_classes(train_root, is_main)
-    if cfg.val_split:
-        _warn(is_main, "--val-split %s ignored: %s has its own held-out folder %s", cfg.val_split, data_dir,
+    if cfg.data.val_split:
+        _warn(is_main, "--val-split %s ignored: %s has its own held-out folder %s", cfg.data.val_split, data_dir,
               val_root.name)
     val_classes, vfiles, vlabels = list_classes(val_root, is_main)
     unknown = [c for c in val_classes if c not in classes]
@@ -313,10 +313,10 @@ def _train_and_val(cfg: Config, train_root: Path, val_root: Path, source: dict[s
         raise UserError(f"{val_root} has class folder(s) that {train_root} lacks: {', '.join(unknown[:10])}")
     remap = [classes.index(c) for c in val_classes]
     vlabels = [remap[lab] for lab in vlabels]
-    vfiles, vlabels, vbad = _drop_bad(val_root, vfiles, vlabels, cfg.strict_images, str(val_root), is_main)
+    vfiles, vlabels, vbad = _drop_bad(val_root, vfiles, vlabels, cfg.data.strict_images, str(val_root), is_main)
     tbad: list[str] = []
     if with_train:
-        files, labels, tbad = _drop_bad(train_root, files, labels, cfg.strict_images, str(train_root), is_main)
+        files, labels, tbad = _drop_bad(train_root, files, labels, cfg.data.strict_images, str(train_root), is_main)
     source["skipped"] = [_rel(train_root / f, data_dir) for f in tbad] + \
                         [_rel(val_root / f, data_dir) for f in vbad]
     train = FolderSplit(train_root, files if with_train else [], labels if with_train else [], classes, source)
@@ -326,14 +326,14 @@ def _train_and_val(cfg: Config, train_root: Path, val_root: Path, source: dict[s
 def _held_out(cfg: Config, root: Path, source: dict[str, Any], with_train: bool,
               is_main: bool) -> tuple[FolderSplit, FolderSplit]:
     """One folder of class folders: `--val-split` of each class is held out (`stratified_split`)."""
-    data_dir = Path(cfg.data_dir)
+    data_dir = Path(cfg.data.data_dir)
     classes, files, labels = list_classes(root, is_main)
-    if not cfg.val_split:
+    if not cfg.data.val_split:
         raise UserError(f"{data_dir} has no val/ folder (nor {', '.join(VAL_DIRS[1:])}/): pass "
                         "--val-split 0.1 to hold out a seeded, stratified 10% of each class for evaluation")
-    files, labels, bad = _drop_bad(root, files, labels, cfg.strict_images, str(root), is_main)
+    files, labels, bad = _drop_bad(root, files, labels, cfg.data.strict_images, str(root), is_main)
     source["skipped"] = [_rel(root / f, data_dir) for f in bad]
-    tidx, vidx = stratified_split(labels, classes, cfg.val_split, cfg.seed)
+    tidx, vidx = stratified_split(labels, classes, cfg.data.val_split, cfg.run.seed)
     train = FolderSplit(root, [files[i] for i in tidx] if with_train else [],
                         [labels[i] for i in tidx] if with_train else [], classes, source)
     return train, FolderSplit(root, [files[i] for i in vidx], [labels[i] for i in vidx], classes, source)
@@ -359,7 +359,7 @@ def _from_saved(cfg: Config, data_dir: Path, split_file: Path, with_train: bool,
             more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
             raise UserError(f"{len(missing)} file(s) listed in {split_file} are missing under {data_dir}:\n  "
                             f"{listing}{more}\n(--data-dir must be the folder the run was trained on)")
-        files, labels, bad = _drop_bad(root, files, labels, cfg.strict_images, str(root), is_main)
+        files, labels, bad = _drop_bad(root, files, labels, cfg.data.strict_images, str(root), is_main)
         source["skipped"] += [_rel(root / f, data_dir) for f in bad]
         out.append(FolderSplit(root, files, labels, classes, source))
     return out[0], out[1]
@@ -367,14 +367,14 @@ def _from_saved(cfg: Config, data_dir: Path, split_file: Path, with_train: bool,
 
 def _finish(cfg: Config, train: FolderSplit, test: FolderSplit, with_train: bool) -> Splits:
     if with_train and not len(train):
-        raise UserError(f"{cfg.data_dir}: no readable training images")
+        raise UserError(f"{cfg.data.data_dir}: no readable training images")
     if not len(test):
-        raise UserError(f"{cfg.data_dir}: the held-out split is empty (each class needs at least 2 images "
+        raise UserError(f"{cfg.data.data_dir}: the held-out split is empty (each class needs at least 2 images "
                         "for --val-split, or put images in val/<class>/)")
-    log.info("image folder %s: %d train / %d held-out images, %d classes", cfg.data_dir, len(train),
+    log.info("image folder %s: %d train / %d held-out images, %d classes", cfg.data.data_dir, len(train),
              len(test), len(train.classes))
-    return Splits(train.subset(cfg.train_subset, cfg.subset_order, cfg.seed),
-                  test.subset(cfg.eval_subset, cfg.subset_order, cfg.seed + 1))
+    return Splits(train.subset(cfg.data.train_subset, cfg.data.subset_order, cfg.run.seed),
+                  test.subset(cfg.data.eval_subset, cfg.data.subset_order, cfg.run.seed + 1))
 
 
 def eval_root(data_dir: Path) -> Path:

@@ -60,7 +60,7 @@ def load_model(path: str | Path, device: torch.device) -> Loaded:
         raise UserError(f"--checkpoint {path}: no such run or checkpoint folder")
     folder = ckpt.best_or_last(path)
     meta = ckpt.read_meta(folder)
-    known = {f.name for f in dataclasses.fields(Config)}
+    known = set(Config.field_names())
     saved = {k: v for k, v in meta["config"].items() if k in known}
     try:
         cfg = Config.from_dict(saved)
@@ -70,10 +70,10 @@ def load_model(path: str | Path, device: torch.device) -> Loaded:
     classes = list((meta.get("run") or {}).get("classes") or [str(i) for i in range(num_classes)])
     if len(classes) != num_classes:
         raise UserError(f"{folder}/state.json names {len(classes)} classes for a {num_classes}-class model")
-    model = models.build_model(cfg.model, num_classes, "none", cfg.image_size)
+    model = models.build_model(cfg.backbone.model, num_classes, "none", cfg.data.image_size)
     models.load_into(model, ckpt.read_tensors(folder / "model.safetensors"), f"checkpoint {folder}")
     # the training run's memory format: the same kernels, so the same logits as the run's own evaluation
-    model = model.to(device, memory_format=models.memory_format(device.type, cfg.mode)).eval()
+    model = model.to(device, memory_format=models.memory_format(device.type, cfg.backbone.mode)).eval()
     run_dir = ckpt.run_folder_of(folder)
     return Loaded(model, folder, run_dir, meta, cfg, classes)
 
@@ -99,10 +99,10 @@ def _eval_config(args: argparse.Namespace, loaded: Loaded) -> Config:
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value
-    if changes.get("dataset", cfg.dataset) == "folder" and cfg.data_pipeline == "device":
+    if changes.get("dataset", cfg.data.dataset) == "folder" and cfg.data.data_pipeline == "device":
         changes["data_pipeline"] = "workers"
     try:
-        return dataclasses.replace(cfg, **changes)
+        return cfg.replace(**changes)
     except (TypeError, ValueError) as err:
         raise UserError(f"invalid evaluation settings: {err}") from None
 
@@ -110,25 +110,25 @@ def _eval_config(args: argparse.Namespace, loaded: Loaded) -> Config:
 def _test_split(cfg: Config, loaded: Loaded, env: DistEnv) -> Any:
     """The test split, labelled in the checkpoint's class order."""
 
-    if cfg.dataset == "folder":
+    if cfg.data.dataset == "folder":
         run_cfg = loaded.config
-        same_data = (run_cfg.dataset == "folder"
-                     and Path(cfg.data_dir).resolve() == Path(run_cfg.data_dir).resolve())
+        same_data = (run_cfg.data.dataset == "folder"
+                     and Path(cfg.data.data_dir).resolve() == Path(run_cfg.data.data_dir).resolve())
         if same_data:
             saved = loaded.run_dir / folder.SPLIT_FILE if loaded.run_dir is not None else None
             test = folder.load_folder_splits(cfg, split_file=saved, with_train=False, is_main=env.is_main).test
         else:
-            test = folder.load_image_folder(folder.eval_root(Path(cfg.data_dir)), strict=cfg.strict_images,
+            test = folder.load_image_folder(folder.eval_root(Path(cfg.data.data_dir)), strict=cfg.data.strict_images,
                                             is_main=env.is_main)
-            test = test.subset(cfg.eval_subset, cfg.subset_order, cfg.seed + 1)
+            test = test.subset(cfg.data.eval_subset, cfg.data.subset_order, cfg.run.seed + 1)
         return test.with_classes(loaded.classes)
     test = data.load_splits_once(cfg, env).test
     if len(test.classes) != len(loaded.classes):
-        raise UserError(f"{cfg.dataset} has {len(test.classes)} classes but the checkpoint's model has "
+        raise UserError(f"{cfg.data.dataset} has {len(test.classes)} classes but the checkpoint's model has "
                         f"{len(loaded.classes)} ({', '.join(loaded.classes[:10])}...)")
     if list(test.classes) != list(loaded.classes):
         log.warning("the class names of %s differ from the checkpoint's; labels are matched by index",
-                    cfg.dataset)
+                    cfg.data.dataset)
     return test
 
 
@@ -166,12 +166,12 @@ def evaluate_checkpoint(args: argparse.Namespace, env: DistEnv, device: torch.de
         raise UserError(f"--batch-size must be > 0, got {args.batch_size}")
     loaded = load_model(args.checkpoint, device)
     cfg = _eval_config(args, loaded)
-    if cfg.device == "auto":
-        cfg = dataclasses.replace(cfg, device=device.type)
+    if cfg.dist.device == "auto":
+        cfg = cfg.replace(device=device.type)
     test = _test_split(cfg, loaded, env)
-    fmt = models.memory_format(device.type, loaded.config.mode)
+    fmt = models.memory_format(device.type, loaded.config.backbone.mode)
     loader = data.eval_loader(cfg, test, env, device, channels_last=fmt == torch.channels_last)
-    precision, _ = resolve(cfg.precision, env, device)
+    precision, _ = resolve(cfg.run.precision, env, device)
     t0 = time.perf_counter()
     result = evaluate(loaded.model, loader, device, env, precision, len(loaded.classes), confusion=True)
     seconds = time.perf_counter() - t0
@@ -182,9 +182,9 @@ def evaluate_checkpoint(args: argparse.Namespace, env: DistEnv, device: torch.de
     per_row = confusion.sum(1).tolist()
     diag = confusion.diagonal().tolist()
     summary = {
-        "checkpoint": str(loaded.checkpoint), "model": cfg.model, "dataset": cfg.dataset,
-        "data_dir": cfg.data_dir if cfg.dataset not in ("synthetic",) else None,
-        "eval_subset": cfg.eval_subset, "image_size": cfg.image_size,
+        "checkpoint": str(loaded.checkpoint), "model": cfg.backbone.model, "dataset": cfg.data.dataset,
+        "data_dir": cfg.data.data_dir if cfg.data.dataset not in ("synthetic",) else None,
+        "eval_subset": cfg.data.eval_subset, "image_size": cfg.data.image_size,
         "count": metrics["count"], "top1": metrics["top1"],
         "top5": metrics["top5"] if len(loaded.classes) >= 5 else None, "loss": metrics["loss"],
         "correct": int(sum(diag)),
@@ -199,6 +199,6 @@ def evaluate_checkpoint(args: argparse.Namespace, env: DistEnv, device: torch.de
     write_eval(outdir, summary, confusion, loaded.classes)
     top5 = f", top-5 {summary['top5']:.4f}" if summary["top5"] is not None else ""
     print(f"{loaded.checkpoint}: top-1 {metrics['top1']:.4f} ({summary['correct']}/{metrics['count']})"
-          f"{top5}, loss {metrics['loss']:.4f} on {metrics['count']} {cfg.dataset} images")
+          f"{top5}, loss {metrics['loss']:.4f} on {metrics['count']} {cfg.data.dataset} images")
     print(f"wrote {outdir}/summary.json, per_class.csv, confusion_matrix.csv, confusion_matrix.png")
     return EXIT_OK

@@ -75,7 +75,7 @@ def optimizer_step(run: Run, bad_step: torch.Tensor, loss_finite: torch.Tensor) 
     """lr -> unscale -> finite check -> step -> zero_grad. `loss_finite`: the step's losses were all finite."""
     p, scaler = run.progress, run.scaler
     for group in run.optimizer.param_groups:
-        group["lr"] = lr_at(run.cfg, p.global_step, run.steps_per_epoch, run.env.world_size)
+        group["lr"] = lr_at(run.cfg.optim, p.global_step, run.steps_per_epoch, run.env.world_size)
     if scaler.is_enabled():
         # fp16: gradients that overflow the loss scale are expected (at the start, after each scale growth);
         # GradScaler skips those steps itself and lowers the scale. Only a non-finite *loss* is an error.
@@ -91,11 +91,11 @@ def optimizer_step(run: Run, bad_step: torch.Tensor, loss_finite: torch.Tensor) 
         # allocated full-size temporaries, +700 MiB and 1-2 s per step for VGG16 on a CPU.
         finite = torch.stack(torch._foreach_norm(grads)).isfinite().all() if grads else loss_finite
         finite = finite & loss_finite
-    if run.cfg.nan_policy == "skip":
+    if run.cfg.run.nan_policy == "skip":
         if not bool(finite):  # the skip policy pays one host sync per step to decide
             p.nan_skips += 1
             p.nan_skips_total += 1
-            if p.nan_skips > run.cfg.max_nan_skips:
+            if p.nan_skips > run.cfg.run.max_nan_skips:
                 raise NonFiniteLossError(f"{p.nan_skips} non-finite steps in a row up to step {p.global_step}")
             log.warning("non-finite loss at step %d: update skipped (%d in a row)", p.global_step, p.nan_skips)
             run.optimizer.zero_grad(set_to_none=True)
@@ -179,25 +179,25 @@ def train_one_epoch(run: Run, epoch: int) -> EpochResult:
     cfg, p, env = run.cfg, run.progress, run.env
     start_batch = p.step_in_epoch * run.accum
     if start_batch == 0:
-        torch.manual_seed(stream_seed(cfg.seed, epoch, env.rank, 1))  # dropout stream per epoch/rank
+        torch.manual_seed(stream_seed(cfg.run.seed, epoch, env.rank, 1))  # dropout stream per epoch/rank
     run.train_loader.set_epoch(epoch, start_batch)
     meter = Meter(run.device)
     if env.is_main:
         meter.load(p.partial_meter)
     run.model.train()
     models.freeze_frozen_norms(run.model)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     bad_step = torch.tensor(-1, device=run.device)
     agreement = Agreement(env)  # stop flag + rank 0's "checkpoint time", without a per-step round trip
     n_batches = len(run.train_loader)
-    bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs} train",
+    bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.optim.epochs} train",
                disable=not env.is_main, dynamic_ncols=True, leave=False)
     t0 = time.perf_counter() - p.partial_seconds
     for i, batches in step_groups(run, start_batch):
         train_step(run, batches, criterion, meter, bad_step)
         p.step_in_epoch += 1
         bar.update(len(batches))
-        if env.is_main and (p.step_in_epoch % cfg.log_every == 0):
+        if env.is_main and (p.step_in_epoch % cfg.run.log_every == 0):
             loss_sum, correct, count = meter.local()  # the one host sync of a log interval
             bar.set_postfix(loss=f"{loss_sum / max(count, 1):.3f}", acc=f"{correct / max(count, 1):.3f}",
                             img_s=f"{count / max(time.perf_counter() - t0, 1e-9):.0f}")
@@ -237,7 +237,7 @@ def end_epoch(run: Run, epoch: int, train: EpochResult) -> None:
     if run.metrics_log is not None:
         run.metrics_log.append(row)
         log.info("epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f (%d images) | %.1f img/s",
-                 epoch + 1, run.cfg.epochs, row["train_loss"], row["train_acc"], row["test_loss"],
+                 epoch + 1, run.cfg.optim.epochs, row["train_loss"], row["train_acc"], row["test_loss"],
                  row["test_acc"], row["test_count"], row["images_per_sec"])
     save(run, is_best=is_best)
 
@@ -249,7 +249,7 @@ def write_status(run: Run, state: str, exit_code: int | None) -> None:
 
 def fit(run: Run) -> int:
     """Epochs from the saved position to the end; the exit code."""
-    for epoch in range(run.progress.epoch, run.cfg.epochs):
+    for epoch in range(run.progress.epoch, run.cfg.optim.epochs):
         result = train_one_epoch(run, epoch)
         if result.stopped:
             write_status(run, "preempted", EXIT_PREEMPTED)

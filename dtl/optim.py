@@ -8,27 +8,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from dtl.config import Config
+from dtl.config import OptimConfig
 
 
-def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(optim: OptimConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     # foreach is the fast path on both CPU and GPU; fused only exists for (and helps on) CUDA.
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay,
-                                 **fast)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fast)
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=optim.lr, betas=(optim.momentum, 0.999),
+                                 weight_decay=optim.weight_decay, **fast)
+    return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay, **fast)
 
 
-def lr_at(cfg: Config, step: int, steps_per_epoch: int, world_size: int) -> float:
+def lr_at(optim: OptimConfig, step: int, steps_per_epoch: int, world_size: int) -> float:
     """Learning rate for an optimizer step: a pure function of the step, so resume needs no scheduler state."""
-    base = cfg.lr * (world_size * cfg.grad_accum if cfg.lr_scale == "linear" else 1)
-    warmup = cfg.warmup_epochs * steps_per_epoch
+    base = optim.lr * (world_size * optim.grad_accum if optim.lr_scale == "linear" else 1)
+    warmup = optim.warmup_epochs * steps_per_epoch
     if warmup and step < warmup:
         return base * (step + 1) / warmup
-    if cfg.lr_schedule == "cosine":
-        total = max(cfg.epochs * steps_per_epoch - warmup, 1)
+    if optim.lr_schedule == "cosine":
+        total = max(optim.epochs * steps_per_epoch - warmup, 1)
         return base * 0.5 * (1 + math.cos(math.pi * min((step - warmup) / total, 1.0)))
     return base
 

@@ -47,7 +47,7 @@ def _as_list(batch: list) -> list:
 def predict(loaded: Loaded, paths: list[Path], top_k: int, batch_size: int, num_workers: int,
             device: torch.device) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """(rows {path, rank, class, probability}, {path: why it was skipped})."""
-    dataset = _PredictImages(paths, loaded.config.image_size)
+    dataset = _PredictImages(paths, loaded.config.data.image_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=_as_list)
     k = min(top_k, len(loaded.classes))
@@ -62,7 +62,7 @@ def predict(loaded: Loaded, paths: list[Path], top_k: int, batch_size: int, num_
                     log.warning("skipped unreadable image %s (%s)", paths[i], err)
             if not good:
                 continue
-            fmt = models.memory_format(device.type, loaded.config.mode)
+            fmt = models.memory_format(device.type, loaded.config.backbone.mode)
             x = torch.stack([t for _, t in good]).to(device).contiguous(memory_format=fmt)
             probs = torch.softmax(loaded.model(x).float(), dim=1)
             top = probs.topk(k, dim=1)

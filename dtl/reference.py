@@ -63,14 +63,15 @@ class ReferenceLoop:
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         splits = data.load_splits(cfg, allow_download=False)
-        torch.manual_seed(cfg.seed)
-        net = models.build_model(cfg.model, len(splits.classes), cfg.weights, cfg.image_size, cfg.dropout)
-        models.freeze(net, cfg.model, cfg.mode, cfg.finetune_last_n)  # the same trainable set as dtl
+        torch.manual_seed(cfg.run.seed)
+        b = cfg.backbone
+        net = models.build_model(b.model, len(splits.classes), b.weights, cfg.data.image_size, b.dropout)
+        models.freeze(net, b.model, b.mode, b.finetune_last_n)  # the same trainable set as dtl
         self.device, self.net = device, net.to(device)
         params = [p for p in net.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(params=params, lr=REFERENCE_LR, momentum=REFERENCE_MOMENTUM)
         self.criterion = nn.CrossEntropyLoss()
-        size, bsz = cfg.image_size, cfg.batch_size
+        size, bsz = cfg.data.image_size, cfg.optim.batch_size
         self.train_batches = endless(DataLoader(CifarPIL(splits.train, reference_transform(True, size)),
                                                 batch_size=bsz, shuffle=True))
         self.eval_batches = endless(DataLoader(CifarPIL(splits.test, reference_transform(False, size)),

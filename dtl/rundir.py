@@ -42,32 +42,32 @@ def plan(cfg: Config, env: DistEnv, device: torch.device) -> RunPlan:
     """Where the run goes and where it continues from; refuses to clobber another run."""
     outdir = _outdir(cfg, env, device)
     resume_from = _resume_point(outdir, cfg)
-    if resume_from is None and not cfg.resume and holds_run(outdir) and not cfg.overwrite:
+    if resume_from is None and not cfg.checkpoint.resume and holds_run(outdir) and not cfg.checkpoint.overwrite:
         raise UserError(f"{outdir} already holds a run; continue it with --resume auto, replace it with "
                         "--overwrite, or choose another --output-dir")
-    split = outdir / SPLIT_FILE if cfg.resume and (outdir / SPLIT_FILE).is_file() else None
-    return RunPlan(outdir, resume_from, split, replace=cfg.overwrite and not cfg.resume)
+    split = outdir / SPLIT_FILE if cfg.checkpoint.resume and (outdir / SPLIT_FILE).is_file() else None
+    return RunPlan(outdir, resume_from, split, replace=cfg.checkpoint.overwrite and not cfg.checkpoint.resume)
 
 
 def _outdir(cfg: Config, env: DistEnv, device: torch.device) -> Path:
     """--output-dir, or the run folder of a --resume PATH, or runs/<timestamp> chosen by rank 0."""
-    if cfg.output_dir:
-        return Path(cfg.output_dir)
-    if cfg.resume == "auto":
+    if cfg.checkpoint.output_dir:
+        return Path(cfg.checkpoint.output_dir)
+    if cfg.checkpoint.resume == "auto":
         raise UserError("--resume auto needs --output-dir: the run folder to continue")
-    if cfg.resume:
-        path = Path(cfg.resume)
+    if cfg.checkpoint.resume:
+        path = Path(cfg.checkpoint.resume)
         return ckpt.run_folder_of(path) or path
     stamp = time.strftime("runs/%Y%m%d-%H%M%S") if env.is_main else ""
     return Path(broadcast_str(stamp, env, device if device.type == "cuda" else torch.device("cpu")))
 
 
 def _resume_point(outdir: Path, cfg: Config) -> Path | None:
-    if cfg.resume == "auto":
+    if cfg.checkpoint.resume == "auto":
         return ckpt.latest_checkpoint(outdir)
-    if not cfg.resume:
+    if not cfg.checkpoint.resume:
         return None
-    path = Path(cfg.resume)
+    path = Path(cfg.checkpoint.resume)
     if not path.exists():
         raise UserError(f"--resume {path}: no such checkpoint or run folder")
     if (path / "state.json").is_file():
@@ -109,7 +109,7 @@ def start(run_plan: RunPlan, cfg: Config, env: DistEnv, info: dict[str, Any], po
         n_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         n_optim = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         # keep_last + best + final weights, each model + optimizer state, with headroom
-        _check_writable(outdir, int((cfg.keep_last + 2) * (n_bytes + 2 * n_optim) * 1.1))
+        _check_writable(outdir, int((cfg.checkpoint.keep_last + 2) * (n_bytes + 2 * n_optim) * 1.1))
         try:
             outdir.mkdir(parents=True, exist_ok=True)
             if run_plan.replace:
@@ -123,10 +123,11 @@ def start(run_plan: RunPlan, cfg: Config, env: DistEnv, info: dict[str, Any], po
             save_split(outdir, splits)  # image folders: a resume and `dtl eval` reuse exactly this split
         except OSError as err:
             raise UserError(f"cannot write to {outdir}: {err}") from None
-        metrics_log = MetricsLog(outdir, cfg.log_with == "tensorboard")
+        metrics_log = MetricsLog(outdir, cfg.run.log_with == "tensorboard")
         log.info("launcher %s, world size %d, device %s, precision %s (%s), global batch %d = %d x %d x %d",
                  info["launcher"], info["world_size"], info["device"], info["precision"],
-                 info["precision_source"], info["global_batch"], cfg.batch_size, env.world_size, cfg.grad_accum)
+                 info["precision_source"], info["global_batch"], cfg.optim.batch_size, env.world_size,
+                 cfg.optim.grad_accum)
         log.info("output: %s", outdir)
     barrier(env)
     return metrics_log

@@ -17,6 +17,7 @@ from dtl.checkpointer import Checkpointer, Progress
 from dtl.config import Config
 from dtl.data import BatchLoader
 from dtl.dist import DistEnv, main_first
+from dtl.errors import UserError
 from dtl.optim import build_optimizer
 from dtl.precision import autocast, configure_backends, resolve
 from dtl.splits import Splits
@@ -29,7 +30,7 @@ def run_info(cfg: Config, env: DistEnv, device: torch.device, precision: str, wh
              classes: list[str]) -> RunInfo:
     return RunInfo(launcher=env.launcher, world_size=env.world_size, device=str(device).split(":")[0],
                    precision=precision, precision_source=why,
-                   global_batch=cfg.batch_size * env.world_size * cfg.grad_accum, num_classes=len(classes),
+                   global_batch=cfg.optim.batch_size * env.world_size * cfg.optim.grad_accum, num_classes=len(classes),
                    classes=list(classes),
                    versions={"torch": torch.__version__, "torchvision": torchvision.__version__,
                              "dtl": dtl.__version__})
@@ -37,14 +38,15 @@ def run_info(cfg: Config, env: DistEnv, device: torch.device, precision: str, wh
 
 def build_model(cfg: Config, device: torch.device, num_classes: int) -> tuple[nn.Module, list[str]]:
     """The backbone with its new head, frozen per mode, on the device in its memory format (not wrapped)."""
-    torch.manual_seed(cfg.seed)  # same initial head on every rank (DDP broadcasts rank 0's anyway)
-    model = models.build_model(cfg.model, num_classes, cfg.weights, cfg.image_size, cfg.dropout)
-    if cfg.deterministic and device.type == "cuda":
+    torch.manual_seed(cfg.run.seed)  # same initial head on every rank (DDP broadcasts rank 0's anyway)
+    net = cfg.backbone
+    model = models.build_model(net.model, num_classes, net.weights, cfg.data.image_size, net.dropout)
+    if cfg.run.deterministic and device.type == "cuda":
         models.deterministic_pooling(model)
-    trainable = models.freeze(model, cfg.model, cfg.mode, cfg.finetune_last_n)
-    if cfg.mode == "transfer":
+    trainable = models.freeze(model, cfg.backbone.model, cfg.backbone.mode, cfg.backbone.finetune_last_n)
+    if cfg.backbone.mode == "transfer":
         models.run_prefix_without_grad(model, models.head_name(model))
-    return model.to(device, memory_format=models.memory_format(device.type, cfg.mode)), trainable
+    return model.to(device, memory_format=models.memory_format(device.type, cfg.backbone.mode)), trainable
 
 
 def wrap(model: nn.Module, cfg: Config, env: DistEnv, device: torch.device) -> nn.Module:
@@ -54,38 +56,39 @@ def wrap(model: nn.Module, cfg: Config, env: DistEnv, device: torch.device) -> n
                     gradient_as_bucket_view=True)
         log.info("model wrapped in %s (%s backend, %d ranks)", type(model).__name__,
                  torch.distributed.get_backend(), env.world_size)
-    if cfg.compile:
+    if cfg.run.compile:
         model = torch.compile(model)
     return model
 
 
 def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
     """Validate and build everything; nothing is written to the output folder before this returns."""
-    precision, why = resolve(cfg.precision, env, device)
-    configure_backends(cfg.deterministic, device, precision)
+    precision, why = resolve(cfg.run.precision, env, device)
+    configure_backends(cfg.run.deterministic, device, precision)
     plan = rundir.plan(cfg, env, device)
     splits = data.load_splits_once(cfg, env, plan.split_file)
     # the ImageNet weights reach the hub cache once per node (rank 0 first), not once per rank at a time
-    main_first(env, lambda first: models.fetch_weights(cfg.model, cfg.weights) if first else None)
+    main_first(env, lambda first: models.fetch_weights(cfg.backbone.model, cfg.backbone.weights) if first else None)
     model, trainable = build_model(cfg, device, len(splits.classes))
-    optimizer = build_optimizer(cfg, model, device)
-    scaler = torch.amp.GradScaler(device.type, init_scale=cfg.fp16_init_scale, enabled=precision == "fp16")
+    optimizer = build_optimizer(cfg.optim, model, device)
+    scaler = torch.amp.GradScaler(device.type, init_scale=cfg.run.fp16_init_scale, enabled=precision == "fp16")
     info = run_info(cfg, env, device, precision, why, splits.classes)
-    checkpointer = Checkpointer(plan.outdir, env, device, every_steps=cfg.checkpoint_every_steps,
-                                every_minutes=cfg.checkpoint_every_minutes, keep_last=cfg.keep_last,
+    saving = cfg.checkpoint
+    checkpointer = Checkpointer(plan.outdir, env, device, every_steps=saving.checkpoint_every_steps,
+                                every_minutes=saving.checkpoint_every_minutes, keep_last=saving.keep_last,
                                 static_meta={"config": cfg.to_dict(), "num_classes": len(splits.classes),
                                              "world_size": env.world_size, "run": asdict(info)})
     progress = Progress()
     if plan.resume_from is not None:
         progress = checkpointer.restore(plan.resume_from, model, optimizer, scaler)
     total, n_train = models.count_parameters(model)
-    log.info("%s %s: %d params, %d trainable (%s)", cfg.model, cfg.mode, total, n_train,
+    log.info("%s %s: %d params, %d trainable (%s)", cfg.backbone.model, cfg.backbone.mode, total, n_train,
              ", ".join(trainable) if len(trainable) <= 4 else f"{len(trainable)} tensors")
-    channels_last = models.memory_format(device.type, cfg.mode) == torch.channels_last
+    channels_last = models.memory_format(device.type, cfg.backbone.mode) == torch.channels_last
     train_loader, eval_loader = data.build_loaders(cfg, splits, env, device, torch.float32,
                                                    channels_last=channels_last)
     new_features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    if cfg.cache_features:
+    if cfg.data.cache_features:
         model, train_loader, eval_loader, new_features = use_cached_features(cfg, env, device, model, splits,
                                                                              plan, precision)
     return Run(cfg, env, device, plan, wrap(model, cfg, env, device), optimizer, scaler, precision,
@@ -97,6 +100,12 @@ def use_cached_features(cfg: Config, env: DistEnv, device: torch.device, model: 
                         ) -> tuple[nn.Module, BatchLoader, BatchLoader, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Replace the image loaders by feature loaders and the model by its head (see dtl.features)."""
     head = models.head_name(model)
+    if not isinstance(model.get_submodule(head), nn.Linear):
+        # SqueezeNet classifies with a 1x1 convolution followed by ReLU and pooling inside forward():
+        # running the head alone on cached features would skip them
+        raise UserError(f"--cache-features needs a model whose last step is its Linear classification layer; "
+                        f"{cfg.backbone.model}'s head ({head}) is a convolution followed by pooling: drop "
+                        "--cache-features for it")
     if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
         log.warning("--cache-features computes features with dropout off (eval mode); the uncached run keeps "
                     "the backbone's dropout active: pass --dropout 0 to compare the two")
@@ -109,9 +118,9 @@ def use_cached_features(cfg: Config, env: DistEnv, device: torch.device, model: 
         found[name] = hit
     log.info("cached features: train %s, test %s (%s)", tuple(found["train"][0].shape),
              tuple(found["test"][0].shape), "computed" if new else f"reused from {plan.outdir / 'features'}")
-    train = features.FeatureLoader(*found["train"], data.train_sampler(len(splits.train), env, cfg.seed),
-                                   cfg.batch_size)
+    train = features.FeatureLoader(*found["train"], data.train_sampler(len(splits.train), env, cfg.run.seed),
+                                   cfg.optim.batch_size)
     test = features.FeatureLoader(*found["test"],
                                   data.EvalShardSampler(len(splits.test), env.rank, env.world_size),
-                                  cfg.batch_size)
+                                  cfg.optim.batch_size)
     return features.FeatureHead(model, head), train, test, new

@@ -70,7 +70,7 @@ class Run:
 
     @property
     def accum(self) -> int:
-        return self.cfg.grad_accum
+        return self.cfg.optim.grad_accum
 
     @property
     def steps_per_epoch(self) -> int:

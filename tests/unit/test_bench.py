@@ -105,11 +105,12 @@ def test_bench_transfer_resnet18_weights_file(tmp_path: Path) -> None:
 def test_bench_flags_are_trains_plus_its_own() -> None:
     args = bench_args(["--model", "resnet18", "--mode", "scratch", "--device", "cpu"])
     cfg = bench.bench_config(args)
-    assert cfg.dataset == "synthetic" and (cfg.train_subset, cfg.eval_subset) == bench.SYNTHETIC_COUNTS["cpu"]
-    assert (cfg.model, cfg.mode, cfg.weights) == ("resnet18", "scratch", "none")
+    assert cfg.data.dataset == "synthetic"
+    assert (cfg.data.train_subset, cfg.data.eval_subset) == bench.SYNTHETIC_COUNTS["cpu"]
+    assert (cfg.backbone.model, cfg.backbone.mode, cfg.backbone.weights) == ("resnet18", "scratch", "none")
     args = bench_args(["--data-dir", "somewhere", "--device", "cpu"])
     cfg = bench.bench_config(args)
-    assert cfg.dataset == "cifar10" and cfg.train_subset is None
+    assert cfg.data.dataset == "cifar10" and cfg.data.train_subset is None
     args = bench_args(["--steps", "0"])
     with pytest.raises(UserError, match="--steps"):
         bench.options_from_args(args, "x")

@@ -13,16 +13,16 @@ def parse(*flags: str) -> Config:
 
 def test_defaults_follow_the_reference_recipe():
     cfg = Config()
-    assert (cfg.model, cfg.mode, cfg.weights, cfg.epochs, cfg.batch_size) == ("vgg16", "transfer", "imagenet", 3, 32)
-    assert (cfg.lr, cfg.momentum, cfg.image_size) == (1e-3, 0.9, 224)
-    assert Config(mode="scratch").weights == "none"
+    assert (cfg.backbone.model, cfg.backbone.mode, cfg.backbone.weights) == ("vgg16", "transfer", "imagenet")
+    assert (cfg.optim.epochs, cfg.optim.batch_size) == (3, 32)
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.data.image_size) == (1e-3, 0.9, 224)
+    assert Config(mode="scratch").backbone.weights == "none"
 
 
 def test_every_field_is_documented():
-    import dataclasses
 
     docs = field_docs()
-    assert {f.name for f in dataclasses.fields(Config)} <= set(docs)
+    assert set(Config.field_names()) <= set(docs)
 
 
 @pytest.mark.parametrize("field,value", [("epochs", 0), ("batch_size", -1), ("lr", 0.0), ("momentum", 1.5),
@@ -41,14 +41,14 @@ def test_transfer_with_random_backbone_is_refused():
 def test_cache_features_needs_no_augment():
     with pytest.raises(ValueError, match="augment"):
         Config(cache_features=True)
-    assert Config(cache_features=True, augment=False).cache_features
+    assert Config(cache_features=True, augment=False).data.cache_features
 
 
 def test_toml_then_flags_win(tmp_path: Path):
     toml = tmp_path / "run.toml"
     toml.write_text('model = "resnet18"\nepochs = 7\nbatch-size = 8\n')
     cfg = parse("--config", str(toml), "--epochs", "2")
-    assert (cfg.model, cfg.epochs, cfg.batch_size) == ("resnet18", 2, 8)
+    assert (cfg.backbone.model, cfg.optim.epochs, cfg.optim.batch_size) == ("resnet18", 2, 8)
 
 
 def test_bad_toml_key_and_bad_flag_value(tmp_path: Path):
@@ -65,4 +65,21 @@ def test_bad_toml_key_and_bad_flag_value(tmp_path: Path):
 
 def test_debug_means_small_single_process_run():
     cfg = parse("--debug", "--epochs", "5")
-    assert (cfg.epochs, cfg.num_workers, cfg.train_subset, cfg.eval_subset) == (1, 0, 256, 256)
+    assert (cfg.optim.epochs, cfg.data.num_workers, cfg.data.train_subset, cfg.data.eval_subset) == (1, 0, 256, 256)
+
+
+def test_sections_flat_flags_and_sectioned_toml(tmp_path):
+    """Settings live in sections; flags and TOML keys stay flat, a TOML file may also use section tables, and
+    the saved form (config.json, checkpoints) is flat."""
+    cfg = Config(lr=0.5, mode="scratch", data={"image_size": 32})
+    assert (cfg.optim.lr, cfg.backbone.mode, cfg.data.image_size) == (0.5, "scratch", 32)
+    assert Config.from_dict(cfg.to_dict()) == cfg and "lr" in cfg.to_dict()
+    assert cfg.replace(epochs=7).optim.epochs == 7 and cfg.optim.epochs == 3
+    toml = tmp_path / "run.toml"
+    toml.write_text('[optim]\nlr = 0.25\nbatch-size = 8\n[backbone]\nmode = "finetune"\n')
+    cfg = parse("--config", str(toml), "--batch-size", "16")
+    assert (cfg.optim.lr, cfg.optim.batch_size, cfg.backbone.mode) == (0.25, 16, "finetune")
+    with pytest.raises(ValueError, match="keep_last must be > 0, got 0"):
+        Config(checkpoint={"keep_last": 0})
+    with pytest.raises(UserError, match="unknown config key"):
+        Config.from_dict({"lrr": 1})

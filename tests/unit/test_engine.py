@@ -120,11 +120,11 @@ def test_lr_schedule_and_linear_scaling():
     from dtl.config import Config
     from dtl.optim import lr_at
 
-    cfg = Config(lr=0.1, lr_scale="linear", grad_accum=2, warmup_epochs=1, lr_schedule="cosine", epochs=3)
+    cfg = Config(lr=0.1, lr_scale="linear", grad_accum=2, warmup_epochs=1, lr_schedule="cosine", epochs=3).optim
     assert lr_at(cfg, 0, steps_per_epoch=10, world_size=4) == pytest.approx(0.8 / 10)  # warm-up, scaled x8
     assert lr_at(cfg, 10, 10, 4) == pytest.approx(0.8)  # cosine starts at the scaled rate
     assert lr_at(cfg, 29, 10, 4) < 0.01
-    assert lr_at(Config(lr=0.1), 5, 10, 4) == 0.1  # --lr-scale none: as given
+    assert lr_at(Config(lr=0.1).optim, 5, 10, 4) == 0.1  # --lr-scale none: as given
 
 
 FP16 = [*TINY, "--precision", "fp16", "--train-subset", "48", "--eval-subset", "16", "--epochs", "1"]

@@ -48,3 +48,15 @@ def test_cached_features_give_the_same_head(tmp_path, resnet_weights, capfd):
 def test_cache_features_refused_with_augmentation():
     with pytest.raises(ValueError, match="augment"):
         Config(mode="transfer", cache_features=True)
+
+
+def test_cache_features_refuses_a_convolutional_head(tmp_path, capfd):
+    weights = tmp_path / "squeezenet.pth"
+    torch.save(torchvision.models.squeezenet1_1().state_dict(), weights)
+    code = train_inproc("--dataset", "synthetic", "--image-size", "32", "--device", "cpu", "--model",
+                        "squeezenet1_1", "--mode", "transfer", "--weights", str(weights), "--no-augment",
+                        "--cache-features", "--train-subset", "16", "--eval-subset", "8", "--output-dir",
+                        str(tmp_path / "run"))
+    assert code == 2
+    assert "classifier.1) is a convolution followed by pooling" in capfd.readouterr().err
+    assert not (tmp_path / "run").exists()

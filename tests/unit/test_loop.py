@@ -44,7 +44,7 @@ def test_a_finite_step_updates_and_clears_the_gradients(tmp_path):
     loop.optimizer_step(run, bad, backward(run))
     assert int(bad) == -1 and all(p.grad is None for p in run.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, params(run)))
-    assert run.optimizer.param_groups[0]["lr"] == run.cfg.lr
+    assert run.optimizer.param_groups[0]["lr"] == run.cfg.optim.lr
 
 
 def test_abort_policy_remembers_the_first_bad_step_and_the_sync_point_raises(tmp_path):
