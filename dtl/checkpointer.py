@@ -40,9 +40,12 @@ class Progress:
     partial_meter: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     """Train loss/correct/count sums of the incomplete epoch, over all ranks."""
     partial_seconds: float = 0.0
+    partial_grad_norms: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    """Pre-clip gradient norm sum, max and count of the incomplete epoch (--clip-grad-norm)."""
 
     def end_epoch(self, epoch: int) -> None:
         self.epoch, self.step_in_epoch, self.partial_meter, self.partial_seconds = epoch + 1, 0, [0.0] * 3, 0.0
+        self.partial_grad_norms = [0.0, 0.0, 0.0]
 
 
 class Checkpointer:

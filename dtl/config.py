@@ -40,6 +40,9 @@ _RULES: dict[str, tuple[Any, str]] = {
         "checkpoint_every_minutes")},
     **{name: (lambda v: 0 <= v < 1, "must be in [0, 1)") for name in ("momentum", "label_smoothing", "val_split")},
     "dropout": (lambda v: v is None or 0 <= v < 1, "must be in [0, 1)"),
+    "head_lr_mult": (lambda v: v > 0, "must be > 0"),
+    "layer_decay": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "clip_grad_norm": (lambda v: v is None or v > 0, "must be > 0 when given"),
     "model": (lambda v: bool(v.strip()), "must name a torchvision model"),
 }
 
@@ -143,6 +146,17 @@ class OptimConfig:
     """Linear warm-up from 0 to --lr over this many epochs."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
+    head_lr_mult: float = 1.0
+    """The new head learns at this multiple of the learning rate (the backbone at the rate itself)."""
+    layer_decay: float = 1.0
+    """Layer-wise learning-rate decay D in (0, 1]: the head at the rate, the backbone block below it at D x,
+    the next at D^2 x, ... down to the stem (blocks as tabled in dtl/models.py). 1: off."""
+    wd_norm_bias: bool = False
+    """Apply --weight-decay to biases and normalisation parameters too (by default they get none, as in timm
+    and torchvision's reference recipes)."""
+    clip_grad_norm: float | None = None
+    """Clip the global gradient norm (of the parameters that train) to this value, once per optimizer step,
+    after unscaling; the pre-clip norm's epoch mean and max go to metrics.jsonl."""
 
     def __post_init__(self) -> None:
         _validate_section(self)

@@ -45,6 +45,9 @@ class EpochResult:
     acc: float = 0.0
     count: int = 0
     seconds: float = 0.0
+    grad_norm_mean: float = 0.0
+    """Pre-clip global gradient norm over the epoch's optimizer steps (with --clip-grad-norm)."""
+    grad_norm_max: float = 0.0
 
 
 # ---- one step ----------------------------------------------------------------------------------
@@ -71,26 +74,45 @@ def forward_backward(run: Run, images: torch.Tensor, labels: torch.Tensor, crite
     return finite
 
 
+def clip_gradients(grads: list[torch.Tensor], norms: list[torch.Tensor], max_norm: float,
+                   stats: torch.Tensor) -> None:
+    """Scale the gradients so their global norm is at most `max_norm` (from the per-tensor norms already
+    computed for the finite check: no second pass), and add the pre-clip norm to `stats` (sum, max, count),
+    all on the device."""
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    stats[0] += total.double()
+    stats[1] = torch.maximum(stats[1], total.double())
+    stats[2] += 1
+    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+
+
 def optimizer_step(run: Run, bad_step: torch.Tensor, loss_finite: torch.Tensor) -> None:
-    """lr -> unscale -> finite check -> step -> zero_grad. `loss_finite`: the step's losses were all finite."""
-    p, scaler = run.progress, run.scaler
+    """lr -> unscale -> finite check -> clip -> step -> zero_grad. `loss_finite`: the step's losses were all
+    finite."""
+    p, scaler, settings = run.progress, run.scaler, run.cfg.optim
+    base = lr_at(settings, p.global_step, run.steps_per_epoch, run.env.world_size)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr_at(run.cfg.optim, p.global_step, run.steps_per_epoch, run.env.world_size)
+        group["lr"] = base * group.get("lr_mult", 1.0)
+    scaler.unscale_(run.optimizer)  # a no-op without fp16
+    grads: list[torch.Tensor] = []
+    norms: list[torch.Tensor] = []
+    if settings.clip_grad_norm is not None or not scaler.is_enabled():
+        grads = [q.grad for g in run.optimizer.param_groups for q in g["params"] if q.grad is not None]
+        # One fused pass (per-tensor norms, then the small result checked): isfinite() on each gradient
+        # allocated full-size temporaries, +700 MiB and 1-2 s per step for VGG16 on a CPU.
+        norms = torch._foreach_norm(grads) if grads else []
     if scaler.is_enabled():
         # fp16: gradients that overflow the loss scale are expected (at the start, after each scale growth);
         # GradScaler skips those steps itself and lowers the scale. Only a non-finite *loss* is an error.
         # Both are decided on the device: no host sync.
-        scaler.unscale_(run.optimizer)
         found_inf = sum(v for v in scaler._found_inf_per_device(run.optimizer).values())
         run.overflows += (loss_finite & (found_inf > 0)).to(torch.int64)
         finite = loss_finite
     else:
-        grads = [q.grad for g in run.optimizer.param_groups for q in g["params"] if q.grad is not None]
         # DDP already averaged the gradients, so a NaN on any rank is a NaN on every rank: all agree for free.
-        # One fused pass (per-tensor norms, then the small result checked): isfinite() on each gradient
-        # allocated full-size temporaries, +700 MiB and 1-2 s per step for VGG16 on a CPU.
-        finite = torch.stack(torch._foreach_norm(grads)).isfinite().all() if grads else loss_finite
-        finite = finite & loss_finite
+        finite = torch.stack(norms).isfinite().all() & loss_finite if norms else loss_finite
+    if settings.clip_grad_norm is not None and grads:
+        clip_gradients(grads, norms, settings.clip_grad_norm, run.grad_norms)
     if run.cfg.run.nan_policy == "skip":
         if not bool(finite):  # the skip policy pays one host sync per step to decide
             p.nan_skips += 1
@@ -193,6 +215,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochResult:
     bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.optim.epochs} train",
                disable=not env.is_main, dynamic_ncols=True, leave=False)
     t0 = time.perf_counter() - p.partial_seconds
+    run.grad_norms.copy_(torch.tensor(p.partial_grad_norms, dtype=torch.float64))
     for i, batches in step_groups(run, start_batch):
         train_step(run, batches, criterion, meter, bad_step)
         p.step_in_epoch += 1
@@ -208,6 +231,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochResult:
             sync_point(run, bad_step)
             p.partial_meter = meter.reduced_totals(env)
             p.partial_seconds = time.perf_counter() - t0
+            p.partial_grad_norms = run.grad_norms.tolist()
             save(run)
             if stop:
                 bar.close()
@@ -216,7 +240,15 @@ def train_one_epoch(run: Run, epoch: int) -> EpochResult:
     bar.close()
     sync_point(run, bad_step)
     train = meter.reduced(env)
-    return EpochResult(False, train["loss"], train["acc"], int(train["count"]), time.perf_counter() - t0)
+    norm_sum, norm_max, norm_count = run.grad_norms.tolist()
+    return EpochResult(False, train["loss"], train["acc"], int(train["count"]), time.perf_counter() - t0,
+                       norm_sum / max(norm_count, 1), norm_max)
+
+
+def base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The schedule's rate at the last step (each group runs at its multiple of it)."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group.get("lr_mult", 1.0)
 
 
 def end_epoch(run: Run, epoch: int, train: EpochResult) -> None:
@@ -225,9 +257,11 @@ def end_epoch(run: Run, epoch: int, train: EpochResult) -> None:
     test = evaluate(run.model, run.eval_loader, run.device, run.env, run.precision, len(run.splits.classes))
     row = {"epoch": epoch + 1, "train_loss": train.loss, "train_acc": train.acc, "train_count": train.count,
            "test_loss": test.loss, "test_acc": test.top1, "test_count": test.count,
-           "lr": run.optimizer.param_groups[0]["lr"], "epoch_seconds": train.seconds,
+           "lr": base_lr(run.optimizer), "epoch_seconds": train.seconds,
            "images_per_sec": train.count / max(train.seconds, 1e-9), "global_step": p.global_step,
            "nan_skips": p.nan_skips_total}
+    if run.cfg.optim.clip_grad_norm is not None:
+        row["grad_norm_mean"], row["grad_norm_max"] = train.grad_norm_mean, train.grad_norm_max
     if run.scaler.is_enabled():
         row["overflow_skips"] = p.overflow_skips
         row["loss_scale"] = run.scaler.get_scale()

@@ -1,24 +1,85 @@
-"""The optimizer: how it is built, the learning rate of each step, and how its state is restored."""
+"""The optimizer: its parameter groups (layer-wise LR decay, head LR multiplier, no weight decay on biases and
+norms), the learning rate of each step, and how its state is restored."""
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from dtl import models
 from dtl.config import OptimConfig
 
+log = logging.getLogger("dtl")
 
-def build_optimizer(optim: OptimConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+
+@dataclass(frozen=True)
+class GroupRow:
+    """One line of the parameter-group table printed at start and saved in config.json."""
+
+    block: str
+    params: int
+    lr_mult: float
+    weight_decay: float
+
+
+def param_groups(model: nn.Module, model_name: str, optim: OptimConfig) -> tuple[list[dict[str, Any]], list[GroupRow]]:
+    """(optimizer param groups, the per-block table) of the parameters that train. The head learns at
+    `head_lr_mult` x the rate; backbone block k of n (forward order, dtl/models.py's table) at
+    `layer_decay`^(n - k) x, so the block below the head gets D and the stem D^n; parameters outside the
+    table learn with the stem. Biases and normalisation weights (tensors of one dimension) get no weight decay
+    unless `wd_norm_bias`. Groups with the same (multiplier, decay) are merged: with every feature off there
+    is one group, as before."""
+    head = models.head_name(model)
+    blocks = models.backbone_blocks(model, model_name)
+    n = len(blocks)
+
+    def block_of(name: str) -> tuple[str, float]:
+        if name == head or name.startswith(head + "."):
+            return "head", optim.head_lr_mult
+        for k, prefixes in enumerate(blocks):
+            if any(name == p or name.startswith(p + ".") for p in prefixes):
+                return prefixes[0], optim.layer_decay ** (n - k)
+        return "(other)", optim.layer_decay ** n
+
+    merged: dict[tuple[float, float], list[nn.Parameter]] = {}
+    rows: dict[tuple[str, float], GroupRow] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        block, mult = block_of(name)
+        decay = optim.weight_decay if (optim.wd_norm_bias or p.ndim > 1) else 0.0
+        merged.setdefault((mult, decay), []).append(p)
+        old = rows.get((block, decay))
+        rows[(block, decay)] = GroupRow(block, (old.params if old else 0) + p.numel(), mult, decay)
+    groups = [{"params": ps, "lr_mult": mult, "weight_decay": decay} for (mult, decay), ps in merged.items()]
+    return groups, list(rows.values())
+
+
+def log_groups(rows: list[GroupRow]) -> None:
+    if len({(r.lr_mult, r.weight_decay) for r in rows}) <= 1:
+        return  # one group: nothing to show
+    log.info("parameter groups (block, parameters, lr multiplier, weight decay):\n  %s",
+             "\n  ".join(f"{r.block:<28} {r.params:>12,}  x{r.lr_mult:<10.4g} wd {r.weight_decay:g}"
+                          for r in reversed(rows)))
+
+
+def table(rows: list[GroupRow]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in rows]
+
+
+def build_optimizer(optim: OptimConfig, model: nn.Module, model_name: str,
+                    device: torch.device) -> tuple[torch.optim.Optimizer, list[GroupRow]]:
+    groups, rows = param_groups(model, model_name, optim)
     # foreach is the fast path on both CPU and GPU; fused only exists for (and helps on) CUDA.
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if optim.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=optim.lr, betas=(optim.momentum, 0.999),
-                                 weight_decay=optim.weight_decay, **fast)
-    return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay, **fast)
+        return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.momentum, 0.999), **fast), rows
+    return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, **fast), rows
 
 
 def lr_at(optim: OptimConfig, step: int, steps_per_epoch: int, world_size: int) -> float:

@@ -12,13 +12,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dtl
-from dtl import data, features, models, rundir
+from dtl import data, features, models, optim, rundir
 from dtl.checkpointer import Checkpointer, Progress
 from dtl.config import Config
 from dtl.data import BatchLoader
 from dtl.dist import DistEnv, main_first
 from dtl.errors import UserError
-from dtl.optim import build_optimizer
 from dtl.precision import autocast, configure_backends, resolve
 from dtl.splits import Splits
 from dtl.state import Run, RunInfo
@@ -27,13 +26,13 @@ log = logging.getLogger("dtl")
 
 
 def run_info(cfg: Config, env: DistEnv, device: torch.device, precision: str, why: str,
-             classes: list[str]) -> RunInfo:
+             classes: list[str], param_groups: list[dict[str, float | int | str]]) -> RunInfo:
     return RunInfo(launcher=env.launcher, world_size=env.world_size, device=str(device).split(":")[0],
                    precision=precision, precision_source=why,
                    global_batch=cfg.optim.batch_size * env.world_size * cfg.optim.grad_accum, num_classes=len(classes),
                    classes=list(classes),
                    versions={"torch": torch.__version__, "torchvision": torchvision.__version__,
-                             "dtl": dtl.__version__})
+                             "dtl": dtl.__version__}, param_groups=param_groups)
 
 
 def build_model(cfg: Config, device: torch.device, num_classes: int) -> tuple[nn.Module, list[str]]:
@@ -70,9 +69,9 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
     # the ImageNet weights reach the hub cache once per node (rank 0 first), not once per rank at a time
     main_first(env, lambda first: models.fetch_weights(cfg.backbone.model, cfg.backbone.weights) if first else None)
     model, trainable = build_model(cfg, device, len(splits.classes))
-    optimizer = build_optimizer(cfg.optim, model, device)
+    optimizer, group_rows = optim.build_optimizer(cfg.optim, model, cfg.backbone.model, device)
     scaler = torch.amp.GradScaler(device.type, init_scale=cfg.run.fp16_init_scale, enabled=precision == "fp16")
-    info = run_info(cfg, env, device, precision, why, splits.classes)
+    info = run_info(cfg, env, device, precision, why, splits.classes, optim.table(group_rows))
     saving = cfg.checkpoint
     checkpointer = Checkpointer(plan.outdir, env, device, every_steps=saving.checkpoint_every_steps,
                                 every_minutes=saving.checkpoint_every_minutes, keep_last=saving.keep_last,
@@ -84,6 +83,7 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
     total, n_train = models.count_parameters(model)
     log.info("%s %s: %d params, %d trainable (%s)", cfg.backbone.model, cfg.backbone.mode, total, n_train,
              ", ".join(trainable) if len(trainable) <= 4 else f"{len(trainable)} tensors")
+    optim.log_groups(group_rows)
     channels_last = models.memory_format(device.type, cfg.backbone.mode) == torch.channels_last
     train_loader, eval_loader = data.build_loaders(cfg, splits, env, device, torch.float32,
                                                    channels_last=channels_last)

@@ -32,6 +32,8 @@ class RunInfo:
     num_classes: int
     classes: list[str]
     versions: dict[str, str]
+    param_groups: list[dict[str, float | int | str]] = field(default_factory=list)
+    """The optimizer's parameter groups per block: parameters, lr multiplier, weight decay."""
 
 
 @dataclass
@@ -61,8 +63,12 @@ class Run:
     overflows: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
     """fp16: overflow-skipped steps since the last sync point, counted on the device (no host sync per step)."""
 
+    grad_norms: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
+    """--clip-grad-norm: pre-clip global norm sum, max and count of this epoch, on the device."""
+
     def __post_init__(self) -> None:
         self.overflows = self.overflows.to(self.device)
+        self.grad_norms = self.grad_norms.to(self.device)
 
     @property
     def outdir(self) -> Path:

@@ -4,6 +4,7 @@ train_step, on a real tiny run built by dtl.setup."""
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
@@ -157,3 +158,22 @@ def test_replica_check_sums_per_parameter_without_a_full_float64_copy():
     finally:
         loop.all_gather_tensor = original
     torch.testing.assert_close(seen["t"], expected, rtol=1e-12, atol=1e-9)
+
+
+def test_clipping_bounds_the_global_norm_once_per_optimizer_step(tmp_path, monkeypatch):
+    post_clip, calls = [], []
+    original = loop.clip_gradients
+
+    def spy(grads, norms, max_norm, stats):
+        original(grads, norms, max_norm, stats)
+        calls.append(max_norm)
+        post_clip.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    monkeypatch.setattr(loop, "clip_gradients", spy)
+    out = tmp_path / "run"
+    assert train_inproc(*TINY, "--train-subset", "128", "--eval-subset", "16", "--batch-size", "8", "--lr", "5",
+                        "--grad-accum", "4", "--clip-grad-norm", "1.0", "--epochs", "1", "--output-dir", str(out)) == 0
+    assert len(calls) == 128 // (8 * 4)  # 16 micro-batches, 4 optimizer steps: one clip each
+    assert all(n <= 1.0 + 1e-4 for n in post_clip), post_clip
+    row = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert row["grad_norm_max"] >= row["grad_norm_mean"] > 0

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from dtl import checkpoint as ckpt
-from dtl import optim
+from dtl import loop, models, optim
+from dtl.config import Config
+from tests.conftest import TINY, train_inproc
 
 
 def _conv_net() -> nn.Module:
@@ -80,3 +82,58 @@ def test_cuda_fused_optimizer_resumes_with_channels_last(kind):
     net(x).square().mean().backward()
     resumed_opt.step()  # raised "strides do not match" before the fix
     torch.cuda.synchronize()
+
+
+# ---- parameter groups ----------------------------------------------------------------------------------
+
+def _table(name: str, **settings) -> tuple[list[dict], list]:
+    net = models.skeleton(name)
+    models.replace_head(net, 10)
+    models.freeze(net, name, "finetune", None)
+    return optim.param_groups(net, name, Config(**settings).optim)
+
+
+@pytest.mark.parametrize("name, first_blocks", [
+    ("vgg16", ["classifier.3", "classifier.0", "features.28"]),          # fc7, fc6, the last conv
+    ("resnet18", ["layer4.1", "layer4.0", "layer3.1"]),
+    ("vit_b_16", ["encoder.ln", "encoder.layers.encoder_layer_11", "encoder.layers.encoder_layer_10"]),
+])
+def test_layer_decay_table_has_the_blocks_in_order_with_powers_of_d(name, first_blocks):
+    d = 0.8
+    _, rows = _table(name, layer_decay=d, head_lr_mult=10.0, weight_decay=0.05)
+    mult = {r.block: r.lr_mult for r in rows}
+    order = list(dict.fromkeys(r.block for r in reversed(rows)))  # head first, then downwards to the stem
+    assert order[0] == "head" and order[1:4] == first_blocks
+    assert mult["head"] == 10.0
+    for depth, block in enumerate(order[1:], start=1):
+        assert mult[block] == pytest.approx(d ** depth), block
+
+
+def test_biases_and_norms_get_no_weight_decay_unless_asked():
+    net = models.skeleton("resnet18")
+    groups, rows = optim.param_groups(net, "resnet18", Config(weight_decay=0.05).optim)
+    by_decay = {g["weight_decay"]: g["params"] for g in groups}
+    assert all(p.ndim == 1 for p in by_decay[0.0]) and all(p.ndim > 1 for p in by_decay[0.05])
+    groups, _ = optim.param_groups(net, "resnet18", Config(weight_decay=0.05, wd_norm_bias=True).optim)
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.05
+    groups, _ = optim.param_groups(net, "resnet18", Config().optim)  # every feature off: one group, as before
+    assert len(groups) == 1 and len(groups[0]["params"]) == len(list(net.parameters()))
+
+
+def test_head_group_learns_at_m_times_the_scheduled_rate(tmp_path, monkeypatch):
+    flags = [*TINY, "--model", "resnet18", "--train-subset", "64", "--eval-subset", "16", "--batch-size", "8",
+             "--epochs", "2", "--lr-schedule", "cosine", "--warmup-epochs", "0.5", "--head-lr-mult", "10",
+             "--layer-decay", "0.5"]
+    seen = []
+    original = loop.optimizer_step
+
+    def spy(run, bad_step, loss_finite):
+        original(run, bad_step, loss_finite)
+        expected = optim.lr_at(run.cfg.optim, run.progress.global_step, run.steps_per_epoch, 1)
+        head = next(g for g in run.optimizer.param_groups if g["lr_mult"] == 10.0)
+        seen.append((head["lr"], 10.0 * expected))
+
+    monkeypatch.setattr(loop, "optimizer_step", spy)
+    assert train_inproc(*flags, "--output-dir", str(tmp_path / "run")) == 0
+    assert len(seen) == 16 and len({round(b, 12) for _, b in seen}) > 3  # warm-up and cosine: it moves
+    assert all(a == pytest.approx(b, rel=1e-12) for a, b in seen)
