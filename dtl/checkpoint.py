@@ -122,8 +122,10 @@ def checkpoint_name(global_step: int) -> str:
 
 def save_checkpoint(outdir: Path, *, model_state: dict[str, torch.Tensor], optim_state: dict[str, Any],
                     rng: dict[str, torch.Tensor], meta: dict[str, Any], keep_last: int,
-                    is_best: bool = False) -> Path:
-    """Write one complete checkpoint folder atomically, then prune older ones (never the best)."""
+                    is_best: bool = False, ema: dict[str, torch.Tensor] | None = None,
+                    best_source: str = "raw") -> Path:
+    """Write one complete checkpoint folder atomically, then prune older ones (never the best). `ema`: the
+    averaged weights (ema.safetensors); `best_source`: raw or ema, which weights made it the best."""
     root = outdir / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(meta["global_step"])
@@ -131,7 +133,8 @@ def save_checkpoint(outdir: Path, *, model_state: dict[str, torch.Tensor], optim
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     optim_tensors, optim_extra = optimizer_to_tensors(optim_state)
-    for part, tensors in (("model", model_state), ("optim", optim_tensors), ("rng", rng)):
+    parts = [("model", model_state), ("optim", optim_tensors), ("rng", rng)] + ([("ema", ema)] if ema else [])
+    for part, tensors in parts:
         write_tensors(tmp / f"{part}.safetensors", tensors)
         if testing.slow_writes():  # testing hook: widen the window in which a kill -9 lands mid-checkpoint
             time.sleep(testing.slow_writes())
@@ -145,7 +148,7 @@ def save_checkpoint(outdir: Path, *, model_state: dict[str, torch.Tensor], optim
     os.replace(tmp, final)
     _fsync(root)
     if is_best:
-        write_json(root / "best.json", {"checkpoint": name, "test_acc": meta.get("best_acc")})
+        write_json(root / "best.json", {"checkpoint": name, "test_acc": meta.get("best_acc"), "source": best_source})
     _prune(root, keep_last)
     return final
 
@@ -226,6 +229,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     out = {"meta": meta, "model": read_tensors(path / "model.safetensors")}
     out["optim"] = optimizer_from_tensors(read_tensors(path / "optim.safetensors"), meta["optimizer"])
     out["rng"] = read_tensors(path / "rng.safetensors")
+    if (path / "ema.safetensors").is_file():
+        out["ema"] = read_tensors(path / "ema.safetensors")
     return out
 
 

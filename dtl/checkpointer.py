@@ -16,6 +16,7 @@ from torch import nn
 from dtl import checkpoint as ckpt
 from dtl import models
 from dtl.dist import DistEnv, all_gather_tensor, unwrap, wait_for_main
+from dtl.ema import Ema
 from dtl.errors import UserError
 from dtl.optim import load_optimizer_state
 
@@ -90,7 +91,8 @@ class Checkpointer:
         return out
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-             progress: Progress, is_best: bool = False) -> Path | None:
+             progress: Progress, is_best: bool = False, ema: Ema | None = None,
+             best_source: str = "raw") -> Path | None:
         """Checkpoint the current position; returns the folder on rank 0 (None elsewhere)."""
         rng = self.gather_rng()
         path = None
@@ -101,7 +103,9 @@ class Checkpointer:
                     "global_step": progress.global_step, "best_acc": progress.best_acc}
             path = ckpt.save_checkpoint(self.outdir, model_state=own.state_dict(),
                                         optim_state=optimizer.state_dict(), rng=rng, meta=meta,
-                                        keep_last=self.keep_last, is_best=is_best)
+                                        keep_last=self.keep_last, is_best=is_best,
+                                        ema=ema.state_dict() if ema is not None else None,
+                                        best_source=best_source)
             self.last = path
         self.last_time = time.monotonic()
         # nobody leaves (or gets killed by the launcher) while rank 0 is still writing; the others wait on the
@@ -110,7 +114,7 @@ class Checkpointer:
         return path
 
     def restore(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler) -> Progress:
+                scaler: torch.amp.GradScaler, ema: Ema | None = None) -> Progress:
         """Load a checkpoint into the (not yet wrapped) model, optimizer and scaler; the progress to go on
         from. The RNG streams are restored only where they continue the same run (mid-epoch, same world)."""
         state = ckpt.load_checkpoint(path)
@@ -124,6 +128,12 @@ class Checkpointer:
                             f"{meta['config']['mode']!r}); resume with the same --mode/--finetune-last-n or "
                             "start a new --output-dir")
         load_optimizer_state(optimizer, state["optim"])
+        if ema is not None:
+            if "ema" in state:
+                ema.load(state["ema"], str(path))
+            else:
+                log.warning("%s holds no EMA of the weights: the average starts from its weights", path)
+                ema.reset()
         if meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])
         progress = Progress(**meta["progress"])

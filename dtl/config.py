@@ -42,6 +42,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "dropout": (lambda v: v is None or 0 <= v < 1, "must be in [0, 1)"),
     "head_lr_mult": (lambda v: v > 0, "must be > 0"),
     "layer_decay": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "ema_decay": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "ema_every": (lambda v: v > 0, "must be > 0"),
     "clip_grad_norm": (lambda v: v is None or v > 0, "must be > 0 when given"),
     "model": (lambda v: bool(v.strip()), "must name a torchvision model"),
 }
@@ -154,6 +156,11 @@ class OptimConfig:
     wd_norm_bias: bool = False
     """Apply --weight-decay to biases and normalisation parameters too (by default they get none, as in timm
     and torchvision's reference recipes)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.999; warmed up as
+    min(D, (1 + step) / (10 + step))), evaluated each epoch beside the raw weights; 0: off."""
+    ema_every: int = 1
+    """Update the EMA every N optimizer steps."""
     clip_grad_norm: float | None = None
     """Clip the global gradient norm (of the parameters that train) to this value, once per optimizer step,
     after unscaling; the pre-clip norm's epoch mean and max go to metrics.jsonl."""
@@ -208,6 +215,8 @@ class CheckpointConfig:
     """Also checkpoint every N optimizer steps (0: only at epoch ends)."""
     checkpoint_every_minutes: float = 0.0
     """Also checkpoint when this many minutes have passed since the last checkpoint (0: off)."""
+    best_of: Literal["raw", "ema", "both"] = "both"
+    """With --ema-decay: which test accuracy picks the best checkpoint (both: whichever is higher)."""
     keep_last: int = 2
     """Step/epoch checkpoints to keep besides `best` (older ones are removed after a new one is complete)."""
 

@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from dtl import checkpoint as ckpt
 from dtl import models, rundir, signals, testing
-from dtl.dist import Agreement, all_gather_tensor, barrier, ddp_of, unwrap
+from dtl.dist import Agreement, all_gather_tensor, barrier, ddp_of, local_module, unwrap
+from dtl.ema import EmaView
 from dtl.errors import EXIT_OK, EXIT_PREEMPTED, NonFiniteLossError
 from dtl.evaluate import evaluate
 from dtl.metrics import Meter, plot_runs
@@ -139,6 +140,8 @@ def train_step(run: Run, batches: Sequence[Batch], criterion: nn.Module, meter: 
     for j, (images, labels) in enumerate(batches):
         loss_finite &= forward_backward(run, images, labels, criterion, meter, sync=j == len(batches) - 1)
     optimizer_step(run, bad_step, loss_finite)
+    if run.ema is not None:
+        run.ema.update(run.progress.global_step)
     run.progress.global_step += 1
     return StepStats(sum(int(labels.shape[0]) for _, labels in batches), loss_finite)
 
@@ -169,8 +172,8 @@ def sync_point(run: Run, bad_step: torch.Tensor) -> None:
                                  f"Lower --lr, check the data, or use --nan-policy skip; resume from {where}")
 
 
-def save(run: Run, is_best: bool = False) -> None:
-    run.checkpointer.save(run.model, run.optimizer, run.scaler, run.progress, is_best)
+def save(run: Run, is_best: bool = False, best_source: str = "raw") -> None:
+    run.checkpointer.save(run.model, run.optimizer, run.scaler, run.progress, is_best, run.ema, best_source)
 
 
 def check_replicas(run: Run) -> None:
@@ -255,6 +258,7 @@ def end_epoch(run: Run, epoch: int, train: EpochResult) -> None:
     """Evaluate, log the epoch's row (rank 0), checkpoint."""
     p = run.progress
     test = evaluate(run.model, run.eval_loader, run.device, run.env, run.precision, len(run.splits.classes))
+    scores = {"raw": test.top1}
     row = {"epoch": epoch + 1, "train_loss": train.loss, "train_acc": train.acc, "train_count": train.count,
            "test_loss": test.loss, "test_acc": test.top1, "test_count": test.count,
            "lr": base_lr(run.optimizer), "epoch_seconds": train.seconds,
@@ -262,18 +266,28 @@ def end_epoch(run: Run, epoch: int, train: EpochResult) -> None:
            "nan_skips": p.nan_skips_total}
     if run.cfg.optim.clip_grad_norm is not None:
         row["grad_norm_mean"], row["grad_norm_max"] = train.grad_norm_mean, train.grad_norm_max
+    if run.ema is not None:
+        local = local_module(run.model)
+        view = EmaView(local, run.ema, "wrapped_model." if hasattr(local, "wrapped_model") else "")
+        ema_test = evaluate(view, run.eval_loader, run.device, run.env, run.precision, len(run.splits.classes),
+                            desc="eval (EMA)")
+        row["test_loss_ema"], row["test_acc_ema"] = ema_test.loss, ema_test.top1
+        scores["ema"] = ema_test.top1
     if run.scaler.is_enabled():
         row["overflow_skips"] = p.overflow_skips
         row["loss_scale"] = run.scaler.get_scale()
-    is_best = test.top1 > p.best_acc
-    p.best_acc = max(p.best_acc, test.top1)
+    best_of = run.cfg.checkpoint.best_of
+    candidates = {k: v for k, v in scores.items() if best_of == "both" or k == best_of} or scores
+    source, score = max(candidates.items(), key=lambda kv: kv[1])
+    is_best = score > p.best_acc
+    p.best_acc = max(p.best_acc, score)
     p.end_epoch(epoch)
     if run.metrics_log is not None:
         run.metrics_log.append(row)
         log.info("epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f (%d images) | %.1f img/s",
                  epoch + 1, run.cfg.optim.epochs, row["train_loss"], row["train_acc"], row["test_loss"],
                  row["test_acc"], row["test_count"], row["images_per_sec"])
-    save(run, is_best=is_best)
+    save(run, is_best=is_best, best_source=source)
 
 
 def write_status(run: Run, state: str, exit_code: int | None) -> None:
@@ -295,6 +309,8 @@ def fit(run: Run) -> int:
     check_replicas(run)
     if run.env.is_main:
         ckpt.write_tensors(run.outdir / "model.safetensors", unwrap(run.model).state_dict())
+        if run.ema is not None:
+            ckpt.write_tensors(run.outdir / "model_ema.safetensors", run.ema.full_state(unwrap(run.model)))
         plot_runs([run.outdir], run.outdir / "curves.png")
         write_status(run, "completed", EXIT_OK)
         log.info("done: %s", run.outdir)

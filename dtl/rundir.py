@@ -22,7 +22,8 @@ from dtl.metrics import METRICS_FILE, MetricsLog, truncate_metrics
 from dtl.splits import Splits
 
 log = logging.getLogger("dtl")
-RUN_FILES = ("config.json", METRICS_FILE, "status.json", "model.safetensors", "curves.png", SPLIT_FILE)
+RUN_FILES = ("config.json", METRICS_FILE, "status.json", "model.safetensors", "model_ema.safetensors", "curves.png",
+             SPLIT_FILE)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from dtl.checkpointer import Checkpointer, Progress
 from dtl.config import Config
 from dtl.data import BatchLoader
 from dtl.dist import DistEnv, main_first
+from dtl.ema import Ema
 from dtl.errors import UserError
 from dtl.precision import autocast, configure_backends, resolve
 from dtl.splits import Splits
@@ -77,9 +78,10 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
                                 every_minutes=saving.checkpoint_every_minutes, keep_last=saving.keep_last,
                                 static_meta={"config": cfg.to_dict(), "num_classes": len(splits.classes),
                                              "world_size": env.world_size, "run": asdict(info)})
+    ema = Ema(model, cfg.optim.ema_decay, cfg.optim.ema_every) if cfg.optim.ema_decay else None
     progress = Progress()
     if plan.resume_from is not None:
-        progress = checkpointer.restore(plan.resume_from, model, optimizer, scaler)
+        progress = checkpointer.restore(plan.resume_from, model, optimizer, scaler, ema)
     total, n_train = models.count_parameters(model)
     log.info("%s %s: %d params, %d trainable (%s)", cfg.backbone.model, cfg.backbone.mode, total, n_train,
              ", ".join(trainable) if len(trainable) <= 4 else f"{len(trainable)} tensors")
@@ -92,7 +94,7 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
         model, train_loader, eval_loader, new_features = use_cached_features(cfg, env, device, model, splits,
                                                                              plan, precision)
     return Run(cfg, env, device, plan, wrap(model, cfg, env, device), optimizer, scaler, precision,
-               train_loader, eval_loader, splits, progress, info, checkpointer, new_features)
+               train_loader, eval_loader, splits, progress, info, checkpointer, new_features, ema)
 
 
 def use_cached_features(cfg: Config, env: DistEnv, device: torch.device, model: nn.Module, splits: Splits,

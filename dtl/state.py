@@ -14,6 +14,7 @@ from dtl.checkpointer import Checkpointer, Progress
 from dtl.config import Config
 from dtl.data import BatchLoader
 from dtl.dist import DistEnv
+from dtl.ema import Ema
 from dtl.metrics import MetricsLog
 from dtl.rundir import RunPlan
 from dtl.splits import Splits
@@ -58,6 +59,8 @@ class Run:
     checkpointer: Checkpointer
     new_features: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """Features computed by this run (--cache-features), written to OUTDIR/features once the folder exists."""
+    ema: Ema | None = None
+    """--ema-decay: the moving average of the weights."""
     metrics_log: MetricsLog | None = None
     """Rank 0's metrics.jsonl (+ TensorBoard) writer, opened once the run folder exists."""
     overflows: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
