@@ -41,6 +41,11 @@ class Progress:
     partial_meter: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     """Train loss/correct/count sums of the incomplete epoch, over all ranks."""
     partial_seconds: float = 0.0
+    early_stop_best: float | None = None
+    """--early-stop-patience: the best value of the watched metric so far, its epoch, epochs since."""
+    early_stop_best_epoch: int = 0
+    early_stop_bad_epochs: int = 0
+    early_stopped: bool = False
     partial_grad_norms: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     """Pre-clip gradient norm sum, max and count of the incomplete epoch (--clip-grad-norm)."""
 

@@ -14,9 +14,11 @@ happened (recorded for torchrun's summary) and exit code 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import textwrap
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from dtl import bench, cifar, dist, engine, inference, predict, signals
-from dtl.config import add_config_arguments, config_from_args
+from dtl.config import SECTIONS, choices_of, config_from_args, field_docs
 from dtl.errors import EXIT_FAILURE, EXIT_USAGE, NonFiniteLossError, UserError
 from dtl.metrics import plot_runs, read_metrics
 from dtl.models import classification_models
@@ -191,6 +193,37 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                        "(default: torch's choice)")
     group.add_argument("--json", dest="json_path", metavar="PATH", help="also write the results as JSON")
     group.add_argument("--probe", help=argparse.SUPPRESS)  # internal: the memory subprocess's spec file
+
+
+# ---- the training flags: one per Config field -------------------------------------------------
+
+def _base_type(hint: Any) -> type:
+    """int | None -> int; Literal[...] -> str."""
+    if choices_of(hint):
+        return str
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting (`finetune_last_n` -> `--finetune-last-n`), grouped by section in --help;
+    defaults stay None so we can tell which flags were actually given and let them win over a TOML file."""
+    parser.add_argument("--config", metavar="TOML", help="Read settings from a TOML file; flags win over it.")
+    docs = field_docs()
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            flag = "--" + f.name.replace("_", "-")
+            base = _base_type(hint)
+            help_text = f"{docs.get(f.name, '')} (default: {f.default})"
+            if base is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            else:
+                group.add_argument(flag, type=base, default=None, choices=choices_of(hint) or None,
+                                   metavar=None if choices_of(hint) else f.name.upper(), help=help_text)
+
 
 
 # ---- small commands ----------------------------------------------------------------------------

@@ -44,6 +44,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "layer_decay": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "ema_decay": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "ema_every": (lambda v: v > 0, "must be > 0"),
+    "early_stop_patience": (lambda v: v is None or v > 0, "must be > 0 when given"),
+    "early_stop_min_delta": (lambda v: v >= 0, "must be >= 0"),
     "clip_grad_norm": (lambda v: v is None or v > 0, "must be > 0 when given"),
     "model": (lambda v: bool(v.strip()), "must name a torchvision model"),
 }
@@ -53,7 +55,7 @@ def _validate_section(section: Any) -> None:
     hints = typing.get_type_hints(type(section))
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
-        choices = _choices(hints[f.name])
+        choices = choices_of(hints[f.name])
         if choices:
             _check(f.name, value, value in choices, f"must be one of {', '.join(choices)}")
         if f.name in _RULES:
@@ -114,6 +116,9 @@ class DataConfig:
     strict_images: bool = False
     """folder data sets: refuse to start when any image is unreadable (all are listed) instead of skipping
     them with a warning."""
+    class_balance: Literal["none", "loss", "sampler"] = "none"
+    """Class imbalance: loss = weight the cross-entropy by inverse class frequency of the training split;
+    sampler = draw training images class-balanced (with replacement); per-class test accuracy is logged."""
     cache_features: bool = False
     """transfer mode with --no-augment: run the frozen backbone once per split and train the head on the
     cached features."""
@@ -189,6 +194,13 @@ class RunConfig:
     """Non-finite loss: abort (no checkpoint of the broken state), or skip that step's update."""
     max_nan_skips: int = 10
     """skip policy: abort after this many non-finite steps in a row."""
+    early_stop_patience: int | None = None
+    """Stop after this many epochs without an improvement of --early-stop-metric (all ranks at the same epoch);
+    model.safetensors is then the best epoch's weights, and best.json follows that metric."""
+    early_stop_metric: Literal["test_loss", "test_acc"] = "test_loss"
+    """What --early-stop-patience watches (lower test_loss / higher test_acc is better)."""
+    early_stop_min_delta: float = 0.0
+    """The smallest change of --early-stop-metric that counts as an improvement."""
     log_every: int = 20
     """Refresh the progress bar (one host sync) every N steps."""
     log_with: Literal["none", "tensorboard"] = "none"
@@ -330,7 +342,7 @@ def _check(name: str, value: Any, ok: bool, rule: str) -> None:
         raise ValueError(f"{name} {rule}, got {value!r}")
 
 
-def _choices(hint: Any) -> tuple[str, ...]:
+def choices_of(hint: Any) -> tuple[str, ...]:
     if typing.get_origin(hint) is Literal:
         return typing.get_args(hint)
     return ()
@@ -347,34 +359,6 @@ def field_docs() -> dict[str, str]:
                     and isinstance(nxt.value, ast.Constant)):
                 docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined]
     return docs
-
-
-def _base_type(hint: Any) -> type:
-    """int | None -> int; Literal[...] -> str."""
-    if _choices(hint):
-        return str
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting (`finetune_last_n` -> `--finetune-last-n`), grouped by section in --help;
-    defaults stay None so we can tell which flags were actually given and let them win over a TOML file."""
-    parser.add_argument("--config", metavar="TOML", help="Read settings from a TOML file; flags win over it.")
-    docs = field_docs()
-    for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            hint = hints[f.name]
-            flag = "--" + f.name.replace("_", "-")
-            base = _base_type(hint)
-            help_text = f"{docs.get(f.name, '')} (default: {f.default})"
-            if base is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-            else:
-                group.add_argument(flag, type=base, default=None, choices=_choices(hint) or None,
-                                   metavar=None if _choices(hint) else f.name.upper(), help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -5,7 +5,7 @@ Two pipelines produce identical-in-distribution batches:
   the batched, exact transforms of `dtl.augment` (no per-image Python, no worker processes);
 - `workers`: a DataLoader with worker processes and torchvision v2 per-image transforms (image folders,
   and a fallback).
-Training indices come from a `DistributedSampler` (disjoint shards, reshuffled by `set_epoch`); evaluation
+Training indices come from `dtl.samplers` (disjoint shards, reshuffled by `set_epoch`); evaluation
 uses contiguous shards without padding, so every test image is counted exactly once at any world size.
 Both loaders (and `dtl.features.FeatureLoader`) are `BatchLoader`s: what the training loop may rely on.
 """
@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dtl.augment import IMAGENET_MEAN, IMAGENET_STD, BatchTransform
 from dtl.cifar import load_cifar, make_synthetic
 from dtl.config import Config
 from dtl.dist import DistEnv, main_first
 from dtl.folder import load_folder_splits
+from dtl.samplers import EvalShardSampler, sampler_for
 from dtl.splits import DatasetSplit, Split, Splits, stream_seed
 
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2000, 500
@@ -72,25 +73,6 @@ def load_splits_once(cfg: Config, env: DistEnv, split_file: Path | None = None) 
                                                      is_main=env.is_main))
 
 
-class EvalShardSampler(Sampler[int]):
-    """Rank r of W gets the contiguous indices [r*N//W, (r+1)*N//W): no padding, no dropped tail."""
-
-    def __init__(self, n: int, rank: int, world_size: int) -> None:
-        self.start, self.stop = rank * n // world_size, (rank + 1) * n // world_size
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.start, self.stop))
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-
-def train_sampler(n: int, env: DistEnv, seed: int) -> DistributedSampler:
-    # DistributedSampler only needs len(); a range stands in for the data set.
-    return DistributedSampler(range(n), num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed,
-                              drop_last=False)
-
-
 class DeviceLoader:
     """Batches from a split held on the device, transformed in batches. Iterating yields (images, labels).
 
@@ -108,7 +90,7 @@ class DeviceLoader:
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
-        if isinstance(self.sampler, DistributedSampler):
+        if hasattr(self.sampler, "set_epoch"):  # the training samplers reshuffle per epoch
             self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
@@ -171,7 +153,7 @@ class WorkerLoader:
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.dataset.epoch, self.start_batch = epoch, start_batch
-        if isinstance(self.sampler, DistributedSampler):
+        if hasattr(self.sampler, "set_epoch"):  # the training samplers reshuffle per epoch
             self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
@@ -218,7 +200,7 @@ def eval_loader(cfg: Config, split: DatasetSplit, env: DistEnv, device: torch.de
 def build_loaders(cfg: Config, splits: Splits, env: DistEnv, device: torch.device, compute_dtype: torch.dtype,
                   channels_last: bool = True) -> tuple[BatchLoader, BatchLoader]:
     """Train and eval loaders for this rank."""
-    tsampler = train_sampler(len(splits.train), env, cfg.run.seed)
+    tsampler = sampler_for(splits.train.labels, env, cfg.run.seed, cfg.data.class_balance)
     if resolve_pipeline(cfg) == "device" and isinstance(getattr(splits.train, "images", None), torch.Tensor):
         ttrans = BatchTransform(train=cfg.data.augment, size=cfg.data.image_size, dtype=compute_dtype,
                                 channels_last=channels_last)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import Sampler
 
 from dtl import checkpoint as ckpt
 from dtl.config import Config
@@ -124,7 +124,7 @@ class FeatureLoader:
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.start_batch = start_batch
-        if isinstance(self.sampler, DistributedSampler):
+        if hasattr(self.sampler, "set_epoch"):  # the training samplers reshuffle per epoch
             self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:

@@ -211,7 +211,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochResult:
         meter.load(p.partial_meter)
     run.model.train()
     models.freeze_frozen_norms(run.model)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    criterion = nn.CrossEntropyLoss(weight=run.class_weights, label_smoothing=cfg.optim.label_smoothing)
     bad_step = torch.tensor(-1, device=run.device)
     agreement = Agreement(env)  # stop flag + rank 0's "checkpoint time", without a per-step round trip
     n_batches = len(run.train_loader)
@@ -257,13 +257,18 @@ def base_lr(optimizer: torch.optim.Optimizer) -> float:
 def end_epoch(run: Run, epoch: int, train: EpochResult) -> None:
     """Evaluate, log the epoch's row (rank 0), checkpoint."""
     p = run.progress
-    test = evaluate(run.model, run.eval_loader, run.device, run.env, run.precision, len(run.splits.classes))
+    per_class = run.cfg.data.class_balance != "none"
+    test = evaluate(run.model, run.eval_loader, run.device, run.env, run.precision, len(run.splits.classes),
+                    confusion=per_class)
     scores = {"raw": test.top1}
     row = {"epoch": epoch + 1, "train_loss": train.loss, "train_acc": train.acc, "train_count": train.count,
            "test_loss": test.loss, "test_acc": test.top1, "test_count": test.count,
            "lr": base_lr(run.optimizer), "epoch_seconds": train.seconds,
            "images_per_sec": train.count / max(train.seconds, 1e-9), "global_step": p.global_step,
            "nan_skips": p.nan_skips_total}
+    if test.confusion is not None:
+        counts = test.confusion.sum(1).clamp(min=1)
+        row["test_acc_per_class"] = (test.confusion.diagonal() / counts).tolist()
     if run.cfg.optim.clip_grad_norm is not None:
         row["grad_norm_mean"], row["grad_norm_max"] = train.grad_norm_mean, train.grad_norm_max
     if run.ema is not None:
@@ -281,6 +286,8 @@ def end_epoch(run: Run, epoch: int, train: EpochResult) -> None:
     source, score = max(candidates.items(), key=lambda kv: kv[1])
     is_best = score > p.best_acc
     p.best_acc = max(p.best_acc, score)
+    if run.cfg.run.early_stop_patience:
+        is_best, source = early_stop_update(run, epoch, row[run.cfg.run.early_stop_metric]), "raw"
     p.end_epoch(epoch)
     if run.metrics_log is not None:
         run.metrics_log.append(row)
@@ -291,13 +298,43 @@ def end_epoch(run: Run, epoch: int, train: EpochResult) -> None:
 
 
 def write_status(run: Run, state: str, exit_code: int | None) -> None:
-    position = (run.progress.epoch, run.progress.global_step)
-    rundir.write_status(run.outdir, run.env, state, exit_code, position, run.checkpointer.last)
+    p = run.progress
+    extra = {"best_epoch": p.early_stop_best_epoch} if p.early_stopped else None
+    rundir.write_status(run.outdir, run.env, state, exit_code, (p.epoch, p.global_step), run.checkpointer.last,
+                        extra)
+
+
+def early_stop_update(run: Run, epoch: int, value: float) -> bool:
+    """Track --early-stop-metric (the all-reduced test metric: the same on every rank, so every rank stops at
+    the same epoch); whether this epoch is the best so far."""
+    p, settings = run.progress, run.cfg.run
+    if p.early_stop_best is None:
+        improved = True
+    else:  # how much better than the best so far (lower loss, higher accuracy)
+        gain = p.early_stop_best - value if settings.early_stop_metric == "test_loss" else value - p.early_stop_best
+        improved = gain > settings.early_stop_min_delta
+    if improved:
+        p.early_stop_best, p.early_stop_best_epoch, p.early_stop_bad_epochs = value, epoch + 1, 0
+    else:
+        p.early_stop_bad_epochs += 1
+    p.early_stopped = p.early_stop_bad_epochs >= (settings.early_stop_patience or 0)
+    return improved
+
+
+def finish_early_stopped(run: Run) -> None:
+    """model.safetensors becomes the best epoch's weights (rank 0)."""
+    best = ckpt.best_or_last(run.outdir)
+    ckpt.write_tensors(run.outdir / "model.safetensors", ckpt.read_tensors(best / "model.safetensors"))
+    log.info("early stop: no %s improvement for %d epochs; model.safetensors holds the best epoch's weights "
+             "(epoch %d, %s)", run.cfg.run.early_stop_metric, run.progress.early_stop_bad_epochs,
+             run.progress.early_stop_best_epoch, best)
 
 
 def fit(run: Run) -> int:
-    """Epochs from the saved position to the end; the exit code."""
+    """Epochs from the saved position to the end (or an early stop); the exit code."""
     for epoch in range(run.progress.epoch, run.cfg.optim.epochs):
+        if run.progress.early_stopped:
+            break
         result = train_one_epoch(run, epoch)
         if result.stopped:
             write_status(run, "preempted", EXIT_PREEMPTED)
@@ -312,7 +349,9 @@ def fit(run: Run) -> int:
         if run.ema is not None:
             ckpt.write_tensors(run.outdir / "model_ema.safetensors", run.ema.full_state(unwrap(run.model)))
         plot_runs([run.outdir], run.outdir / "curves.png")
-        write_status(run, "completed", EXIT_OK)
+        if run.progress.early_stopped:
+            finish_early_stopped(run)
+        write_status(run, "early-stopped" if run.progress.early_stopped else "completed", EXIT_OK)
         log.info("done: %s", run.outdir)
     barrier(run.env)
     return EXIT_OK

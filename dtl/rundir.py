@@ -135,12 +135,13 @@ def start(run_plan: RunPlan, cfg: Config, env: DistEnv, info: dict[str, Any], po
 
 
 def write_status(outdir: Path, env: DistEnv, state: str, exit_code: int | None, position: tuple[int, int],
-                 checkpoint: Path | None) -> None:
+                 checkpoint: Path | None, extra: dict[str, Any] | None = None) -> None:
     """status.json tells scripts how the run ended, also when a launcher (torchrun) reports only 'failed':
-    state is running | completed | preempted | failed; position is (epoch, global step)."""
+    state is running | completed | early-stopped | preempted | failed; position is (epoch, global step)."""
     if not env.is_main:
         return
     ckpt.write_json(outdir / "status.json", {
         "state": state, "exit_code": exit_code, "epoch": position[0], "global_step": position[1],
         "checkpoint": str(checkpoint) if checkpoint else None, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **(extra or {}),
     })

@@ -4,7 +4,7 @@ checkpoint to resume, loaders, wrappers) before anything is written to the run f
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 import torchvision
@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dtl
-from dtl import data, features, models, optim, rundir
+from dtl import data, features, models, optim, rundir, samplers
 from dtl.checkpointer import Checkpointer, Progress
 from dtl.config import Config
 from dtl.data import BatchLoader
@@ -72,7 +72,13 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
     model, trainable = build_model(cfg, device, len(splits.classes))
     optimizer, group_rows = optim.build_optimizer(cfg.optim, model, cfg.backbone.model, device)
     scaler = torch.amp.GradScaler(device.type, init_scale=cfg.run.fp16_init_scale, enabled=precision == "fp16")
+    weights = (samplers.class_weights(splits.train.labels, len(splits.classes))
+               if cfg.data.class_balance == "loss" else None)
     info = run_info(cfg, env, device, precision, why, splits.classes, optim.table(group_rows))
+    if weights is not None:
+        info = replace(info, class_weights=weights.tolist())
+        log.info("class weights (inverse training frequency): %s",
+                 ", ".join(f"{c}={w:.3f}" for c, w in zip(splits.classes, weights.tolist())))
     saving = cfg.checkpoint
     checkpointer = Checkpointer(plan.outdir, env, device, every_steps=saving.checkpoint_every_steps,
                                 every_minutes=saving.checkpoint_every_minutes, keep_last=saving.keep_last,
@@ -94,7 +100,8 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
         model, train_loader, eval_loader, new_features = use_cached_features(cfg, env, device, model, splits,
                                                                              plan, precision)
     return Run(cfg, env, device, plan, wrap(model, cfg, env, device), optimizer, scaler, precision,
-               train_loader, eval_loader, splits, progress, info, checkpointer, new_features, ema)
+               train_loader, eval_loader, splits, progress, info, checkpointer, new_features,
+               None if weights is None else weights.float().to(device), ema)
 
 
 def use_cached_features(cfg: Config, env: DistEnv, device: torch.device, model: nn.Module, splits: Splits,
@@ -120,9 +127,10 @@ def use_cached_features(cfg: Config, env: DistEnv, device: torch.device, model: 
         found[name] = hit
     log.info("cached features: train %s, test %s (%s)", tuple(found["train"][0].shape),
              tuple(found["test"][0].shape), "computed" if new else f"reused from {plan.outdir / 'features'}")
-    train = features.FeatureLoader(*found["train"], data.train_sampler(len(splits.train), env, cfg.run.seed),
+    sampler = samplers.sampler_for(splits.train.labels, env, cfg.run.seed, cfg.data.class_balance)
+    train = features.FeatureLoader(*found["train"], sampler,
                                    cfg.optim.batch_size)
     test = features.FeatureLoader(*found["test"],
-                                  data.EvalShardSampler(len(splits.test), env.rank, env.world_size),
+                                  samplers.EvalShardSampler(len(splits.test), env.rank, env.world_size),
                                   cfg.optim.batch_size)
     return features.FeatureHead(model, head), train, test, new

@@ -35,6 +35,8 @@ class RunInfo:
     versions: dict[str, str]
     param_groups: list[dict[str, float | int | str]] = field(default_factory=list)
     """The optimizer's parameter groups per block: parameters, lr multiplier, weight decay."""
+    class_weights: list[float] | None = None
+    """--class-balance loss: the cross-entropy's weight per class (inverse training-set frequency)."""
 
 
 @dataclass
@@ -59,6 +61,8 @@ class Run:
     checkpointer: Checkpointer
     new_features: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """Features computed by this run (--cache-features), written to OUTDIR/features once the folder exists."""
+    class_weights: torch.Tensor | None = None
+    """--class-balance loss: the cross-entropy's per-class weights, on the device."""
     ema: Ema | None = None
     """--ema-decay: the moving average of the weights."""
     metrics_log: MetricsLog | None = None

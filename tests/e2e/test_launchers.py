@@ -204,3 +204,21 @@ def test_ema_resume_mid_epoch_is_bitwise_with_two_processes(tmp_path):
     for name in ("model.safetensors", "model_ema.safetensors"):
         a, b = load_file(str(full / name)), load_file(str(part / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_early_stopping_stops_every_rank_after_patience_epochs(tmp_path):
+    out = tmp_path / "run"
+    flags = [*TINY, "--train-subset", "32", "--eval-subset", "16", "--batch-size", "8", "--epochs", "10",
+             "--early-stop-patience", "2", "--early-stop-min-delta", "100"]  # nothing after epoch 1 counts
+    res = torchrun(2, *flags, "--output-dir", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]  # the best epoch, then `patience` epochs without progress
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "early-stopped" and status["best_epoch"] == 1
+    best = json.loads((out / "checkpoints" / "best.json").read_text())["checkpoint"]
+    a = load_file(str(out / "model.safetensors"))
+    b = load_file(str(out / "checkpoints" / best / "model.safetensors"))
+    assert best == "step-00000002" and all(torch.equal(a[k], b[k]) for k in a)  # 32 / (8 x 2) = 2 steps/epoch
+    res = torchrun(2, *flags, "--output-dir", str(out), "--resume", "auto")  # an early-stopped run stays so
+    assert res.returncode == 0 and len((out / "metrics.jsonl").read_text().splitlines()) == 3

@@ -7,9 +7,10 @@ import torch
 
 from dtl.augment import BatchTransform
 from dtl.cifar import make_synthetic
-from dtl.data import BatchLoader, DeviceLoader, EvalShardSampler, WorkerLoader, train_sampler, v2_transform
+from dtl.data import BatchLoader, DeviceLoader, WorkerLoader, v2_transform
 from dtl.dist import DistEnv
 from dtl.features import FeatureLoader
+from dtl.samplers import EvalShardSampler, train_sampler
 
 
 def batches(start_batch: int, size: int = 32, batch: int = 8):

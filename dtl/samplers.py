@@ -1,0 +1,71 @@
+"""Which indices each rank sees: the training samplers (shuffled, or class-balanced; disjoint positions per
+rank, reshuffled by `set_epoch`, a pure function of (seed, epoch) so a resume lands on the same order) and the
+evaluation shards (contiguous, no padding: every test image counted exactly once at any world size)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DistributedSampler, Sampler
+
+from dtl.dist import DistEnv
+from dtl.splits import stream_seed
+
+
+class EvalShardSampler(Sampler[int]):
+    """Rank r of W gets the contiguous indices [r*N//W, (r+1)*N//W): no padding, no dropped tail."""
+
+    def __init__(self, n: int, rank: int, world_size: int) -> None:
+        self.start, self.stop = rank * n // world_size, (rank + 1) * n // world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, scaled so that a balanced set gets weight 1 everywhere: N / (C * n_c)
+    (0 for a class without training images)."""
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    return torch.where(counts > 0, labels.numel() / (num_classes * counts.clamp(min=1)), 0.0)
+
+
+class ClassBalancedSampler(Sampler[int]):
+    """Each epoch draws N indices (with replacement) with probability proportional to 1 / (its class's size),
+    so every class is drawn about equally often; the draw depends only on (seed, epoch) and position i of it
+    goes to rank i mod W (disjoint positions, like DistributedSampler's interleaving)."""
+
+    def __init__(self, labels: torch.Tensor, env: DistEnv, seed: int) -> None:
+        counts = torch.bincount(labels).double()
+        self.weights = (1.0 / counts)[labels]
+        self.rank, self.world, self.seed, self.epoch = env.rank, env.world_size, seed, 0
+        self.per_rank = math.ceil(len(labels) / self.world)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch, "class-balanced"))
+        draw = torch.multinomial(self.weights, self.per_rank * self.world, replacement=True, generator=gen)
+        return iter(draw[self.rank::self.world].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+def train_sampler(n: int, env: DistEnv, seed: int) -> DistributedSampler:
+    # DistributedSampler only needs len(); a range stands in for the data set.
+    return DistributedSampler(range(n), num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed,
+                              drop_last=False)
+
+
+def sampler_for(labels: torch.Tensor, env: DistEnv, seed: int, balance: str = "none") -> Sampler[int]:
+    """The training sampler of this rank: DistributedSampler's shuffle, or class-balanced draws
+    (--class-balance sampler)."""
+    if balance == "sampler":
+        return ClassBalancedSampler(labels, env, seed)
+    return train_sampler(len(labels), env, seed)
