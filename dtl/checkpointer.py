@@ -54,6 +54,13 @@ class Progress:
         self.partial_grad_norms = [0.0, 0.0, 0.0]
 
 
+def optimized(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the parameters the optimizer updates (what its state refers to), in the model's order. The
+    same as those that require grad, except during lp-ft's probe epochs, when the backbone waits frozen."""
+    ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    return [k for k, p in model.named_parameters() if id(p) in ids]
+
+
 class Checkpointer:
     """Owns when and what to save. `save` is a collective (every rank's RNG state is gathered); rank 0
     writes, and the others wait for it on the CPU group."""
@@ -104,7 +111,7 @@ class Checkpointer:
         if self.env.is_main:
             own = unwrap(model)
             meta = {"progress": asdict(progress), **self.static_meta, "scaler": scaler.state_dict(),
-                    "trainable": [k for k, p in own.named_parameters() if p.requires_grad],
+                    "trainable": optimized(own, optimizer),
                     "global_step": progress.global_step, "best_acc": progress.best_acc}
             path = ckpt.save_checkpoint(self.outdir, model_state=own.state_dict(),
                                         optim_state=optimizer.state_dict(), rng=rng, meta=meta,
@@ -127,8 +134,7 @@ class Checkpointer:
         cfg = self.static_meta["config"]
         ckpt.check_compatible(meta, cfg["model"], self.static_meta["num_classes"], path)
         models.load_into(model, state["model"], f"checkpoint {path}")
-        trainable = [k for k, p in model.named_parameters() if p.requires_grad]
-        if meta.get("trainable") != trainable:
+        if meta.get("trainable") != optimized(model, optimizer):
             raise UserError(f"{path} was trained with other trainable parameters (mode "
                             f"{meta['config']['mode']!r}); resume with the same --mode/--finetune-last-n or "
                             "start a new --output-dir")

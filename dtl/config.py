@@ -42,6 +42,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "dropout": (lambda v: v is None or 0 <= v < 1, "must be in [0, 1)"),
     "head_lr_mult": (lambda v: v > 0, "must be > 0"),
     "layer_decay": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "lp_epochs": (lambda v: v >= 0, "must be >= 0"),
     "ema_decay": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "ema_every": (lambda v: v > 0, "must be > 0"),
     "early_stop_patience": (lambda v: v is None or v > 0, "must be > 0 when given"),
@@ -69,14 +70,18 @@ class BackboneConfig:
 
     model: str = "vgg16"
     """torchvision classification model name (see `dtl models`)."""
-    mode: Literal["transfer", "finetune", "scratch"] = "transfer"
+    mode: Literal["transfer", "finetune", "scratch", "lp-ft"] = "transfer"
     """transfer: frozen pretrained backbone, only the new head trains; finetune: pretrained init, everything
     (or the last --finetune-last-n blocks) trains; scratch: random init, everything trains."""
     weights: str | None = None
     """imagenet | none | a torchvision weight enum name (IMAGENET1K_V1) | a .safetensors/.pth file.
     Default: imagenet for transfer/finetune, none for scratch."""
     finetune_last_n: int | None = None
-    """finetune mode: number of backbone blocks (counted from the end) to unfreeze with the head; default all."""
+    """finetune/lp-ft mode: number of backbone blocks (counted from the end) to unfreeze with the head; default
+    all."""
+    lp_epochs: int = 1
+    """lp-ft mode: epochs that train the head alone (a linear probe, the backbone frozen and its BatchNorm
+    statistics fixed) before the backbone (or its last --finetune-last-n blocks) is unfrozen."""
     dropout: float | None = None
     """Override the dropout probability of the model's Dropout layers (default: the model's own)."""
 
@@ -294,12 +299,12 @@ class Config:
             d.eval_subset = min(d.eval_subset or 256, 256)
         if b.weights is None:
             b.weights = "none" if b.mode == "scratch" else "imagenet"
-        if b.mode == "transfer" and b.weights == "none":
+        if b.mode in ("transfer", "lp-ft") and b.weights == "none":
             raise ValueError(
-                "weights='none' with mode='transfer' would train a head on a frozen *random* backbone; "
+                f"weights='none' with mode={b.mode!r} would train a head on a frozen *random* backbone; "
                 "use --weights imagenet (or a file), or --mode scratch"
             )
-        if b.finetune_last_n is not None and b.mode != "finetune":
+        if b.finetune_last_n is not None and b.mode not in ("finetune", "lp-ft"):
             raise ValueError(f"finetune_last_n={b.finetune_last_n} only applies to --mode finetune, "
                              f"got mode={b.mode!r}")
         if d.cache_features and (b.mode != "transfer" or d.augment):

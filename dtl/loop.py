@@ -23,6 +23,7 @@ from dtl.evaluate import evaluate
 from dtl.metrics import Meter, plot_runs
 from dtl.optim import lr_at
 from dtl.precision import autocast
+from dtl.setup import wrap
 from dtl.splits import stream_seed
 from dtl.state import Run
 
@@ -330,11 +331,33 @@ def finish_early_stopped(run: Run) -> None:
              run.progress.early_stop_best_epoch, best)
 
 
+def apply_phase(run: Run, epoch: int) -> None:
+    """lp-ft: the head alone for the first --lp-epochs epochs (backbone frozen and run under no_grad, its
+    BatchNorm statistics fixed), then the backbone (or its last --finetune-last-n blocks) too. DDP reduces only
+    what required grad when it was built, so it is built again at the switch (every rank at the same epoch)."""
+    net = run.cfg.backbone
+    probing = epoch < net.lp_epochs
+    if net.mode != "lp-ft" or run.probing == probing:
+        return
+    model = unwrap(run.model)
+    head = models.head_name(model)
+    models.freeze(model, net.model, "transfer" if probing else "finetune", None if probing else net.finetune_last_n)
+    for handle in run.prefix_hooks:
+        handle.remove()
+    run.prefix_hooks = models.run_prefix_without_grad(model, head) if probing else []
+    run.model = wrap(model, run.cfg, run.env, run.device)
+    run.probing = probing
+    trains = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("lp-ft epoch %d: %s (%d parameters train)", epoch + 1,
+             "linear probe, the backbone frozen" if probing else "fine-tuning, the backbone unfrozen", trains)
+
+
 def fit(run: Run) -> int:
     """Epochs from the saved position to the end (or an early stop); the exit code."""
     for epoch in range(run.progress.epoch, run.cfg.optim.epochs):
         if run.progress.early_stopped:
             break
+        apply_phase(run, epoch)
         result = train_one_epoch(run, epoch)
         if result.stopped:
             write_status(run, "preempted", EXIT_PREEMPTED)

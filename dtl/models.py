@@ -357,13 +357,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def run_prefix_without_grad(model: nn.Module, head: str) -> None:
+def run_prefix_without_grad(model: nn.Module, head: str) -> list[torch.utils.hooks.RemovableHandle]:
     """Run everything before the head under no_grad (transfer mode): the frozen backbone stores no
     activations and builds no graph; the head runs in whatever grad mode the caller had.
 
     Done with hooks (which live as long as the model) rather than a `with torch.no_grad()` around the backbone
     so it works for every family's own forward() and leaves the grad mode unchanged outside the model (DDP
-    decides whether to prepare its gradient all-reduce from the grad mode after forward)."""
+    decides whether to prepare its gradient all-reduce from the grad mode after forward). Returns the hooks'
+    handles (lp-ft removes them when the backbone is unfrozen)."""
     saved: list[bool] = []
 
     def enter(module: nn.Module, args: tuple) -> None:
@@ -377,6 +378,5 @@ def run_prefix_without_grad(model: nn.Module, head: str) -> None:
     def leave(module: nn.Module, args: tuple, output: object) -> None:
         torch.set_grad_enabled(saved.pop())
 
-    model.register_forward_pre_hook(enter)
-    model.get_submodule(head).register_forward_pre_hook(at_head)
-    model.register_forward_hook(leave, always_call=True)
+    return [model.register_forward_pre_hook(enter), model.get_submodule(head).register_forward_pre_hook(at_head),
+            model.register_forward_hook(leave, always_call=True)]

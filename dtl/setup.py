@@ -43,7 +43,10 @@ def build_model(cfg: Config, device: torch.device, num_classes: int) -> tuple[nn
     model = models.build_model(net.model, num_classes, net.weights, cfg.data.image_size, net.dropout)
     if cfg.run.deterministic and device.type == "cuda":
         models.deterministic_pooling(model)
-    trainable = models.freeze(model, cfg.backbone.model, cfg.backbone.mode, cfg.backbone.finetune_last_n)
+    # lp-ft: the optimizer covers everything that will ever train (from step 0, so a resume on either side of
+    # the unfreezing restores the same groups); `loop.apply_phase` freezes the backbone for the probe epochs
+    trainable = models.freeze(model, net.model, "finetune" if net.mode == "lp-ft" else net.mode,
+                              net.finetune_last_n)
     if cfg.backbone.mode == "transfer":
         models.run_prefix_without_grad(model, models.head_name(model))
     return model.to(device, memory_format=models.memory_format(device.type, cfg.backbone.mode)), trainable

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from dtl.checkpointer import Checkpointer, Progress
 from dtl.config import Config
@@ -65,6 +66,10 @@ class Run:
     """--class-balance loss: the cross-entropy's per-class weights, on the device."""
     ema: Ema | None = None
     """--ema-decay: the moving average of the weights."""
+    probing: bool | None = None
+    """lp-ft: whether the backbone is frozen now (None: not yet decided; other modes stay None)."""
+    prefix_hooks: list[RemovableHandle] = field(default_factory=list)
+    """lp-ft: the hooks that run the frozen backbone under no_grad during the probe."""
     metrics_log: MetricsLog | None = None
     """Rank 0's metrics.jsonl (+ TensorBoard) writer, opened once the run folder exists."""
     overflows: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))

@@ -222,3 +222,21 @@ def test_early_stopping_stops_every_rank_after_patience_epochs(tmp_path):
     assert best == "step-00000002" and all(torch.equal(a[k], b[k]) for k in a)  # 32 / (8 x 2) = 2 steps/epoch
     res = torchrun(2, *flags, "--output-dir", str(out), "--resume", "auto")  # an early-stopped run stays so
     assert res.returncode == 0 and len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_lp_ft_crosses_the_switch_in_two_processes(tmp_path):
+    """DDP is rebuilt when the backbone is unfrozen: no hang, replicas in sync, the backbone trained after."""
+    import torchvision
+
+    weights = tmp_path / "resnet18.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    out = tmp_path / "run"
+    res = torchrun(2, *TINY, "--model", "resnet18", "--mode", "lp-ft", "--weights", str(weights), "--lp-epochs", "1",
+                   "--epochs", "2", "--train-subset", "32", "--eval-subset", "16", "--batch-size", "8",
+                   "--output-dir", str(out), "--dist-timeout", "60")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "lp-ft epoch 1: linear probe" in res.stderr and "lp-ft epoch 2: fine-tuning" in res.stderr
+    assert "replicas in sync" in res.stderr
+    final = load_file(str(out / "model.safetensors"))
+    assert not torch.equal(final["conv1.weight"], torch.load(weights, weights_only=True)["conv1.weight"])
