@@ -183,6 +183,11 @@ class OptimConfig:
 class RunConfig:
     """How the run executes: numerics, seeds, non-finite losses, logging."""
 
+    recipe: Literal["plain", "strong"] = "plain"
+    """plain: the settings as given (the reference recipe's defaults). strong: a fine-tuning recipe -- AdamW,
+    lr 5e-4, weight decay 0.05 (not on biases/norms), cosine after 1 warm-up epoch, layer decay 0.75, head
+    lr x10, label smoothing 0.1, gradient clipping at 1.0, EMA 0.998. Settings given explicitly (flags, TOML)
+    still win."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: the accelerate config's choice under `accelerate launch`, else bf16 on GPUs that support it,
     fp16 on older GPUs, fp32 on CPU."""
@@ -254,6 +259,13 @@ class DistConfig:
         _validate_section(self)
 
 
+#: --recipe strong: what it sets unless the setting is given explicitly (README: "Fine-tuning knobs")
+RECIPES: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "strong": {"optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.05, "lr_schedule": "cosine",
+               "warmup_epochs": 1.0, "layer_decay": 0.75, "head_lr_mult": 10.0, "label_smoothing": 0.1,
+               "clip_grad_norm": 1.0, "ema_decay": 0.998},
+}
 SECTIONS: dict[str, type] = {"backbone": BackboneConfig, "data": DataConfig, "optim": OptimConfig,
                              "run": RunConfig, "checkpoint": CheckpointConfig, "dist": DistConfig}
 #: flat field name -> its section
@@ -274,6 +286,13 @@ class Config:
         """Flat settings (``Config(lr=0.1, mode="scratch")``) and/or whole sections (``optim={"lr": 0.1}``
         or ``optim=OptimConfig(...)``)."""
         given: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        run = values.get("run")
+        run_recipe = run.recipe if isinstance(run, RunConfig) else (run or {}).get("recipe")
+        recipe = values.get("recipe") or run_recipe or "plain"
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        for key, value in RECIPES[recipe].items():  # beneath everything given explicitly
+            given[SECTION_OF[key]][key] = value
         for key, value in values.items():
             if key in SECTIONS:
                 if isinstance(value, SECTIONS[key]):

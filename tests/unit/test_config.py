@@ -83,3 +83,16 @@ def test_sections_flat_flags_and_sectioned_toml(tmp_path):
         Config(checkpoint={"keep_last": 0})
     with pytest.raises(UserError, match="unknown config key"):
         Config.from_dict({"lrr": 1})
+
+
+def test_recipe_strong_sets_its_settings_and_explicit_ones_win(tmp_path):
+    strong = parse("--recipe", "strong")
+    assert (strong.optim.optimizer, strong.optim.lr, strong.optim.layer_decay, strong.optim.head_lr_mult,
+            strong.optim.ema_decay, strong.optim.clip_grad_norm, strong.optim.label_smoothing,
+            strong.optim.lr_schedule, strong.optim.warmup_epochs, strong.optim.weight_decay) == \
+        ("adamw", 5e-4, 0.75, 10.0, 0.998, 1.0, 0.1, "cosine", 1.0, 0.05)
+    assert parse("--recipe", "strong", "--lr", "0.01", "--ema-decay", "0").optim.lr == 0.01
+    toml = tmp_path / "r.toml"
+    toml.write_text('recipe = "strong"\n[optim]\nlayer-decay = 0.9\n')
+    assert parse("--config", str(toml)).optim.layer_decay == 0.9
+    assert parse().to_dict() == parse("--recipe", "plain").to_dict()  # plain: today's behaviour
