@@ -43,13 +43,14 @@ from torch import nn
 
 from dtl import models
 from dtl.bench_report import PHASES, SIDES, Options, assemble, format_table
-from dtl.config import Config, config_from_args, load_toml
+from dtl.config import Config
 from dtl.dist import DistEnv, pick_device
 from dtl.errors import UserError
 from dtl.evaluate import evaluate
 from dtl.loop import train_step
 from dtl.metrics import Meter
 from dtl.reference import ReferenceLoop, endless
+from dtl.settings import config_from_args, load_toml
 from dtl.setup import prepare
 
 #: The memory probe's phase order: lightest first, so memory a phase leaves behind never exceeds the next's.

@@ -27,10 +27,11 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from dtl import bench, cifar, dist, engine, inference, predict, signals
-from dtl.config import SECTIONS, choices_of, config_from_args, field_docs
+from dtl.config import SECTIONS, choices_of
 from dtl.errors import EXIT_FAILURE, EXIT_USAGE, NonFiniteLossError, UserError
 from dtl.metrics import plot_runs, read_metrics
 from dtl.models import classification_models
+from dtl.settings import config_from_args, field_docs
 
 log = logging.getLogger("dtl")
 

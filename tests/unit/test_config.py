@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 
 from dtl.cli import build_parser
-from dtl.config import Config, config_from_args, field_docs
+from dtl.config import Config
 from dtl.errors import UserError
+from dtl.settings import config_from_args, field_docs
 
 
 def parse(*flags: str) -> Config:

@@ -12,10 +12,10 @@ from torch import nn
 
 from dtl import dist, loop
 from dtl.cli import build_parser
-from dtl.config import config_from_args
 from dtl.dist import DistEnv
 from dtl.errors import NonFiniteLossError
 from dtl.metrics import Meter
+from dtl.settings import config_from_args
 from dtl.setup import prepare
 from tests.conftest import TINY, free_port, train_inproc
 
