@@ -70,6 +70,10 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
     configure_backends(cfg.run.deterministic, device, precision)
     plan = rundir.plan(cfg, env, device)
     splits = data.load_splits_once(cfg, env, plan.split_file)
+    if len(splits.classes) < 2:
+        raise UserError(f"{cfg.data.data_dir} has {len(splits.classes)} class ({', '.join(splits.classes)}): a "
+                        "classifier needs at least two (one class folder per class) -- it would reach a "
+                        "meaningless 100%")
     # the ImageNet weights reach the hub cache once per node (rank 0 first), not once per rank at a time
     main_first(env, lambda first: models.fetch_weights(cfg.backbone.model, cfg.backbone.weights) if first else None)
     model, trainable = build_model(cfg, device, len(splits.classes))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -253,3 +254,16 @@ def test_transfer_training_on_an_image_folder(image_dir, tmp_path, capsys):
     code = cli.main(["eval", "--checkpoint", str(out), "--device", "cpu", "--data-dir", str(tmp_path / "other"),
                         "--output-dir", str(tmp_path / "ev3")])
     assert code == 2 and "zebra" in capsys.readouterr().err
+
+
+def test_a_single_class_is_refused(tmp_path, capfd):
+    """One class folder would train to a meaningless 100%: exit 2, one message, nothing written."""
+    root = tmp_path / "one"
+    write_folder(root, per_class=6, bad=False)
+    for extra in sorted(p for p in root.iterdir())[1:]:
+        shutil.rmtree(extra)
+    code = train_inproc("--dataset", "folder", "--data-dir", str(root), "--val-split", "0.3", "--image-size", "32",
+                        "--device", "cpu", "--model", "squeezenet1_1", "--mode", "scratch", "--epochs", "1",
+                        "--output-dir", str(tmp_path / "run"))
+    assert code == 2 and "needs at least two" in capfd.readouterr().err
+    assert not (tmp_path / "run").exists()
