@@ -200,7 +200,7 @@ def eval_loader(cfg: Config, split: DatasetSplit, env: DistEnv, device: torch.de
 def build_loaders(cfg: Config, splits: Splits, env: DistEnv, device: torch.device, compute_dtype: torch.dtype,
                   channels_last: bool = True) -> tuple[BatchLoader, BatchLoader]:
     """Train and eval loaders for this rank."""
-    tsampler = sampler_for(splits.train.labels, env, cfg.run.seed, cfg.data.class_balance)
+    tsampler = sampler_for(splits.train.labels, env, cfg.run.seed, cfg.data.class_balance, cfg.optim.batch_size)
     if resolve_pipeline(cfg) == "device" and isinstance(getattr(splits.train, "images", None), torch.Tensor):
         ttrans = BatchTransform(train=cfg.data.augment, size=cfg.data.image_size, dtype=compute_dtype,
                                 channels_last=channels_last)

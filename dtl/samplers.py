@@ -4,6 +4,7 @@ evaluation shards (contiguous, no padding: every test image counted exactly once
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 
@@ -63,9 +64,29 @@ def train_sampler(n: int, env: DistEnv, seed: int) -> DistributedSampler:
                               drop_last=False)
 
 
-def sampler_for(labels: torch.Tensor, env: DistEnv, seed: int, balance: str = "none") -> Sampler[int]:
+class NoLoneLastBatch(Sampler[int]):
+    """A training sampler whose epoch never ends in a batch of one image: BatchNorm cannot normalise a single
+    sample (a ResNet stops with "Expected more than 1 value per channel"). That image is left out of this
+    epoch only; the shuffle puts another one last in the next."""
+
+    def __init__(self, sampler: Sampler[int], batch_size: int) -> None:
+        self.sampler, self.batch_size = sampler, batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)  # type: ignore[arg-type]
+        return n - 1 if n > 1 and n % self.batch_size == 1 else n
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), len(self))
+
+
+def sampler_for(labels: torch.Tensor, env: DistEnv, seed: int, balance: str = "none",
+                batch_size: int = 1) -> Sampler[int]:
     """The training sampler of this rank: DistributedSampler's shuffle, or class-balanced draws
-    (--class-balance sampler)."""
-    if balance == "sampler":
-        return ClassBalancedSampler(labels, env, seed)
-    return train_sampler(len(labels), env, seed)
+    (--class-balance sampler); never a last batch of one image."""
+    sampler = ClassBalancedSampler(labels, env, seed) if balance == "sampler" else train_sampler(len(labels), env, seed)
+    return NoLoneLastBatch(sampler, batch_size)

@@ -134,7 +134,8 @@ def use_cached_features(cfg: Config, env: DistEnv, device: torch.device, model: 
         found[name] = hit
     log.info("cached features: train %s, test %s (%s)", tuple(found["train"][0].shape),
              tuple(found["test"][0].shape), "computed" if new else f"reused from {plan.outdir / 'features'}")
-    sampler = samplers.sampler_for(splits.train.labels, env, cfg.run.seed, cfg.data.class_balance)
+    sampler = samplers.sampler_for(splits.train.labels, env, cfg.run.seed, cfg.data.class_balance,
+                                   cfg.optim.batch_size)
     train = features.FeatureLoader(*found["train"], sampler,
                                    cfg.optim.batch_size)
     test = features.FeatureLoader(*found["test"],

@@ -82,3 +82,17 @@ def test_balanced_sampler_resumes_mid_epoch_bitwise(tmp_path):
     assert train_inproc(*flags, "--output-dir", str(part), "--resume", "auto") == 0
     a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_epoch_ends_in_a_batch_of_one(tmp_path):
+    """721 images in batches of 16 leave one image alone at the end: a ResNet's BatchNorm cannot train on it."""
+    from dtl.samplers import sampler_for
+
+    sampler = sampler_for(torch.zeros(721, dtype=torch.int64), DistEnv(), seed=0, batch_size=16)
+    assert len(sampler) == 720 and len(list(sampler)) == 720
+    assert len(sampler_for(torch.zeros(722, dtype=torch.int64), DistEnv(), 0, batch_size=16)) == 722
+    code = train_inproc("--dataset", "synthetic", "--image-size", "32", "--device", "cpu", "--model", "resnet18",
+                        "--mode", "scratch", "--train-subset", "17", "--eval-subset", "8", "--batch-size", "16",
+                        "--epochs", "1", "--output-dir", str(tmp_path / "run"))
+    assert code == 0
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["train_count"] == 16
