@@ -350,7 +350,7 @@ def command_line(argv: list[str] | None) -> str:
     if argv is not None:
         return shlex.join(["python", "-m", "dtl.bench", *argv])
     prog = Path(sys.argv[0]).name
-    head = ["python", "-m", "dtl.bench"] if prog in ("bench.py", "__main__.py") else [prog]
+    head = ["python", "-m", "dtl"] if prog == "__main__.py" else [prog]  # `python -m dtl bench` or `dtl bench`
     return shlex.join([*head, *sys.argv[1:]])
 
 
@@ -364,7 +364,5 @@ def run(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
-if __name__ == "__main__":  # entry-point shim (the top of the import graph, not a dependency)
-    from dtl.__main__ import main
-
-    main(["bench", *sys.argv[1:]])
+if __name__ == "__main__":  # `python -m dtl.bench ARGS` is `python -m dtl bench ARGS` (no upward import)
+    os.execv(sys.executable, [sys.executable, "-m", "dtl", "bench", *sys.argv[1:]])

@@ -347,7 +347,5 @@ def main(argv: list[str] | None = None) -> int:
     return guarded(env, lambda: handlers[args.command](args))
 
 
-if __name__ == "__main__":  # `python -m dtl.cli ...` (torchrun -m): entry-point shim, see dtl/__main__.py
-    from dtl.__main__ import main as _main
-
-    _main()
+if __name__ == "__main__":  # `python -m dtl.cli ...` (torchrun -m): exits as dtl/__main__.py does
+    dist.exit_process(main(), dist.detect())

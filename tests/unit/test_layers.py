@@ -1,7 +1,6 @@
 """The module map of README's Design section, enforced: every dtl module sits in a tier, imports only from
 its own tier or below (data flows downhill: cli -> run -> components -> foundation), the import graph has
-no cycle, and no dtl import hides inside a function (only `if __name__ == "__main__":` entry shims may
-import upward: they are the top of the graph, not a dependency)."""
+no cycle, and no dtl import hides inside a function."""
 
 from __future__ import annotations
 
@@ -22,20 +21,13 @@ TIERS: dict[str, tuple[str, ...]] = {
 RANK = {m: i for i, mods in enumerate(TIERS.values()) for m in mods}
 
 
-def _is_main_guard(node: ast.AST) -> bool:
-    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
-            and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
-
-
 def imports_of(path: Path) -> tuple[set[str], list[str]]:
-    """(dtl modules imported, descriptions of function-level dtl imports), skipping __main__ shims."""
+    """(dtl modules imported, descriptions of function-level dtl imports)."""
     tree = ast.parse(path.read_text())
     found: set[str] = set()
     nested: list[str] = []
 
     def visit(node: ast.AST, in_function: bool) -> None:
-        if _is_main_guard(node):
-            return
         names: list[str] = []
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "dtl":
             names = ([a.name for a in node.names] if node.module == "dtl" else [node.module.split(".")[1]])
