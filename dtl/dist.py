@@ -249,16 +249,6 @@ def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return tensor
 
 
-def any_rank(flag: bool, env: DistEnv) -> bool:
-    """True when the flag is set on any rank, so every rank takes the same branch (no one left waiting).
-    A blocking round trip on the CPU control group: for one-off decisions, not for every step."""
-    if not env.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=_CONTROL_GROUP)
-    return bool(t.item())
-
-
 class Agreement:
     """Per-step flags (stop requested, checkpoint due) agreed by all ranks without a per-step round trip:
     each step starts an asynchronous MAX all-reduce of this step's local flags on the CPU control group and

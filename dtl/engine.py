@@ -7,6 +7,8 @@ every N steps/minutes and on a stop signal; final weights and curves at the end.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 
 from dtl import features, loop, rundir
@@ -19,7 +21,7 @@ def train(cfg: Config, env: DistEnv, device: torch.device) -> int:
     """Train as configured; the exit code (0 done, 75 stopped by a signal after checkpointing)."""
     run = prepare(cfg, env, device)
     position = (run.progress.epoch, run.progress.global_step)
-    info = {k: getattr(run.info, k) for k in run.info.__dataclass_fields__}
+    info = asdict(run.info)
     run.metrics_log = rundir.start(run.plan, cfg, env, info, position, run.splits, unwrap(run.model))
     if env.is_main:
         for name, (feats, labels) in run.new_features.items():
