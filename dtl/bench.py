@@ -39,9 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from dtl import models
+from dtl import mix, models
 from dtl.bench_report import PHASES, SIDES, Options, assemble, format_table
 from dtl.config import Config
 from dtl.dist import DistEnv, pick_device
@@ -138,7 +137,7 @@ class DtlLoop:
         self.device = device
         self.train_batches = endless(self.run.train_loader)
         self.eval_batches = endless(self.run.eval_loader)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        self.criterion = mix.criterion_for(cfg.optim, self.run.class_weights)
         self.meter = Meter(device)
         self.bad_step = torch.tensor(-1, device=device)
 
