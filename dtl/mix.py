@@ -35,10 +35,11 @@ from dtl.splits import stream_seed
 
 @dataclass(frozen=True)
 class MixDraw:
-    """One batch's draw: `lam` (the weight of the original images, after the CutMix box correction) and the
-    CutMix box (y0, y1, x0, x1), or None for MixUp (or no mixing: lam == 1)."""
+    """One batch's draw: `kind` (none, mixup or cutmix), `lam` (the weight of the original images, after the
+    CutMix box correction) and the CutMix box (y0, y1, x0, x1)."""
 
-    lam: float
+    kind: str
+    lam: float = 1.0
     box: tuple[int, int, int, int] | None = None
 
 
@@ -65,7 +66,7 @@ def draw(rng: np.random.RandomState, mixup: float, cutmix: float, prob: float, s
          height: int, width: int) -> MixDraw:
     """timm's `_params_per_batch` + `cutmix_bbox_and_lam`, call for call, from `rng`."""
     if not (mixup > 0 or cutmix > 0) or rng.rand() >= prob:
-        return MixDraw(1.0)
+        return MixDraw("none")
     if mixup > 0 and cutmix > 0:
         use_cutmix = rng.rand() < switch_prob
         lam = float(rng.beta(cutmix, cutmix) if use_cutmix else rng.beta(mixup, mixup))
@@ -74,13 +75,13 @@ def draw(rng: np.random.RandomState, mixup: float, cutmix: float, prob: float, s
     else:
         use_cutmix, lam = True, float(rng.beta(cutmix, cutmix))
     if not use_cutmix:
-        return MixDraw(lam)
+        return MixDraw("mixup", lam)
     ratio = math.sqrt(1 - lam)
     cut_h, cut_w = int(height * ratio), int(width * ratio)
     cy, cx = int(rng.randint(0, height)), int(rng.randint(0, width))
     y0, y1 = min(max(cy - cut_h // 2, 0), height), min(max(cy + (cut_h + 1) // 2, 0), height)
     x0, x1 = min(max(cx - cut_w // 2, 0), width), min(max(cx + (cut_w + 1) // 2, 0), width)
-    return MixDraw(1.0 - (y1 - y0) * (x1 - x0) / float(height * width), (y0, y1, x0, x1))
+    return MixDraw("cutmix", 1.0 - (y1 - y0) * (x1 - x0) / float(height * width), (y0, y1, x0, x1))
 
 
 def mix_images(images: torch.Tensor, d: MixDraw) -> torch.Tensor:
