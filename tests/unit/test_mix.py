@@ -151,3 +151,6 @@ def test_config_checks_and_the_cache_features_refusal(tmp_path, capfd):
     assert code == 2
     assert "--cache-features" in capfd.readouterr().err
     assert not (tmp_path / "r").exists()
+    assert train_inproc(*TINY, "--model", "vgg16", "--drop-path", "0.1", "--output-dir", str(tmp_path / "v")) == 2
+    assert "vgg16 has no stochastic depth; the families that do are convnext" in capfd.readouterr().err
+    assert not (tmp_path / "v").exists()
