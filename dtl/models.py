@@ -226,8 +226,7 @@ def _pretrained_state(name: str, weights: str) -> dict[str, torch.Tensor]:
 
 def _build(name: str, kwargs: dict, drop_path: float | None) -> nn.Module:
     """The architecture with stochastic depth rate `drop_path` (None: its own). RESCALE (the builder fixes the
-    rate, so the keyword collides): every StochasticDepth module's rate is scaled so the deepest gets
-    `drop_path` (their schedules are linspace(0, rate))."""
+    rate): every StochasticDepth rate is scaled so the deepest gets `drop_path` (schedules: linspace(0, rate))."""
     how = _DROP_PATH.get(family(name) or "")
     if how is None and drop_path:
         raise UserError(f"--drop-path {drop_path}: {name} has no stochastic depth; the families that do are "
@@ -235,10 +234,11 @@ def _build(name: str, kwargs: dict, drop_path: float | None) -> nn.Module:
     if drop_path is not None and how not in (None, RESCALE):
         kwargs = {**kwargs, how: drop_path}
     model = torchvision.models.get_model(name, weights=None, **kwargs)
-    layers = [m for m in model.modules() if isinstance(m, torchvision.ops.StochasticDepth)]
-    deepest = max((m.p for m in layers), default=0.0) if drop_path is not None and how == RESCALE else 0.0
-    for m in layers if deepest > 0 else []:
-        m.p = m.p * drop_path / deepest
+    if drop_path is not None and how == RESCALE:
+        layers = [m for m in model.modules() if isinstance(m, torchvision.ops.StochasticDepth)]
+        deepest = max((m.p for m in layers), default=0.0)
+        for m in layers:
+            m.p = m.p * drop_path / deepest if deepest > 0 else drop_path
     return model
 
 
