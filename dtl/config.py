@@ -38,6 +38,10 @@ _RULES: dict[str, tuple[Any, str]] = {
     "early_stop_min_delta": (lambda v: v >= 0, "must be >= 0"),
     "clip_grad_norm": (lambda v: v is None or v > 0, "must be > 0 when given"),
     "model": (lambda v: bool(v.strip()), "must name a torchvision model"),
+    # MixUp/CutMix, stochastic depth
+    **{name: (lambda v: v >= 0, "must be >= 0") for name in ("mixup", "cutmix")},
+    **{name: (lambda v: 0 <= v <= 1, "must be in [0, 1]") for name in ("mix_prob", "mix_switch_prob")},
+    "drop_path": (lambda v: v is None or 0 <= v < 1, "must be in [0, 1)"),
 }
 
 
@@ -73,6 +77,10 @@ class BackboneConfig:
     statistics fixed) before the backbone (or its last --finetune-last-n blocks) is unfrozen."""
     dropout: float | None = None
     """Override the dropout probability of the model's Dropout layers (default: the model's own)."""
+    drop_path: float | None = None
+    """Stochastic depth (drop path) rate: torchvision's stochastic_depth_prob, the rate of the deepest block,
+    lower ones scaled down linearly (ConvNeXt, EfficientNet v1/v2, Swin, MaxViT; refused for models without
+    it). Default: the model's own (e.g. 0.1 for convnext_tiny, 0.2 for efficientnet_b0)."""
 
     def __post_init__(self) -> None:
         _validate_section(self)
@@ -163,6 +171,18 @@ class OptimConfig:
     clip_grad_norm: float | None = None
     """Clip the global gradient norm (of the parameters that train) to this value, once per optimizer step,
     after unscaling; the pre-clip norm's epoch mean and max go to metrics.jsonl."""
+    mixup: float = 0.0
+    """MixUp alpha (timm's --mixup): mix each batch with itself reversed, lam ~ Beta(alpha, alpha); trains on
+    soft targets (--label-smoothing folded in). Train accuracy then counts the dominant label (weight >= 0.5).
+    0: off."""
+    cutmix: float = 0.0
+    """CutMix alpha (timm's --cutmix): paste a box of the reversed batch, lam ~ Beta(alpha, alpha) corrected to
+    the box's clipped area; with --mixup too, one of the two per batch (--mix-switch-prob). 0: off."""
+    mix_prob: float = 1.0
+    """Probability that a batch is mixed at all (timm's --mixup-prob)."""
+    mix_switch_prob: float = 0.5
+    """With both --mixup and --cutmix: probability of CutMix rather than MixUp for a batch (timm's
+    --mixup-switch-prob)."""
 
     def __post_init__(self) -> None:
         _validate_section(self)
@@ -206,6 +226,9 @@ class RunConfig:
     """Also log the metrics to TensorBoard (OUTDIR/tensorboard)."""
     debug: bool = False
     """Single process even under a launcher, no workers, a small subset, 1 epoch, anomaly detection."""
+    tta: Literal["none", "flip"] = "none"
+    """Test-time augmentation at evaluation: flip = the mean of the logits of each image and its horizontal
+    mirror (test_loss/test_acc are then the TTA numbers; test_loss_plain/test_acc_plain are logged beside)."""
 
     def __post_init__(self) -> None:
         _validate_section(self)
@@ -320,6 +343,9 @@ class Config:
                 "cache_features=True needs --mode transfer and --no-augment: with augmentation every epoch "
                 "sees different crops, so features computed once would silently drop the augmentation"
             )
+        if d.cache_features and (o.mixup > 0 or o.cutmix > 0):
+            raise ValueError(f"mixup={o.mixup}/cutmix={o.cutmix} mix the images, but cache_features=True trains on "
+                             "features computed once from unmixed images: drop --cache-features, or the mixing")
         if d.coarse_labels and d.dataset != "cifar100":
             raise ValueError(f"coarse_labels=True only applies to --dataset cifar100, got {d.dataset!r}")
 
