@@ -156,7 +156,7 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
         "predict", help="top-k classes of image files/folders with a trained checkpoint",
         description=_wrap("Classify image files (and every image under folders given, recursively) with a trained "
                     "checkpoint: its class names and its eval preprocessing (Resize + CenterCrop to the "
-                    "run's image size, ImageNet normalisation). Output rows have the columns "
+                    "run's image size, the model's normalisation as recorded by the run). Output rows have the columns "
                     "path, rank, class, probability (one row per image and rank; rank 1 is the most likely "
                     "class): a table on stdout, or --output FILE.csv / FILE.jsonl. Unreadable images are "
                     "reported by path on stderr and skipped."),
