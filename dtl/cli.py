@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--data-dir", required=True)
     info.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10")
 
-    models = sub.add_parser("models", help="list torchvision classification models and their weights",
+    models = sub.add_parser("models", help="list torchvision (or timm) classification models and their weights",
                             epilog=f"example:\n  {EXAMPLES['models']}")
     models.add_argument("--filter", default="", help="only names containing this text")
     models.add_argument("--source", choices=("torchvision", "timm"), default="torchvision",

@@ -58,7 +58,7 @@ class BackboneConfig:
     """The network: which backbone, how it is initialised and which part of it trains."""
 
     model: str = "vgg16"
-    """torchvision classification model name (see `dtl models`)."""
+    """torchvision classification model name, or timm/NAME for a timm model (see `dtl models [--source timm]`)."""
     mode: Literal["transfer", "finetune", "scratch", "lp-ft"] = "transfer"
     """transfer: frozen pretrained backbone, only the new head trains; finetune: pretrained init, everything
     (or the last --finetune-last-n blocks) trains; scratch: random init, everything trains."""
