@@ -49,13 +49,16 @@ def _timm() -> Any:
 
 
 def arch_of(name: str) -> str:
-    """`timm/convnext_tiny` -> `convnext_tiny` (a `.tag` suffix is dropped: use --weights TAG for it)."""
+    """`timm/convnext_tiny` -> `convnext_tiny` (a `.tag` suffix is refused by `check_name`: --weights TAG)."""
     return name[len(PREFIX):].split(".", 1)[0]
 
 
 def check_name(name: str) -> None:
     timm = _timm()
     arch = arch_of(name)
+    if "." in name[len(PREFIX):]:
+        tag = name.split(".", 1)[1]
+        raise UserError(f"--model {name}: give the pretrained tag as --weights {tag} (with --model {PREFIX}{arch})")
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(PREFIX + c for c in close)}?" if close else \

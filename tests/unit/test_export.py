@@ -80,8 +80,9 @@ def test_timm_preprocessing_is_the_models(timm_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_vgg16_every_format(tmp_path_factory, tmp_path, capsys):
-    run = trained(tmp_path_factory, "vgg16", "--train-subset", "16", "--eval-subset", "8")
+def test_vgg16_every_format(tmp_path_factory, tmp_path, capsys, monkeypatch, fake_vgg16_home):
+    monkeypatch.setenv("TORCH_HOME", str(fake_vgg16_home))  # transfer from (random) "ImageNet" weights
+    run = trained(tmp_path_factory, "vgg16", "--mode", "transfer", "--train-subset", "16", "--eval-subset", "8")
     x = torch.randn(3, 3, 32, 32)
     ref = reference_logits(run, x)
     for fmt in export.FORMATS:

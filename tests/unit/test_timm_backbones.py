@@ -48,6 +48,8 @@ def test_transfer_runs_the_backbone_without_grad_up_to_head_fc():
 def test_names_tags_and_missing_timm(monkeypatch):
     with pytest.raises(UserError, match="did you mean timm/convnext_tiny"):
         timm_backbones.check_name("timm/convnext_tinyy")
+    with pytest.raises(UserError, match="--weights fb_in1k"):
+        timm_backbones.check_name("timm/convnext_tiny.fb_in1k")
     with pytest.raises(UserError, match="no such pretrained tag .*d2_in1k"):
         timm_backbones.create("timm/convnext_atto", "nope", 32, True)
     assert timm_backbones._tagged("timm/convnext_atto", "d2_in1k") == "convnext_atto.d2_in1k"
@@ -111,3 +113,23 @@ def test_offline_pretrained_missing_is_one_message(tmp_path):
     assert "could not get the pretrained weights of timm/test_vit" in res.stderr
     assert "huggingface-cli download timm/test_vit.r160_in1k" in res.stderr and str(tmp_path / "hf") in res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "run").exists()
+
+
+def test_imagenet_weights_come_from_the_hub_cache_offline(tmp_path):
+    """--weights imagenet = timm's default tag, read offline from $HF_HOME/hub; test_vit's 160 px position
+    embeddings are resampled for --image-size 32."""
+    torch.manual_seed(0)
+    pretrained = timm.create_model("test_vit").state_dict()
+    repo = tmp_path / "hf" / "hub" / "models--timm--test_vit.r160_in1k"
+    revision = "0" * 40
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    save_file(pretrained, str(repo / "snapshots" / revision / "model.safetensors"))
+    out = tmp_path / "run"
+    res = run_cli("train", *SMALL, "--model", "timm/test_vit", "--mode", "transfer", "--output-dir", str(out),
+                  env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert res.returncode == 0, res.stderr[-2000:]
+    final = load_file(str(out / "model.safetensors"))
+    assert torch.equal(final["blocks.0.attn.qkv.weight"], pretrained["blocks.0.attn.qkv.weight"])
+    assert final["pos_embed"].shape == (1, 5, 64) and pretrained["pos_embed"].shape != final["pos_embed"].shape
