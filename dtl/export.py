@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from dtl import checkpoint as ckpt
-from dtl import data, models
+from dtl import data, folder, models
 from dtl.config import Config
 from dtl.dist import DistEnv
 from dtl.errors import EXIT_FAILURE, EXIT_OK, UserError
@@ -94,10 +94,13 @@ def verification_batch(loaded: Loaded) -> tuple[torch.Tensor, str]:
     try:
         cfg = cfg.replace(eval_subset=VERIFY_IMAGES, train_subset=VERIFY_IMAGES, batch_size=VERIFY_IMAGES,
                           num_workers=0, download=False, resume=None, output_dir=None, debug=False, device="cpu")
-        split_file = loaded.run_dir / "split.json" if loaded.run_dir is not None else None
-        splits = data.load_splits(cfg, allow_download=False, split_file=split_file if split_file and
-                                  split_file.is_file() else None, is_main=False)
-        test = splits.test.subset(VERIFY_IMAGES, "first", 0)
+        if cfg.data.dataset == "folder":  # the held-out images only (the run's split.json), not the train set
+            cfg = cfg.replace(data_pipeline="workers")
+            saved = loaded.run_dir / folder.SPLIT_FILE if loaded.run_dir is not None else None
+            test = folder.load_folder_splits(cfg, saved, with_train=False, is_main=False).test
+        else:
+            test = data.load_splits(cfg, allow_download=False, is_main=False).test
+        test = test.subset(VERIFY_IMAGES, "first", 0)
         loader = data.eval_loader(cfg, test, DistEnv(), _CPU, channels_last=False, prep=loaded.preprocessing)
         images, _ = next(iter(loader))
         return images.float().contiguous(), f"{len(images)} images of the run's {cfg.data.dataset} test split"
