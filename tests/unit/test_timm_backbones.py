@@ -9,6 +9,8 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file, save_file
+from torchvision.io import write_png
+from torchvision.transforms.v2.functional import center_crop, resize
 
 from dtl import models, timm_backbones
 from dtl.errors import UserError
@@ -92,6 +94,16 @@ def test_weights_file_trains_and_eval_uses_the_recorded_normalisation(tmp_path, 
     assert main_inproc("eval", "--checkpoint", str(out), "--device", "cpu") == 0
     summary = json.loads(next((out / "eval").glob("*/summary.json")).read_text())
     assert (summary["top1"], summary["loss"]) == pytest.approx((last["test_acc"], last["test_loss"]), rel=1e-5)
+    # dtl predict normalises with the model's 0.5/0.5 too
+    image = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8)
+    write_png(image, str(tmp_path / "x.png"))
+    assert main_inproc("predict", "--checkpoint", str(out), str(tmp_path / "x.png"), "--top-k", "1",
+                       "--output", str(tmp_path / "p.jsonl"), "--device", "cpu") == 0
+    model = models.build_model("timm/test_convnext", 10, "none", 32).eval()
+    model.load_state_dict(final)
+    x = (center_crop(resize(image, [32], antialias=True), [32]).float() / 255 - 0.5) / 0.5
+    expected = torch.softmax(model(x[None]), 1).max().item()
+    assert json.loads((tmp_path / "p.jsonl").read_text())["probability"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_cached_features_match_the_uncached_run(tmp_path):
