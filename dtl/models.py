@@ -257,6 +257,8 @@ def build_model(name: str, num_classes: int, weights: str, image_size: int, drop
         model = torchvision.models.get_model(name, weights=None, **_builder_kwargs(name, image_size, pretrained))
     if is_weight_file(weights):
         state = load_state_file(Path(weights))
+        if timm_backbones.is_timm(name):
+            state = timm_backbones.adapt_state(model, state)
         head = head_name(model)
         head_w = state.get(f"{head}.weight")
         if head_w is not None and head_w.shape[0] == num_classes:

@@ -6,6 +6,7 @@ name, e.g. ``timm/convnext_tiny`` or ``timm/vit_base_patch16_224``.
   torchvision models. Pretrained files come from the Hugging Face hub cache (``$HF_HOME/hub``).
 - the head: `reset_classifier(num_classes)`; its name from `get_classifier()` (``head.fc`` for ConvNeXt,
   ``head`` for ViT).
+- weight files go through the family's `checkpoint_filter_fn` (ViT position embeddings resampled).
 - blocks (``--finetune-last-n``, ``--layer-decay``): timm's own fine-grained `group_matcher`, the head left out.
 - ViT-like models (fixed input size) are built for ``--image-size`` (``img_size``; pretrained position
   embeddings are resampled by timm).
@@ -17,6 +18,8 @@ timm is imported when first needed, so dtl works without it (and says how to ins
 from __future__ import annotations
 
 import difflib
+import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +28,8 @@ from torch import nn
 
 from dtl.errors import UserError
 from dtl.preprocessing import Preprocessing
+
+log = logging.getLogger("dtl")
 
 PREFIX = "timm/"
 #: dtl's "imagenet" weights name means timm's default pretrained tag
@@ -185,6 +190,19 @@ def _as_module(names: list[str], every: list[str]) -> list[str]:
     if prefix and prefix not in names and {k for k in every if k.startswith(prefix + ".")} == set(names):
         return [prefix]
     return names
+
+
+def adapt_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A weight file through the model family's own `checkpoint_filter_fn`, as timm does for pretrained files:
+    e.g. ViT position embeddings resampled for --image-size, original-repo key names converted."""
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        return state
+    try:
+        return filter_fn(state, model)
+    except Exception as err:  # noqa: BLE001 - a file the filter cannot read: the strict load names the problem
+        log.debug("checkpoint_filter_fn of %s failed (%s); loading the file as it is", type(model).__name__, err)
+        return state
 
 
 def preprocessing(name: str) -> Preprocessing:

@@ -106,6 +106,16 @@ def test_weights_file_trains_and_eval_uses_the_recorded_normalisation(tmp_path, 
     assert json.loads((tmp_path / "p.jsonl").read_text())["probability"] == pytest.approx(expected, rel=1e-4)
 
 
+def test_a_weight_file_at_another_resolution_is_resampled(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "vit160.safetensors"
+    state = timm.create_model("test_vit").state_dict()  # 160 px: 100 patches + the class token
+    save_file(state, str(path))
+    model = models.build_model("timm/test_vit", 4, str(path), 32)
+    assert model.pos_embed.shape == (1, 5, 64) and state["pos_embed"].shape == (1, 101, 64)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
+
+
 def test_cached_features_match_the_uncached_run(tmp_path):
     torch.manual_seed(0)
     weights = tmp_path / "vit.safetensors"
