@@ -283,7 +283,7 @@ def run_export(args: argparse.Namespace) -> int:
         _require_onnx()  # before anything slow
     output = Path(args.output)
     if output.is_dir():
-        raise UserError(f"--output {output} is a folder: give a file name (e.g. {output / 'model.' + args.format})")
+        raise UserError(f"--output {output} is a folder: give a file name (e.g. {output / ('model.' + args.format)})")
     loaded = load_model(args.checkpoint, _CPU)
     weights = use_ema(loaded, Path(args.checkpoint)) if args.ema else str(loaded.checkpoint / "model.safetensors")
     model = loaded.model.to(memory_format=torch.contiguous_format).float().eval()

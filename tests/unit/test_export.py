@@ -118,6 +118,9 @@ def test_ema_without_ema_weights_and_missing_onnx_are_user_errors(timm_run, tmp_
     assert main_inproc("export", "--checkpoint", str(timm_run), "--format", "safetensors", "--output", str(target),
                        "--ema") == 2
     assert "trained without --ema-decay" in capsys.readouterr().err
+    assert main_inproc("export", "--checkpoint", str(timm_run), "--format", "onnx", "--output", str(tmp_path)) == 2
+    assert f"--output {tmp_path} is a folder: give a file name (e.g. {tmp_path / 'model.onnx'})" in \
+        capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     assert main_inproc("export", "--checkpoint", str(timm_run), "--format", "onnx", "--output", str(target)) == 2
     assert "pip install 'dtl[onnx]'" in capsys.readouterr().err and not target.exists()
