@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from dtl import bench, cifar, dist, engine, inference, predict, signals
+from dtl import bench, cifar, dist, engine, export, inference, predict, signals, timm_backbones
 from dtl.config import SECTIONS, choices_of
 from dtl.errors import EXIT_FAILURE, EXIT_USAGE, NonFiniteLossError, UserError
 from dtl.metrics import plot_runs, read_metrics
@@ -45,6 +45,7 @@ EXAMPLES = {
              "--json bench.json",
     "eval": "dtl eval --checkpoint runs/exp1      (or: torchrun --nproc_per_node=4 -m dtl.cli eval ...)",
     "predict": "dtl predict --checkpoint runs/exp1 photos/ --top-k 3 --output preds.csv",
+    "export": "dtl export --checkpoint runs/exp1 --format onnx --output exported/model.onnx",
 }
 
 
@@ -91,9 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--data-dir", required=True)
     info.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10")
 
-    models = sub.add_parser("models", help="list torchvision classification models and their weights",
+    models = sub.add_parser("models", help="list torchvision (or timm) classification models and their weights",
                             epilog=f"example:\n  {EXAMPLES['models']}")
     models.add_argument("--filter", default="", help="only names containing this text")
+    models.add_argument("--source", choices=("torchvision", "timm"), default="torchvision",
+                        help="torchvision (default) or timm (use as --model timm/NAME; needs dtl[timm])")
 
     plot = sub.add_parser("plot", help="plot loss/accuracy/lr/throughput of one or more runs",
                           epilog=f"example:\n  {EXAMPLES['plot']}")
@@ -110,7 +113,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_predict_parser(sub)
+    add_export_parser(sub)
     return parser
+
+
+def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "export", help="write a checkpoint as ONNX, TorchScript or safetensors, checked against PyTorch",
+        description=_wrap(f"Export a trained checkpoint: ONNX (torch.onnx dynamo exporter, opset {export.OPSET}, "
+                          "dynamic batch axis, checked with onnxruntime), TorchScript (torch.jit.trace, deprecated by "
+                          "PyTorch but working) or a plain safetensors state dict. Each file is written to a "
+                          "temporary name, checked against the PyTorch model on the run's first test images "
+                          f"(max |logit difference| <= {export.TOLERANCE:g} x max(1, max |logit|)), then renamed "
+                          "into place; a failed check exits 1 and leaves nothing. preprocessing.json and a model "
+                          "card README.md are written next to it."),
+        epilog=f"example:\n  {EXAMPLES['export']}", formatter_class=_RAW)
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a run folder (its best checkpoint, else its newest) or a checkpoint folder")
+    p.add_argument("--format", required=True, choices=export.FORMATS,
+                   help=f"onnx (opset {export.OPSET}, dynamic batch; needs dtl[onnx]), torchscript (traced), or "
+                        "safetensors (the plain state dict)")
+    p.add_argument("--output", required=True, type=Path, metavar="FILE",
+                   help="the file to write; preprocessing.json and README.md go next to it")
+    p.add_argument("--ema", action="store_true",
+                   help="export the EMA weights (the run folder's model_ema.safetensors, or the checkpoint's "
+                        "ema.safetensors)")
+    return p
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -159,7 +187,7 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
         "predict", help="top-k classes of image files/folders with a trained checkpoint",
         description=_wrap("Classify image files (and every image under folders given, recursively) with a trained "
                     "checkpoint: its class names and its eval preprocessing (Resize + CenterCrop to the "
-                    "run's image size, ImageNet normalisation). Output rows have the columns "
+                    "run's image size, the model's normalisation as recorded by the run). Output rows have the columns "
                     "path, rank, class, probability (one row per image and rank; rank 1 is the most likely "
                     "class): a table on stdout, or --output FILE.csv / FILE.jsonl. Unreadable images are "
                     "reported by path on stderr and skipped."),
@@ -257,6 +285,14 @@ def run_data(args: argparse.Namespace) -> int:
 def run_models(args: argparse.Namespace) -> int:
     import torchvision
 
+    if args.source == "timm":
+        rows = timm_backbones.list_models(args.filter)
+        print(f"{'model':<44} {'params':>12}  pretrained tags (the first is --weights imagenet)")
+        for name, count, tags in rows:
+            print(f"{name:<44} {'-' if count is None else f'{count:,}':>12}  {', '.join(tags) or '-'}")
+        if rows and all(count is None for _, count, _ in rows):
+            print(f"({len(rows)} models: parameter counts only for a narrower --filter)")
+        return 0
     print(f"{'model':<28} {'params':>12}  pretrained weights")
     for name in classification_models():
         if args.filter not in name:
@@ -345,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.setup_logging(env)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "data": run_data, "models": run_models, "plot": run_plot, "predict": predict.run_predict,
+        "export": export.run_export,
         "bench": lambda a: bench.run(a, bench.command_line(argv[1:] if argv else None)),
     }
     return guarded(env, lambda: handlers[args.command](args))

@@ -62,12 +62,12 @@ class BackboneConfig:
     """The network: which backbone, how it is initialised and which part of it trains."""
 
     model: str = "vgg16"
-    """torchvision classification model name (see `dtl models`)."""
+    """torchvision classification model name, or timm/NAME for a timm model (see `dtl models [--source timm]`)."""
     mode: Literal["transfer", "finetune", "scratch", "lp-ft"] = "transfer"
     """transfer: frozen pretrained backbone, only the new head trains; finetune: pretrained init, everything
     (or the last --finetune-last-n blocks) trains; scratch: random init, everything trains."""
     weights: str | None = None
-    """imagenet | none | a torchvision weight enum name (IMAGENET1K_V1) | a .safetensors/.pth file.
+    """imagenet | none | a torchvision weight enum name (IMAGENET1K_V1) or timm tag | a .safetensors/.pth file.
     Default: imagenet for transfer/finetune, none for scratch."""
     finetune_last_n: int | None = None
     """finetune/lp-ft mode: number of backbone blocks (counted from the end) to unfreeze with the head; default

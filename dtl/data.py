@@ -21,11 +21,12 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dtl.augment import IMAGENET_MEAN, IMAGENET_STD, BatchTransform
+from dtl.augment import BatchTransform
 from dtl.cifar import load_cifar, make_synthetic
 from dtl.config import Config
 from dtl.dist import DistEnv, main_first
 from dtl.folder import load_folder_splits
+from dtl.preprocessing import IMAGENET, Preprocessing, v2_interpolation
 from dtl.samplers import EvalShardSampler, sampler_for
 from dtl.splits import DatasetSplit, Split, Splits, stream_seed
 
@@ -170,13 +171,16 @@ class WorkerLoader:
                    labels.to(self.device, non_blocking=True))
 
 
-def v2_transform(train: bool, size: int, augment: bool):  # noqa: ANN201 - a torchvision v2 Compose
-    """The reference recipe's per-image transforms, on uint8 tensors."""
+def v2_transform(train: bool, size: int, augment: bool, prep: Preprocessing = IMAGENET):  # noqa: ANN201
+    """The reference recipe's per-image transforms, on uint8 tensors (a torchvision v2 Compose), with the
+    model's normalisation and resampling."""
     from torchvision.transforms import v2
 
-    head = ([v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()]
-            if train and augment else [v2.Resize(size, antialias=True), v2.CenterCrop(size)])
-    return v2.Compose([*head, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    mode = v2_interpolation(prep.interpolation)
+    head = ([v2.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=mode, antialias=True),
+             v2.RandomHorizontalFlip()]
+            if train and augment else [v2.Resize(size, interpolation=mode, antialias=True), v2.CenterCrop(size)])
+    return v2.Compose([*head, v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)])
 
 
 def resolve_pipeline(cfg: Config) -> str:
@@ -186,27 +190,28 @@ def resolve_pipeline(cfg: Config) -> str:
 
 
 def eval_loader(cfg: Config, split: DatasetSplit, env: DistEnv, device: torch.device,
-                compute_dtype: torch.dtype = torch.float32, channels_last: bool = True) -> BatchLoader:
-    """This rank's contiguous shard of a split with the eval transform."""
+                compute_dtype: torch.dtype = torch.float32, channels_last: bool = True,
+                prep: Preprocessing = IMAGENET) -> BatchLoader:
+    """This rank's contiguous shard of a split with the eval transform (`prep`: the model's normalisation)."""
     sampler = EvalShardSampler(len(split), env.rank, env.world_size)
     if resolve_pipeline(cfg) == "device" and isinstance(getattr(split, "images", None), torch.Tensor):
-        transform = BatchTransform(train=False, size=cfg.data.image_size, dtype=compute_dtype,
-                                   channels_last=channels_last)
+        transform = BatchTransform(train=False, size=cfg.data.image_size, mean=prep.mean, std=prep.std,
+                                   dtype=compute_dtype, channels_last=channels_last)
         return DeviceLoader(split, sampler, cfg.optim.batch_size, transform, device, cfg.run.seed, env.rank)
-    return WorkerLoader(split, sampler, cfg.optim.batch_size, v2_transform(False, cfg.data.image_size, False),
+    return WorkerLoader(split, sampler, cfg.optim.batch_size, v2_transform(False, cfg.data.image_size, False, prep),
                         cfg.data.num_workers, device, cfg.run.seed, channels_last)
 
 
 def build_loaders(cfg: Config, splits: Splits, env: DistEnv, device: torch.device, compute_dtype: torch.dtype,
-                  channels_last: bool = True) -> tuple[BatchLoader, BatchLoader]:
-    """Train and eval loaders for this rank."""
+                  channels_last: bool = True, prep: Preprocessing = IMAGENET) -> tuple[BatchLoader, BatchLoader]:
+    """Train and eval loaders for this rank (`prep`: the model's normalisation and resampling)."""
     tsampler = sampler_for(splits.train.labels, env, cfg.run.seed, cfg.data.class_balance, cfg.optim.batch_size)
     if resolve_pipeline(cfg) == "device" and isinstance(getattr(splits.train, "images", None), torch.Tensor):
-        ttrans = BatchTransform(train=cfg.data.augment, size=cfg.data.image_size, dtype=compute_dtype,
-                                channels_last=channels_last)
+        ttrans = BatchTransform(train=cfg.data.augment, size=cfg.data.image_size, mean=prep.mean, std=prep.std,
+                                dtype=compute_dtype, channels_last=channels_last)
         train = DeviceLoader(splits.train, tsampler, cfg.optim.batch_size, ttrans, device, cfg.run.seed, env.rank)
     else:
-        transform = v2_transform(True, cfg.data.image_size, cfg.data.augment)
+        transform = v2_transform(True, cfg.data.image_size, cfg.data.augment, prep)
         train = WorkerLoader(splits.train, tsampler, cfg.optim.batch_size, transform, cfg.data.num_workers, device,
                              cfg.run.seed, channels_last)
-    return train, eval_loader(cfg, splits.test, env, device, compute_dtype, channels_last)
+    return train, eval_loader(cfg, splits.test, env, device, compute_dtype, channels_last, prep)

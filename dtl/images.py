@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from dtl.augment import IMAGENET_MEAN, IMAGENET_STD
 from dtl.errors import UserError
+from dtl.preprocessing import IMAGENET, Preprocessing, v2_interpolation
 
 #: torchvision's ImageFolder extensions (matched case-insensitively).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -141,11 +141,11 @@ def find_images(inputs: Iterable[str | Path]) -> list[Path]:
 
 # ---- preprocessing -------------------------------------------------------------------------------
 
-def eval_transform(size: int):  # noqa: ANN201 - a torchvision v2 Compose
-    """The pretrained backbones' eval preprocessing on uint8 tensors: Resize(size) (shorter side) +
-    CenterCrop(size) + ToDtype(float, scale) + Normalize(ImageNet mean/std). A square input (CIFAR) is
-    exactly `dtl.data.v2_transform(False, size, False)`."""
+def eval_transform(size: int, prep: Preprocessing = IMAGENET):  # noqa: ANN201 - a torchvision v2 Compose
+    """The eval preprocessing on uint8 tensors: Resize(size) (shorter side, `prep.interpolation`) +
+    CenterCrop(size) + ToDtype(float, scale) + Normalize(`prep` mean/std; ImageNet's by default). A square
+    input (CIFAR) is exactly `dtl.data.v2_transform(False, size, False, prep)`."""
     from torchvision.transforms import v2
 
-    return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return v2.Compose([v2.Resize(size, interpolation=v2_interpolation(prep.interpolation), antialias=True),
+                       v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)])

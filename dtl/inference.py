@@ -31,6 +31,7 @@ from dtl.errors import EXIT_OK, UserError
 from dtl.evaluate import evaluate
 from dtl.metrics import plot_confusion
 from dtl.precision import resolve
+from dtl.preprocessing import IMAGENET, Preprocessing
 
 log = logging.getLogger("dtl")
 
@@ -50,6 +51,8 @@ class Loaded:
     config: Config
     """The training run's config."""
     classes: list[str]
+    preprocessing: Preprocessing = IMAGENET
+    """The input normalisation/resampling the run trained with (recorded; else the backbone's own)."""
 
 
 def load_model(path: str | Path, device: torch.device) -> Loaded:
@@ -76,7 +79,9 @@ def load_model(path: str | Path, device: torch.device) -> Loaded:
     # the training run's memory format: the same kernels, so the same logits as the run's own evaluation
     model = model.to(device, memory_format=models.memory_format(device.type, cfg.backbone.mode)).eval()
     run_dir = ckpt.run_folder_of(folder)
-    return Loaded(model, folder, run_dir, meta, cfg, classes)
+    prep = (Preprocessing.from_dict((meta.get("run") or {}).get("preprocessing"))
+            or models.preprocessing(cfg.backbone.model).for_pipeline(data.resolve_pipeline(cfg)))
+    return Loaded(model, folder, run_dir, meta, cfg, classes, prep)
 
 
 # ---- dtl eval ------------------------------------------------------------------------------------
@@ -171,7 +176,8 @@ def evaluate_checkpoint(args: argparse.Namespace, env: DistEnv, device: torch.de
         cfg = cfg.replace(device=device.type)
     test = _test_split(cfg, loaded, env)
     fmt = models.memory_format(device.type, loaded.config.backbone.mode)
-    loader = data.eval_loader(cfg, test, env, device, channels_last=fmt == torch.channels_last)
+    loader = data.eval_loader(cfg, test, env, device, channels_last=fmt == torch.channels_last,
+                              prep=loaded.preprocessing)
     precision, _ = resolve(cfg.run.precision, env, device)
     t0 = time.perf_counter()
     result = evaluate(loaded.model, loader, device, env, precision, len(loaded.classes), confusion=True,

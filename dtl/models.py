@@ -11,6 +11,7 @@ What a "block" is for `--finetune-last-n` (counted from the end; the new head al
 |   | (`layers` for mnasnet), then the classifier's hidden layers |
 | vit | the stem (patch projection, class token, position embedding), each encoder layer, the final norm |
 | shufflenet, googlenet, inception, others | each top-level child with parameters |
+| `timm/...` | timm's own fine-grained `group_matcher` groups (dtl/timm_backbones.py) |
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ import torch
 import torchvision
 from torch import nn
 
+from dtl import timm_backbones
 from dtl.errors import UserError
+from dtl.pooling import DeterministicAdaptiveAvgPool2d, deterministic_pooling  # noqa: F401 - part of this API
+from dtl.preprocessing import IMAGENET, Preprocessing
 
 log = logging.getLogger("dtl")
 
@@ -73,7 +77,10 @@ def family(name: str) -> str | None:
 
 
 def head_name(model: nn.Module) -> str:
-    """Qualified name of the classification layer: the last Linear (or SqueezeNet's final 1x1 conv)."""
+    """Qualified name of the classification layer: the last Linear (or SqueezeNet's final 1x1 conv); timm's
+    `get_classifier()`."""
+    if timm_backbones.is_timm_model(model):
+        return timm_backbones.head_name(model)
     last = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and not name.startswith(("aux", "AuxLogits")):
@@ -89,6 +96,8 @@ def head_name(model: nn.Module) -> str:
 
 def replace_head(model: nn.Module, num_classes: int) -> str:
     """Swap the classification layer for a fresh one with `num_classes` outputs; returns its name."""
+    if timm_backbones.is_timm_model(model):
+        return timm_backbones.reset_head(model, num_classes)
     name = head_name(model)
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -203,8 +212,16 @@ def fetch_weights(name: str, weights: str) -> None:
     """Bring torchvision's pretrained file into the hub cache (a download when it is missing), so that the
     processes that build the model afterwards only read it. Nothing to do for `none` and weight files."""
     if weights != "none" and not is_weight_file(weights):
+        if timm_backbones.is_timm(name):  # timm keeps its files in the Hugging Face hub cache
+            timm_backbones.create(name, weights, 224, True)
+            return
         check_model_name(name)
         _pretrained_state(name, weights)
+
+
+def preprocessing(name: str) -> Preprocessing:
+    """The input normalisation/resampling the backbone was pretrained with (ImageNet's for torchvision)."""
+    return timm_backbones.preprocessing(name) if timm_backbones.is_timm(name) else IMAGENET
 
 
 def _pretrained_state(name: str, weights: str) -> dict[str, torch.Tensor]:
@@ -244,13 +261,26 @@ def _build(name: str, kwargs: dict, drop_path: float | None) -> nn.Module:
 
 def build_model(name: str, num_classes: int, weights: str, image_size: int, dropout: float | None = None,
                 drop_path: float | None = None) -> nn.Module:
-    """A torchvision model with the requested init and a fresh `num_classes` head (not yet frozen)."""
-    check_model_name(name)
+    """A torchvision (or `timm/...`) model with the requested init and a fresh `num_classes` head (not yet
+    frozen). `drop_path`: the stochastic depth rate (timm: `drop_path_rate`; None: the model's own)."""
     pretrained = weights != "none"
-    check_image_size(name, image_size, pretrained and not is_weight_file(weights))
-    model = _build(name, _builder_kwargs(name, image_size, pretrained), drop_path)
+    if timm_backbones.is_timm(name):
+        extra = {} if drop_path is None else {"drop_path_rate": drop_path}
+        timm_backbones.check_name(name)
+        timm_backbones.check_image_size(name, image_size, extra)
+        hub = pretrained and not is_weight_file(weights)
+        model = timm_backbones.create(name, weights, image_size, hub, **extra)
+        if hub:
+            replace_head(model, num_classes)
+            return _set_dropout(model, dropout)
+    else:
+        check_model_name(name)
+        check_image_size(name, image_size, pretrained and not is_weight_file(weights))
+        model = _build(name, _builder_kwargs(name, image_size, pretrained), drop_path)
     if is_weight_file(weights):
         state = load_state_file(Path(weights))
+        if timm_backbones.is_timm(name):
+            state = timm_backbones.adapt_state(model, state)
         head = head_name(model)
         head_w = state.get(f"{head}.weight")
         if head_w is not None and head_w.shape[0] == num_classes:
@@ -264,43 +294,6 @@ def build_model(name: str, num_classes: int, weights: str, image_size: int, drop
     return _set_dropout(model, dropout)
 
 
-class DeterministicAdaptiveAvgPool2d(nn.Module):
-    """AdaptiveAvgPool2d for the shapes classifiers use, built from ops whose CUDA backward is deterministic
-    (`adaptive_avg_pool2d_backward_cuda` accumulates with atomics and has no deterministic kernel): output 1x1
-    -> a mean; input size a multiple of the output -> avg_pool2d; a 1x1 input -> expand. Other shapes run the
-    original op (which then stops a --deterministic run with torch's message naming it)."""
-
-    def __init__(self, output_size: int | tuple) -> None:
-        super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(output_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.pool.output_size
-        oh, ow = (out, out) if isinstance(out, int) else out
-        h, w = x.shape[-2:]
-        oh, ow = oh or h, ow or w
-        if (oh, ow) == (h, w):
-            return x
-        if (oh, ow) == (1, 1):
-            return x.mean(dim=(-2, -1), keepdim=True)
-        if (h, w) == (1, 1):
-            return x.expand(*x.shape[:-2], oh, ow)
-        if h % oh == 0 and w % ow == 0:
-            return nn.functional.avg_pool2d(x, (h // oh, w // ow))
-        return self.pool(x)
-
-
-def deterministic_pooling(model: nn.Module) -> int:
-    """Swap every AdaptiveAvgPool2d for `DeterministicAdaptiveAvgPool2d` (same outputs up to summation
-    order; no parameters, so state dicts are unchanged); returns how many were swapped."""
-    swaps = [(name, m) for name, m in model.named_modules() if type(m) is nn.AdaptiveAvgPool2d]
-    for name, module in swaps:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, DeterministicAdaptiveAvgPool2d(module.output_size))
-    return len(swaps)
-
-
 def _set_dropout(model: nn.Module, p: float | None) -> nn.Module:
     if p is not None:
         for module in model.modules():
@@ -312,6 +305,8 @@ def _set_dropout(model: nn.Module, p: float | None) -> nn.Module:
 def backbone_blocks(model: nn.Module, name: str) -> list[list[str]]:
     """Blocks (each a list of parameter-name prefixes) of the backbone in forward order, head excluded."""
     head = head_name(model)
+    if timm_backbones.is_timm_model(model):
+        return timm_backbones.blocks(model, head)
     stem, containers = _FAMILIES.get(family(name) or "", ((), ()))
     blocks: list[list[str]] = [list(stem)] if stem else []
 

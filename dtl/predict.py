@@ -1,8 +1,8 @@
 """`dtl predict`: the top-k classes of image files and folders with a trained checkpoint.
 
-The eval preprocessing (Resize(image size) + CenterCrop + ImageNet normalisation). Output rows have the columns
-``path, rank, class, probability`` (one row per image and rank, rank 1 = the most likely class), printed as a
-table or written as CSV (`.csv`) or JSON lines (`.jsonl`, one object per row).
+The run's eval preprocessing (Resize(image size) + CenterCrop + the model's normalisation, as recorded).
+Output rows have the columns ``path, rank, class, probability`` (one row per image and rank, rank 1 = the
+most likely class), printed as a table or written as CSV (`.csv`) or JSON lines (`.jsonl`, one object per row).
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ from dtl import dist, models
 from dtl.errors import EXIT_OK, UserError
 from dtl.images import decode, eval_transform, find_images
 from dtl.inference import Loaded, load_model
+from dtl.preprocessing import Preprocessing
 
 log = logging.getLogger("dtl")
 
 class _PredictImages(torch.utils.data.Dataset):
     """(index, preprocessed image or None, error or None) per file: a bad file never stops the batch."""
 
-    def __init__(self, paths: list[Path], size: int) -> None:
-        self.paths, self.transform = paths, eval_transform(size)
+    def __init__(self, paths: list[Path], size: int, prep: Preprocessing) -> None:
+        self.paths, self.transform = paths, eval_transform(size, prep)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -47,7 +48,7 @@ def _as_list(batch: list) -> list:
 def predict(loaded: Loaded, paths: list[Path], top_k: int, batch_size: int, num_workers: int,
             device: torch.device) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """(rows {path, rank, class, probability}, {path: why it was skipped})."""
-    dataset = _PredictImages(paths, loaded.config.data.image_size)
+    dataset = _PredictImages(paths, loaded.config.data.image_size, loaded.preprocessing)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=_as_list)
     k = min(top_k, len(loaded.classes))

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dtl
-from dtl import data, features, mix, models, optim, rundir, samplers
+from dtl import data, features, mix, models, optim, rundir, samplers, timm_backbones
 from dtl.checkpointer import Checkpointer, Progress
 from dtl.config import Config
 from dtl.data import BatchLoader
@@ -20,6 +20,7 @@ from dtl.dist import DistEnv, main_first
 from dtl.ema import Ema
 from dtl.errors import UserError
 from dtl.precision import autocast, configure_backends, resolve
+from dtl.preprocessing import Preprocessing
 from dtl.splits import Splits
 from dtl.state import Run, RunInfo
 
@@ -28,12 +29,20 @@ log = logging.getLogger("dtl")
 
 def run_info(cfg: Config, env: DistEnv, device: torch.device, precision: str, why: str,
              classes: list[str], param_groups: list[dict[str, float | int | str]]) -> RunInfo:
+    versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "dtl": dtl.__version__}
+    if timm_backbones.is_timm(cfg.backbone.model):
+        versions["timm"] = timm_backbones.version()
     return RunInfo(launcher=env.launcher, world_size=env.world_size, device=str(device).split(":")[0],
                    precision=precision, precision_source=why,
                    global_batch=cfg.optim.batch_size * env.world_size * cfg.optim.grad_accum, num_classes=len(classes),
                    classes=list(classes),
-                   versions={"torch": torch.__version__, "torchvision": torchvision.__version__,
-                             "dtl": dtl.__version__}, param_groups=param_groups)
+                   versions=versions, param_groups=param_groups,
+                   preprocessing=preprocessing_of(cfg).to_dict())
+
+
+def preprocessing_of(cfg: Config) -> Preprocessing:
+    """The backbone's normalisation, with the resampling the run's data pipeline applies."""
+    return models.preprocessing(cfg.backbone.model).for_pipeline(data.resolve_pipeline(cfg))
 
 
 def build_model(cfg: Config, device: torch.device, num_classes: int) -> tuple[nn.Module, list[str]]:
@@ -102,7 +111,7 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
     optim.log_groups(group_rows)
     channels_last = models.memory_format(device.type, cfg.backbone.mode) == torch.channels_last
     train_loader, eval_loader = data.build_loaders(cfg, splits, env, device, torch.float32,
-                                                   channels_last=channels_last)
+                                                   channels_last=channels_last, prep=preprocessing_of(cfg))
     new_features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if cfg.data.cache_features:
         model, train_loader, eval_loader, new_features = use_cached_features(cfg, env, device, model, splits,
@@ -131,7 +140,7 @@ def use_cached_features(cfg: Config, env: DistEnv, device: torch.device, model: 
     for name, split in (("train", splits.train), ("test", splits.test)):
         hit = features.cached(plan.outdir, cfg, name, len(split), device)
         if hit is None:
-            loader = data.eval_loader(cfg, split, env, device)
+            loader = data.eval_loader(cfg, split, env, device, prep=preprocessing_of(cfg))
             hit = new[name] = features.extract(model, head, loader, env, lambda: autocast(precision, device))
         found[name] = hit
     log.info("cached features: train %s, test %s (%s)", tuple(found["train"][0].shape),

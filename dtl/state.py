@@ -39,6 +39,9 @@ class RunInfo:
     """The optimizer's parameter groups per block: parameters, lr multiplier, weight decay."""
     class_weights: list[float] | None = None
     """--class-balance loss: the cross-entropy's weight per class (inverse training-set frequency)."""
+    preprocessing: dict[str, object] = field(default_factory=dict)
+    """The input normalisation and resampling the run trained with (`dtl.preprocessing.Preprocessing`), which
+    `dtl eval`/`predict`/`export` apply."""
 
 
 @dataclass
