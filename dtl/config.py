@@ -80,7 +80,8 @@ class BackboneConfig:
     drop_path: float | None = None
     """Stochastic depth (drop path) rate: torchvision's stochastic_depth_prob, the rate of the deepest block,
     lower ones scaled down linearly (ConvNeXt, EfficientNet v1/v2, Swin, MaxViT; refused for models without
-    it). Default: the model's own (e.g. 0.1 for convnext_tiny, 0.2 for efficientnet_b0)."""
+    it); timm/... models: timm's drop_path_rate. Default: the model's own (e.g. 0.1 for convnext_tiny, 0.2 for
+    efficientnet_b0)."""
 
     def __post_init__(self) -> None:
         _validate_section(self)

@@ -155,3 +155,22 @@ def test_imagenet_weights_come_from_the_hub_cache_offline(tmp_path):
     final = load_file(str(out / "model.safetensors"))
     assert torch.equal(final["blocks.0.attn.qkv.weight"], pretrained["blocks.0.attn.qkv.weight"])
     assert final["pos_embed"].shape == (1, 5, 64) and pretrained["pos_embed"].shape != final["pos_embed"].shape
+
+
+def test_drop_path_reaches_timm_as_drop_path_rate():
+    """--drop-path on a timm model is timm's own `drop_path_rate`: training outputs vary, eval outputs do not."""
+    from timm.layers import DropPath
+
+    model = models.build_model("timm/test_convnext", 3, "none", 32, drop_path=0.5)
+    rates = [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+    assert rates and max(rates) == pytest.approx(0.5)
+    x = torch.randn(4, 3, 32, 32)
+    model.train()
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(1)
+    assert not torch.equal(a, model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    plain = models.build_model("timm/test_convnext", 3, "none", 32)
+    assert plain.state_dict().keys() == model.state_dict().keys()
