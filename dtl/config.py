@@ -38,6 +38,12 @@ _RULES: dict[str, tuple[Any, str]] = {
     "early_stop_min_delta": (lambda v: v >= 0, "must be >= 0"),
     "clip_grad_norm": (lambda v: v is None or v > 0, "must be > 0 when given"),
     "model": (lambda v: bool(v.strip()), "must name a torchvision model"),
+    # augmentation (issue #13 part A)
+    **{name: (lambda v: v >= 0, "must be >= 0") for name in ("crop_padding", "ra_num_ops")},
+    "crop_scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "must be MIN MAX with 0 < MIN <= MAX <= 1"),
+    "ra_magnitude": (lambda v: 0 <= v <= 30, "must be in [0, 30] (31 magnitude bins)"),
+    "augmix_severity": (lambda v: 1 <= v <= 10, "must be in [1, 10]"),
+    "random_erasing": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
 }
 
 
@@ -45,6 +51,10 @@ def _validate_section(section: Any) -> None:
     hints = typing.get_type_hints(type(section))
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
+        if typing.get_origin(hints[f.name]) is tuple:  # flags (nargs), TOML and config.json give lists
+            kind = typing.get_args(hints[f.name])[0]
+            value = tuple(kind(v) for v in value) if isinstance(value, (list, tuple)) else (value,)
+            setattr(section, f.name, value)
         choices = choices_of(hints[f.name])
         if choices:
             _check(f.name, value, value in choices, f"must be one of {', '.join(choices)}")
@@ -91,7 +101,8 @@ class DataConfig:
     image_size: int = 224
     """Side of the square images fed to the network (the reference recipe resizes 32 px CIFAR to 224)."""
     augment: bool = True
-    """Training augmentation: RandomResizedCrop(scale 0.5-1) + horizontal flip. --no-augment: eval transform."""
+    """Training augmentation: --crop (RandomResizedCrop, scale 0.5-1) + horizontal flip, and --auto-augment,
+    --random-erasing when given. --no-augment: the eval transform."""
     data_pipeline: Literal["auto", "device", "workers"] = "auto"
     """device: the split lives on the device as one uint8 tensor and is augmented in batches; workers: a
     DataLoader with worker processes and per-image transforms. auto: device for in-memory data sets."""
@@ -116,6 +127,28 @@ class DataConfig:
     cache_features: bool = False
     """transfer mode with --no-augment: run the frozen backbone once per split and train the head on the
     cached features."""
+    crop: Literal["resized", "pad"] = "resized"
+    """Training crop (then a flip). resized: RandomResizedCrop(image_size, --crop-scale). pad: CIFAR's RandomCrop(
+    image_size, --crop-padding, --padding-mode), after Resize(image_size) if the images differ in size."""
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    """--crop resized: crop area as a fraction of the image, MIN MAX (torchvision's default: 0.08 1)."""
+    crop_padding: int = 4
+    """--crop pad: pixels of padding on every side before the random crop."""
+    padding_mode: Literal["constant", "reflect"] = "constant"
+    """--crop pad: constant (zeros, torchvision's RandomCrop default) or reflect."""
+    auto_augment: Literal["none", "ta_wide", "randaugment", "augmix"] = "none"
+    """torchvision's TrivialAugmentWide() | RandAugment(--ra-num-ops, --ra-magnitude) | AugMix(--augmix-severity,
+    width 3, depth 1-3, alpha 1), per image on the uint8 crop, before normalisation."""
+    ra_num_ops: int = 2
+    """--auto-augment randaugment: ops applied in a row per image."""
+    ra_magnitude: int = 9
+    """--auto-augment randaugment: magnitude bin (0-30)."""
+    augmix_severity: int = 3
+    """--auto-augment augmix: severity of the ops (1-10)."""
+    random_erasing: float = 0.0
+    """Probability of RandomErasing(scale=(0.02, 0.33), ratio=(0.3, 3.3)) per image, after normalisation."""
+    random_erasing_value: Literal["0", "random"] = "0"
+    """Erased pixels: 0 (the mean colour, after normalisation) or random (standard normal noise)."""
 
     def __post_init__(self) -> None:
         _validate_section(self)
@@ -320,6 +353,9 @@ class Config:
                 "cache_features=True needs --mode transfer and --no-augment: with augmentation every epoch "
                 "sees different crops, so features computed once would silently drop the augmentation"
             )
+        if not d.augment and (d.crop != "resized" or d.auto_augment != "none" or d.random_erasing > 0):
+            raise ValueError("--crop pad, --auto-augment and --random-erasing need augmentation on; drop "
+                             "--no-augment (or those settings)")
         if d.coarse_labels and d.dataset != "cifar100":
             raise ValueError(f"coarse_labels=True only applies to --dataset cifar100, got {d.dataset!r}")
 
