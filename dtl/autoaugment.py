@@ -10,19 +10,19 @@ over an offset index) for equalize.
 
 Exactness (tests/unit/test_autoaugment.py compares every op and a grid of magnitudes with
 ``torchvision.transforms.v2.functional`` applied per image): the results are **integer-exact** on uint8.
-Two details make that so: the affine matrices are computed in Python floats exactly as torchvision does and
-only then become float32 tensors (a table per slot, see `SlotTable`), and torchvision's ``add_(x, alpha=a)``
-is a fused multiply-add (FMA) on the CPU's vector units and on GPUs, which this module reproduces exactly by
-forming ``a * x + y`` in float64 (the product of two float32 numbers is exact there) and rounding once to
-float32. AugMix mixes in float32 and truncates to uint8 like torchvision; given the same draws it is within
-one grey level of torchvision's (the sum of the chains may round differently at an integer boundary).
+What makes that so: the affine matrices are computed in Python floats exactly as torchvision does and only
+then become float32 tensors (a table per slot, see `SlotTable`); torchvision's ``add_(x, alpha=a)`` is a fused
+multiply-add on the CPU's vector units and on GPUs, and ``addcmul`` with a per-image ``alpha`` is too (checked
+bit for bit against a float64 reference); the sharpness blur is computed in integers (exact, see `sharpness`).
+AugMix mixes in float32 and truncates to uint8 like torchvision; given the same draws it is within one grey
+level of torchvision's (a sum of chains that lands next to an integer may truncate differently).
 
 Random numbers: every image draws the same number of values whatever op it gets (all bins and signs are
 drawn even for ops that ignore them), so the generator state after a batch does not depend on the data and
 `draw` can be replayed without pixels (``skip``).
 
-Host syncs: grouping by op needs the group sizes, i.e. one small device-to-host copy per op group on a GPU
-(only when auto-augment is on; the fused crop path of `dtl.augment` stays sync-free).
+Host syncs: grouping by op reads the group sizes, one small device-to-host copy per `apply_slots` call on a
+GPU (only when auto-augment is on; the fused crop path of `dtl.augment` stays sync-free).
 """
 
 from __future__ import annotations
