@@ -128,8 +128,8 @@ class DataConfig:
     """transfer mode with --no-augment: run the frozen backbone once per split and train the head on the
     cached features."""
     crop: Literal["resized", "pad"] = "resized"
-    """Training crop (then a flip). resized: RandomResizedCrop(image_size, --crop-scale). pad: CIFAR's RandomCrop(
-    image_size, --crop-padding, --padding-mode), after Resize(image_size) if the images differ in size."""
+    """Training crop (then a flip). resized: RandomResizedCrop(image_size, --crop-scale). pad: CIFAR's
+    RandomCrop(image_size, --crop-padding, --padding-mode), after Resize(image_size) if the images differ."""
     crop_scale: tuple[float, float] = (0.5, 1.0)
     """--crop resized: crop area as a fraction of the image, MIN MAX (torchvision's default: 0.08 1)."""
     crop_padding: int = 4

@@ -189,3 +189,19 @@ def test_fma_is_rounded_once(shape: tuple[int, ...]) -> None:
     assert torch.equal(_fma(x, alpha, y), exact)
     first = y[0].clone().add_(x[0], alpha=float(alpha.flatten()[0]))  # torch's own scalar-alpha add_
     assert torch.equal(first, exact[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("policy", ["ta_wide", "augmix"])
+def test_every_op_matches_torchvision_on_cuda(policy: str) -> None:
+    """The same per-slot comparison on the GPU (torchvision's ops on CUDA tensors as the reference)."""
+    dev = torch.device("cuda")
+    aa, tv = AutoAugment(policy), TV[policy]()
+    table = aa.table(32, 32, dev)
+    imgs = edge_images(32).to(dev)
+    for s in range(len(table.magnitude)):
+        op, mag = table.ops[int(table.op[s])], table.magnitude[s]
+        ours = apply_slots(imgs, torch.full((len(imgs),), s, device=dev), table, aa.mode)
+        for i, img in enumerate(imgs):
+            ref = tv._apply_image_or_video_transform(img, op, mag, interpolation=tv.interpolation, fill=tv._fill)
+            assert torch.equal(ours[i], ref), (op, mag, i)
