@@ -189,8 +189,7 @@ class AugmentChain:
             part = out[lo:lo + step]
             draws = d.slice(lo, lo + step)
             # ToDtype + Normalize in one pass straight into the output (its dtype and memory format)
-            # (the uint8 slice takes the output's memory format first: a same-layout pass is much faster)
-            torch.addcmul(b, self._uint8(images[lo:lo + step], draws).contiguous(memory_format=fmt), a, out=part)
+            torch.addcmul(b, self._uint8(images[lo:lo + step], draws).float(), a, out=part)
             if draws.erasing is not None:
                 part.copy_(erase(part, draws.erasing, draws.noise))
         return out
