@@ -27,6 +27,7 @@ GPU (only when auto-augment is on; the fused crop path of `dtl.augment` stays sy
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -265,8 +266,10 @@ def _apply_group(op: str, x: torch.Tensor, slots: torch.Tensor, table: SlotTable
 FAMILIES = ("Identity", "Geometric", *BLENDS, "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
 
 
+@functools.lru_cache(maxsize=16)
 def _family_codes(ops: tuple[str, ...], device: torch.device) -> torch.Tensor:
-    """op index + 1 -> index into FAMILIES (slot -1, identity, is family 0)."""
+    """op index + 1 -> index into FAMILIES (slot -1, identity, is family 0); cached per device so a GPU does not
+    get a host-to-device copy per call."""
     names = ["Identity", *("Geometric" if op in GEOMETRIC else op for op in ops)]
     return torch.tensor([FAMILIES.index(n) for n in names], device=device)
 

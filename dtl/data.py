@@ -79,8 +79,8 @@ class DeviceLoader:
     """Batches from a split held on the device, transformed in batches. Iterating yields (images, labels).
 
     Augmentation randomness comes from one generator per (seed, epoch, rank), so an epoch's crops are
-    reproducible, and a resume in the middle of an epoch replays the skipped batches' draws (cheap: boxes
-    only) to land on the same random stream."""
+    reproducible, and a resume in the middle of an epoch replays the skipped batches' draws (cheap: random
+    numbers only, `skip()`) to land on the same random stream."""
 
     def __init__(self, split: Split, sampler: Sampler[int], batch_size: int, transform: BatchTransform | AugmentChain,
                  device: torch.device, seed: int, rank: int) -> None:
