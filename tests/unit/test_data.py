@@ -13,7 +13,7 @@ from dtl.data import BatchLoader, DeviceLoader, WorkerLoader, augment_chain, bui
 from dtl.dist import DistEnv
 from dtl.features import FeatureLoader
 from dtl.samplers import EvalShardSampler, train_sampler
-from dtl.splits import Splits
+from dtl.splits import Splits, stream_seed
 
 
 def batches(start_batch: int, size: int = 32, batch: int = 8, transform=None):  # noqa: ANN001
@@ -90,3 +90,17 @@ def test_defaults_keep_the_fused_transform_and_workers_use_the_same_chain():
     train.set_epoch(1, start_batch=2)
     (x, y), = list(train)
     assert x.shape == (8, 3, 16, 16) and torch.equal(x, first[2][0]) and torch.equal(y, first[2][1])
+
+
+def test_workers_path_is_the_chain_on_a_batch_of_one_seeded_per_image():
+    """Image folders: each image goes through the same AugmentChain code, seeded per (seed, epoch, index)."""
+    split = make_synthetic(6)
+    cfg = Config(image_size=16, data_pipeline="workers", num_workers=0, crop="pad", auto_augment="ta_wide",
+                 random_erasing=0.5, seed=4)
+    train, _ = build_loaders(cfg, Splits(split, split), DistEnv(), torch.device("cpu"), torch.float32)
+    train.set_epoch(2)
+    dataset, chain = train.dataset, augment_chain(cfg, channels_last=False)
+    dataset.epoch = 2
+    for i in range(len(split)):
+        gen = torch.Generator().manual_seed(stream_seed(4, 2, i))
+        assert torch.equal(dataset[i][0], chain(split.images[i:i + 1], gen)[0]), i
