@@ -5,13 +5,15 @@ recipe order on whole uint8 batches.
     -> RandomHorizontalFlip -> TrivialAugmentWide | RandAugment | AugMix (uint8)
     -> ToDtype(float32, scale=True) -> Normalize(mean, std) -> RandomErasing(p, value)
 
-Unlike `dtl.augment.BatchTransform` (which fuses crop, flip and normalisation into float matmuls and never
-rounds), the crop here produces uint8 images as torchvision v2 does on uint8 tensors, because the auto-augment
-ops are defined on uint8 (posterize, solarize, equalize...). The resized crop is the same separable
-antialiased resampling as `dtl.augment`, rounded to uint8: torchvision's native uint8 kernel (CPUs with
-AVX2/AVX-512) uses fixed-point weights, so the two differ by at most one grey level (1/255) on a few pixels;
-against torchvision's float kernel + round they are equal up to float32 ties. The pad crop and the flip are
-index arithmetic and exact. The ops (`dtl.autoaugment`) and erasing (`dtl.erasing`) are exact.
+With the resized crop and no auto-augment (random erasing alone) the crop is `dtl.augment`'s fused float path
+(the same output as `BatchTransform`), then erasing. Otherwise, unlike `BatchTransform` (which fuses crop,
+flip and normalisation into float matmuls and never rounds), the crop here produces uint8 images as
+torchvision v2 does on uint8 tensors, because the auto-augment ops are defined on uint8 (posterize,
+solarize, equalize...). The resized crop is the same separable antialiased resampling as `dtl.augment`,
+rounded to uint8: torchvision's native uint8 kernel (CPUs with AVX2/AVX-512) uses fixed-point weights, so
+the two differ by at most one grey level (1/255) on some pixels (measured: ~15% of them); against
+torchvision's float kernel + round (its path on GPUs) they are equal up to float32 ties. The pad crop and the
+flip are index arithmetic and exact. The ops (`dtl.autoaugment`) and erasing (`dtl.erasing`) are exact.
 
 Randomness: per call, in this order, crop boxes (or pad offsets), flips, the auto-augment draws, the erasing
 draws, all from the one generator given, the same amount per image whatever the pixels; `skip` consumes
@@ -32,6 +34,7 @@ from dtl.augment import (
     _affine,
     _resize_output_size,
     _separable_resample,
+    resized_crop,
     sample_crop_boxes,
     sample_flips,
 )
@@ -177,6 +180,11 @@ class AugmentChain:
         rng_device = generator.device if generator is not None else images.device
         n = images.shape[0]
         d = self.draw(n, images.shape[-2:], generator, rng_device)
+        if self.crop == "resized" and self.auto_augment is None:
+            # erasing alone needs no uint8 stage: BatchTransform's fused float crop, then erasing
+            out = resized_crop(images, d.crop, self.size, d.flips, self.mean, self.std, torch.float32,
+                               self.channels_last)
+            return (erase(out, d.erasing, d.noise) if d.erasing is not None else out).to(self.dtype)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         out = torch.empty((n, images.shape[1], self.size, self.size), dtype=self.dtype, device=images.device,
                           memory_format=fmt)

@@ -169,3 +169,16 @@ def test_mid_epoch_resume_with_the_chain_is_bitwise(tmp_path: Path) -> None:
     assert train_inproc(*flags, "--output-dir", str(part), "--resume", "auto") == 0
     a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_erasing_alone_keeps_the_fused_float_crop() -> None:
+    """--random-erasing without auto-augment: BatchTransform's exact float output, then the erased boxes."""
+    imgs = images(12, 32, 32)
+    chain = AugmentChain(24, erasing=0.5, scale=(0.3, 1.0))
+    out = chain(imgs, torch.Generator().manual_seed(8))
+    fused = BatchTransform(True, 24, scale=(0.3, 1.0))(imgs, torch.Generator().manual_seed(8))
+    d = chain.draw(12, (32, 32), torch.Generator().manual_seed(8), torch.device("cpu"))
+    erased = torch.zeros(12, 1, 24, 24, dtype=torch.bool)
+    for i, (top, left, h, w) in enumerate(d.erasing.tolist()):
+        erased[i, :, top:top + h, left:left + w] = True
+    assert erased.any() and torch.equal(out, torch.where(erased, 0.0, fused))
