@@ -40,10 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from dtl import models
+from dtl import mix, models
 from dtl.bench_input import extra_phases, reference_runner
+from dtl.bench_mix import format_mix, measure_mix
 from dtl.bench_report import PHASES, SIDES, Options, assemble, format_table
 from dtl.config import Config
 from dtl.dist import DistEnv, pick_device
@@ -140,7 +140,7 @@ class DtlLoop:
         self.device = device
         self.train_batches = endless(self.run.train_loader)
         self.eval_batches = endless(self.run.eval_loader)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        self.criterion = mix.criterion_for(cfg.optim, self.run.class_weights)
         self.meter = Meter(device)
         self.bad_step = torch.tensor(-1, device=device)
 
@@ -338,11 +338,16 @@ def run_bench(cfg: Config, opts: Options) -> dict[str, Any]:
         cfg = cfg.replace(output_dir=str(Path(tmp) / "run"))
         runs, precision, flops, peak = measure(cfg, opts, device)
         memory = measure_memory(cfg, opts, Path(tmp)) if opts.memory == "subprocess" else None
+        mix_input = measure_mix(cfg, device, opts)  # None unless --mixup/--cutmix
     result = assemble(cfg, opts, device, precision, runs, memory, flops, peak)
+    if mix_input is not None:
+        result["mix_input"] = mix_input
     # the 1-minute load average around the measurement: other processes on the machine (0 = idle)
     result["meta"]["loadavg_1min"] = {"start": load_start, "end": os.getloadavg()[0]}
     result["meta"]["config"] = {k: v for k, v in cfg.to_dict().items() if k != "output_dir"}
     print(format_table(result))
+    if mix_input is not None:
+        print(format_mix(mix_input))
     if opts.json_path:
         Path(opts.json_path).write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -146,6 +146,9 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--strict-images", action=argparse.BooleanOptionalAction, default=None,
                    help="image folders: refuse unreadable images instead of skipping them "
                         "(default: the run's)")
+    p.add_argument("--tta", choices=("none", "flip"), default=None,
+                   help="test-time augmentation: flip = the mean of the logits of each image and its mirror; "
+                        "both the plain and the TTA numbers are printed (default: the run's --tta)")
     p.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="seconds a collective may wait before the job is declared dead")
     return p

@@ -11,57 +11,13 @@ spans sections; a component is handed the section it needs. Flags and TOML keys 
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from dtl.checks import choices_of, validate_section
 from dtl.errors import UserError
 
-#: field -> (rule, message) checked by every section's __post_init__ (besides Literal choices)
-_RULES: dict[str, tuple[Any, str]] = {
-    **{name: (lambda v: v > 0, "must be > 0") for name in (
-        "epochs", "batch_size", "grad_accum", "image_size", "log_every", "keep_last", "max_nan_skips", "lr",
-        "dist_timeout", "fp16_init_scale")},
-    **{name: (lambda v: v is None or v > 0, "must be > 0 when given") for name in (
-        "train_subset", "eval_subset", "finetune_last_n")},
-    **{name: (lambda v: v >= 0, "must be >= 0") for name in (
-        "num_workers", "checkpoint_every_steps", "seed", "warmup_epochs", "weight_decay",
-        "checkpoint_every_minutes")},
-    **{name: (lambda v: 0 <= v < 1, "must be in [0, 1)") for name in ("momentum", "label_smoothing", "val_split")},
-    "dropout": (lambda v: v is None or 0 <= v < 1, "must be in [0, 1)"),
-    "head_lr_mult": (lambda v: v > 0, "must be > 0"),
-    "layer_decay": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    "lp_epochs": (lambda v: v >= 0, "must be >= 0"),
-    "ema_decay": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "ema_every": (lambda v: v > 0, "must be > 0"),
-    "early_stop_patience": (lambda v: v is None or v > 0, "must be > 0 when given"),
-    "early_stop_min_delta": (lambda v: v >= 0, "must be >= 0"),
-    "clip_grad_norm": (lambda v: v is None or v > 0, "must be > 0 when given"),
-    "model": (lambda v: bool(v.strip()), "must name a torchvision model"),
-    # augmentation (issue #13 part A)
-    **{name: (lambda v: v >= 0, "must be >= 0") for name in ("crop_padding", "ra_num_ops")},
-    "crop_scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "must be MIN MAX with 0 < MIN <= MAX <= 1"),
-    "ra_magnitude": (lambda v: 0 <= v <= 30, "must be in [0, 30] (31 magnitude bins)"),
-    "augmix_severity": (lambda v: 1 <= v <= 10, "must be in [1, 10]"),
-    "random_erasing": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-}
-
-
-def _validate_section(section: Any) -> None:
-    hints = typing.get_type_hints(type(section))
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if typing.get_origin(hints[f.name]) is tuple:  # flags (nargs), TOML and config.json give lists
-            kind = typing.get_args(hints[f.name])[0]
-            value = tuple(kind(v) for v in value) if isinstance(value, (list, tuple)) else (value,)
-            setattr(section, f.name, value)
-        choices = choices_of(hints[f.name])
-        if choices:
-            _check(f.name, value, value in choices, f"must be one of {', '.join(choices)}")
-        if f.name in _RULES:
-            rule, message = _RULES[f.name]
-            _check(f.name, value, rule(value), message)
-
+__all__ = ["SECTIONS", "SECTION_OF", "Config", "choices_of"]
 
 @dataclass
 class BackboneConfig:
@@ -83,9 +39,13 @@ class BackboneConfig:
     statistics fixed) before the backbone (or its last --finetune-last-n blocks) is unfrozen."""
     dropout: float | None = None
     """Override the dropout probability of the model's Dropout layers (default: the model's own)."""
+    drop_path: float | None = None
+    """Stochastic depth (drop path) rate: torchvision's stochastic_depth_prob, the rate of the deepest block,
+    lower ones scaled down linearly (ConvNeXt, EfficientNet v1/v2, Swin, MaxViT; refused for models without
+    it). Default: the model's own (e.g. 0.1 for convnext_tiny, 0.2 for efficientnet_b0)."""
 
     def __post_init__(self) -> None:
-        _validate_section(self)
+        validate_section(self)
 
 
 @dataclass
@@ -151,7 +111,7 @@ class DataConfig:
     """Erased pixels: 0 (the mean colour, after normalisation) or random (standard normal noise)."""
 
     def __post_init__(self) -> None:
-        _validate_section(self)
+        validate_section(self)
 
 
 @dataclass
@@ -196,9 +156,21 @@ class OptimConfig:
     clip_grad_norm: float | None = None
     """Clip the global gradient norm (of the parameters that train) to this value, once per optimizer step,
     after unscaling; the pre-clip norm's epoch mean and max go to metrics.jsonl."""
+    mixup: float = 0.0
+    """MixUp alpha (timm's --mixup): mix each batch with itself reversed, lam ~ Beta(alpha, alpha); trains on
+    soft targets (--label-smoothing folded in). Train accuracy then counts the dominant label (weight >= 0.5).
+    0: off."""
+    cutmix: float = 0.0
+    """CutMix alpha (timm's --cutmix): paste a box of the reversed batch, lam ~ Beta(alpha, alpha) corrected to
+    the box's clipped area; with --mixup too, one of the two per batch (--mix-switch-prob). 0: off."""
+    mix_prob: float = 1.0
+    """Probability that a batch is mixed at all (timm's --mixup-prob)."""
+    mix_switch_prob: float = 0.5
+    """With both --mixup and --cutmix: probability of CutMix rather than MixUp for a batch (timm's
+    --mixup-switch-prob)."""
 
     def __post_init__(self) -> None:
-        _validate_section(self)
+        validate_section(self)
 
 
 @dataclass
@@ -239,9 +211,12 @@ class RunConfig:
     """Also log the metrics to TensorBoard (OUTDIR/tensorboard)."""
     debug: bool = False
     """Single process even under a launcher, no workers, a small subset, 1 epoch, anomaly detection."""
+    tta: Literal["none", "flip"] = "none"
+    """Test-time augmentation at evaluation: flip = the mean of the logits of each image and its horizontal
+    mirror (test_loss/test_acc are then the TTA numbers; test_loss_plain/test_acc_plain are logged beside)."""
 
     def __post_init__(self) -> None:
-        _validate_section(self)
+        validate_section(self)
 
 
 @dataclass
@@ -265,7 +240,7 @@ class CheckpointConfig:
     """Step/epoch checkpoints to keep besides `best` (older ones are removed after a new one is complete)."""
 
     def __post_init__(self) -> None:
-        _validate_section(self)
+        validate_section(self)
 
 
 @dataclass
@@ -278,7 +253,7 @@ class DistConfig:
     """Seconds a collective may wait before the job is declared dead (a crashed rank)."""
 
     def __post_init__(self) -> None:
-        _validate_section(self)
+        validate_section(self)
 
 
 #: --recipe strong: what it sets unless the setting is given explicitly (README: "Fine-tuning knobs")
@@ -356,6 +331,9 @@ class Config:
         if not d.augment and (d.crop != "resized" or d.auto_augment != "none" or d.random_erasing > 0):
             raise ValueError("--crop pad, --auto-augment and --random-erasing need augmentation on; drop "
                              "--no-augment (or those settings)")
+        if d.cache_features and (o.mixup > 0 or o.cutmix > 0):
+            raise ValueError(f"mixup={o.mixup}/cutmix={o.cutmix} mix the images, but cache_features=True trains on "
+                             "features computed once from unmixed images: drop --cache-features, or the mixing")
         if d.coarse_labels and d.dataset != "cifar100":
             raise ValueError(f"coarse_labels=True only applies to --dataset cifar100, got {d.dataset!r}")
 
@@ -384,14 +362,3 @@ class Config:
 
     def __repr__(self) -> str:
         return "Config(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in SECTIONS) + ")"
-
-
-def _check(name: str, value: Any, ok: bool, rule: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} {rule}, got {value!r}")
-
-
-def choices_of(hint: Any) -> tuple[str, ...]:
-    if typing.get_origin(hint) is Literal:
-        return typing.get_args(hint)
-    return ()

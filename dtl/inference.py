@@ -70,7 +70,8 @@ def load_model(path: str | Path, device: torch.device) -> Loaded:
     classes = list((meta.get("run") or {}).get("classes") or [str(i) for i in range(num_classes)])
     if len(classes) != num_classes:
         raise UserError(f"{folder}/state.json names {len(classes)} classes for a {num_classes}-class model")
-    model = models.build_model(cfg.backbone.model, num_classes, "none", cfg.data.image_size)
+    model = models.build_model(cfg.backbone.model, num_classes, "none", cfg.data.image_size,
+                               drop_path=cfg.backbone.drop_path)
     models.load_into(model, ckpt.read_tensors(folder / "model.safetensors"), f"checkpoint {folder}")
     # the training run's memory format: the same kernels, so the same logits as the run's own evaluation
     model = model.to(device, memory_format=models.memory_format(device.type, cfg.backbone.mode)).eval()
@@ -95,7 +96,7 @@ def _eval_config(args: argparse.Namespace, loaded: Loaded) -> Config:
         if args.eval_subset < 0:
             raise UserError(f"--eval-subset must be >= 0 (0: all images), got {args.eval_subset}")
         changes["eval_subset"] = args.eval_subset or None
-    for name in ("batch_size", "num_workers", "precision", "strict_images"):
+    for name in ("batch_size", "num_workers", "precision", "strict_images", "tta"):
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value
@@ -173,7 +174,8 @@ def evaluate_checkpoint(args: argparse.Namespace, env: DistEnv, device: torch.de
     loader = data.eval_loader(cfg, test, env, device, channels_last=fmt == torch.channels_last)
     precision, _ = resolve(cfg.run.precision, env, device)
     t0 = time.perf_counter()
-    result = evaluate(loaded.model, loader, device, env, precision, len(loaded.classes), confusion=True)
+    result = evaluate(loaded.model, loader, device, env, precision, len(loaded.classes), confusion=True,
+                      tta=cfg.run.tta)
     seconds = time.perf_counter() - t0
     metrics = {"loss": result.loss, "top1": result.top1, "top5": result.top5, "count": result.count}
     confusion = result.confusion if result.confusion is not None else torch.zeros(0, 0, dtype=torch.int64)
@@ -193,12 +195,20 @@ def evaluate_checkpoint(args: argparse.Namespace, env: DistEnv, device: torch.de
         "classes": loaded.classes, "world_size": env.world_size, "device": device.type,
         "precision": precision, "seconds": seconds,
         "checkpoint_epoch": (loaded.meta.get("progress") or {}).get("epoch"),
-        "checkpoint_step": loaded.meta.get("global_step"),
+        "checkpoint_step": loaded.meta.get("global_step"), "tta": cfg.run.tta,
     }
+    if result.plain is not None:  # the headline numbers (and the confusion matrix) are the TTA ones
+        summary["plain"] = {"top1": result.plain.top1, "loss": result.plain.loss,
+                            "top5": result.plain.top5 if len(loaded.classes) >= 5 else None}
     outdir = args.output_dir or _default_output(loaded)
     write_eval(outdir, summary, confusion, loaded.classes)
     top5 = f", top-5 {summary['top5']:.4f}" if summary["top5"] is not None else ""
+    if result.plain is not None:
+        plain = result.plain
+        plain5 = f", top-5 {plain.top5:.4f}" if summary["top5"] is not None else ""
+        print(f"{loaded.checkpoint}: plain: top-1 {plain.top1:.4f}{plain5}, loss {plain.loss:.4f}")
+    tta = " with --tta flip" if result.plain is not None else ""
     print(f"{loaded.checkpoint}: top-1 {metrics['top1']:.4f} ({summary['correct']}/{metrics['count']})"
-          f"{top5}, loss {metrics['loss']:.4f} on {metrics['count']} {cfg.data.dataset} images")
+          f"{top5}, loss {metrics['loss']:.4f} on {metrics['count']} {cfg.data.dataset} images{tta}")
     print(f"wrote {outdir}/summary.json, per_class.csv, confusion_matrix.csv, confusion_matrix.png")
     return EXIT_OK

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dtl import checkpoint as ckpt
-from dtl import models, rundir, signals, testing
+from dtl import mix, models, rundir, signals, testing
 from dtl.dist import Agreement, all_gather_tensor, barrier, ddp_of, local_module, unwrap
 from dtl.ema import EmaView
 from dtl.errors import EXIT_OK, EXIT_PREEMPTED, NonFiniteLossError
@@ -55,9 +55,10 @@ class EpochResult:
 # ---- one step ----------------------------------------------------------------------------------
 
 def forward_backward(run: Run, images: torch.Tensor, labels: torch.Tensor, criterion: nn.Module, meter: Meter,
-                     sync: bool = True) -> torch.Tensor:
+                     sync: bool = True, targets: torch.Tensor | None = None) -> torch.Tensor:
     """One micro-step: forward under autocast, scaled backward (gradient all-reduce only when `sync`),
-    device-side metric sums. Returns whether the loss was finite (a device tensor)."""
+    device-side metric sums. The loss is taken against `targets` (MixUp/CutMix soft targets) when given, else
+    `labels`; accuracy always against `labels`. Returns whether the loss was finite (a device tensor)."""
     p = run.progress
     ddp = ddp_of(run.model)  # also under torch.compile, whose wrapper is not a DDP instance
     no_sync = ddp.no_sync() if ddp is not None and not sync else contextlib.nullcontext()
@@ -65,7 +66,7 @@ def forward_backward(run: Run, images: torch.Tensor, labels: torch.Tensor, crite
     with no_sync:
         with autocast(run.precision, run.device):
             logits = run.model(images)
-            loss = criterion(logits, labels)
+            loss = criterion(logits, labels if targets is None else targets)
         if faults.due(p.global_step, run.env.rank):
             loss = testing.inject(faults.kind, loss)
         run.scaler.scale(loss / run.accum).backward()
@@ -135,11 +136,17 @@ def optimizer_step(run: Run, bad_step: torch.Tensor, loss_finite: torch.Tensor) 
 
 
 def train_step(run: Run, batches: Sequence[Batch], criterion: nn.Module, meter: Meter,
-               bad_step: torch.Tensor) -> StepStats:
-    """One optimizer step over `batches` (grad_accum micro-batches; the last synchronises the gradients)."""
+               bad_step: torch.Tensor, first_batch: int = 0) -> StepStats:
+    """One optimizer step over `batches` (grad_accum micro-batches; the last synchronises the gradients);
+    `first_batch`: the epoch's index of the first of them (it seeds MixUp/CutMix)."""
     loss_finite = torch.ones((), dtype=torch.bool, device=run.device)
     for j, (images, labels) in enumerate(batches):
-        loss_finite &= forward_backward(run, images, labels, criterion, meter, sync=j == len(batches) - 1)
+        targets = None
+        if run.mixer is not None:  # here, not in a loader: one code path for both pipelines
+            mixed = run.mixer(images, labels, run.progress.epoch, first_batch + j)
+            images, labels, targets = mixed.images, mixed.labels, mixed.targets
+        loss_finite &= forward_backward(run, images, labels, criterion, meter, sync=j == len(batches) - 1,
+                                        targets=targets)
     optimizer_step(run, bad_step, loss_finite)
     if run.ema is not None:
         run.ema.update(run.progress.global_step)
@@ -212,7 +219,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochResult:
         meter.load(p.partial_meter)
     run.model.train()
     models.freeze_frozen_norms(run.model)
-    criterion = nn.CrossEntropyLoss(weight=run.class_weights, label_smoothing=cfg.optim.label_smoothing)
+    criterion = mix.criterion_for(cfg.optim, run.class_weights)
     bad_step = torch.tensor(-1, device=run.device)
     agreement = Agreement(env)  # stop flag + rank 0's "checkpoint time", without a per-step round trip
     n_batches = len(run.train_loader)
@@ -221,7 +228,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochResult:
     t0 = time.perf_counter() - p.partial_seconds
     run.grad_norms.copy_(torch.tensor(p.partial_grad_norms, dtype=torch.float64))
     for i, batches in step_groups(run, start_batch):
-        train_step(run, batches, criterion, meter, bad_step)
+        train_step(run, batches, criterion, meter, bad_step, first_batch=i + 1 - len(batches))
         p.step_in_epoch += 1
         bar.update(len(batches))
         if env.is_main and (p.step_in_epoch % cfg.run.log_every == 0):
@@ -259,14 +266,17 @@ def end_epoch(run: Run, epoch: int, train: EpochResult) -> None:
     """Evaluate, log the epoch's row (rank 0), checkpoint."""
     p = run.progress
     per_class = run.cfg.data.class_balance != "none"
+    tta = run.cfg.run.tta
     test = evaluate(run.model, run.eval_loader, run.device, run.env, run.precision, len(run.splits.classes),
-                    confusion=per_class)
+                    confusion=per_class, tta=tta)
     scores = {"raw": test.top1}
     row = {"epoch": epoch + 1, "train_loss": train.loss, "train_acc": train.acc, "train_count": train.count,
            "test_loss": test.loss, "test_acc": test.top1, "test_count": test.count,
            "lr": base_lr(run.optimizer), "epoch_seconds": train.seconds,
            "images_per_sec": train.count / max(train.seconds, 1e-9), "global_step": p.global_step,
            "nan_skips": p.nan_skips_total}
+    if test.plain is not None:
+        row["test_loss_plain"], row["test_acc_plain"] = test.plain.loss, test.plain.top1
     if test.confusion is not None:
         counts = test.confusion.sum(1).clamp(min=1)
         row["test_acc_per_class"] = (test.confusion.diagonal() / counts).tolist()
@@ -276,7 +286,7 @@ def end_epoch(run: Run, epoch: int, train: EpochResult) -> None:
         local = local_module(run.model)
         view = EmaView(local, run.ema, "wrapped_model." if hasattr(local, "wrapped_model") else "")
         ema_test = evaluate(view, run.eval_loader, run.device, run.env, run.precision, len(run.splits.classes),
-                            desc="eval (EMA)")
+                            desc="eval (EMA)", tta=tta)
         row["test_loss_ema"], row["test_acc_ema"] = ema_test.loss, ema_test.top1
         scores["ema"] = ema_test.top1
     if run.scaler.is_enabled():

@@ -46,6 +46,9 @@ _FAMILIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "maxvit": ((), ("blocks", "classifier")),
     "vit": (("conv_proj", "class_token", "encoder.pos_embedding"), ("encoder.layers",)),
 }
+#: --drop-path: family -> its builder's stochastic depth keyword, or RESCALE (see `_build`). None in ViT, ResNet, VGG
+RESCALE, _SDP = "rescale", "stochastic_depth_prob"
+_DROP_PATH = {"convnext": _SDP, "efficientnet": _SDP, "swin": RESCALE, "maxvit": RESCALE}
 #: Aux classifiers only matter for the original papers' training; they break a plain `logits = model(x)`.
 _AUX_MODELS = ("googlenet", "inception_v3")
 
@@ -221,12 +224,31 @@ def _pretrained_state(name: str, weights: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_model(name: str, num_classes: int, weights: str, image_size: int, dropout: float | None = None) -> nn.Module:
+def _build(name: str, kwargs: dict, drop_path: float | None) -> nn.Module:
+    """The architecture with stochastic depth rate `drop_path` (None: its own). RESCALE (the builder fixes the
+    rate): every StochasticDepth rate is scaled so the deepest gets `drop_path` (schedules: linspace(0, rate))."""
+    how = _DROP_PATH.get(family(name) or "")
+    if how is None and drop_path:
+        raise UserError(f"--drop-path {drop_path}: {name} has no stochastic depth; the families that do are "
+                        f"{', '.join(sorted(_DROP_PATH))} (omit --drop-path for {name})")
+    if drop_path is not None and how not in (None, RESCALE):
+        kwargs = {**kwargs, how: drop_path}
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    if drop_path is not None and how == RESCALE:
+        layers = [m for m in model.modules() if isinstance(m, torchvision.ops.StochasticDepth)]
+        deepest = max((m.p for m in layers), default=0.0)
+        for m in layers:
+            m.p = m.p * drop_path / deepest if deepest > 0 else drop_path
+    return model
+
+
+def build_model(name: str, num_classes: int, weights: str, image_size: int, dropout: float | None = None,
+                drop_path: float | None = None) -> nn.Module:
     """A torchvision model with the requested init and a fresh `num_classes` head (not yet frozen)."""
     check_model_name(name)
     pretrained = weights != "none"
     check_image_size(name, image_size, pretrained and not is_weight_file(weights))
-    model = torchvision.models.get_model(name, weights=None, **_builder_kwargs(name, image_size, pretrained))
+    model = _build(name, _builder_kwargs(name, image_size, pretrained), drop_path)
     if is_weight_file(weights):
         state = load_state_file(Path(weights))
         head = head_name(model)

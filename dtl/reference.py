@@ -65,7 +65,8 @@ class ReferenceLoop:
         splits = data.load_splits(cfg, allow_download=False)
         torch.manual_seed(cfg.run.seed)
         b = cfg.backbone
-        net = models.build_model(b.model, len(splits.classes), b.weights, cfg.data.image_size, b.dropout)
+        net = models.build_model(b.model, len(splits.classes), b.weights, cfg.data.image_size, b.dropout,
+                                 b.drop_path)
         models.freeze(net, b.model, b.mode, b.finetune_last_n)  # the same trainable set as dtl
         self.device, self.net = device, net.to(device)
         params = [p for p in net.parameters() if p.requires_grad]

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dtl
-from dtl import data, features, models, optim, rundir, samplers
+from dtl import data, features, mix, models, optim, rundir, samplers
 from dtl.checkpointer import Checkpointer, Progress
 from dtl.config import Config
 from dtl.data import BatchLoader
@@ -40,7 +40,8 @@ def build_model(cfg: Config, device: torch.device, num_classes: int) -> tuple[nn
     """The backbone with its new head, frozen per mode, on the device in its memory format (not wrapped)."""
     torch.manual_seed(cfg.run.seed)  # same initial head on every rank (DDP broadcasts rank 0's anyway)
     net = cfg.backbone
-    model = models.build_model(net.model, num_classes, net.weights, cfg.data.image_size, net.dropout)
+    model = models.build_model(net.model, num_classes, net.weights, cfg.data.image_size, net.dropout,
+                               net.drop_path)
     if cfg.run.deterministic and device.type == "cuda":
         models.deterministic_pooling(model)
     # lp-ft: the optimizer covers everything that will ever train (from step 0, so a resume on either side of
@@ -106,9 +107,10 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
     if cfg.data.cache_features:
         model, train_loader, eval_loader, new_features = use_cached_features(cfg, env, device, model, splits,
                                                                              plan, precision)
+    mixer = mix.Mixer(cfg.optim, len(splits.classes), cfg.run.seed, env.rank) if mix.enabled(cfg.optim) else None
     return Run(cfg, env, device, plan, wrap(model, cfg, env, device), optimizer, scaler, precision,
                train_loader, eval_loader, splits, progress, info, checkpointer, new_features,
-               None if weights is None else weights.float().to(device), ema)
+               None if weights is None else weights.float().to(device), ema, mixer=mixer)
 
 
 def use_cached_features(cfg: Config, env: DistEnv, device: torch.device, model: nn.Module, splits: Splits,

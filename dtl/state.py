@@ -17,6 +17,7 @@ from dtl.data import BatchLoader
 from dtl.dist import DistEnv
 from dtl.ema import Ema
 from dtl.metrics import MetricsLog
+from dtl.mix import Mixer
 from dtl.rundir import RunPlan
 from dtl.splits import Splits
 
@@ -66,6 +67,8 @@ class Run:
     """--class-balance loss: the cross-entropy's per-class weights, on the device."""
     ema: Ema | None = None
     """--ema-decay: the moving average of the weights."""
+    mixer: Mixer | None = None
+    """--mixup/--cutmix: mixes each training micro-batch (seeded per epoch, rank and batch index)."""
     probing: bool | None = None
     """lp-ft: whether the backbone is frozen now (None: not yet decided; other modes stay None)."""
     prefix_hooks: list[RemovableHandle] = field(default_factory=list)

@@ -60,6 +60,16 @@ CONFIGS: dict[str, list[str]] = {
     "+adamw cosine": ["--mode", "finetune", "--optimizer", "adamw", "--lr", "5e-4", "--weight-decay", "0.05",
                       "--lr-schedule", "cosine", "--warmup-epochs", "1"],
     "lp-ft (2 lp epochs)": ["--mode", "lp-ft", "--lp-epochs", "2"],
+    # issue #13: the augmentations, each on top of `plain` (whose default crop + flip stays on), then together
+    "+auto-augment ta_wide": ["--mode", "finetune", "--auto-augment", "ta_wide"],
+    "+auto-augment randaugment": ["--mode", "finetune", "--auto-augment", "randaugment"],
+    "+crop pad": ["--mode", "finetune", "--crop", "pad"],
+    "+random-erasing 0.25": ["--mode", "finetune", "--random-erasing", "0.25"],
+    "+mixup 0.2": ["--mode", "finetune", "--mixup", "0.2"],
+    "+cutmix 1.0": ["--mode", "finetune", "--cutmix", "1.0"],
+    "+tta flip": ["--mode", "finetune", "--tta", "flip"],
+    "all augmentations": ["--mode", "finetune", "--auto-augment", "ta_wide", "--random-erasing", "0.25",
+                          "--mixup", "0.2", "--cutmix", "1.0", "--tta", "flip"],
 }
 #: configs whose --lr is their own (the plain --lr is not passed to them)
 OWN_LR = ("strong", "+adamw cosine")

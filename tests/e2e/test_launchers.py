@@ -206,6 +206,29 @@ def test_ema_resume_mid_epoch_is_bitwise_with_two_processes(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_mixup_cutmix_resume_mid_epoch_is_bitwise_with_two_processes(tmp_path):
+    """--mixup/--cutmix under DDP: each rank mixes its own batch with draws seeded by (epoch, rank, batch
+    index), so a resume from a mid-epoch checkpoint ends bitwise equal to the uninterrupted run."""
+    import shutil
+
+    flags = [*TINY, "--train-subset", "64", "--eval-subset", "16", "--batch-size", "8", "--epochs", "2",
+             "--mixup", "0.2", "--cutmix", "1.0", "--checkpoint-every-steps", "3", "--keep-last", "20"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    res = torchrun(2, *flags, "--output-dir", str(full))
+    assert res.returncode == 0, res.stderr[-3000:]
+    shutil.copytree(full, part)
+    for ckpt in (part / "checkpoints").glob("step-*"):  # 4 steps per epoch: keep step 3 (mid-epoch 1)
+        if int(ckpt.name.split("-")[1]) > 3:
+            shutil.rmtree(ckpt)
+    for name in ("model.safetensors", "status.json", "checkpoints/best.json"):
+        (part / name).unlink()
+    res = torchrun(2, *flags, "--output-dir", str(part), "--resume", "auto")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stderr and "step-00000003" in res.stderr
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_early_stopping_stops_every_rank_after_patience_epochs(tmp_path):
     out = tmp_path / "run"
     flags = [*TINY, "--train-subset", "32", "--eval-subset", "16", "--batch-size", "8", "--epochs", "10",

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,3 +138,32 @@ def test_bench_augmented_input_phase_against_torchvision_v2(tmp_path: Path) -> N
     names = [type(t).__name__ for t in transform.transforms]
     assert names == ["Resize", "RandomCrop", "RandomHorizontalFlip", "AugMix", "ToDtype", "Normalize",
                      "RandomErasing"]
+
+
+def test_bench_mixup_adds_the_mix_input_phase(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    code = bench_main(["--model", "squeezenet1_1", "--mode", "scratch", "--weights", "none", *TINY,
+                       "--memory", "off", "--input-steps", "3", "--mixup", "0.2", "--cutmix", "1.0",
+                       "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    mixed = result.pop("mix_input")
+    check_result(result)  # the other phases as without mixing
+    assert mixed["reference"] > 0 and mixed["dtl"] > 0
+    assert mixed["ratio"] == pytest.approx(mixed["dtl"] / mixed["reference"])
+    assert "mix_input (--mixup/--cutmix alone)" in capsys.readouterr().out
+
+
+def test_the_per_image_reference_mixes_like_the_batched_one_given_one_draw_per_image():
+    from dtl import bench_mix, mix
+    from dtl.config import Config
+
+    cfg = Config(mixup=0.3, mix_prob=1.0)
+    images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 1])
+    rng = np.random.RandomState(0)
+    out, targets = bench_mix.per_image_mix(images, labels, cfg, 3, rng)
+    rng = np.random.RandomState(0)
+    lams = [mix.draw(rng, 0.3, 0.0, 1.0, 0.5, 8, 8).lam for _ in range(4)]
+    for i, lam in enumerate(lams):
+        torch.testing.assert_close(out[i], images[i] * lam + images[3 - i] * (1 - lam))
+        torch.testing.assert_close(targets[i], mix.mix_targets(labels, 3, lam, 0.0)[i])

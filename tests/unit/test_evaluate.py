@@ -8,7 +8,7 @@ from torch import nn
 
 from dtl import dist
 from dtl.dist import DistEnv
-from dtl.evaluate import evaluate
+from dtl.evaluate import evaluate, tta_logits
 
 CPU = torch.device("cpu")
 
@@ -36,6 +36,38 @@ def test_fewer_than_five_classes_and_no_confusion_by_default():
     batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
     result = evaluate(model, batches, CPU, DistEnv(), "fp32", 3, desc=None)
     assert result.top5 == 1.0 and result.confusion is None
+
+
+def images_and_model() -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+    torch.manual_seed(0)
+    x, y = torch.randn(20, 3, 6, 6), torch.randint(0, 4, (20,))
+    return x, y, nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 4))
+
+
+def test_flip_tta_is_the_mean_of_the_logits_of_the_image_and_its_mirror():
+    x, y, model = images_and_model()
+    with torch.no_grad():
+        plain, tta = tta_logits(model, x, "flip")
+        assert torch.equal(plain, model(x))
+        assert torch.equal(tta, (model(x) + model(x.flip(-1))) / 2)
+        none = tta_logits(model, x, "none")
+        assert none[0] is none[1]  # none: one forward
+    batches = [(x[:8], y[:8]), (x[8:], y[8:])]
+    flip = evaluate(model, batches, CPU, DistEnv(), "fp32", 4, confusion=True, desc=None, tta="flip")
+    plain_result = evaluate(model, batches, CPU, DistEnv(), "fp32", 4, desc=None)
+    assert flip.plain == plain_result  # the un-augmented numbers of the same pass
+    assert flip.top1 == (tta.argmax(1) == y).sum().item() / 20
+    torch.testing.assert_close(flip.loss, nn.functional.cross_entropy(tta, y).item(), rtol=1e-6, atol=0)
+    assert flip.confusion.diagonal().sum().item() == round(flip.top1 * 20)  # the headline (TTA) predictions
+
+
+def test_a_mirror_symmetric_model_scores_the_same_with_flip_tta():
+    x, y, _ = images_and_model()
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4))  # sees no left or right
+    batches = [(x, y)]
+    flip = evaluate(model, batches, CPU, DistEnv(), "fp32", 4, desc=None, tta="flip")
+    assert flip.top1 == flip.plain.top1 and flip.count == 20
+    torch.testing.assert_close(flip.loss, flip.plain.loss)
 
 
 def test_runs_the_model_without_its_ddp_and_compile_wrappers():

@@ -141,6 +141,19 @@ def test_eval_reproduces_the_runs_test_accuracy(trained, tmp_path):
     assert summary["count"] == 40 and summary["checkpoint"].endswith(best)
 
 
+def test_eval_with_flip_tta_prints_and_saves_both_numbers(trained, tmp_path, capsys):
+    last = ckpt.latest_checkpoint(trained)
+    out = tmp_path / "ev"
+    assert run_main("eval", "--checkpoint", str(last), "--device", "cpu", "--tta", "flip", "-o", str(out)) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    final = metrics_rows(trained)[-1]
+    assert summary["tta"] == "flip" and summary["plain"]["top1"] == final["test_acc"]  # the run had no TTA
+    assert f"plain: top-1 {final['test_acc']:.4f}" in printed
+    assert f"top-1 {summary['top1']:.4f}" in printed and "with --tta flip" in printed
+    assert summary["count"] == EVAL_SUBSET and summary["loss"] != summary["plain"]["loss"]
+
+
 def test_eval_refuses_a_folder_without_checkpoints(tmp_path, capsys):
     assert run_main("eval", "--checkpoint", str(tmp_path), "--device", "cpu") == 2
     assert "no complete checkpoint" in capsys.readouterr().err

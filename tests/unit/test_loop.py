@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from dtl import dist, loop
+from dtl import dist, loop, mix
 from dtl.cli import build_parser
 from dtl.dist import DistEnv
 from dtl.errors import NonFiniteLossError
@@ -115,10 +117,10 @@ def test_compiled_ddp_skips_the_all_reduce_on_accumulation_micro_steps(tmp_path,
 
     original_fb = loop.forward_backward
 
-    def recording_fb(run, images, labels, criterion, meter, sync=True):
+    def recording_fb(run, images, labels, criterion, meter, sync=True, **kwargs):
         before = len(calls)
         assert dist.ddp_of(run.model) is not None, "the model should be DDP under compile"
-        finite = original_fb(run, images, labels, criterion, meter, sync=sync)
+        finite = original_fb(run, images, labels, criterion, meter, sync=sync, **kwargs)
         per_micro_step.append((sync, len(calls) - before))
         return finite
 
@@ -177,3 +179,48 @@ def test_clipping_bounds_the_global_norm_once_per_optimizer_step(tmp_path, monke
     assert all(n <= 1.0 + 1e-4 for n in post_clip), post_clip
     row = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert row["grad_norm_max"] >= row["grad_norm_mean"] > 0
+
+
+def test_mixing_happens_in_the_step_seeded_by_each_micro_batchs_index(tmp_path, monkeypatch):
+    run = tiny_run(tmp_path, "--grad-accum", "2", "--mixup", "0.2", "--cutmix", "1.0", "--batch-size", "8")
+    assert isinstance(mix.criterion_for(run.cfg.optim, None), mix.SoftTargetCrossEntropy)
+    seen, fed = [], []
+    original = run.mixer.__call__
+
+    def recording(images, labels, epoch, batch_index):
+        seen.append((epoch, batch_index))
+        return original(images, labels, epoch, batch_index)
+
+    monkeypatch.setattr(run, "mixer", recording)
+    handle = run.model.register_forward_pre_hook(lambda module, args: fed.append(args[0].clone()))
+    batches = list(run.train_loader)[:2]
+    run.progress.epoch = 1
+    loop.train_step(run, batches, mix.SoftTargetCrossEntropy(), Meter(run.device), torch.tensor(-1), first_batch=2)
+    handle.remove()
+    assert seen == [(1, 2), (1, 3)]
+    for (images, labels), got, b in zip(batches, fed, (2, 3)):
+        assert torch.equal(got, mix.Mixer(run.cfg.optim, 10, run.cfg.run.seed, 0)(images, labels, 1, b).images)
+    assert tiny_run(tmp_path / "off", "--mixup", "0", "--cutmix", "0").mixer is None  # off: today's step
+
+
+MIX = [*TINY, "--model", "resnet18", "--train-subset", "48", "--eval-subset", "16", "--batch-size", "8",
+       "--grad-accum", "2", "--seed", "7", "--mixup", "0.2", "--cutmix", "1.0", "--checkpoint-every-steps", "1",
+       "--keep-last", "20"]
+
+
+def test_resume_mid_epoch_with_mixup_and_cutmix_is_bitwise(tmp_path):
+    """3 optimizer steps (6 micro-batches) per epoch: resuming from step 2 (batch 4 of epoch 1) draws the
+    same mixes without replaying the first four."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train_inproc(*MIX, "--epochs", "2", "--output-dir", str(full)) == 0
+    shutil.copytree(full, part)
+    for ckpt in (part / "checkpoints").glob("step-*"):
+        if int(ckpt.name.split("-")[1]) > 2:
+            shutil.rmtree(ckpt)
+    for name in ("model.safetensors", "status.json", "checkpoints/best.json"):
+        (part / name).unlink()
+    assert train_inproc(*MIX, "--epochs", "2", "--output-dir", str(part), "--resume", "auto") == 0
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (full, part)]
+    assert rows[0][-1]["train_loss"] == rows[1][-1]["train_loss"]

@@ -242,3 +242,34 @@ def test_transfer_step_peaks_below_finetune_step():
     assert saved_t <= 32 * 4096 * 4 * 2  # only the head's input (and its dropout mask) is kept
     assert saved_f > 50 * saved_t
     assert rss_t < rss_f, (rss_t, rss_f)
+
+
+@pytest.mark.parametrize("name", ["convnext_tiny", "efficientnet_b0"])
+def test_drop_path_changes_training_outputs_not_eval_outputs_nor_the_state_dict(name):
+    """torchvision's ViT has no stochastic depth (dropout/attention dropout only): EfficientNet is the second
+    family here."""
+    torch.manual_seed(0)
+    off = models.build_model(name, 10, "none", 32, drop_path=0.0)
+    on = models.build_model(name, 10, "none", 32, drop_path=0.1)
+    assert {k: v.shape for k, v in off.state_dict().items()} == {k: v.shape for k, v in on.state_dict().items()}
+    on.load_state_dict(off.state_dict())  # pretrained weights still load
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(off.eval()(x), on.eval()(x))  # first: a train-mode pass moves BatchNorm statistics
+        torch.manual_seed(1)
+        a = off.train()(x)
+        torch.manual_seed(1)
+        b = on.train()(x)
+        assert not torch.equal(a, b)
+    rates = [m.p for m in on.modules() if isinstance(m, torchvision.ops.StochasticDepth)]
+    assert max(rates) <= 0.1 and max(rates) > 0.05 and min(rates) == 0.0
+
+
+def test_drop_path_rescales_swins_fixed_schedule_and_is_refused_without_stochastic_depth():
+    rates = [m.p for m in models.build_model("swin_t", 10, "none", 32, drop_path=0.3).modules()
+             if isinstance(m, torchvision.ops.StochasticDepth)]
+    assert max(rates) == pytest.approx(0.3) and rates == sorted(rates) and rates[0] == 0.0
+    for name in ("vgg16", "resnet18", "vit_b_16"):
+        with pytest.raises(UserError, match=f"{name} has no stochastic depth.*convnext, efficientnet"):
+            models.build_model(name, 10, "none", 32, drop_path=0.1)
+    assert models.build_model("vgg11", 10, "none", 32, drop_path=0.0) is not None  # 0: nothing to turn off
