@@ -35,12 +35,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dtl import mix, models
+from dtl.bench_input import extra_phases, reference_runner
 from dtl.bench_mix import format_mix, measure_mix
 from dtl.bench_report import PHASES, SIDES, Options, assemble, format_table
 from dtl.config import Config
@@ -180,9 +182,24 @@ def build_loop(side: str, cfg: Config, device: torch.device) -> Loop:
 
 # ---- timing ------------------------------------------------------------------------------------
 
-def timed(loop: Loop, phase: str, steps: int) -> float:
+#: side -> phase -> the function that runs `steps` steps of it and returns the images it made
+Runners = dict[str, dict[str, Callable[[int], int]]]
+
+
+def runners(loops: dict[str, Loop], cfg: Config, device: torch.device) -> Runners:
+    """Every phase of both sides: the loops' own, then the extra input phases that apply (`dtl.bench_input`),
+    where dtl's side is its training loader and the reference side a torchvision v2 pipeline."""
+    out: Runners = {side: {phase: getattr(loop, phase) for phase in PHASES} for side, loop in loops.items()}
+    dtl_loop = loops["dtl"]
+    for phase in extra_phases(cfg):
+        out["dtl"][phase] = dtl_loop.input
+        out["reference"][phase] = reference_runner(phase, cfg, dtl_loop.run.splits.train, device)  # type: ignore[union-attr]
+    return out
+
+
+def timed(loop: Loop, phase: str, steps: int, fn: Callable[[int], int] | None = None) -> float:
     """Images per second of `steps` steps of one phase; the one host sync is at the end."""
-    fn = getattr(loop, phase)
+    fn = fn or getattr(loop, phase)
     with loop.context():
         synchronize(loop.device)
         start = time.perf_counter()
@@ -192,23 +209,23 @@ def timed(loop: Loop, phase: str, steps: int) -> float:
     return images / max(seconds, 1e-9)
 
 
-def warm_up(loops: dict[str, Loop], steps: int) -> None:
-    for phase in PHASES:
-        for loop in loops.values():
+def warm_up(loops: dict[str, Loop], run: Runners, steps: int) -> None:
+    for phase in run["dtl"]:
+        for side, loop in loops.items():
             if steps:
-                timed(loop, phase, steps)
+                timed(loop, phase, steps, run[side][phase])
 
 
-def interleaved(loops: dict[str, Loop], opts: Options) -> dict[str, dict[str, list[float]]]:
+def interleaved(loops: dict[str, Loop], run: Runners, opts: Options) -> dict[str, dict[str, list[float]]]:
     """`repeats` rounds; in each, every phase is measured on both sides back to back, the side that goes
     first alternating between rounds."""
-    runs: dict[str, dict[str, list[float]]] = {side: {phase: [] for phase in PHASES} for side in loops}
+    runs: dict[str, dict[str, list[float]]] = {side: {phase: [] for phase in run["dtl"]} for side in loops}
     for r in range(opts.repeats):
-        for phase in PHASES:
+        for phase in run["dtl"]:
             for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
-                rate = timed(loops[side], phase, opts.steps_for(phase))
+                rate = timed(loops[side], phase, opts.steps_for(phase), run[side][phase])
                 runs[side][phase].append(rate)
-                print(f"  round {r + 1}/{opts.repeats} {phase:<10} {side:<9} {rate:10.1f} img/s",
+                print(f"  round {r + 1}/{opts.repeats} {phase:<13} {side:<9} {rate:10.1f} img/s",
                       file=sys.stderr, flush=True)
     return runs
 
@@ -293,20 +310,6 @@ def measure_memory(cfg: Config, opts: Options, tmp: Path) -> dict[str, dict[str,
     return result
 
 
-# ---- the report --------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
 # ---- entry points ------------------------------------------------------------------------------
 
 def measure(cfg: Config, opts: Options, device: torch.device) -> tuple[dict, str, dict | None, float | None]:
@@ -314,8 +317,9 @@ def measure(cfg: Config, opts: Options, device: torch.device) -> tuple[dict, str
     loops = {side: build_loop(side, cfg, device) for side in SIDES}
     precision = loops["dtl"].run.precision
     print(f"  warm-up: {opts.warmup} step(s) per side and phase", file=sys.stderr, flush=True)
-    warm_up(loops, opts.warmup)
-    runs = interleaved(loops, opts)
+    run = runners(loops, cfg, device)
+    warm_up(loops, run, opts.warmup)
+    runs = interleaved(loops, run, opts)
     want_flops = opts.flops if opts.flops is not None else device.type == "cuda"
     flops = {side: count_flops(loop) for side, loop in loops.items()} if want_flops else None
     yardstick = want_flops and device.type == "cuda" and torch.cuda.is_bf16_supported()

@@ -35,7 +35,7 @@ class Options:
     input_steps: int = 50
 
     def steps_for(self, phase: str) -> int:
-        return self.input_steps if phase == "input" else self.steps
+        return self.input_steps if phase.startswith("input") else self.steps
 
 
 def device_name(device: torch.device) -> str:
@@ -65,7 +65,7 @@ def meta(cfg: Config, opts: Options, device: torch.device, precision: str) -> di
 def side_results(runs: dict[str, list[float]], memory: dict[str, dict[str, float]] | None,
                  flops: dict[str, float] | None) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for phase in PHASES:
+    for phase in runs:  # PHASES, then the extra input phases that ran (dtl.bench_input)
         rate = statistics.median(runs[phase])
         entry: dict[str, Any] = {"images_per_s": rate, "runs": runs[phase]}
         entry.update((memory or {}).get(phase, {}))
@@ -82,7 +82,7 @@ def ratios(ref: dict[str, dict[str, Any]], ours: dict[str, dict[str, Any]]) -> d
     ran back to back, so a load change between rounds cancels out)."""
     keys = ("images_per_s", "peak_rss_mib", "peak_cuda_mib", "tflops")
     out = {}
-    for phase in PHASES:
+    for phase in ours:
         out[phase] = {k: ours[phase][k] / ref[phase][k] for k in keys if k in ours[phase] and k in ref[phase]}
         pairs = zip(ours[phase]["runs"], ref[phase]["runs"])
         out[phase]["images_per_s_paired"] = statistics.median(d / r for d, r in pairs)
@@ -111,13 +111,13 @@ def format_table(result: dict[str, Any]) -> str:
              f"{m['precision']['dtl']} vs reference fp32 on {m['device']} ({m['device_name']}, "
              f"{m['threads']} threads); median of {m['repeats']} rounds of {m['steps']} steps "
              f"({m['input_steps']} batches for input)",
-             f"{'phase':<11}{'reference img/s':>16}{'dtl img/s':>12}{'dtl/ref':>9}{'paired':>8}"
+             f"{'phase':<14}{'reference img/s':>16}{'dtl img/s':>12}{'dtl/ref':>9}{'paired':>8}"
              f"{'ref peak RSS':>14}{'dtl peak RSS':>14}{'dtl/ref':>9}"]
-    for phase in PHASES:
+    for phase in result["ratio"]:
         ref, ours, ratio = result["reference"][phase], result["dtl"][phase], result["ratio"][phase]
         mem = (f"{ref['peak_rss_mib']:>10.0f} MiB{ours['peak_rss_mib']:>10.0f} MiB"
                f"{ratio['peak_rss_mib']:>8.2f}x" if "peak_rss_mib" in ratio else "")
-        lines.append(f"{phase:<11}{ref['images_per_s']:>16.1f}{ours['images_per_s']:>12.1f}"
+        lines.append(f"{phase:<14}{ref['images_per_s']:>16.1f}{ours['images_per_s']:>12.1f}"
                      f"{ratio['images_per_s']:>8.2f}x{ratio['images_per_s_paired']:>7.2f}x{mem}")
     for phase in ("train_step", "eval_step"):
         ours = result["dtl"][phase]

@@ -252,6 +252,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             help_text = f"{docs.get(f.name, '')} (default: {f.default})"
             if base is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            elif typing.get_origin(hint) is tuple:  # tuple[float, float] -> --crop-scale MIN MAX
+                kinds = typing.get_args(hint)
+                group.add_argument(flag, type=kinds[0], nargs=len(kinds), default=None,
+                                   metavar=("MIN", "MAX") if len(kinds) == 2 else None, help=help_text)
             else:
                 group.add_argument(flag, type=base, default=None, choices=choices_of(hint) or None,
                                    metavar=None if choices_of(hint) else f.name.upper(), help=help_text)

@@ -11,51 +11,13 @@ spans sections; a component is handed the section it needs. Flags and TOML keys 
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from dtl.checks import choices_of, validate_section
 from dtl.errors import UserError
 
-#: field -> (rule, message) checked by every section's __post_init__ (besides Literal choices)
-_RULES: dict[str, tuple[Any, str]] = {
-    **{name: (lambda v: v > 0, "must be > 0") for name in (
-        "epochs", "batch_size", "grad_accum", "image_size", "log_every", "keep_last", "max_nan_skips", "lr",
-        "dist_timeout", "fp16_init_scale")},
-    **{name: (lambda v: v is None or v > 0, "must be > 0 when given") for name in (
-        "train_subset", "eval_subset", "finetune_last_n")},
-    **{name: (lambda v: v >= 0, "must be >= 0") for name in (
-        "num_workers", "checkpoint_every_steps", "seed", "warmup_epochs", "weight_decay",
-        "checkpoint_every_minutes")},
-    **{name: (lambda v: 0 <= v < 1, "must be in [0, 1)") for name in ("momentum", "label_smoothing", "val_split")},
-    "dropout": (lambda v: v is None or 0 <= v < 1, "must be in [0, 1)"),
-    "head_lr_mult": (lambda v: v > 0, "must be > 0"),
-    "layer_decay": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    "lp_epochs": (lambda v: v >= 0, "must be >= 0"),
-    "ema_decay": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "ema_every": (lambda v: v > 0, "must be > 0"),
-    "early_stop_patience": (lambda v: v is None or v > 0, "must be > 0 when given"),
-    "early_stop_min_delta": (lambda v: v >= 0, "must be >= 0"),
-    "clip_grad_norm": (lambda v: v is None or v > 0, "must be > 0 when given"),
-    "model": (lambda v: bool(v.strip()), "must name a torchvision model"),
-    # MixUp/CutMix, stochastic depth
-    **{name: (lambda v: v >= 0, "must be >= 0") for name in ("mixup", "cutmix")},
-    **{name: (lambda v: 0 <= v <= 1, "must be in [0, 1]") for name in ("mix_prob", "mix_switch_prob")},
-    "drop_path": (lambda v: v is None or 0 <= v < 1, "must be in [0, 1)"),
-}
-
-
-def _validate_section(section: Any) -> None:
-    hints = typing.get_type_hints(type(section))
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        choices = choices_of(hints[f.name])
-        if choices:
-            _check(f.name, value, value in choices, f"must be one of {', '.join(choices)}")
-        if f.name in _RULES:
-            rule, message = _RULES[f.name]
-            _check(f.name, value, rule(value), message)
-
+__all__ = ["SECTIONS", "SECTION_OF", "Config", "choices_of"]
 
 @dataclass
 class BackboneConfig:
@@ -84,7 +46,7 @@ class BackboneConfig:
     efficientnet_b0)."""
 
     def __post_init__(self) -> None:
-        _validate_section(self)
+        validate_section(self)
 
 
 @dataclass
@@ -100,7 +62,8 @@ class DataConfig:
     image_size: int = 224
     """Side of the square images fed to the network (the reference recipe resizes 32 px CIFAR to 224)."""
     augment: bool = True
-    """Training augmentation: RandomResizedCrop(scale 0.5-1) + horizontal flip. --no-augment: eval transform."""
+    """Training augmentation: --crop (RandomResizedCrop, scale 0.5-1) + horizontal flip, and --auto-augment,
+    --random-erasing when given. --no-augment: the eval transform."""
     data_pipeline: Literal["auto", "device", "workers"] = "auto"
     """device: the split lives on the device as one uint8 tensor and is augmented in batches; workers: a
     DataLoader with worker processes and per-image transforms. auto: device for in-memory data sets."""
@@ -125,9 +88,31 @@ class DataConfig:
     cache_features: bool = False
     """transfer mode with --no-augment: run the frozen backbone once per split and train the head on the
     cached features."""
+    crop: Literal["resized", "pad"] = "resized"
+    """Training crop (then a flip). resized: RandomResizedCrop(image_size, --crop-scale). pad: CIFAR's
+    RandomCrop(image_size, --crop-padding, --padding-mode), after Resize(image_size) if the images differ."""
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    """--crop resized: crop area as a fraction of the image, MIN MAX (torchvision's default: 0.08 1)."""
+    crop_padding: int = 4
+    """--crop pad: pixels of padding on every side before the random crop."""
+    padding_mode: Literal["constant", "reflect"] = "constant"
+    """--crop pad: constant (zeros, torchvision's RandomCrop default) or reflect."""
+    auto_augment: Literal["none", "ta_wide", "randaugment", "augmix"] = "none"
+    """torchvision's TrivialAugmentWide() | RandAugment(--ra-num-ops, --ra-magnitude) | AugMix(--augmix-severity,
+    width 3, depth 1-3, alpha 1), per image on the uint8 crop, before normalisation."""
+    ra_num_ops: int = 2
+    """--auto-augment randaugment: ops applied in a row per image."""
+    ra_magnitude: int = 9
+    """--auto-augment randaugment: magnitude bin (0-30)."""
+    augmix_severity: int = 3
+    """--auto-augment augmix: severity of the ops (1-10)."""
+    random_erasing: float = 0.0
+    """Probability of RandomErasing(scale=(0.02, 0.33), ratio=(0.3, 3.3)) per image, after normalisation."""
+    random_erasing_value: Literal["0", "random"] = "0"
+    """Erased pixels: 0 (the mean colour, after normalisation) or random (standard normal noise)."""
 
     def __post_init__(self) -> None:
-        _validate_section(self)
+        validate_section(self)
 
 
 @dataclass
@@ -186,7 +171,7 @@ class OptimConfig:
     --mixup-switch-prob)."""
 
     def __post_init__(self) -> None:
-        _validate_section(self)
+        validate_section(self)
 
 
 @dataclass
@@ -232,7 +217,7 @@ class RunConfig:
     mirror (test_loss/test_acc are then the TTA numbers; test_loss_plain/test_acc_plain are logged beside)."""
 
     def __post_init__(self) -> None:
-        _validate_section(self)
+        validate_section(self)
 
 
 @dataclass
@@ -256,7 +241,7 @@ class CheckpointConfig:
     """Step/epoch checkpoints to keep besides `best` (older ones are removed after a new one is complete)."""
 
     def __post_init__(self) -> None:
-        _validate_section(self)
+        validate_section(self)
 
 
 @dataclass
@@ -269,7 +254,7 @@ class DistConfig:
     """Seconds a collective may wait before the job is declared dead (a crashed rank)."""
 
     def __post_init__(self) -> None:
-        _validate_section(self)
+        validate_section(self)
 
 
 #: --recipe strong: what it sets unless the setting is given explicitly (README: "Fine-tuning knobs")
@@ -344,6 +329,9 @@ class Config:
                 "cache_features=True needs --mode transfer and --no-augment: with augmentation every epoch "
                 "sees different crops, so features computed once would silently drop the augmentation"
             )
+        if not d.augment and (d.crop != "resized" or d.auto_augment != "none" or d.random_erasing > 0):
+            raise ValueError("--crop pad, --auto-augment and --random-erasing need augmentation on; drop "
+                             "--no-augment (or those settings)")
         if d.cache_features and (o.mixup > 0 or o.cutmix > 0):
             raise ValueError(f"mixup={o.mixup}/cutmix={o.cutmix} mix the images, but cache_features=True trains on "
                              "features computed once from unmixed images: drop --cache-features, or the mixing")
@@ -375,14 +363,3 @@ class Config:
 
     def __repr__(self) -> str:
         return "Config(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in SECTIONS) + ")"
-
-
-def _check(name: str, value: Any, ok: bool, rule: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} {rule}, got {value!r}")
-
-
-def choices_of(hint: Any) -> tuple[str, ...]:
-    if typing.get_origin(hint) is Literal:
-        return typing.get_args(hint)
-    return ()

@@ -21,7 +21,9 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dtl.augchain import AugmentChain
 from dtl.augment import BatchTransform
+from dtl.autoaugment import AutoAugment
 from dtl.cifar import load_cifar, make_synthetic
 from dtl.config import Config
 from dtl.dist import DistEnv, main_first
@@ -78,10 +80,10 @@ class DeviceLoader:
     """Batches from a split held on the device, transformed in batches. Iterating yields (images, labels).
 
     Augmentation randomness comes from one generator per (seed, epoch, rank), so an epoch's crops are
-    reproducible, and a resume in the middle of an epoch replays the skipped batches' draws (cheap: boxes
-    only) to land on the same random stream."""
+    reproducible, and a resume in the middle of an epoch replays the skipped batches' draws (cheap: random
+    numbers only, `skip()`) to land on the same random stream."""
 
-    def __init__(self, split: Split, sampler: Sampler[int], batch_size: int, transform: BatchTransform,
+    def __init__(self, split: Split, sampler: Sampler[int], batch_size: int, transform: BatchTransform | AugmentChain,
                  device: torch.device, seed: int, rank: int) -> None:
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
@@ -118,6 +120,17 @@ class DeviceLoader:
             for b in range(max(first, self.start_batch), last):
                 lo = (b - first) * bs
                 yield images[lo:lo + bs], labels[lo:lo + bs]
+
+
+class _BatchOfOne:
+    """The `workers` pipeline's per-image transform when `AugmentChain` is in use: the same batched code on a
+    batch of one, drawing from torch's global generator (which `_PerImageDataset` seeds per image)."""
+
+    def __init__(self, chain: AugmentChain) -> None:
+        self.chain = chain
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.chain(image.unsqueeze(0))[0]
 
 
 class _PerImageDataset(Dataset):
@@ -171,16 +184,31 @@ class WorkerLoader:
                    labels.to(self.device, non_blocking=True))
 
 
-def v2_transform(train: bool, size: int, augment: bool, prep: Preprocessing = IMAGENET):  # noqa: ANN201
-    """The reference recipe's per-image transforms, on uint8 tensors (a torchvision v2 Compose), with the
-    model's normalisation and resampling."""
+def v2_transform(train: bool, size: int, augment: bool, prep: Preprocessing = IMAGENET,
+                 scale: tuple[float, float] = (0.5, 1.0)):  # noqa: ANN201 - a torchvision v2 Compose
+    """The reference recipe's per-image transforms, on uint8 tensors, with the model's normalisation and
+    resampling."""
     from torchvision.transforms import v2
 
     mode = v2_interpolation(prep.interpolation)
-    head = ([v2.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=mode, antialias=True),
-             v2.RandomHorizontalFlip()]
+    head = ([v2.RandomResizedCrop(size, scale=scale, interpolation=mode, antialias=True), v2.RandomHorizontalFlip()]
             if train and augment else [v2.Resize(size, interpolation=mode, antialias=True), v2.CenterCrop(size)])
     return v2.Compose([*head, v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)])
+
+
+def augment_chain(cfg: Config, prep: Preprocessing = IMAGENET, dtype: torch.dtype = torch.float32,
+                  channels_last: bool = True) -> AugmentChain | None:
+    """The uint8 training chain when --crop pad, --auto-augment or --random-erasing asks for it (normalised with
+    `prep`; it resamples bilinearly); None when the fused `BatchTransform` (crop + flip + normalise) is all the
+    run needs."""
+    d = cfg.data
+    if not d.augment or (d.crop == "resized" and d.auto_augment == "none" and d.random_erasing == 0):
+        return None
+    auto = (AutoAugment(d.auto_augment, num_ops=d.ra_num_ops, magnitude=d.ra_magnitude, severity=d.augmix_severity)
+            if d.auto_augment != "none" else None)
+    return AugmentChain(d.image_size, d.crop, d.crop_scale, padding=d.crop_padding, padding_mode=d.padding_mode,
+                        auto_augment=auto, erasing=d.random_erasing, erasing_value=d.random_erasing_value,
+                        mean=prep.mean, std=prep.std, dtype=dtype, channels_last=channels_last)
 
 
 def resolve_pipeline(cfg: Config) -> str:
@@ -207,11 +235,14 @@ def build_loaders(cfg: Config, splits: Splits, env: DistEnv, device: torch.devic
     """Train and eval loaders for this rank (`prep`: the model's normalisation and resampling)."""
     tsampler = sampler_for(splits.train.labels, env, cfg.run.seed, cfg.data.class_balance, cfg.optim.batch_size)
     if resolve_pipeline(cfg) == "device" and isinstance(getattr(splits.train, "images", None), torch.Tensor):
-        ttrans = BatchTransform(train=cfg.data.augment, size=cfg.data.image_size, mean=prep.mean, std=prep.std,
-                                dtype=compute_dtype, channels_last=channels_last)
+        ttrans = augment_chain(cfg, prep, compute_dtype, channels_last) or BatchTransform(
+            train=cfg.data.augment, size=cfg.data.image_size, scale=cfg.data.crop_scale, mean=prep.mean,
+            std=prep.std, dtype=compute_dtype, channels_last=channels_last)
         train = DeviceLoader(splits.train, tsampler, cfg.optim.batch_size, ttrans, device, cfg.run.seed, env.rank)
     else:
-        transform = v2_transform(True, cfg.data.image_size, cfg.data.augment, prep)
+        chain = augment_chain(cfg, prep, channels_last=False)
+        transform = (_BatchOfOne(chain) if chain else
+                     v2_transform(True, cfg.data.image_size, cfg.data.augment, prep, cfg.data.crop_scale))
         train = WorkerLoader(splits.train, tsampler, cfg.optim.batch_size, transform, cfg.data.num_workers, device,
                              cfg.run.seed, channels_last)
     return train, eval_loader(cfg, splits.test, env, device, compute_dtype, channels_last, prep)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from dtl import bench, cli
+from dtl import bench, bench_input, cli
 from dtl.bench_report import PHASES
 from dtl.errors import UserError
 
@@ -116,6 +116,28 @@ def test_bench_flags_are_trains_plus_its_own() -> None:
     with pytest.raises(UserError, match="--steps"):
         bench.options_from_args(args, "x")
     assert bench_main(["--dataset", "folder", "--device", "cpu"]) == 2
+
+
+def test_bench_augmented_input_phase_against_torchvision_v2(tmp_path: Path) -> None:
+    """--auto-augment/--crop pad/--random-erasing add the `input_augment` phase: dtl's loader against a per-image
+    torchvision v2 pipeline with the same ops, reported like every phase (medians, ratios)."""
+    out = tmp_path / "bench.json"
+    code = bench_main(["--model", "squeezenet1_1", "--mode", "scratch", "--weights", "none", *TINY, "--memory", "off",
+                       "--auto-augment", "ta_wide", "--crop", "pad", "--random-erasing", "0.25", "--input-steps", "2",
+                       "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    for side in ("reference", "dtl", "ratio"):
+        assert set(result[side]) == {*PHASES, "input_augment"}, side
+    ratio = result["ratio"]["input_augment"]
+    assert ratio["images_per_s"] == pytest.approx(result["dtl"]["input_augment"]["images_per_s"]
+                                                  / result["reference"]["input_augment"]["images_per_s"])
+    assert result["meta"]["config"]["auto_augment"] == "ta_wide"
+    transform = bench_input.v2_augment_transform(bench.bench_config(bench_args(
+        ["--crop", "pad", "--auto-augment", "augmix", "--random-erasing", "0.5", *TINY])))
+    names = [type(t).__name__ for t in transform.transforms]
+    assert names == ["Resize", "RandomCrop", "RandomHorizontalFlip", "AugMix", "ToDtype", "Normalize",
+                     "RandomErasing"]
 
 
 def test_bench_mixup_adds_the_mix_input_phase(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,37 @@ def test_recipe_strong_sets_its_settings_and_explicit_ones_win(tmp_path):
     toml.write_text('recipe = "strong"\n[optim]\nlayer-decay = 0.9\n')
     assert parse("--config", str(toml)).optim.layer_decay == 0.9
     assert parse().to_dict() == parse("--recipe", "plain").to_dict()  # plain: today's behaviour
+
+
+def test_augmentation_settings_flags_toml_and_config_json(tmp_path: Path):
+    """--crop-scale takes two numbers (a tuple field); TOML arrays and config.json lists come back as the tuple."""
+    cfg = parse("--crop", "pad", "--crop-scale", "0.08", "1", "--auto-augment", "randaugment", "--ra-magnitude",
+                "14", "--random-erasing", "0.25", "--random-erasing-value", "random", "--padding-mode", "reflect")
+    d = cfg.data
+    assert (d.crop, d.crop_scale, d.auto_augment, d.ra_magnitude) == ("pad", (0.08, 1.0), "randaugment", 14)
+    assert (d.random_erasing, d.random_erasing_value, d.padding_mode) == (0.25, "random", "reflect")
+    assert Config().data.crop_scale == (0.5, 1.0) and Config().data.auto_augment == "none"  # old runs unchanged
+    again = Config.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and again.data.crop_scale == (0.08, 1.0)
+    toml = tmp_path / "run.toml"
+    toml.write_text("[data]\ncrop_scale = [0.2, 0.9]\nauto-augment = \"ta_wide\"\n")
+    assert parse("--config", str(toml)).data.crop_scale == (0.2, 0.9)
+    with pytest.raises(SystemExit):
+        parse("--crop-scale", "0.5")  # one number: argparse's usage error
+
+
+@pytest.mark.parametrize("field,value", [("crop_scale", (0.6, 0.5)), ("crop_scale", (0.0, 1.0)),
+                                         ("crop_scale", (0.1, 0.5, 1.0)), ("ra_magnitude", 31),
+                                         ("augmix_severity", 0), ("random_erasing", 1.5), ("crop_padding", -1),
+                                         ("auto_augment", "trivial")])
+def test_invalid_augmentation_values(field, value):
+    with pytest.raises(ValueError) as err:
+        Config(**{field: value})
+    assert field in str(err.value)
+
+
+def test_augmentation_options_need_augment_on():
+    with pytest.raises(ValueError, match="no-augment"):
+        Config(augment=False, auto_augment="ta_wide")
+    with pytest.raises(ValueError, match="no-augment"):
+        Config(augment=False, random_erasing=0.1)

@@ -5,18 +5,21 @@ import inspect
 
 import torch
 
+from dtl.augchain import AugmentChain
 from dtl.augment import BatchTransform
 from dtl.cifar import make_synthetic
-from dtl.data import BatchLoader, DeviceLoader, WorkerLoader, v2_transform
+from dtl.config import Config
+from dtl.data import BatchLoader, DeviceLoader, WorkerLoader, augment_chain, build_loaders, v2_transform
 from dtl.dist import DistEnv
 from dtl.features import FeatureLoader
 from dtl.samplers import EvalShardSampler, train_sampler
+from dtl.splits import Splits, stream_seed
 
 
-def batches(start_batch: int, size: int = 32, batch: int = 8):
+def batches(start_batch: int, size: int = 32, batch: int = 8, transform=None):  # noqa: ANN001
     split = make_synthetic(200)
-    loader = DeviceLoader(split, train_sampler(len(split), DistEnv(), seed=3), batch, BatchTransform(True, size),
-                          torch.device("cpu"), seed=3, rank=0)
+    loader = DeviceLoader(split, train_sampler(len(split), DistEnv(), seed=3), batch,
+                          transform or BatchTransform(True, size), torch.device("cpu"), seed=3, rank=0)
     loader.set_epoch(1, start_batch)
     return list(loader), loader
 
@@ -54,3 +57,50 @@ def test_every_loader_is_a_batch_loader():
         assert len(loader) == 3 and len(batches) == 2  # the batch before the resume point is skipped
         assert all(isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) for x, y in batches)
         assert torch.equal(torch.cat([y for _, y in batches]), split.labels[8:])
+
+
+def test_resume_with_auto_augment_erasing_and_pad_crop_yields_the_same_batches():
+    """The loader-level resume guarantee with the uint8 chain on: batches k.. of a resumed pass are exactly
+    batches k.. of the full pass (skip() replays crop, flip, TA, erasing draws)."""
+    cfg = Config(image_size=96, crop="pad", auto_augment="ta_wide", random_erasing=0.5, random_erasing_value="random")
+    chain = augment_chain(cfg)
+    assert isinstance(chain, AugmentChain)
+    full, loader = batches(0, transform=chain)
+    assert 1 < loader.chunk_batches < 25 and len(full) == 25  # several chunks: a resume skip()s some
+    for start in (1, loader.chunk_batches, loader.chunk_batches + 3, 24):
+        resumed, _ = batches(start, transform=augment_chain(cfg))
+        assert len(resumed) == len(full) - start
+        for (x, y), (x_full, y_full) in zip(resumed, full[start:], strict=True):
+            assert torch.equal(x, x_full) and torch.equal(y, y_full)
+
+
+def test_defaults_keep_the_fused_transform_and_workers_use_the_same_chain():
+    """Off by default (the fused BatchTransform, no chain); on, the workers pipeline runs the chain per image,
+    seeded per (seed, epoch, index), so a batch does not depend on the worker or the resume point."""
+    splits = Splits(make_synthetic(24), make_synthetic(8))
+    train, _ = build_loaders(Config(image_size=32, crop_scale=(0.3, 1.0)), splits, DistEnv(), torch.device("cpu"),
+                             torch.float32)
+    assert isinstance(train.transform, BatchTransform) and train.transform.scale == (0.3, 1.0)
+    assert augment_chain(Config()) is None
+    cfg = Config(image_size=16, data_pipeline="workers", num_workers=0, auto_augment="augmix", batch_size=8)
+    train, _ = build_loaders(cfg, splits, DistEnv(), torch.device("cpu"), torch.float32)
+    assert isinstance(train, WorkerLoader)
+    train.set_epoch(1)
+    first = list(train)
+    train.set_epoch(1, start_batch=2)
+    (x, y), = list(train)
+    assert x.shape == (8, 3, 16, 16) and torch.equal(x, first[2][0]) and torch.equal(y, first[2][1])
+
+
+def test_workers_path_is_the_chain_on_a_batch_of_one_seeded_per_image():
+    """Image folders: each image goes through the same AugmentChain code, seeded per (seed, epoch, index)."""
+    split = make_synthetic(6)
+    cfg = Config(image_size=16, data_pipeline="workers", num_workers=0, crop="pad", auto_augment="ta_wide",
+                 random_erasing=0.5, seed=4)
+    train, _ = build_loaders(cfg, Splits(split, split), DistEnv(), torch.device("cpu"), torch.float32)
+    train.set_epoch(2)
+    dataset, chain = train.dataset, augment_chain(cfg, channels_last=False)
+    dataset.epoch = 2
+    for i in range(len(split)):
+        gen = torch.Generator().manual_seed(stream_seed(4, 2, i))
+        assert torch.equal(dataset[i][0], chain(split.images[i:i + 1], gen)[0]), i
