@@ -38,6 +38,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "early_stop_min_delta": (lambda v: v >= 0, "must be >= 0"),
     "clip_grad_norm": (lambda v: v is None or v > 0, "must be > 0 when given"),
     "model": (lambda v: bool(v.strip()), "must name a torchvision model"),
+    "log_with": (lambda v: {n.strip() for n in v.split(",")} <= {"none", "tensorboard", "wandb", "mlflow"},
+                 "must be none or a comma-separated list of tensorboard, wandb, mlflow"),
 }
 
 
@@ -202,8 +204,13 @@ class RunConfig:
     """The smallest change of --early-stop-metric that counts as an improvement."""
     log_every: int = 20
     """Refresh the progress bar (one host sync) every N steps."""
-    log_with: Literal["none", "tensorboard"] = "none"
-    """Also log the metrics to TensorBoard (OUTDIR/tensorboard)."""
+    log_with: str = "none"
+    """Also log the metrics to trackers, comma-separated: tensorboard (OUTDIR/tensorboard), wandb, mlflow
+    (rank 0; one tracker run per dtl run, continued on --resume)."""
+    wandb_project: str | None = None
+    """--log-with wandb: the W&B project (default: WANDB_PROJECT, else W&B's default)."""
+    mlflow_experiment: str | None = None
+    """--log-with mlflow: the MLflow experiment (default: MLFLOW_EXPERIMENT_NAME, else MLflow's Default)."""
     debug: bool = False
     """Single process even under a launcher, no workers, a small subset, 1 epoch, anomaly detection."""
 

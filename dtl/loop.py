@@ -374,6 +374,8 @@ def fit(run: Run) -> int:
         plot_runs([run.outdir], run.outdir / "curves.png")
         if run.progress.early_stopped:
             finish_early_stopped(run)
+        if run.metrics_log is not None:
+            run.metrics_log.log_artifacts([run.outdir / n for n in ("model.safetensors", "curves.png")])
         write_status(run, "early-stopped" if run.progress.early_stopped else "completed", EXIT_OK)
         log.info("done: %s", run.outdir)
     barrier(run.env)

@@ -13,7 +13,7 @@ DTL = Path(__file__).resolve().parents[2] / "dtl"
 TIERS: dict[str, tuple[str, ...]] = {
     "foundation": ("__init__", "errors", "signals", "testing", "splits", "augment", "config", "settings", "dist"),
     "components": ("models", "cifar", "images", "checkpoint", "optim", "precision", "metrics", "folder",
-                   "features", "evaluate", "samplers", "data", "rundir", "ema", "checkpointer"),
+                   "features", "evaluate", "samplers", "data", "rundir", "ema", "checkpointer", "trackers"),
     "run": ("state", "setup", "loop", "engine"),
     "tools": ("inference", "predict", "reference", "bench_report", "bench"),
     "entry": ("cli", "__main__"),
