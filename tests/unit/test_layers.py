@@ -11,7 +11,8 @@ DTL = Path(__file__).resolve().parents[2] / "dtl"
 
 #: README "Design": which module owns what, tier by tier (lowest first).
 TIERS: dict[str, tuple[str, ...]] = {
-    "foundation": ("__init__", "errors", "signals", "testing", "splits", "augment", "config", "settings", "dist"),
+    "foundation": ("__init__", "errors", "signals", "testing", "splits", "augment", "config", "settings", "dist",
+                   "progress"),
     "components": ("models", "cifar", "images", "checkpoint", "optim", "precision", "metrics", "folder",
                    "features", "evaluate", "samplers", "data", "rundir", "ema", "checkpointer", "trackers"),
     "run": ("state", "setup", "loop", "engine"),
