@@ -16,7 +16,7 @@ TIERS: dict[str, tuple[str, ...]] = {
     "components": ("models", "cifar", "images", "checkpoint", "optim", "precision", "metrics", "folder",
                    "features", "evaluate", "samplers", "data", "rundir", "ema", "checkpointer", "trackers"),
     "run": ("state", "setup", "loop", "engine"),
-    "tools": ("inference", "predict", "reference", "bench_report", "bench"),
+    "tools": ("inference", "predict", "reference", "bench_report", "bench", "doctor"),
     "entry": ("cli", "__main__"),
 }
 RANK = {m: i for i, mods in enumerate(TIERS.values()) for m in mods}
