@@ -8,7 +8,7 @@
 #     learnable synthetic set at 32 px, which visibly learns in about a minute on a CPU (accuracy from chance,
 #     10 %, to well above it). That fallback exists only here, never in a normal `train.py` run.
 # Knobs: DEMO_OUT (runs/demo), DATA_DIR (./data), DEMO_OFFLINE=1 (go straight to the offline run),
-# DEMO_EPOCHS / DEMO_TRAIN / DEMO_EVAL (the offline run's epochs and image counts: 3 / 1500 / 500).
+# DEMO_EPOCHS / DEMO_TRAIN / DEMO_EVAL (the offline run's epochs and image counts: 2 / 1000 / 300).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${DEMO_OUT:-runs/demo}
@@ -45,7 +45,7 @@ if [[ $code -eq 2 ]]; then
 
 BANNER
     python train.py --model resnet18 --mode scratch --dataset synthetic --image-size 32 \
-        --epochs "${DEMO_EPOCHS:-3}" --train-subset "${DEMO_TRAIN:-1500}" --eval-subset "${DEMO_EVAL:-500}" \
+        --epochs "${DEMO_EPOCHS:-2}" --train-subset "${DEMO_TRAIN:-1000}" --eval-subset "${DEMO_EVAL:-300}" \
         --batch-size 32 --lr 0.01 --output-dir "$OUT" --overwrite "$@"
     code=$?
 fi
