@@ -106,9 +106,14 @@ def local_report(env: DistEnv, device: torch.device) -> dict[str, Any]:
             "device_name": props.name if props else platform.processor() or platform.machine(),
             "memory_gib": round(props.total_memory / 2**30, 1) if props else None,
             "torch": torch.__version__, "cuda": torch.version.cuda,
-            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+            "nccl": _nccl_version() if cuda else None,
             "python": platform.python_version(), "dtl": dtl.__version__,
             "interfaces": interfaces(net), "env": net}
+
+
+def _nccl_version() -> str:
+    version = torch.cuda.nccl.version()  # a tuple in recent torch, an int (2.18.1 -> 21801) in older ones
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
 # ---- measurements ------------------------------------------------------------------------------------
