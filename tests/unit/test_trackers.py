@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dtl import trackers
+from dtl import signals, trackers
 from tests.conftest import TINY, train_inproc
 
 SMALL = [*TINY, "--train-subset", "32", "--eval-subset", "16"]
@@ -81,18 +81,25 @@ def test_wandb_offline_one_run_across_a_resume(tmp_path, monkeypatch):
     assert {"model.safetensors", "curves.png"} <= files
 
 
-def test_mlflow_one_run_across_a_resume(tmp_path, monkeypatch):
+def test_mlflow_one_run_across_a_preemption_and_resume(tmp_path, monkeypatch):
+    """A stop signal in epoch 2 (exit 75: the MLflow run is KILLED with epoch 1 logged), then --resume: the
+    same MLflow run continues to FINISHED with both epochs."""
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     out = tmp_path / "run"
-    common = [*SMALL, "--log-with", "mlflow", "--mlflow-experiment", "dtl-test", "--output-dir", str(out)]
-    assert train_inproc(*common, "--epochs", "1") == 0
-    assert train_inproc(*common, "--epochs", "2", "--resume", "auto") == 0
-
+    common = [*TINY, "--train-subset", "48", "--eval-subset", "16", "--epochs", "2", "--log-with", "mlflow",
+              "--mlflow-experiment", "dtl-test", "--output-dir", str(out)]
+    calls = iter(range(100))
+    with monkeypatch.context() as m:  # a signal arrives at the first step of epoch 2 (3 steps per epoch)
+        m.setattr(signals, "requested", lambda: next(calls) >= 2)
+        assert train_inproc(*common) == 75
     saved = json.loads((out / "trackers.json").read_text())["mlflow"]
     assert saved["tracking_uri"] == uri
     client = mlflow.MlflowClient(uri)
+    assert client.get_run(saved["run_id"]).info.status == "KILLED"
+    assert len(client.get_metric_history(saved["run_id"], "test_acc")) == 1
+    assert train_inproc(*common, "--resume", "auto") == 0
     experiment = client.get_experiment_by_name("dtl-test")
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [saved["run_id"]]  # one MLflow run for the resumed dtl run
