@@ -87,6 +87,7 @@ def test_mlflow_one_run_across_a_preemption_and_resume(tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # a database store keeps artifacts in ./mlruns of the working folder
     out = tmp_path / "run"
     common = [*TINY, "--train-subset", "48", "--eval-subset", "16", "--epochs", "2", "--log-with", "mlflow",
               "--mlflow-experiment", "dtl-test", "--output-dir", str(out)]
