@@ -147,8 +147,13 @@ class MlflowTracker:
         self.client = mlflow.MlflowClient(uri)
         if saved.get("run_id"):
             self.run_id = saved["run_id"]
+            try:
+                self.logged = set(self.client.get_run(self.run_id).data.params)
+            except mlflow.exceptions.MlflowException as err:
+                raise UserError(f"MLflow run {self.run_id} (OUTDIR/{TRACKERS_FILE}) is not in {uri} "
+                                f"({str(err).splitlines()[0][:200]}): remove the mlflow entry from "
+                                f"{TRACKERS_FILE} to continue in a new MLflow run") from None
             self.client.update_run(self.run_id, status="RUNNING")
-            self.logged = set(self.client.get_run(self.run_id).data.params)
         else:
             name = experiment or MLFLOW_EXPERIMENT_NAME.get()
             found = self.client.get_experiment_by_name(name) if name else None
