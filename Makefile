@@ -1,4 +1,5 @@
-# `make demo` trains VGG16 (debug-sized) and `make test` runs the suite; both create .venv when missing.
+# `make demo` trains a demo run (launch/demo.sh says which) and `make test` runs the suite; both create .venv
+# when missing.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -26,4 +27,4 @@ gpu-check:
 	PYTHON="$(PYTHON)" bash launch/gpu_check.sh
 
 clean:
-	rm -rf runs/demo .pytest_cache .ruff_cache
+	rm -rf runs/demo runs/try .pytest_cache .ruff_cache

@@ -38,6 +38,9 @@ _RULES: dict[str, tuple[Any, str]] = {
     **{name: (lambda v: v >= 0, "must be >= 0") for name in ("mixup", "cutmix")},
     **{name: (lambda v: 0 <= v <= 1, "must be in [0, 1]") for name in ("mix_prob", "mix_switch_prob")},
     "drop_path": (lambda v: v is None or 0 <= v < 1, "must be in [0, 1)"),
+    # trackers
+    "log_with": (lambda v: {n.strip() for n in v.split(",")} <= {"none", "tensorboard", "wandb", "mlflow"},
+                 "must be none or a comma-separated list of tensorboard, wandb, mlflow"),
 }
 
 

@@ -1,7 +1,7 @@
 """The `dtl` command: every parser and the one distributed entry.
 
     dtl train ...     (= python train.py ...; torchrun/accelerate/srun start it the same way)
-    dtl eval | predict | bench | data | models | plot ...
+    dtl eval | predict | bench | data | models | plot | doctor ...
 
 `main(argv)` returns the exit code; the console script and `train.py` leave through `dtl.__main__`, which
 exits the way multi-process runs need (`dist.exit_process`). Error policy, in one place (`guarded`): a
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from dtl import bench, cifar, dist, engine, export, inference, predict, signals, timm_backbones
+from dtl import bench, cifar, dist, doctor, engine, export, inference, predict, signals, timm_backbones
 from dtl.config import SECTIONS, choices_of
 from dtl.errors import EXIT_FAILURE, EXIT_USAGE, NonFiniteLossError, UserError
 from dtl.metrics import plot_runs, read_metrics
@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_predict_parser(sub)
     add_export_parser(sub)
+    doctor.add_parser(sub)
     return parser
 
 
@@ -381,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         return guarded(dist.detect(debug=bool(args.debug)), lambda: run_train(args))
     if args.command == "eval":
         return run_eval(args)
+    if args.command == "doctor":  # its own verdict for a group that does not form; UserError: one line, exit 2
+        return guarded(dist.detect(), lambda: doctor.run(args))
     env = dist.DistEnv()  # one process, whatever launched it
     dist.setup_logging(env)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -208,8 +208,13 @@ class RunConfig:
     """The smallest change of --early-stop-metric that counts as an improvement."""
     log_every: int = 20
     """Refresh the progress bar (one host sync) every N steps."""
-    log_with: Literal["none", "tensorboard"] = "none"
-    """Also log the metrics to TensorBoard (OUTDIR/tensorboard)."""
+    log_with: str = "none"
+    """Also log the metrics to trackers, comma-separated: tensorboard (OUTDIR/tensorboard), wandb, mlflow
+    (rank 0; one tracker run per dtl run, continued on --resume)."""
+    wandb_project: str | None = None
+    """--log-with wandb: the W&B project (default: WANDB_PROJECT, else W&B's default)."""
+    mlflow_experiment: str | None = None
+    """--log-with mlflow: the MLflow experiment (default: MLFLOW_EXPERIMENT_NAME, else MLflow's Default)."""
     debug: bool = False
     """Single process even under a launcher, no workers, a small subset, 1 epoch, anomaly detection."""
     tta: Literal["none", "flip"] = "none"

@@ -237,6 +237,22 @@ def exit_process(code: int, env: DistEnv) -> None:
     os._exit(code)
 
 
+#: the variables that decide how ranks reach each other (shown by `dtl doctor`)
+NETWORK_VARS = re.compile(r"^(MASTER_ADDR|MASTER_PORT|GLOO_SOCKET_IFNAME|NCCL_SOCKET_IFNAME|NCCL_IB_\w+|NCCL_NET\w*|"
+                          r"NCCL_DEBUG|NCCL_P2P_DISABLE|NCCL_SHM_DISABLE|TORCH_NCCL_\w+)$")
+
+
+def network_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = os.environ if environ is None else environ
+    return {k: v for k, v in sorted(env.items()) if NETWORK_VARS.match(k)}
+
+
+def monitored_barrier(env: DistEnv, timeout_s: float) -> None:
+    """A barrier on the CPU control group that, on rank 0, names the ranks that did not reach it in time."""
+    if env.distributed:
+        tdist.monitored_barrier(_CONTROL_GROUP, datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+
+
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         tdist.barrier()

@@ -14,6 +14,7 @@ import torch
 from dtl import features, loop, rundir
 from dtl.config import Config
 from dtl.dist import DistEnv, unwrap, wait_for_main
+from dtl.errors import EXIT_PREEMPTED
 from dtl.setup import prepare
 
 
@@ -28,12 +29,15 @@ def train(cfg: Config, env: DistEnv, device: torch.device) -> int:
             features.store(run.outdir, cfg, name, feats, labels)
     if run.new_features:
         wait_for_main(env)  # ~1 GB of features for CIFAR-10 at 224 px: not under the NCCL timeout
+    ending = "failed"  # for the trackers' run status
     try:
         with torch.autograd.set_detect_anomaly(cfg.run.debug):
-            return loop.fit(run)
+            code = loop.fit(run)
+        ending = "preempted" if code == EXIT_PREEMPTED else "completed"
+        return code
     except Exception:
         loop.write_status(run, "failed", 1)
         raise
     finally:
         if run.metrics_log is not None:
-            run.metrics_log.close()
+            run.metrics_log.close(ending)

@@ -7,15 +7,15 @@ only host sync is the final read.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from dtl.dist import DistEnv, all_reduce_sum, local_module
 from dtl.precision import autocast
+from dtl.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     totals = torch.zeros(2, 4, dtype=torch.float64, device=device)  # (tta, plain) x (loss, top-1, top-k, count)
     classes = torch.arange(num_classes or 0, device=device)
     matrix = torch.zeros(len(classes), len(classes), dtype=torch.int64, device=device)
-    bar = tqdm(batches, desc=desc, disable=not env.is_main or desc is None, leave=False, dynamic_ncols=True)
-    for images, labels in bar:
+    bar = Progress(len(batches) if isinstance(batches, Sized) else 0, desc or "", env.is_main and desc is not None)
+    for images, labels in batches:
         with autocast(precision, device):
             plain, logits = tta_logits(model, images, tta)
         k = min(5, num_classes or logits.shape[1])
@@ -80,6 +80,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             # sync per batch); exact in float32 (0/1 inputs, sums below 2**24)
             pred = logits.argmax(1)
             matrix += ((labels[:, None] == classes).float().T @ (pred[:, None] == classes).float()).long()
+        bar.tick()
+    bar.close()
     model.train(was_training)
     all_reduce_sum(totals, env)
     if confusion:

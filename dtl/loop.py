@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from dtl import checkpoint as ckpt
 from dtl import mix, models, rundir, signals, testing
@@ -23,6 +22,7 @@ from dtl.evaluate import evaluate
 from dtl.metrics import Meter, plot_runs
 from dtl.optim import lr_at
 from dtl.precision import autocast
+from dtl.progress import Progress
 from dtl.setup import wrap
 from dtl.splits import stream_seed
 from dtl.state import Run
@@ -223,18 +223,17 @@ def train_one_epoch(run: Run, epoch: int) -> EpochResult:
     bad_step = torch.tensor(-1, device=run.device)
     agreement = Agreement(env)  # stop flag + rank 0's "checkpoint time", without a per-step round trip
     n_batches = len(run.train_loader)
-    bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.optim.epochs} train",
-               disable=not env.is_main, dynamic_ncols=True, leave=False)
+    bar = Progress(n_batches, f"epoch {epoch + 1}/{cfg.optim.epochs} train", env.is_main, initial=start_batch)
     t0 = time.perf_counter() - p.partial_seconds
     run.grad_norms.copy_(torch.tensor(p.partial_grad_norms, dtype=torch.float64))
     for i, batches in step_groups(run, start_batch):
         train_step(run, batches, criterion, meter, bad_step, first_batch=i + 1 - len(batches))
         p.step_in_epoch += 1
         bar.update(len(batches))
-        if env.is_main and (p.step_in_epoch % cfg.run.log_every == 0):
+        if bar.wants_stats(p.step_in_epoch % cfg.run.log_every == 0):
             loss_sum, correct, count = meter.local()  # the one host sync of a log interval
-            bar.set_postfix(loss=f"{loss_sum / max(count, 1):.3f}", acc=f"{correct / max(count, 1):.3f}",
-                            img_s=f"{count / max(time.perf_counter() - t0, 1e-9):.0f}")
+            bar.show(loss=f"{loss_sum / max(count, 1):.3f}", acc=f"{correct / max(count, 1):.3f}",
+                     img_s=f"{count / max(time.perf_counter() - t0, 1e-9):.0f}")
         last = i + 1 == n_batches
         flags = agreement.drain() if last else agreement.step(signals.requested(), run.checkpointer.time_due())
         stop, time_due = flags
@@ -384,6 +383,8 @@ def fit(run: Run) -> int:
         plot_runs([run.outdir], run.outdir / "curves.png")
         if run.progress.early_stopped:
             finish_early_stopped(run)
+        if run.metrics_log is not None:
+            run.metrics_log.log_artifacts([run.outdir / n for n in ("model.safetensors", "curves.png")])
         write_status(run, "early-stopped" if run.progress.early_stopped else "completed", EXIT_OK)
         log.info("done: %s", run.outdir)
     barrier(run.env)

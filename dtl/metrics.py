@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dtl.dist import DistEnv, all_reduce_sum
-from dtl.errors import UserError
+from dtl.trackers import Tracker, scalars
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -68,30 +69,30 @@ def append_metrics(outdir: Path, row: dict[str, Any]) -> None:
 
 
 class MetricsLog:
-    """Rank 0's per-epoch log: a line in OUTDIR/metrics.jsonl and, with TensorBoard, the same scalars."""
+    """Rank 0's per-epoch log: a line in OUTDIR/metrics.jsonl, and the same scalars to each tracker
+    (`dtl.trackers`: TensorBoard, W&B, MLflow)."""
 
-    def __init__(self, outdir: Path, tensorboard: bool) -> None:
+    def __init__(self, outdir: Path, trackers: Sequence[Tracker] = ()) -> None:
         self.outdir = outdir
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # optional dependency
-            except ImportError:
-                raise UserError("--log-with tensorboard needs the tensorboard package: "
-                                "pip install 'dtl[tensorboard]'") from None
-            self.tb = SummaryWriter(str(outdir / "tensorboard"))
+        self.trackers = list(trackers)
 
     def append(self, row: dict[str, Any]) -> None:
         append_metrics(self.outdir, row)
-        if self.tb is not None:
-            for key, value in row.items():
-                if key != "epoch":
-                    self.tb.add_scalar(key, value, row["epoch"])
-            self.tb.flush()
+        values = scalars(row)
+        for tracker in self.trackers:
+            tracker.log_metrics(int(row.get("global_step", row["epoch"])), values)
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+    def log_artifacts(self, paths: Sequence[Path]) -> None:
+        for tracker in self.trackers:
+            for path in paths:
+                if path.is_file():
+                    tracker.log_artifact(path)
+
+    def close(self, state: str = "completed") -> None:
+        """`state`: how the run ended (completed, preempted, failed), for the trackers' run status."""
+        for tracker in self.trackers:
+            tracker.finish(state)
+        self.trackers = []
 
 
 def plot_runs(run_dirs: list[Path], output: Path, labels: list[str] | None = None) -> Path:

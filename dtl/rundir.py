@@ -20,10 +20,11 @@ from dtl.errors import UserError
 from dtl.folder import SPLIT_FILE, save_split
 from dtl.metrics import METRICS_FILE, MetricsLog, truncate_metrics
 from dtl.splits import Splits
+from dtl.trackers import TRACKERS_FILE, Tracker, flat_params, open_trackers
 
 log = logging.getLogger("dtl")
 RUN_FILES = ("config.json", METRICS_FILE, "status.json", "model.safetensors", "model_ema.safetensors", "curves.png",
-             SPLIT_FILE)
+             SPLIT_FILE, TRACKERS_FILE)
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def start(run_plan: RunPlan, cfg: Config, env: DistEnv, info: dict[str, Any], po
             save_split(outdir, splits)  # image folders: a resume and `dtl eval` reuse exactly this split
         except OSError as err:
             raise UserError(f"cannot write to {outdir}: {err}") from None
-        metrics_log = MetricsLog(outdir, cfg.run.log_with == "tensorboard")
+        metrics_log = MetricsLog(outdir, _trackers(run_plan, cfg, info))
         log.info("launcher %s, world size %d, device %s, precision %s (%s), global batch %d = %d x %d x %d",
                  info["launcher"], info["world_size"], info["device"], info["precision"],
                  info["precision_source"], info["global_batch"], cfg.optim.batch_size, env.world_size,
@@ -132,6 +133,19 @@ def start(run_plan: RunPlan, cfg: Config, env: DistEnv, info: dict[str, Any], po
         log.info("output: %s", outdir)
     barrier(env)
     return metrics_log
+
+
+def _trackers(run_plan: RunPlan, cfg: Config, info: dict[str, Any]) -> list[Tracker]:
+    """--log-with: the trackers, continued when the run is (one tracker run per dtl run, across requeues),
+    given the resolved config and how the run was launched as hyperparameters."""
+    r = cfg.run
+    trackers = open_trackers(run_plan.outdir, r.log_with, resuming=bool(cfg.checkpoint.resume),
+                             wandb_project=r.wandb_project, mlflow_experiment=r.mlflow_experiment)
+    launch = {k: v for k, v in info.items() if k not in ("classes", "param_groups", "class_weights")}
+    params = flat_params({**cfg.to_dict(), "run": launch})
+    for tracker in trackers:
+        tracker.log_params(params)
+    return trackers
 
 
 def write_status(outdir: Path, env: DistEnv, state: str, exit_code: int | None, position: tuple[int, int],

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dtl
-from dtl import data, features, mix, models, optim, rundir, samplers, timm_backbones
+from dtl import data, features, mix, models, optim, rundir, samplers, timm_backbones, trackers
 from dtl.checkpointer import Checkpointer, Progress
 from dtl.config import Config
 from dtl.data import BatchLoader
@@ -76,6 +76,7 @@ def wrap(model: nn.Module, cfg: Config, env: DistEnv, device: torch.device) -> n
 
 def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
     """Validate and build everything; nothing is written to the output folder before this returns."""
+    trackers.check_available(cfg.run.log_with)  # every rank, before anything is written
     precision, why = resolve(cfg.run.precision, env, device)
     configure_backends(cfg.run.deterministic, device, precision)
     plan = rundir.plan(cfg, env, device)

@@ -11,6 +11,9 @@
 #   DTL_MAX_REQUEUES  how often a preempted job requeues itself; default 3
 #   DTL_PORT          rendezvous port; default 20000 + SLURM_JOB_ID % 20000 (two jobs on a node differ)
 #   GLOO_SOCKET_IFNAME  network interface of dtl's gloo control group; default: NCCL_SOCKET_IFNAME when set
+#   DTL_PREFLIGHT     1: run `dtl doctor` on every rank through the same srun line before training (devices,
+#                     versions, network, a timed all-reduce); training starts only when its verdict is OK
+#   DTL_PREFLIGHT_ARGS  extra flags for the doctor, e.g. "--timeout 120 --sizes-mb 1,64"
 
 # ---- where we are ------------------------------------------------------------------------------------
 DTL_ROOT=$(cd "${DTL_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}" && pwd)
@@ -127,20 +130,36 @@ _dtl_resumable() {
         && grep -Eq '"state": *"preempted"' "$status"
 }
 
-# dtl_launch CMD...: print the header, run CMD (an srun line) in the background, forward stop signals to
-# it, wait, then requeue the job if the trainer stopped resumably.  Exits the batch script.
+# _dtl_preflight LAUNCH...: with DTL_PREFLIGHT=1, `LAUNCH -m dtl.cli doctor` (every rank, the same srun line
+# as training); a failed verdict ends the job (exit 1, no requeue) before any training starts.
+_dtl_preflight() {
+    [[ ${DTL_PREFLIGHT:-0} == 1 ]] || return 0
+    local extra=()
+    read -ra extra <<<"${DTL_PREFLIGHT_ARGS:-}"
+    echo "dtl: preflight: $(printf '%q ' "$@" -m dtl.cli doctor "${extra[@]}")"
+    if ! "$@" -m dtl.cli doctor "${extra[@]}"; then
+        echo "dtl: preflight failed (the doctor's verdict is above): not training"
+        exit 1
+    fi
+}
+
+# dtl_launch LAUNCH...: print the header, run `LAUNCH train.py DTL_TRAIN_ARGS` (LAUNCH: an srun line ending in
+# the launcher or the interpreter) in the background, forward stop signals to it, wait, then requeue the job
+# if the trainer stopped resumably.  Exits the batch script.
 dtl_launch() {
+    local cmd=("$@" train.py "${DTL_TRAIN_ARGS[@]}")
     # everything from here on goes to the per-job log; the Slurm output file gets the header and a pointer
-    _dtl_header "$@" | tee -a "$DTL_LOG"
+    _dtl_header "${cmd[@]}" | tee -a "$DTL_LOG"
     echo "dtl: job log: $DTL_LOG"
     exec >>"$DTL_LOG" 2>&1
+    _dtl_preflight "$@"
 
     DTL_STOP="" DTL_PID="" DTL_GOT_TERM=""
     trap '_dtl_on_signal USR1' USR1
     trap '_dtl_on_signal TERM' TERM
     local start rc=0
     start=$(date +%s)
-    "$@" &
+    "${cmd[@]}" &
     DTL_PID=$!
     [[ -z $DTL_STOP ]] || kill -USR1 "$DTL_PID" 2>/dev/null || true # a signal that came before the start
     # wait returns early (>128) when a trapped signal arrives: keep waiting for the launcher itself

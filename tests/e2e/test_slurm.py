@@ -158,8 +158,13 @@ def _epochs(run_dir: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_one_node_cpu_two_processes(slurm) -> None:
+    """With the preflight: `dtl doctor` through the same srun line, then training."""
     env, out = slurm
-    run_dir, log = _run_ok(env, out, "one_node_cpu.sbatch", [*TRAIN, "--train-subset", "64", "--epochs", "1"])
+    run_dir, log = _run_ok(env, out, "one_node_cpu.sbatch", [*TRAIN, "--train-subset", "64", "--epochs", "1"],
+                           extra_env={"DTL_PREFLIGHT": "1", "DTL_PREFLIGHT_ARGS": "--sizes-mb 0.25 --iters 1"})
+    assert "dtl: preflight: srun " in log and "-m dtl.cli doctor --sizes-mb 0.25 --iters 1" in log
+    assert "doctor: OK: 2 rank(s) on 1 host(s)" in log, log[-4000:]
+    assert log.index("doctor: OK") < log.index("world size 2")
     assert "torch.distributed.run --standalone --nproc_per_node=2" in log
     assert "world size 2" in log, log[-4000:]
     assert _epochs(run_dir) == [1]

@@ -12,12 +12,13 @@ DTL = Path(__file__).resolve().parents[2] / "dtl"
 #: README "Design": which module owns what, tier by tier (lowest first).
 TIERS: dict[str, tuple[str, ...]] = {
     "foundation": ("__init__", "errors", "signals", "testing", "splits", "augment", "autoaugment", "erasing", "checks",
-                   "augchain", "preprocessing", "config", "settings", "dist"),
+                   "augchain", "preprocessing", "config", "settings", "dist", "progress"),
     "components": ("timm_backbones", "pooling", "models", "cifar", "images", "checkpoint", "optim", "precision",
                    "metrics", "folder", "features", "evaluate", "samplers", "data", "rundir", "ema", "checkpointer",
-                   "mix"),
+                   "mix", "trackers"),
     "run": ("state", "setup", "loop", "engine"),
-    "tools": ("inference", "predict", "export", "reference", "bench_report", "bench_input", "bench_mix", "bench"),
+    "tools": ("inference", "predict", "export", "reference", "bench_report", "bench_input", "bench_mix", "bench",
+              "doctor"),
     "entry": ("cli", "__main__"),
 }
 RANK = {m: i for i, mods in enumerate(TIERS.values()) for m in mods}

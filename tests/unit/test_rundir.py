@@ -68,7 +68,7 @@ def test_start_describes_the_run_and_status_follows_it(tmp_path):
     info = {"launcher": "python", "world_size": 1, "device": "cpu", "precision": "fp32",
             "precision_source": "test", "global_batch": 32}
     log = rundir.start(p, Config(mode="scratch"), DistEnv(), info, (0, 0), splits, torch.nn.Linear(2, 2))
-    assert log is not None and log.tb is None
+    assert log is not None and log.trackers == []
     saved = json.loads((p.outdir / "config.json").read_text())
     assert saved["config"]["mode"] == "scratch" and saved["run"]["launcher"] == "python"
     assert json.loads((p.outdir / "status.json").read_text())["state"] == "running"
