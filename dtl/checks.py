@@ -16,7 +16,7 @@ _RULES: dict[str, tuple[Any, str]] = {
         "train_subset", "eval_subset", "finetune_last_n")},
     **{name: (lambda v: v >= 0, "must be >= 0") for name in (
         "num_workers", "checkpoint_every_steps", "seed", "warmup_epochs", "weight_decay",
-        "checkpoint_every_minutes")},
+        "checkpoint_every_minutes", "progress_every")},
     **{name: (lambda v: 0 <= v < 1, "must be in [0, 1)") for name in ("momentum", "label_smoothing", "val_split")},
     "dropout": (lambda v: v is None or 0 <= v < 1, "must be in [0, 1)"),
     "head_lr_mult": (lambda v: v > 0, "must be > 0"),

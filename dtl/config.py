@@ -208,6 +208,9 @@ class RunConfig:
     """The smallest change of --early-stop-metric that counts as an improvement."""
     log_every: int = 20
     """Refresh the progress bar (one host sync) every N steps."""
+    progress_every: float = 30.0
+    """When stderr is not a terminal (SLURM output files, pipes): seconds between two plain progress lines
+    (position, ETA, loss, accuracy, images/s; no carriage returns; 0: every step). A terminal gets a tqdm bar."""
     log_with: str = "none"
     """Also log the metrics to trackers, comma-separated: tensorboard (OUTDIR/tensorboard), wandb, mlflow
     (rank 0; one tracker run per dtl run, continued on --resume)."""

@@ -223,7 +223,8 @@ def train_one_epoch(run: Run, epoch: int) -> EpochResult:
     bad_step = torch.tensor(-1, device=run.device)
     agreement = Agreement(env)  # stop flag + rank 0's "checkpoint time", without a per-step round trip
     n_batches = len(run.train_loader)
-    bar = Progress(n_batches, f"epoch {epoch + 1}/{cfg.optim.epochs} train", env.is_main, initial=start_batch)
+    bar = Progress(n_batches, f"epoch {epoch + 1}/{cfg.optim.epochs} train", env.is_main, initial=start_batch,
+                   every_s=cfg.run.progress_every)
     t0 = time.perf_counter() - p.partial_seconds
     run.grad_norms.copy_(torch.tensor(p.partial_grad_norms, dtype=torch.float64))
     for i, batches in step_groups(run, start_batch):

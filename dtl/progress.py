@@ -16,7 +16,7 @@ from typing import TextIO
 from tqdm import tqdm
 
 log = logging.getLogger("dtl")
-#: seconds between two plain progress lines when stderr is not a terminal
+#: default seconds between two plain progress lines when stderr is not a terminal (--progress-every)
 LINE_EVERY_S = 30.0
 
 
@@ -32,9 +32,9 @@ class Progress:
     numbers now (a bar: every `due` step, i.e. --log-every; plain lines: when a line is due); `close()`."""
 
     def __init__(self, total: int, desc: str, enabled: bool = True, initial: int = 0,
-                 stream: TextIO | None = None) -> None:
+                 stream: TextIO | None = None, every_s: float | None = None) -> None:
         stream = stream or sys.stderr
-        self.enabled, self.total, self.desc = enabled, total, desc
+        self.enabled, self.total, self.desc, self.every_s = enabled, total, desc, every_s
         self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=stream) \
             if enabled and is_terminal(stream) else None
         self.n = self.start_n = initial
@@ -50,7 +50,7 @@ class Progress:
             return False
         if self.bar is not None:
             return due
-        return time.perf_counter() - self.last_line >= LINE_EVERY_S
+        return time.perf_counter() - self.last_line >= (LINE_EVERY_S if self.every_s is None else self.every_s)
 
     def show(self, **stats: str) -> None:
         if self.bar is not None:

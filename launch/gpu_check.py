@@ -451,11 +451,13 @@ def step_fp16(ctx: Context, out: Outcome) -> None:
         out.reason = "dtl reported no skipped overflow steps (no log line with 'overflow', no overflow_skips key)"
 
 
-PROGRESS = re.compile(r"epoch 1/\d+[^\r\n|]*\|[^|\r\n]*\|\s*(\d+)/(\d+)")
+#: epoch 1's position: a plain progress line ("epoch 1/2 train: 3/10 (30%) ...", stderr not a terminal) or a
+#: tqdm bar ("epoch 1/2 train:  30%|###   | 3/10")
+PROGRESS = re.compile(r"epoch 1/\d+ train(?::|[^\r\n|]*\|[^|\r\n]*\|)\s*(\d+)/(\d+)")
 
 
 def wait_for_progress(ctx: Context, proc: subprocess.Popen, log: Path, fraction: float) -> tuple[int, int]:
-    """Poll the tqdm bar of epoch 1 until `fraction` of its steps are done; (done, total)."""
+    """Poll the progress lines of epoch 1 until `fraction` of its steps are done; (done, total)."""
     while time.monotonic() < ctx.step_deadline:
         found = PROGRESS.findall(read(log))
         if found:
@@ -483,7 +485,7 @@ def step_resume(ctx: Context, out: Outcome) -> None:
     """A (uninterrupted) and B (SIGUSR1 mid-epoch 1, then --resume auto) run side by side; same final weights."""
     env = dict(FORCE_DIST)  # CUBLAS_WORKSPACE_CONFIG is dtl's job under --deterministic (dist.prepare_determinism)
     flags = (*ctx.weights_flags(ctx.profile.resume), "--mode", "finetune", "--deterministic", "--epochs", "2",
-             "--checkpoint-every-steps", "0")
+             "--checkpoint-every-steps", "0", "--progress-every", "0.2")  # lines to time the signal by
     run_a, run_b = ctx.run_dir("resume_A"), ctx.run_dir("resume_B")
     proc_a, log_a = ctx.start("preempt_resume-A", ctx.train(*flags, "--output-dir", str(run_a), torchrun=True), env)
     proc_b, log_b = ctx.start("preempt_resume-B", ctx.train(*flags, "--output-dir", str(run_b), torchrun=True), env)

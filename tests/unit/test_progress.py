@@ -43,9 +43,9 @@ def test_a_file_gets_plain_lines_only_when_one_is_due(monkeypatch, caplog):
 
 
 def test_training_with_stderr_in_a_file_writes_lines_without_carriage_returns(capfdbinary, monkeypatch, tmp_path):
-    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)  # a line at every step instead of every 30 s
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)  # evaluation: a line per batch instead of every 30 s
     assert train_inproc(*TINY, "--epochs", "1", "--train-subset", "48", "--eval-subset", "16",
-                        "--output-dir", str(tmp_path / "run")) == 0
+                        "--progress-every", "0", "--output-dir", str(tmp_path / "run")) == 0
     err = capfdbinary.readouterr().err
     assert b"\r" not in err
     text = err.decode()
