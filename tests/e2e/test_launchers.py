@@ -206,13 +206,15 @@ def test_ema_resume_mid_epoch_is_bitwise_with_two_processes(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_mixup_cutmix_resume_mid_epoch_is_bitwise_with_two_processes(tmp_path):
-    """--mixup/--cutmix under DDP: each rank mixes its own batch with draws seeded by (epoch, rank, batch
-    index), so a resume from a mid-epoch checkpoint ends bitwise equal to the uninterrupted run."""
+def test_augmentations_and_mixing_resume_mid_epoch_bitwise_with_two_processes(tmp_path):
+    """#13's full set under DDP -- TrivialAugmentWide + random erasing (the loader's (seed, epoch, rank) stream,
+    replayed on resume) and MixUp/CutMix (draws seeded by (epoch, rank, batch index)): a resume from a
+    mid-epoch checkpoint ends bitwise equal to the uninterrupted run."""
     import shutil
 
     flags = [*TINY, "--train-subset", "64", "--eval-subset", "16", "--batch-size", "8", "--epochs", "2",
-             "--mixup", "0.2", "--cutmix", "1.0", "--checkpoint-every-steps", "3", "--keep-last", "20"]
+             "--auto-augment", "ta_wide", "--random-erasing", "0.25", "--mixup", "0.2", "--cutmix", "1.0",
+             "--checkpoint-every-steps", "3", "--keep-last", "20"]
     full, part = tmp_path / "full", tmp_path / "part"
     res = torchrun(2, *flags, "--output-dir", str(full))
     assert res.returncode == 0, res.stderr[-3000:]

@@ -206,20 +206,23 @@ def test_mixing_happens_in_the_step_seeded_by_each_micro_batchs_index(tmp_path, 
 MIX = [*TINY, "--model", "resnet18", "--train-subset", "48", "--eval-subset", "16", "--batch-size", "8",
        "--grad-accum", "2", "--seed", "7", "--mixup", "0.2", "--cutmix", "1.0", "--checkpoint-every-steps", "1",
        "--keep-last", "20"]
+#: issue #13's acceptance set: the batched chain (TA wide, random erasing) and the mixing together
+ALL_AUG = ["--auto-augment", "ta_wide", "--random-erasing", "0.25"]
 
 
-def test_resume_mid_epoch_with_mixup_and_cutmix_is_bitwise(tmp_path):
+@pytest.mark.parametrize("extra", [[], ALL_AUG], ids=["mix", "mix+ta_wide+erasing"])
+def test_resume_mid_epoch_with_mixup_and_cutmix_is_bitwise(tmp_path, extra):
     """3 optimizer steps (6 micro-batches) per epoch: resuming from step 2 (batch 4 of epoch 1) draws the
-    same mixes without replaying the first four."""
+    same mixes without replaying the first four (and, with the chain on, replays the loader's draws)."""
     full, part = tmp_path / "full", tmp_path / "part"
-    assert train_inproc(*MIX, "--epochs", "2", "--output-dir", str(full)) == 0
+    assert train_inproc(*MIX, *extra, "--epochs", "2", "--output-dir", str(full)) == 0
     shutil.copytree(full, part)
     for ckpt in (part / "checkpoints").glob("step-*"):
         if int(ckpt.name.split("-")[1]) > 2:
             shutil.rmtree(ckpt)
     for name in ("model.safetensors", "status.json", "checkpoints/best.json"):
         (part / name).unlink()
-    assert train_inproc(*MIX, "--epochs", "2", "--output-dir", str(part), "--resume", "auto") == 0
+    assert train_inproc(*MIX, *extra, "--epochs", "2", "--output-dir", str(part), "--resume", "auto") == 0
     a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (full, part)]
