@@ -89,6 +89,32 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path
     return subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def rewind_copy(full: Path, part: Path, step: int) -> None:
+    """`part` := the run folder `full` as it stood when its checkpoint of `step` was the newest: the later
+    checkpoints and the final outputs removed (what a run killed right after that checkpoint leaves)."""
+    import shutil
+
+    shutil.copytree(full, part)
+    for ckpt in (part / "checkpoints").glob("step-*"):
+        if int(ckpt.name.split("-")[1]) > step:
+            shutil.rmtree(ckpt)
+    for name in ("model.safetensors", "model_ema.safetensors", "status.json", "checkpoints/best.json"):
+        (part / name).unlink(missing_ok=True)
+
+
+def assert_same_weights(full: Path, part: Path, *names: str) -> dict[str, torch.Tensor]:
+    """The weight files `names` (default model.safetensors) of two run folders hold bitwise equal tensors under
+    the same keys; returns `full`'s first."""
+    from safetensors.torch import load_file
+
+    first = None
+    for name in names or ("model.safetensors",):
+        a, b = load_file(str(full / name)), load_file(str(part / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        first = a if first is None else first
+    return first
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from dtl import models
-from tests.conftest import PY, ROOT, TINY, fault_env, free_port, train_inproc
+from tests.conftest import PY, ROOT, TINY, assert_same_weights, fault_env, free_port, rewind_copy, train_inproc
 
 pytestmark = pytest.mark.slow
 SHORT = [*TINY, "--epochs", "2", "--train-subset", "64", "--eval-subset", "33", "--batch-size", "8"]
@@ -185,32 +185,23 @@ def test_weights_are_fetched_once_not_by_every_rank(tmp_path):
 def test_ema_resume_mid_epoch_is_bitwise_with_two_processes(tmp_path):
     """--ema-decay under DDP: every rank keeps the same average; a resume from a mid-epoch checkpoint ends
     bitwise equal (weights and EMA) to the uninterrupted run."""
-    import shutil
 
     flags = [*TINY, "--train-subset", "64", "--eval-subset", "16", "--batch-size", "8", "--epochs", "2",
              "--ema-decay", "0.8", "--checkpoint-every-steps", "3", "--keep-last", "20"]
     full, part = tmp_path / "full", tmp_path / "part"
     res = torchrun(2, *flags, "--output-dir", str(full))
     assert res.returncode == 0, res.stderr[-3000:]
-    shutil.copytree(full, part)
-    for ckpt in (part / "checkpoints").glob("step-*"):  # 4 steps per epoch: keep step 3 (mid-epoch 1)
-        if int(ckpt.name.split("-")[1]) > 3:
-            shutil.rmtree(ckpt)
-    for name in ("model.safetensors", "model_ema.safetensors", "status.json", "checkpoints/best.json"):
-        (part / name).unlink()
+    rewind_copy(full, part, 3)  # 4 steps per epoch: keep step 3 (mid-epoch 1)
     res = torchrun(2, *flags, "--output-dir", str(part), "--resume", "auto")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stderr and "step-00000003" in res.stderr
-    for name in ("model.safetensors", "model_ema.safetensors"):
-        a, b = load_file(str(full / name)), load_file(str(part / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert_same_weights(full, part, "model.safetensors", "model_ema.safetensors")
 
 
 def test_augmentations_and_mixing_resume_mid_epoch_bitwise_with_two_processes(tmp_path):
     """#13's full set under DDP -- TrivialAugmentWide + random erasing (the loader's (seed, epoch, rank) stream,
     replayed on resume) and MixUp/CutMix (draws seeded by (epoch, rank, batch index)): a resume from a
     mid-epoch checkpoint ends bitwise equal to the uninterrupted run."""
-    import shutil
 
     flags = [*TINY, "--train-subset", "64", "--eval-subset", "16", "--batch-size", "8", "--epochs", "2",
              "--auto-augment", "ta_wide", "--random-erasing", "0.25", "--mixup", "0.2", "--cutmix", "1.0",
@@ -218,17 +209,11 @@ def test_augmentations_and_mixing_resume_mid_epoch_bitwise_with_two_processes(tm
     full, part = tmp_path / "full", tmp_path / "part"
     res = torchrun(2, *flags, "--output-dir", str(full))
     assert res.returncode == 0, res.stderr[-3000:]
-    shutil.copytree(full, part)
-    for ckpt in (part / "checkpoints").glob("step-*"):  # 4 steps per epoch: keep step 3 (mid-epoch 1)
-        if int(ckpt.name.split("-")[1]) > 3:
-            shutil.rmtree(ckpt)
-    for name in ("model.safetensors", "status.json", "checkpoints/best.json"):
-        (part / name).unlink()
+    rewind_copy(full, part, 3)  # 4 steps per epoch: keep step 3 (mid-epoch 1)
     res = torchrun(2, *flags, "--output-dir", str(part), "--resume", "auto")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stderr and "step-00000003" in res.stderr
-    a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(full, part)
 
 
 def test_early_stopping_stops_every_rank_after_patience_epochs(tmp_path):

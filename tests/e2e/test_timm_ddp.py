@@ -4,7 +4,6 @@ resume that ends bitwise equal, and dtl eval of the result."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import timm
@@ -12,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dtl import models
-from tests.conftest import TINY, main_inproc
+from tests.conftest import TINY, assert_same_weights, main_inproc, rewind_copy
 from tests.e2e.test_launchers import torchrun
 
 pytestmark = pytest.mark.slow
@@ -49,17 +48,11 @@ def test_timm_vit_finetune_resume_mid_epoch_is_bitwise_with_two_processes(tmp_pa
     assert "replicas in sync" in res.stderr
     groups = json.loads((full / "config.json").read_text())["run"]["param_groups"]
     assert {g["block"] for g in groups} == {"head", "blocks.3", "blocks.4", "blocks.5.norm1.weight"}
-    shutil.copytree(full, part)
-    for ckpt in (part / "checkpoints").glob("step-*"):  # 4 steps per epoch: keep step 3 (mid-epoch 1)
-        if int(ckpt.name.split("-")[1]) > 3:
-            shutil.rmtree(ckpt)
-    for name in ("model.safetensors", "status.json", "checkpoints/best.json"):
-        (part / name).unlink()
+    rewind_copy(full, part, 3)  # 4 steps per epoch: keep step 3 (mid-epoch 1)
     res = torchrun(2, *flags, "--output-dir", str(part), "--resume", "auto")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "step-00000003" in res.stderr
-    a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = assert_same_weights(full, part)
     torch.manual_seed(0)  # the run's initial weights (setup seeds with --seed before building)
     init = models.build_model("timm/test_vit", 10, "none", 32).state_dict()
     assert torch.equal(a["blocks.2.attn.qkv.weight"], init["blocks.2.attn.qkv.weight"])  # below the last 3

@@ -3,8 +3,6 @@ model_ema.safetensors is a torchvision state dict."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torchvision
@@ -12,7 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dtl.ema import Ema, EmaView
-from tests.conftest import TINY, train_inproc
+from tests.conftest import TINY, assert_same_weights, rewind_copy, train_inproc
 
 
 def test_matches_a_reference_average_of_the_weights_history():
@@ -51,16 +49,9 @@ EMA = [*TINY, "--model", "resnet18", "--train-subset", "48", "--eval-subset", "1
 def test_resume_mid_epoch_is_bitwise_for_weights_and_ema(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     assert train_inproc(*EMA, "--epochs", "2", "--output-dir", str(full)) == 0
-    shutil.copytree(full, part)
-    for ckpt in (part / "checkpoints").glob("step-*"):  # keep the checkpoint of step 4 of 6 (mid-epoch 1)
-        if int(ckpt.name.split("-")[1]) > 4:
-            shutil.rmtree(ckpt)
-    for name in ("model.safetensors", "model_ema.safetensors", "status.json", "checkpoints/best.json"):
-        (part / name).unlink()
+    rewind_copy(full, part, 4)  # keep the checkpoint of step 4 of 6 (mid-epoch 1)
     assert train_inproc(*EMA, "--epochs", "2", "--output-dir", str(part), "--resume", "auto") == 0
-    for name in ("model.safetensors", "model_ema.safetensors"):
-        a, b = load_file(str(full / name)), load_file(str(part / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert_same_weights(full, part, "model.safetensors", "model_ema.safetensors")
     ema, raw = load_file(str(full / "model_ema.safetensors")), load_file(str(full / "model.safetensors"))
     assert not torch.equal(ema["fc.weight"], raw["fc.weight"])  # it is an average, not a copy
     model = torchvision.models.resnet18(num_classes=10)

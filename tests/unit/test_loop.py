@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from dtl import dist, loop, mix
@@ -19,7 +17,7 @@ from dtl.errors import NonFiniteLossError
 from dtl.metrics import Meter
 from dtl.settings import config_from_args
 from dtl.setup import prepare
-from tests.conftest import TINY, free_port, train_inproc
+from tests.conftest import TINY, assert_same_weights, free_port, rewind_copy, train_inproc
 
 
 def tiny_run(tmp_path, *flags: str):
@@ -216,14 +214,8 @@ def test_resume_mid_epoch_with_mixup_and_cutmix_is_bitwise(tmp_path, extra):
     same mixes without replaying the first four (and, with the chain on, replays the loader's draws)."""
     full, part = tmp_path / "full", tmp_path / "part"
     assert train_inproc(*MIX, *extra, "--epochs", "2", "--output-dir", str(full)) == 0
-    shutil.copytree(full, part)
-    for ckpt in (part / "checkpoints").glob("step-*"):
-        if int(ckpt.name.split("-")[1]) > 2:
-            shutil.rmtree(ckpt)
-    for name in ("model.safetensors", "status.json", "checkpoints/best.json"):
-        (part / name).unlink()
+    rewind_copy(full, part, 2)
     assert train_inproc(*MIX, *extra, "--epochs", "2", "--output-dir", str(part), "--resume", "auto") == 0
-    a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(full, part)
     rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (full, part)]
     assert rows[0][-1]["train_loss"] == rows[1][-1]["train_loss"]

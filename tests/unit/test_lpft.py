@@ -3,14 +3,12 @@ statistics bitwise unchanged), everything after; resumes on either side of the s
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torchvision
 from safetensors.torch import load_file
 
-from tests.conftest import TINY, train_inproc
+from tests.conftest import TINY, assert_same_weights, rewind_copy, train_inproc
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +42,6 @@ def test_probe_then_finetune(tmp_path, weights):
 def test_resume_on_either_side_of_the_switch_is_bitwise(tmp_path, weights, keep):
     full, part = tmp_path / "full", tmp_path / "part"
     assert train_inproc(*flags(weights), "--output-dir", str(full)) == 0
-    shutil.copytree(full, part)
-    for ckpt in (part / "checkpoints").glob("step-*"):
-        if int(ckpt.name.split("-")[1]) > keep:
-            shutil.rmtree(ckpt)
-    for name in ("model.safetensors", "status.json", "checkpoints/best.json"):
-        (part / name).unlink()
+    rewind_copy(full, part, keep)
     assert train_inproc(*flags(weights), "--output-dir", str(part), "--resume", "auto") == 0
-    a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(full, part)
