@@ -182,29 +182,21 @@ def test_weights_are_fetched_once_not_by_every_rank(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_ema_resume_mid_epoch_is_bitwise_with_two_processes(tmp_path):
-    """--ema-decay under DDP: every rank keeps the same average; a resume from a mid-epoch checkpoint ends
-    bitwise equal (weights and EMA) to the uninterrupted run."""
-
-    flags = [*TINY, "--train-subset", "64", "--eval-subset", "16", "--batch-size", "8", "--epochs", "2",
-             "--ema-decay", "0.8", "--checkpoint-every-steps", "3", "--keep-last", "20"]
-    full, part = tmp_path / "full", tmp_path / "part"
-    res = torchrun(2, *flags, "--output-dir", str(full))
-    assert res.returncode == 0, res.stderr[-3000:]
-    rewind_copy(full, part, 3)  # 4 steps per epoch: keep step 3 (mid-epoch 1)
-    res = torchrun(2, *flags, "--output-dir", str(part), "--resume", "auto")
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "resumed from" in res.stderr and "step-00000003" in res.stderr
-    assert_same_weights(full, part, "model.safetensors", "model_ema.safetensors")
+#: (flags, weight files compared): EMA (every rank keeps the same average); #13's full set -- TrivialAugmentWide
+#: + random erasing (the loader's (seed, epoch, rank) stream, replayed on resume) and MixUp/CutMix (draws seeded
+#: by (epoch, rank, batch index))
+RESUMES = {
+    "ema": (["--ema-decay", "0.8"], ("model.safetensors", "model_ema.safetensors")),
+    "augment+mix": (["--auto-augment", "ta_wide", "--random-erasing", "0.25", "--mixup", "0.2", "--cutmix", "1.0"],
+                    ("model.safetensors",)),
+}
 
 
-def test_augmentations_and_mixing_resume_mid_epoch_bitwise_with_two_processes(tmp_path):
-    """#13's full set under DDP -- TrivialAugmentWide + random erasing (the loader's (seed, epoch, rank) stream,
-    replayed on resume) and MixUp/CutMix (draws seeded by (epoch, rank, batch index)): a resume from a
-    mid-epoch checkpoint ends bitwise equal to the uninterrupted run."""
-
-    flags = [*TINY, "--train-subset", "64", "--eval-subset", "16", "--batch-size", "8", "--epochs", "2",
-             "--auto-augment", "ta_wide", "--random-erasing", "0.25", "--mixup", "0.2", "--cutmix", "1.0",
+@pytest.mark.parametrize("case", list(RESUMES))
+def test_resume_mid_epoch_is_bitwise_with_two_processes(tmp_path, case):
+    """A resume from a mid-epoch checkpoint under DDP ends bitwise equal to the uninterrupted run."""
+    extra, files = RESUMES[case]
+    flags = [*TINY, "--train-subset", "64", "--eval-subset", "16", "--batch-size", "8", "--epochs", "2", *extra,
              "--checkpoint-every-steps", "3", "--keep-last", "20"]
     full, part = tmp_path / "full", tmp_path / "part"
     res = torchrun(2, *flags, "--output-dir", str(full))
@@ -213,7 +205,7 @@ def test_augmentations_and_mixing_resume_mid_epoch_bitwise_with_two_processes(tm
     res = torchrun(2, *flags, "--output-dir", str(part), "--resume", "auto")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stderr and "step-00000003" in res.stderr
-    assert_same_weights(full, part)
+    assert_same_weights(full, part, *files)
 
 
 def test_early_stopping_stops_every_rank_after_patience_epochs(tmp_path):
