@@ -3,26 +3,21 @@
 Each image draws its own op and magnitude (the rule of torchvision's ``TrivialAugmentWide``, ``RandAugment``
 and ``AugMix`` in ``torchvision/transforms/v2/_auto_augment.py``: the same op lists, magnitude bins, signs and
 parameters, interpolation ``nearest`` for TA/RA and ``bilinear`` for AugMix, fill ``None``), and the ops run on
-whole batches as tensor ops, grouped by op: one ``grid_sample`` for every geometric op (shear, translate,
-rotate as one affine grid per image), batched blends for brightness/colour/contrast/sharpness, bit masks for
-posterize, a threshold for solarize, per-channel min/max for autocontrast and a batched histogram (``bincount``
-over an offset index) for equalize.
+whole batches (NCHW or channels_last, kept) as tensor ops, grouped by op: one ``grid_sample`` for the
+geometric ops, batched blends, bit masks, thresholds, min/max and a batched histogram for equalize.
 
 Exactness (tests/unit/test_autoaugment.py compares every op and a grid of magnitudes with
 ``torchvision.transforms.v2.functional`` applied per image): the results are **integer-exact** on uint8.
 What makes that so: the affine matrices are computed in Python floats exactly as torchvision does and only
 then become float32 tensors (a table per slot, see `SlotTable`); torchvision's ``add_(x, alpha=a)`` is a fused
 multiply-add on the CPU's vector units and on GPUs, and ``addcmul`` with a per-image ``alpha`` is too (checked
-bit for bit against a float64 reference); the sharpness blur is computed in integers (exact, see `sharpness`).
-AugMix mixes in float32 and truncates to uint8 like torchvision; given the same draws it is within one grey
-level of torchvision's (a sum of chains that lands next to an integer may truncate differently).
+bit for bit against a float64 reference); the sharpness blur is exact (see `sharpness`). AugMix mixes in
+float32 and truncates to uint8 like torchvision; given the same draws it is within one grey level of
+torchvision's (a sum of chains that lands next to an integer may truncate differently).
 
-Random numbers: every image draws the same number of values whatever op it gets (all bins and signs are
-drawn even for ops that ignore them), so the generator state after a batch does not depend on the data and
-`draw` can be replayed without pixels (``skip``).
-
-Host syncs: grouping by op reads the group sizes, one small device-to-host copy per `apply_slots` call on a
-GPU (only when auto-augment is on; the fused crop path of `dtl.augment` stays sync-free).
+Random numbers: every image draws the same number of values whatever op it gets (all bins and signs too), so
+the generator state after a batch does not depend on the data and `draw` replays without pixels (``skip``).
+Host syncs: grouping by op reads the group sizes, one small device-to-host copy per `apply_slots` call.
 """
 
 from __future__ import annotations
@@ -160,6 +155,11 @@ def _fma(x: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(y, x.float(), alpha)
 
 
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float32 in [0, 255] -> uint8 as ``.to(torch.uint8)`` truncates, via int16: the same, ~2x faster on a CPU."""
+    return x.to(torch.int16).to(torch.uint8)
+
+
 def affine(images: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
     """``affine_image``/``rotate_image`` (fill None) with one inverse matrix per image, as one grid_sample."""
     n, _, h, w = images.shape
@@ -172,7 +172,9 @@ def affine(images: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor
     rescaled = theta.transpose(1, 2).div(scale)
     grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(rescaled).view(n, h, w, 2)
     out = nnf.grid_sample(images.float(), grid, mode=mode, padding_mode="zeros", align_corners=False)
-    return out.round_().to(torch.uint8)
+    if _channels_last(images):  # grid_sample writes NCHW: back in float (2x faster than a uint8 layout copy)
+        out = out.contiguous(memory_format=torch.channels_last)
+    return _to_uint8(out if mode == "nearest" else out.round_().clamp_(0, 255))  # nearest: integers already
 
 
 def _gray(images: torch.Tensor) -> torch.Tensor:
@@ -185,7 +187,7 @@ def _gray(images: torch.Tensor) -> torch.Tensor:
 
 def brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """``adjust_brightness_image``: ``image * factor``, clamped, truncated to uint8."""
-    return (images.float() * factor.view(-1, 1, 1, 1)).clamp_(0, 255).to(torch.uint8)
+    return _to_uint8((images.float() * factor.view(-1, 1, 1, 1)).clamp_(0, 255))
 
 
 def blend(images: torch.Tensor, contrast: bool, factor: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -195,55 +197,70 @@ def blend(images: torch.Tensor, contrast: bool, factor: torch.Tensor, alpha: tor
     if contrast:
         degenerate = degenerate.mean(dim=(-3, -2, -1), keepdim=True)
     out = _fma(degenerate, alpha.view(-1, 1, 1, 1), images.float() * factor.view(-1, 1, 1, 1))
-    return out.clamp_(0, 255).to(torch.uint8)
+    return _to_uint8(out.clamp_(0, 255))
 
 
 def sharpness(images: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """``adjust_sharpness_image`` per image: the rounded 3x3 smoothing (weights 1/13, centre 5/13) blended into
-    the interior pixels. The smoothing is computed in integers, ``round((box3x3 + 4 centre) / 13)``: exact
-    because ``k / 13`` is never within float error of a half (13 is odd), so it equals torchvision's float
-    ``conv2d`` + ``round_`` whatever order that sums in, and it is several times faster than a batched
-    depthwise ``conv2d`` on a CPU."""
+    the interior. ``round((box3x3 + 4 centre) / 13)``, sums of integers in float32 (exact): ``k / 13`` is never
+    within float error of a half (13 is odd), so it equals torchvision's ``conv2d`` + ``round_`` in any summation
+    order; several times faster than a batched depthwise ``conv2d`` (or integer division) on a CPU."""
     n, c, h, w = images.shape
     if h <= 2 or w <= 2:
         return images
-    x = images.to(torch.int16)
-    rows = x[..., :-2, :] + x[..., 1:-1, :] + x[..., 2:, :]
-    centre = x[..., 1:-1, 1:-1]
-    total = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:] + 4 * centre
-    blurred = torch.div(2 * total + 13, 26, rounding_mode="floor")  # round half up; never a tie
-    out = images.to(torch.float32, copy=True)
+    out = images.float()
+    rows = out[..., :-2, :] + out[..., 1:-1, :]
+    rows += out[..., 2:, :]
     view = out[..., 1:-1, 1:-1]
-    view.copy_(_fma((blurred - centre).float(), alpha.view(-1, 1, 1, 1), view))
-    return out.clamp_(0, 255).to(torch.uint8)
+    total = torch.add(rows[..., :-2], view, alpha=4)
+    total += rows[..., 1:-1]
+    total += rows[..., 2:]
+    blurred = total.mul_(1.0 / 13).round_().sub_(view)  # never a tie: |k/13 - half| >= 1/26
+    view.copy_(_fma(blurred, alpha.view(-1, 1, 1, 1), view))
+    return _to_uint8(out.clamp_(0, 255))
+
+
+def _channels_last(images: torch.Tensor) -> bool:
+    return images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+
+
+def _extrema(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and channel min, max as float32 (n, C, 1, 1); channels_last via (n, HW / k, k C) (vectorised)."""
+    n, c, h, w = images.shape
+    if not _channels_last(images):
+        return images.amin(dim=(-2, -1), keepdim=True).float(), images.amax(dim=(-2, -1), keepdim=True).float()
+    k = math.gcd(h * w, 64)
+    rows = images.permute(0, 2, 3, 1).reshape(n, h * w // k, k * c)
+    lo, hi = rows.amin(dim=1).view(n, k, c).amin(dim=1), rows.amax(dim=1).view(n, k, c).amax(dim=1)
+    return lo.view(n, c, 1, 1).float(), hi.view(n, c, 1, 1).float()
 
 
 def autocontrast(images: torch.Tensor) -> torch.Tensor:
     """``autocontrast_image``: per image and channel, stretch [min, max] to [0, 255]."""
-    x = images.to(torch.float32)
-    minimum = x.amin(dim=(-2, -1), keepdim=True)
-    maximum = x.amax(dim=(-2, -1), keepdim=True)
+    minimum, maximum = _extrema(images)
     flat = maximum == minimum
     inv_scale = maximum.sub_(minimum).mul_(1.0 / 255)
     minimum = torch.where(flat, 0.0, minimum)
     inv_scale = torch.where(flat, 1.0, inv_scale)
-    return x.sub_(minimum).div_(inv_scale).clamp_(0, 255).to(torch.uint8)
+    return _to_uint8(images.float().sub_(minimum).div_(inv_scale).clamp_(0, 255))
 
 
 def equalize(images: torch.Tensor) -> torch.Tensor:
-    """``equalize_image`` (PIL's LUT scheme) for a batch: one histogram per image and channel from a single
-    ``bincount`` over ``value + 256 * (image, channel)``."""
+    """``equalize_image`` (PIL's LUT scheme), batched: one ``bincount`` of ``value + 256 * (image, channel)`` in
+    memory order; the LUTs (identity for a channel left as is) applied by ``index_select`` of that index."""
     n, c, h, w = images.shape
-    flat = images.reshape(n * c, h * w).long()
-    rows = torch.arange(n * c, device=images.device).view(-1, 1)
-    hist = torch.bincount((flat + 256 * rows).view(-1), minlength=n * c * 256).view(n * c, 256)
+    last = _channels_last(images)
+    rows = torch.arange(n * c, device=images.device).view((n, 1, 1, c) if last else (n, c, 1, 1))
+    index = (images.permute(0, 2, 3, 1) if last else images).long().add_(256 * rows).reshape(-1)
+    hist = torch.bincount(index, minlength=n * c * 256).view(n * c, 256)
     cum = hist.cumsum(dim=-1)
-    last = cum.argmax(dim=-1, keepdim=True)  # the first bin holding the total: the image's maximum value
-    step = torch.div(h * w - hist.gather(-1, last), 255, rounding_mode="floor")
+    top = cum.argmax(dim=-1, keepdim=True)  # the first bin holding the total: the image's maximum value
+    step = torch.div(h * w - hist.gather(-1, top), 255, rounding_mode="floor")
     lut = torch.div(cum[:, :-1] + step // 2, step.clamp(min=1), rounding_mode="floor").clamp_(0, 255)
-    lut = torch.cat([torch.zeros_like(lut[:, :1]), lut], dim=-1).to(torch.uint8)
-    equalized = lut.gather(-1, flat).view(n, c, h, w)
-    return torch.where((step != 0).view(n, c, 1, 1), equalized, images)
+    lut = torch.cat([torch.zeros_like(lut[:, :1]), lut], dim=-1)
+    lut = torch.where(step != 0, lut, torch.arange(256, device=images.device)).to(torch.uint8)
+    out = lut.view(-1).index_select(0, index)
+    return out.view(n, h, w, c).permute(0, 3, 1, 2) if last else out.view(n, c, h, w)
 
 
 def _apply_group(op: str, x: torch.Tensor, slots: torch.Tensor, table: SlotTable, mode: str) -> torch.Tensor:
@@ -258,7 +275,9 @@ def _apply_group(op: str, x: torch.Tensor, slots: torch.Tensor, table: SlotTable
     if op == "Posterize":
         return x & table.mask[slots].view(-1, 1, 1, 1)
     if op == "Solarize":
-        return torch.where(x.float() >= table.threshold[slots].view(-1, 1, 1, 1), x.bitwise_not(), x)
+        # x >= t <=> x >= ceil(t) for integers; a Solarize slot's t = 255 * magnitude is at most 255
+        limit = table.threshold[slots].ceil().clamp_(max=255).to(torch.uint8)
+        return torch.where(x >= limit.view(-1, 1, 1, 1), x.bitwise_not(), x)
     return autocontrast(x) if op == "AutoContrast" else equalize(x)
 
 
@@ -276,23 +295,29 @@ def _family_codes(ops: tuple[str, ...], device: torch.device) -> torch.Tensor:
 
 def apply_slots(images: torch.Tensor, slots: torch.Tensor, table: SlotTable, mode: str) -> torch.Tensor:
     """One op per image (``slots``: (n,) indices into `table`, -1: identity). The batch is sorted by op family
-    (a stable argsort), each family runs once on its contiguous slice, and the inverse permutation puts every
-    image back: gathers with ``index_select`` instead of boolean-mask scatters, which were several times
-    slower on a CPU. Reading the family sizes is the one host sync."""
+    (a stable argsort), each family runs once on its slice, the inverse permutation puts every image back
+    (``index_select``: boolean-mask scatters were several times slower on a CPU). One host sync: the sizes."""
     op = torch.where(slots >= 0, table.op[slots.clamp(min=0)], -1)
     family = _family_codes(table.ops, images.device)[op + 1]
     counts = torch.bincount(family, minlength=len(FAMILIES)).tolist()
     if counts[0] == len(images):
         return images
     order = torch.argsort(family, stable=True)
-    x, s = images.index_select(0, order), slots.index_select(0, order)
+    x, s = _rows(images, order), slots.index_select(0, order)
     parts, start = [], 0
     for name, count in zip(FAMILIES, counts):
         if count:
             part = x[start:start + count]
             parts.append(part if name == "Identity" else _apply_group(name, part, s[start:start + count], table, mode))
         start += count
-    return torch.cat(parts).index_select(0, torch.argsort(order))
+    return _rows(torch.cat(parts), torch.argsort(order))
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(0, index)`` keeping channels_last (on a channels_last view it is ~10x slower)."""
+    if _channels_last(x):
+        return x.permute(0, 2, 3, 1).index_select(0, index).permute(0, 3, 1, 2)
+    return x.index_select(0, index)
 
 
 @dataclass
