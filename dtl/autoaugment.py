@@ -27,7 +27,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as nnf
+
+from dtl.geometric import affine, is_channels_last, shift, to_uint8
 
 __all__ = ["POLICIES", "AugmentDraws", "AutoAugment", "SlotTable", "equalize", "slot_table"]
 
@@ -155,28 +156,6 @@ def _fma(x: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(y, x.float(), alpha)
 
 
-def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float32 in [0, 255] -> uint8 as ``.to(torch.uint8)`` truncates, via int16: the same, ~2x faster on a CPU."""
-    return x.to(torch.int16).to(torch.uint8)
-
-
-def affine(images: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
-    """``affine_image``/``rotate_image`` (fill None) with one inverse matrix per image, as one grid_sample."""
-    n, _, h, w = images.shape
-    dev = images.device
-    base = torch.empty(1, h, w, 3, device=dev)
-    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=dev))
-    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=dev).unsqueeze_(-1))
-    base[..., 2].fill_(1)
-    scale = torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32, device=dev)
-    rescaled = theta.transpose(1, 2).div(scale)
-    grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(rescaled).view(n, h, w, 2)
-    out = nnf.grid_sample(images.float(), grid, mode=mode, padding_mode="zeros", align_corners=False)
-    if _channels_last(images):  # grid_sample writes NCHW: back in float (2x faster than a uint8 layout copy)
-        out = out.contiguous(memory_format=torch.channels_last)
-    return _to_uint8(out if mode == "nearest" else out.round_().clamp_(0, 255))  # nearest: integers already
-
-
 def _gray(images: torch.Tensor) -> torch.Tensor:
     """``_rgb_to_grayscale_image(preserve_dtype=False)`` then floor, (n, 1, H, W) float32."""
     r, g, b = images.unbind(dim=-3)
@@ -187,7 +166,7 @@ def _gray(images: torch.Tensor) -> torch.Tensor:
 
 def brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """``adjust_brightness_image``: ``image * factor``, clamped, truncated to uint8."""
-    return _to_uint8((images.float() * factor.view(-1, 1, 1, 1)).clamp_(0, 255))
+    return to_uint8((images.float() * factor.view(-1, 1, 1, 1)).clamp_(0, 255))
 
 
 def blend(images: torch.Tensor, contrast: bool, factor: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -197,7 +176,7 @@ def blend(images: torch.Tensor, contrast: bool, factor: torch.Tensor, alpha: tor
     if contrast:
         degenerate = degenerate.mean(dim=(-3, -2, -1), keepdim=True)
     out = _fma(degenerate, alpha.view(-1, 1, 1, 1), images.float() * factor.view(-1, 1, 1, 1))
-    return _to_uint8(out.clamp_(0, 255))
+    return to_uint8(out.clamp_(0, 255))
 
 
 def sharpness(images: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -217,17 +196,13 @@ def sharpness(images: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     total += rows[..., 2:]
     blurred = total.mul_(1.0 / 13).round_().sub_(view)  # never a tie: |k/13 - half| >= 1/26
     view.copy_(_fma(blurred, alpha.view(-1, 1, 1, 1), view))
-    return _to_uint8(out.clamp_(0, 255))
-
-
-def _channels_last(images: torch.Tensor) -> bool:
-    return images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+    return to_uint8(out.clamp_(0, 255))
 
 
 def _extrema(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image and channel min, max as float32 (n, C, 1, 1); channels_last via (n, HW / k, k C) (vectorised)."""
     n, c, h, w = images.shape
-    if not _channels_last(images):
+    if not is_channels_last(images):
         return images.amin(dim=(-2, -1), keepdim=True).float(), images.amax(dim=(-2, -1), keepdim=True).float()
     k = math.gcd(h * w, 64)
     rows = images.permute(0, 2, 3, 1).reshape(n, h * w // k, k * c)
@@ -242,14 +217,14 @@ def autocontrast(images: torch.Tensor) -> torch.Tensor:
     inv_scale = maximum.sub_(minimum).mul_(1.0 / 255)
     minimum = torch.where(flat, 0.0, minimum)
     inv_scale = torch.where(flat, 1.0, inv_scale)
-    return _to_uint8(images.float().sub_(minimum).div_(inv_scale).clamp_(0, 255))
+    return to_uint8(images.float().sub_(minimum).div_(inv_scale).clamp_(0, 255))
 
 
 def equalize(images: torch.Tensor) -> torch.Tensor:
     """``equalize_image`` (PIL's LUT scheme), batched: one ``bincount`` of ``value + 256 * (image, channel)`` in
     memory order; the LUTs (identity for a channel left as is) applied by ``index_select`` of that index."""
     n, c, h, w = images.shape
-    last = _channels_last(images)
+    last = is_channels_last(images)
     rows = torch.arange(n * c, device=images.device).view((n, 1, 1, c) if last else (n, c, 1, 1))
     index = (images.permute(0, 2, 3, 1) if last else images).long().add_(256 * rows).reshape(-1)
     hist = torch.bincount(index, minlength=n * c * 256).view(n * c, 256)
@@ -266,6 +241,9 @@ def equalize(images: torch.Tensor) -> torch.Tensor:
 def _apply_group(op: str, x: torch.Tensor, slots: torch.Tensor, table: SlotTable, mode: str) -> torch.Tensor:
     if op == "Geometric":
         return affine(x, table.theta[slots], mode)
+    if op == "Translate":
+        return (shift(x, table.theta[slots]) if mode == "nearest" and x.device.type == "cpu"
+                else affine(x, table.theta[slots], mode))
     if op == "Brightness":
         return brightness(x, table.factor[slots])
     if op in ("Color", "Contrast"):
@@ -281,15 +259,17 @@ def _apply_group(op: str, x: torch.Tensor, slots: torch.Tensor, table: SlotTable
     return autocontrast(x) if op == "AutoContrast" else equalize(x)
 
 
-#: the op families `apply_slots` runs as one call each (the geometric ops share one affine grid per image)
-FAMILIES = ("Identity", "Geometric", *BLENDS, "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
+#: the op families `apply_slots` runs as one call each (shear/rotate share one affine grid per image)
+FAMILIES = ("Identity", "Geometric", "Translate", *BLENDS, "Sharpness", "Posterize", "Solarize", "AutoContrast",
+            "Equalize")
 
 
 @functools.lru_cache(maxsize=16)
 def _family_codes(ops: tuple[str, ...], device: torch.device) -> torch.Tensor:
     """op index + 1 -> index into FAMILIES (slot -1, identity, is family 0); cached per device so a GPU does not
     get a host-to-device copy per call."""
-    names = ["Identity", *("Geometric" if op in GEOMETRIC else op for op in ops)]
+    names = ["Identity", *("Translate" if op.startswith("Translate") else "Geometric" if op in GEOMETRIC else op
+                           for op in ops)]
     return torch.tensor([FAMILIES.index(n) for n in names], device=device)
 
 
@@ -315,7 +295,7 @@ def apply_slots(images: torch.Tensor, slots: torch.Tensor, table: SlotTable, mod
 
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x.index_select(0, index)`` keeping channels_last (on a channels_last view it is ~10x slower)."""
-    if _channels_last(x):
+    if is_channels_last(x):
         return x.permute(0, 2, 3, 1).index_select(0, index).permute(0, 3, 1, 2)
     return x.index_select(0, index)
 
