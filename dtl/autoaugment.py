@@ -263,8 +263,8 @@ def _apply_group(op: str, x: torch.Tensor, slots: torch.Tensor, table: SlotTable
         return x & table.mask[slots].view(-1, 1, 1, 1)
     if op == "Solarize":
         # x >= t <=> x >= ceil(t) for integers; a Solarize slot's t = 255 * magnitude is at most 255
-        limit = table.threshold[slots].ceil().clamp_(max=255).to(torch.uint8)
-        return torch.where(x >= limit.view(-1, 1, 1, 1), x.bitwise_not(), x)
+        limit = table.threshold[slots].ceil().clamp_(max=255).to(torch.uint8)  # invert = xor 255 (torch.where
+        return x ^ (x >= limit.view(-1, 1, 1, 1)).view(torch.uint8).mul_(255)  # on uint8 is ~4x slower on a CPU)
     return autocontrast(x) if op == "AutoContrast" else equalize(x)
 
 
