@@ -208,25 +208,31 @@ def sharpness(images: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return to_uint8(out.clamp_(0, 255))
 
 
-def _extrema(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image and channel min, max as float32 (n, C, 1, 1); channels_last via (n, HW / k, k C) (vectorised)."""
+def _pixel_rows(images: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A channels_last batch as (n, HW / k, k C) rows, k | HW: per-channel reductions and broadcasts over it run
+    with a long inner loop (over (n, C, H, W) they have one of C elements, several times slower)."""
     n, c, h, w = images.shape
-    if not is_channels_last(images):
-        return images.amin(dim=(-2, -1), keepdim=True).float(), images.amax(dim=(-2, -1), keepdim=True).float()
     k = math.gcd(h * w, 64)
-    rows = images.permute(0, 2, 3, 1).reshape(n, h * w // k, k * c)
-    lo, hi = rows.amin(dim=1).view(n, k, c).amin(dim=1), rows.amax(dim=1).view(n, k, c).amax(dim=1)
-    return lo.view(n, c, 1, 1).float(), hi.view(n, c, 1, 1).float()
+    return images.permute(0, 2, 3, 1).reshape(n, h * w // k, k * c), k
 
 
 def autocontrast(images: torch.Tensor) -> torch.Tensor:
     """``autocontrast_image``: per image and channel, stretch [min, max] to [0, 255]."""
-    minimum, maximum = _extrema(images)
-    flat = maximum == minimum
-    inv_scale = maximum.sub_(minimum).mul_(1.0 / 255)
-    minimum = torch.where(flat, 0.0, minimum)
-    inv_scale = torch.where(flat, 1.0, inv_scale)
-    return to_uint8(images.float().sub_(minimum).div_(inv_scale).clamp_(0, 255))
+    n, c, h, w = images.shape
+    last = is_channels_last(images)
+    rows, k = _pixel_rows(images) if last else (images, 1)
+    if last:
+        lo = rows.amin(dim=1).view(n, k, c).amin(dim=1).float().view(n, 1, c)
+        hi = rows.amax(dim=1).view(n, k, c).amax(dim=1).float().view(n, 1, c)
+    else:
+        lo, hi = images.amin(dim=(-2, -1), keepdim=True).float(), images.amax(dim=(-2, -1), keepdim=True).float()
+    flat = hi == lo
+    minimum = torch.where(flat, 0.0, lo)
+    inv_scale = torch.where(flat, 1.0, hi.sub_(lo).mul_(1.0 / 255))
+    if last:  # one value per channel, repeated for the k pixels of a row
+        minimum, inv_scale = minimum.repeat(1, 1, k), inv_scale.repeat(1, 1, k)
+    out = to_uint8(rows.float().sub_(minimum).div_(inv_scale).clamp_(0, 255))
+    return out.view(n, h, w, c).permute(0, 3, 1, 2) if last else out
 
 
 def equalize(images: torch.Tensor) -> torch.Tensor:
