@@ -9,11 +9,13 @@ With the resized crop and no auto-augment (random erasing alone) the crop is `dt
 (the same output as `BatchTransform`), then erasing. Otherwise, unlike `BatchTransform` (which fuses crop,
 flip and normalisation into float matmuls and never rounds), the crop here produces uint8 images as
 torchvision v2 does on uint8 tensors, because the auto-augment ops are defined on uint8 (posterize,
-solarize, equalize...). The resized crop is the same separable antialiased resampling as `dtl.augment`,
-rounded to uint8: torchvision's native uint8 kernel (CPUs with AVX2/AVX-512) uses fixed-point weights, so
-the two differ by at most one grey level (1/255) on some pixels (measured: ~15% of them); against
-torchvision's float kernel + round (its path on GPUs) they are equal up to float32 ties. The pad crop and the
-flip are index arithmetic and exact. The ops (`dtl.autoaugment`) and erasing (`dtl.erasing`) are exact.
+solarize, equalize...). On a CPU at 64 px and up the resized crop is torch's native uint8 kernel, per image:
+exactly v2's result (and channels_last, which the ops and the normalisation keep). Otherwise it is the same
+separable antialiased resampling as `dtl.augment`, rounded to uint8: torchvision's native uint8 kernel
+(CPUs with AVX2/AVX-512) uses fixed-point weights, so the two differ by at most one grey level (1/255) on
+some pixels (measured: ~15% of them); against torchvision's float kernel + round (its path on GPUs) they are
+equal up to float32 ties. The pad crop and the flip are index arithmetic and exact. The ops
+(`dtl.autoaugment`) and erasing (`dtl.erasing`) are exact.
 
 Randomness: per call, in this order, crop boxes (or pad offsets), flips, the auto-augment draws, the erasing
 draws, all from the one generator given, the same amount per image whatever the pixels; `skip` consumes
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as nnf
 
 from dtl.augment import (
     IMAGENET_MEAN,
@@ -45,6 +48,9 @@ __all__ = ["AugmentChain", "pad_crop", "resize_uint8", "resized_crop_uint8", "sa
 
 #: output pixels per slice of the pixel work (see AugmentChain.__call__)
 SLICE_PIXELS = 1 << 18
+#: output pixels from which the CPU resized crop calls the native uint8 kernel per image (below: the batched
+#: matmuls, whose one call beats 32 small per-image calls)
+NATIVE_PIXELS = 64 * 64
 #: dtl's images are RGB (the splits hold (N, 3, H, W)); the erasing noise is drawn for 3 channels in `skip` too.
 CHANNELS = 3
 
@@ -56,7 +62,13 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def resized_crop_uint8(images: torch.Tensor, boxes: torch.Tensor, size: int,
                        flips: torch.Tensor | None = None) -> torch.Tensor:
-    """``v2.functional.resized_crop(img, *box, [size, size], antialias=True)`` on uint8 (+ ``hflip``), batched."""
+    """``v2.functional.resized_crop(img, *box, [size, size], antialias=True)`` on uint8 (+ ``hflip``), batched.
+
+    On a CPU, for outputs of at least `NATIVE_PIXELS` pixels: torch's native uint8 kernel (the one v2 calls) per
+    image, so the result is v2's exactly, channels_last (the kernel's own layout). Otherwise: batched float
+    matmuls, rounded (NCHW; within one grey level of v2's uint8 kernel, see the module docstring)."""
+    if images.device.type == "cpu" and size * size >= NATIVE_PIXELS:
+        return _resized_crop_uint8_cpu(images, boxes, size, flips)
     _, _, height, width = images.shape
     top, left, h, w = boxes.to(images.device).unbind(dim=1)
     ry = _aa_weights(top, h, size, height, images.device)
@@ -64,6 +76,21 @@ def resized_crop_uint8(images: torch.Tensor, boxes: torch.Tensor, size: int,
     if flips is not None:
         rx = torch.where(flips.to(images.device).view(-1, 1, 1), rx.flip(1), rx)
     return _to_uint8(_separable_resample(images.float(), ry, rx, torch.float32, channels_last=False))
+
+
+def _resized_crop_uint8_cpu(images: torch.Tensor, boxes: torch.Tensor, size: int,
+                            flips: torch.Tensor | None) -> torch.Tensor:
+    """One ``interpolate(bilinear, antialias=True)`` call per image on uint8, channels_last in and out (the
+    kernel's layout: NCHW costs it a transposing copy each way). At 224 px ~1.5x faster than the batched float
+    matmuls + rounding to uint8, whose passes over the float output dominate."""
+    source = images.contiguous(memory_format=torch.channels_last)  # the kernel's native layout (no copy back)
+    flipped = [False] * len(boxes) if flips is None else flips.tolist()
+    parts = []
+    for image, (top, left, h, w), flip in zip(source.split(1), boxes.tolist(), flipped):
+        part = nnf.interpolate(image[..., top:top + h, left:left + w], size=(size, size), mode="bilinear",
+                               antialias=True, align_corners=False)
+        parts.append(part.flip(-1) if flip else part)
+    return torch.cat(parts)
 
 
 def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -192,12 +219,16 @@ class AugmentChain:
         # is far larger than a CPU's caches, and each op makes several passes over it (measured here: the
         # ops ran 2-3x slower per image on a batch of 32 than on slices of a few images).
         step = max(1, SLICE_PIXELS // (self.size * self.size))
-        a, b = _affine(self.mean, self.std, True, images.device)
+        # ToDtype + Normalize in one pass straight into the output (its dtype and memory format), with the
+        # per-channel factors expanded to a whole image in that format: with (1, C, 1, 1) factors a
+        # channels_last pass has an inner loop of C elements (2-3x slower).
+        a, b = (t.expand(1, -1, self.size, self.size).contiguous(memory_format=fmt)
+                for t in _affine(self.mean, self.std, True, images.device))
         for lo in range(0, n, step):
             part = out[lo:lo + step]
             draws = d.slice(lo, lo + step)
-            # ToDtype + Normalize in one pass straight into the output (its dtype and memory format)
-            torch.addcmul(b, self._uint8(images[lo:lo + step], draws).float(), a, out=part)
+            x = self._uint8(images[lo:lo + step], draws).float().contiguous(memory_format=fmt)
+            torch.addcmul(b, x, a, out=part)
             if draws.erasing is not None:
                 part.copy_(erase(part, draws.erasing, draws.noise))
         return out

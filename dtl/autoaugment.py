@@ -3,26 +3,21 @@
 Each image draws its own op and magnitude (the rule of torchvision's ``TrivialAugmentWide``, ``RandAugment``
 and ``AugMix`` in ``torchvision/transforms/v2/_auto_augment.py``: the same op lists, magnitude bins, signs and
 parameters, interpolation ``nearest`` for TA/RA and ``bilinear`` for AugMix, fill ``None``), and the ops run on
-whole batches as tensor ops, grouped by op: one ``grid_sample`` for every geometric op (shear, translate,
-rotate as one affine grid per image), batched blends for brightness/colour/contrast/sharpness, bit masks for
-posterize, a threshold for solarize, per-channel min/max for autocontrast and a batched histogram (``bincount``
-over an offset index) for equalize.
+whole batches (NCHW or channels_last, kept) as tensor ops, grouped by op: one ``grid_sample`` for the
+geometric ops, batched blends, bit masks, thresholds, min/max and a batched histogram for equalize.
 
 Exactness (tests/unit/test_autoaugment.py compares every op and a grid of magnitudes with
 ``torchvision.transforms.v2.functional`` applied per image): the results are **integer-exact** on uint8.
 What makes that so: the affine matrices are computed in Python floats exactly as torchvision does and only
 then become float32 tensors (a table per slot, see `SlotTable`); torchvision's ``add_(x, alpha=a)`` is a fused
 multiply-add on the CPU's vector units and on GPUs, and ``addcmul`` with a per-image ``alpha`` is too (checked
-bit for bit against a float64 reference); the sharpness blur is computed in integers (exact, see `sharpness`).
-AugMix mixes in float32 and truncates to uint8 like torchvision; given the same draws it is within one grey
-level of torchvision's (a sum of chains that lands next to an integer may truncate differently).
+bit for bit against a float64 reference); the sharpness blur is exact (see `sharpness`). AugMix mixes in
+float32 and truncates to uint8 like torchvision; given the same draws it is within one grey level of
+torchvision's (a sum of chains that lands next to an integer may truncate differently).
 
-Random numbers: every image draws the same number of values whatever op it gets (all bins and signs are
-drawn even for ops that ignore them), so the generator state after a batch does not depend on the data and
-`draw` can be replayed without pixels (``skip``).
-
-Host syncs: grouping by op reads the group sizes, one small device-to-host copy per `apply_slots` call on a
-GPU (only when auto-augment is on; the fused crop path of `dtl.augment` stays sync-free).
+Random numbers: every image draws the same number of values whatever op it gets (all bins and signs too), so
+the generator state after a batch does not depend on the data and `draw` replays without pixels (``skip``).
+Host syncs: grouping by op reads the group sizes, one small device-to-host copy per `apply_slots` call.
 """
 
 from __future__ import annotations
@@ -32,7 +27,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as nnf
+
+from dtl.geometric import affine, is_channels_last, shift, to_uint8
 
 __all__ = ["POLICIES", "AugmentDraws", "AutoAugment", "SlotTable", "equalize", "slot_table"]
 
@@ -160,32 +156,26 @@ def _fma(x: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(y, x.float(), alpha)
 
 
-def affine(images: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
-    """``affine_image``/``rotate_image`` (fill None) with one inverse matrix per image, as one grid_sample."""
-    n, _, h, w = images.shape
-    dev = images.device
-    base = torch.empty(1, h, w, 3, device=dev)
-    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=dev))
-    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=dev).unsqueeze_(-1))
-    base[..., 2].fill_(1)
-    scale = torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32, device=dev)
-    rescaled = theta.transpose(1, 2).div(scale)
-    grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(rescaled).view(n, h, w, 2)
-    out = nnf.grid_sample(images.float(), grid, mode=mode, padding_mode="zeros", align_corners=False)
-    return out.round_().to(torch.uint8)
+def _fma_(y: torch.Tensor, alpha: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y += alpha x`` in place, per image: on a CPU torchvision's own ``y[i].add_(x[i], alpha=a)`` (a broadcast
+    ``addcmul`` runs 5-10x slower there), elsewhere `_fma` (no host sync)."""
+    if y.device.type != "cpu":
+        return y.copy_(_fma(x, alpha.view(-1, 1, 1, 1), y))
+    for yi, xi, a in zip(y, x, alpha.tolist()):
+        yi.add_(xi, alpha=a)
+    return y
 
 
 def _gray(images: torch.Tensor) -> torch.Tensor:
-    """``_rgb_to_grayscale_image(preserve_dtype=False)`` then floor, (n, 1, H, W) float32."""
-    r, g, b = images.unbind(dim=-3)
-    gray = _fma(g, torch.tensor(0.587, dtype=torch.float32), r.float() * torch.tensor(0.2989, dtype=torch.float32))
-    gray = _fma(b, torch.tensor(0.114, dtype=torch.float32), gray)
-    return gray.unsqueeze(-3).floor_()
+    """``_rgb_to_grayscale_image(preserve_dtype=False)`` then floor, (n, 1, H, W) float32: torchvision's own
+    ``r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114)`` (a scalar ``alpha``, so no `_fma` needed)."""
+    r, g, b = (c.float() for c in images.unbind(dim=-3))
+    return r.mul_(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3).floor_()
 
 
 def brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """``adjust_brightness_image``: ``image * factor``, clamped, truncated to uint8."""
-    return (images.float() * factor.view(-1, 1, 1, 1)).clamp_(0, 255).to(torch.uint8)
+    return to_uint8((images.float() * factor.view(-1, 1, 1, 1)).clamp_(0, 255))
 
 
 def blend(images: torch.Tensor, contrast: bool, factor: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -194,61 +184,81 @@ def blend(images: torch.Tensor, contrast: bool, factor: torch.Tensor, alpha: tor
     degenerate = _gray(images)
     if contrast:
         degenerate = degenerate.mean(dim=(-3, -2, -1), keepdim=True)
-    out = _fma(degenerate, alpha.view(-1, 1, 1, 1), images.float() * factor.view(-1, 1, 1, 1))
-    return out.clamp_(0, 255).to(torch.uint8)
+    out = _fma_(images.float() * factor.view(-1, 1, 1, 1), alpha, degenerate)
+    return to_uint8(out.clamp_(0, 255))
 
 
 def sharpness(images: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """``adjust_sharpness_image`` per image: the rounded 3x3 smoothing (weights 1/13, centre 5/13) blended into
-    the interior pixels. The smoothing is computed in integers, ``round((box3x3 + 4 centre) / 13)``: exact
-    because ``k / 13`` is never within float error of a half (13 is odd), so it equals torchvision's float
-    ``conv2d`` + ``round_`` whatever order that sums in, and it is several times faster than a batched
-    depthwise ``conv2d`` on a CPU."""
+    the interior. ``round((box3x3 + 4 centre) / 13)``, sums of integers in float32 (exact): ``k / 13`` is never
+    within float error of a half (13 is odd), so it equals torchvision's ``conv2d`` + ``round_`` in any summation
+    order; several times faster than a batched depthwise ``conv2d`` (or integer division) on a CPU."""
     n, c, h, w = images.shape
     if h <= 2 or w <= 2:
         return images
-    x = images.to(torch.int16)
-    rows = x[..., :-2, :] + x[..., 1:-1, :] + x[..., 2:, :]
-    centre = x[..., 1:-1, 1:-1]
-    total = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:] + 4 * centre
-    blurred = torch.div(2 * total + 13, 26, rounding_mode="floor")  # round half up; never a tie
-    out = images.to(torch.float32, copy=True)
+    out = images.float()
+    rows = out[..., :-2, :] + out[..., 1:-1, :]
+    rows += out[..., 2:, :]
     view = out[..., 1:-1, 1:-1]
-    view.copy_(_fma((blurred - centre).float(), alpha.view(-1, 1, 1, 1), view))
-    return out.clamp_(0, 255).to(torch.uint8)
+    total = torch.add(rows[..., :-2], view, alpha=4)
+    total += rows[..., 1:-1]
+    total += rows[..., 2:]
+    blurred = total.mul_(1.0 / 13).round_().sub_(view)  # never a tie: |k/13 - half| >= 1/26
+    _fma_(view, alpha, blurred)
+    return to_uint8(out.clamp_(0, 255))
+
+
+def _pixel_rows(images: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A channels_last batch as (n, HW / k, k C) rows, k | HW: per-channel reductions and broadcasts over it run
+    with a long inner loop (over (n, C, H, W) they have one of C elements, several times slower)."""
+    n, c, h, w = images.shape
+    k = math.gcd(h * w, 64)
+    return images.permute(0, 2, 3, 1).reshape(n, h * w // k, k * c), k
 
 
 def autocontrast(images: torch.Tensor) -> torch.Tensor:
     """``autocontrast_image``: per image and channel, stretch [min, max] to [0, 255]."""
-    x = images.to(torch.float32)
-    minimum = x.amin(dim=(-2, -1), keepdim=True)
-    maximum = x.amax(dim=(-2, -1), keepdim=True)
-    flat = maximum == minimum
-    inv_scale = maximum.sub_(minimum).mul_(1.0 / 255)
-    minimum = torch.where(flat, 0.0, minimum)
-    inv_scale = torch.where(flat, 1.0, inv_scale)
-    return x.sub_(minimum).div_(inv_scale).clamp_(0, 255).to(torch.uint8)
+    n, c, h, w = images.shape
+    last = is_channels_last(images)
+    rows, k = _pixel_rows(images) if last else (images, 1)
+    if last:
+        lo = rows.amin(dim=1).view(n, k, c).amin(dim=1).float().view(n, 1, c)
+        hi = rows.amax(dim=1).view(n, k, c).amax(dim=1).float().view(n, 1, c)
+    else:
+        lo, hi = images.amin(dim=(-2, -1), keepdim=True).float(), images.amax(dim=(-2, -1), keepdim=True).float()
+    flat = hi == lo
+    minimum = torch.where(flat, 0.0, lo)
+    inv_scale = torch.where(flat, 1.0, hi.sub_(lo).mul_(1.0 / 255))
+    if last:  # one value per channel, repeated for the k pixels of a row
+        minimum, inv_scale = minimum.repeat(1, 1, k), inv_scale.repeat(1, 1, k)
+    out = to_uint8(rows.float().sub_(minimum).div_(inv_scale).clamp_(0, 255))
+    return out.view(n, h, w, c).permute(0, 3, 1, 2) if last else out
 
 
 def equalize(images: torch.Tensor) -> torch.Tensor:
-    """``equalize_image`` (PIL's LUT scheme) for a batch: one histogram per image and channel from a single
-    ``bincount`` over ``value + 256 * (image, channel)``."""
+    """``equalize_image`` (PIL's LUT scheme), batched: one ``bincount`` of ``value + 256 * (image, channel)`` in
+    memory order; the LUTs (identity for a channel left as is) applied by ``index_select`` of that index."""
     n, c, h, w = images.shape
-    flat = images.reshape(n * c, h * w).long()
-    rows = torch.arange(n * c, device=images.device).view(-1, 1)
-    hist = torch.bincount((flat + 256 * rows).view(-1), minlength=n * c * 256).view(n * c, 256)
+    last = is_channels_last(images)
+    rows = torch.arange(n * c, device=images.device).view((n, 1, 1, c) if last else (n, c, 1, 1))
+    index = (images.permute(0, 2, 3, 1) if last else images).long().add_(256 * rows).reshape(-1)
+    hist = torch.bincount(index, minlength=n * c * 256).view(n * c, 256)
     cum = hist.cumsum(dim=-1)
-    last = cum.argmax(dim=-1, keepdim=True)  # the first bin holding the total: the image's maximum value
-    step = torch.div(h * w - hist.gather(-1, last), 255, rounding_mode="floor")
+    top = cum.argmax(dim=-1, keepdim=True)  # the first bin holding the total: the image's maximum value
+    step = torch.div(h * w - hist.gather(-1, top), 255, rounding_mode="floor")
     lut = torch.div(cum[:, :-1] + step // 2, step.clamp(min=1), rounding_mode="floor").clamp_(0, 255)
-    lut = torch.cat([torch.zeros_like(lut[:, :1]), lut], dim=-1).to(torch.uint8)
-    equalized = lut.gather(-1, flat).view(n, c, h, w)
-    return torch.where((step != 0).view(n, c, 1, 1), equalized, images)
+    lut = torch.cat([torch.zeros_like(lut[:, :1]), lut], dim=-1)
+    lut = torch.where(step != 0, lut, torch.arange(256, device=images.device)).to(torch.uint8)
+    out = lut.view(-1).index_select(0, index)
+    return out.view(n, h, w, c).permute(0, 3, 1, 2) if last else out.view(n, c, h, w)
 
 
 def _apply_group(op: str, x: torch.Tensor, slots: torch.Tensor, table: SlotTable, mode: str) -> torch.Tensor:
     if op == "Geometric":
         return affine(x, table.theta[slots], mode)
+    if op == "Translate":
+        return (shift(x, table.theta[slots]) if mode == "nearest" and x.device.type == "cpu"
+                else affine(x, table.theta[slots], mode))
     if op == "Brightness":
         return brightness(x, table.factor[slots])
     if op in ("Color", "Contrast"):
@@ -258,41 +268,51 @@ def _apply_group(op: str, x: torch.Tensor, slots: torch.Tensor, table: SlotTable
     if op == "Posterize":
         return x & table.mask[slots].view(-1, 1, 1, 1)
     if op == "Solarize":
-        return torch.where(x.float() >= table.threshold[slots].view(-1, 1, 1, 1), x.bitwise_not(), x)
+        # x >= t <=> x >= ceil(t) for integers; a Solarize slot's t = 255 * magnitude is at most 255
+        limit = table.threshold[slots].ceil().clamp_(max=255).to(torch.uint8)  # invert = xor 255 (torch.where
+        return x ^ (x >= limit.view(-1, 1, 1, 1)).view(torch.uint8).mul_(255)  # on uint8 is ~4x slower on a CPU)
     return autocontrast(x) if op == "AutoContrast" else equalize(x)
 
 
-#: the op families `apply_slots` runs as one call each (the geometric ops share one affine grid per image)
-FAMILIES = ("Identity", "Geometric", *BLENDS, "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
+#: the op families `apply_slots` runs as one call each (shear/rotate share one affine grid per image)
+FAMILIES = ("Identity", "Geometric", "Translate", *BLENDS, "Sharpness", "Posterize", "Solarize", "AutoContrast",
+            "Equalize")
 
 
 @functools.lru_cache(maxsize=16)
 def _family_codes(ops: tuple[str, ...], device: torch.device) -> torch.Tensor:
     """op index + 1 -> index into FAMILIES (slot -1, identity, is family 0); cached per device so a GPU does not
     get a host-to-device copy per call."""
-    names = ["Identity", *("Geometric" if op in GEOMETRIC else op for op in ops)]
+    names = ["Identity", *("Translate" if op.startswith("Translate") else "Geometric" if op in GEOMETRIC else op
+                           for op in ops)]
     return torch.tensor([FAMILIES.index(n) for n in names], device=device)
 
 
 def apply_slots(images: torch.Tensor, slots: torch.Tensor, table: SlotTable, mode: str) -> torch.Tensor:
     """One op per image (``slots``: (n,) indices into `table`, -1: identity). The batch is sorted by op family
-    (a stable argsort), each family runs once on its contiguous slice, and the inverse permutation puts every
-    image back: gathers with ``index_select`` instead of boolean-mask scatters, which were several times
-    slower on a CPU. Reading the family sizes is the one host sync."""
+    (a stable argsort), each family runs once on its slice, the inverse permutation puts every image back
+    (``index_select``: boolean-mask scatters were several times slower on a CPU). One host sync: the sizes."""
     op = torch.where(slots >= 0, table.op[slots.clamp(min=0)], -1)
     family = _family_codes(table.ops, images.device)[op + 1]
     counts = torch.bincount(family, minlength=len(FAMILIES)).tolist()
     if counts[0] == len(images):
         return images
     order = torch.argsort(family, stable=True)
-    x, s = images.index_select(0, order), slots.index_select(0, order)
+    x, s = _rows(images, order), slots.index_select(0, order)
     parts, start = [], 0
     for name, count in zip(FAMILIES, counts):
         if count:
             part = x[start:start + count]
             parts.append(part if name == "Identity" else _apply_group(name, part, s[start:start + count], table, mode))
         start += count
-    return torch.cat(parts).index_select(0, torch.argsort(order))
+    return _rows(torch.cat(parts), torch.argsort(order))
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(0, index)`` keeping channels_last (on a channels_last view it is ~10x slower)."""
+    if is_channels_last(x):
+        return x.permute(0, 2, 3, 1).index_select(0, index).permute(0, 3, 1, 2)
+    return x.index_select(0, index)
 
 
 @dataclass

@@ -205,3 +205,14 @@ def test_every_op_matches_torchvision_on_cuda(policy: str) -> None:
         for i, img in enumerate(imgs):
             ref = tv._apply_image_or_video_transform(img, op, mag, interpolation=tv.interpolation, fill=tv._fill)
             assert torch.equal(ours[i], ref), (op, mag, i)
+
+
+def test_every_op_is_the_same_on_channels_last() -> None:
+    """The chain gives the ops channels_last batches on a CPU: each op family gives the same pixels as on NCHW."""
+    aa = AutoAugment("ta_wide")
+    table = aa.table(24, 24, torch.device("cpu"))
+    imgs = edge_images(24).repeat(3, 1, 1, 1)
+    last = imgs.contiguous(memory_format=torch.channels_last)
+    for s in range(0, len(table.magnitude), 7):
+        slots = torch.full((len(imgs),), s)
+        assert torch.equal(apply_slots(last, slots, table, aa.mode), apply_slots(imgs, slots, table, aa.mode)), s

@@ -11,8 +11,8 @@ DTL = Path(__file__).resolve().parents[2] / "dtl"
 
 #: README "Design": which module owns what, tier by tier (lowest first).
 TIERS: dict[str, tuple[str, ...]] = {
-    "foundation": ("__init__", "errors", "signals", "testing", "splits", "augment", "autoaugment", "erasing", "checks",
-                   "augchain", "preprocessing", "config", "settings", "dist", "progress"),
+    "foundation": ("__init__", "errors", "signals", "testing", "splits", "augment", "geometric", "autoaugment",
+                   "erasing", "checks", "augchain", "preprocessing", "config", "settings", "dist", "progress"),
     "components": ("timm_backbones", "pooling", "models", "cifar", "images", "checkpoint", "optim", "precision",
                    "metrics", "folder", "features", "evaluate", "samplers", "data", "rundir", "ema", "checkpointer",
                    "mix", "trackers"),
