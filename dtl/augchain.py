@@ -9,9 +9,8 @@ With the resized crop and no auto-augment (random erasing alone) the crop is `dt
 (the same output as `BatchTransform`), then erasing. Otherwise, unlike `BatchTransform` (which fuses crop,
 flip and normalisation into float matmuls and never rounds), the crop here produces uint8 images as
 torchvision v2 does on uint8 tensors, because the auto-augment ops are defined on uint8 (posterize,
-solarize, equalize...). On a CPU at 64 px and up the resized crop is torch's native uint8 kernel, per image:
-exactly v2's result (and channels_last, which the ops and the normalisation keep). Otherwise it is the same
-separable antialiased resampling as `dtl.augment`, rounded to uint8: torchvision's native uint8 kernel
+solarize, equalize...). The resized crop is the same separable antialiased resampling as `dtl.augment`
+(batched: no per-image call, on any device), rounded to uint8: torchvision's native uint8 kernel
 (CPUs with AVX2/AVX-512) uses fixed-point weights, so the two differ by at most one grey level (1/255) on
 some pixels (measured: ~15% of them); against torchvision's float kernel + round (its path on GPUs) they are
 equal up to float32 ties. The pad crop and the flip are index arithmetic and exact. The ops
@@ -28,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as nnf
 
 from dtl.augment import (
     IMAGENET_MEAN,
@@ -43,54 +41,36 @@ from dtl.augment import (
 )
 from dtl.autoaugment import AugmentDraws, AutoAugment
 from dtl.erasing import erase, sample_erasing, sample_noise
+from dtl.geometric import to_uint8
 
 __all__ = ["AugmentChain", "pad_crop", "resize_uint8", "resized_crop_uint8", "sample_pad_offsets"]
 
 #: output pixels per slice of the pixel work (see AugmentChain.__call__)
 SLICE_PIXELS = 1 << 18
-#: output pixels from which the CPU resized crop calls the native uint8 kernel per image (below: the batched
-#: matmuls, whose one call beats 32 small per-image calls)
-NATIVE_PIXELS = 64 * 64
 #: dtl's images are RGB (the splits hold (N, 3, H, W)); the erasing noise is drawn for 3 channels in `skip` too.
 CHANNELS = 3
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float -> uint8 the way torchvision's resize does for integer images: round, then cast."""
-    return x.round_().clamp_(0, 255).to(torch.uint8)
+    """float -> uint8 the way torchvision's resize does for integer images: round, then cast. No clamp: the
+    antialiased bilinear weights are non-negative and sum to one, so every output is a convex combination of
+    uint8 values and rounds into [0, 255]; the cast goes through int16 (torch's float -> uint8 cast is not
+    vectorised on a CPU: 2x)."""
+    return to_uint8(x.round_())
 
 
 def resized_crop_uint8(images: torch.Tensor, boxes: torch.Tensor, size: int,
                        flips: torch.Tensor | None = None) -> torch.Tensor:
-    """``v2.functional.resized_crop(img, *box, [size, size], antialias=True)`` on uint8 (+ ``hflip``), batched.
-
-    On a CPU, for outputs of at least `NATIVE_PIXELS` pixels: torch's native uint8 kernel (the one v2 calls) per
-    image, so the result is v2's exactly, channels_last (the kernel's own layout). Otherwise: batched float
-    matmuls, rounded (NCHW; within one grey level of v2's uint8 kernel, see the module docstring)."""
-    if images.device.type == "cpu" and size * size >= NATIVE_PIXELS:
-        return _resized_crop_uint8_cpu(images, boxes, size, flips)
+    """``v2.functional.resized_crop(img, *box, [size, size], antialias=True)`` on uint8 (+ ``hflip``), batched:
+    float matmuls, rounded (channels_last; within one grey level of v2's uint8 kernel, see the module docstring)."""
     _, _, height, width = images.shape
     top, left, h, w = boxes.to(images.device).unbind(dim=1)
     ry = _aa_weights(top, h, size, height, images.device)
     rx = _aa_weights(left, w, size, width, images.device)
     if flips is not None:
         rx = torch.where(flips.to(images.device).view(-1, 1, 1), rx.flip(1), rx)
-    return _to_uint8(_separable_resample(images.float(), ry, rx, torch.float32, channels_last=False))
-
-
-def _resized_crop_uint8_cpu(images: torch.Tensor, boxes: torch.Tensor, size: int,
-                            flips: torch.Tensor | None) -> torch.Tensor:
-    """One ``interpolate(bilinear, antialias=True)`` call per image on uint8, channels_last in and out (the
-    kernel's layout: NCHW costs it a transposing copy each way). At 224 px ~1.5x faster than the batched float
-    matmuls + rounding to uint8, whose passes over the float output dominate."""
-    source = images.contiguous(memory_format=torch.channels_last)  # the kernel's native layout (no copy back)
-    flipped = [False] * len(boxes) if flips is None else flips.tolist()
-    parts = []
-    for image, (top, left, h, w), flip in zip(source.split(1), boxes.tolist(), flipped):
-        part = nnf.interpolate(image[..., top:top + h, left:left + w], size=(size, size), mode="bilinear",
-                               antialias=True, align_corners=False)
-        parts.append(part.flip(-1) if flip else part)
-    return torch.cat(parts)
+    # channels_last: the layout the auto-augment ops and the normalisation run fastest in on a CPU
+    return _to_uint8(_separable_resample(images.float(), ry, rx, torch.float32, channels_last=True))
 
 
 def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -102,7 +82,8 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     zero = torch.zeros(1, dtype=torch.int64, device=images.device)
     ry = _aa_weights(zero, zero + height, out_h, height, images.device).expand(bsz, -1, -1)
     rx = _aa_weights(zero, zero + width, out_w, width, images.device).expand(bsz, -1, -1)
-    return _to_uint8(_separable_resample(images.float(), ry, rx, torch.float32, channels_last=False))
+    # channels_last: the layout the auto-augment ops and the normalisation run fastest in on a CPU
+    return _to_uint8(_separable_resample(images.float(), ry, rx, torch.float32, channels_last=True))
 
 
 def sample_pad_offsets(n: int, height: int, width: int, size: int, padding: int,
