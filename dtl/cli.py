@@ -129,8 +129,7 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
                           "into place; a failed check exits 1 and leaves nothing. preprocessing.json and a model "
                           "card README.md are written next to it."),
         epilog=f"example:\n  {EXAMPLES['export']}", formatter_class=_RAW)
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a run folder (its best checkpoint, else its newest) or a checkpoint folder")
+    add_checkpoint_argument(p)
     p.add_argument("--format", required=True, choices=export.FORMATS,
                    help=f"onnx (opset {export.OPSET}, dynamic batch; needs dtl[onnx]), torchscript (traced), or "
                         "safetensors (the plain state dict)")
@@ -142,6 +141,11 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:  # eval, predict, export
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="a run folder (its best checkpoint, else its newest) or a checkpoint folder")
+
+
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "eval", help="measure a checkpoint: top-1/top-5, per-class accuracy, confusion matrix",
@@ -151,8 +155,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "top-1 equals the run's own test accuracy of that checkpoint. Runs distributed under "
                     "torchrun/srun (each test image counted once); rank 0 writes."),
         epilog=f"examples:\n  {EVAL_EXAMPLES}", formatter_class=_RAW)
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a run folder (its best checkpoint, else its newest) or a checkpoint folder")
+    add_checkpoint_argument(p)
     p.add_argument("--dataset", choices=("cifar10", "cifar100", "synthetic", "folder"), default=None,
                    help="data set to evaluate on (default: the run's)")
     p.add_argument("--data-dir", default=None,
@@ -193,8 +196,7 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "class): a table on stdout, or --output FILE.csv / FILE.jsonl. Unreadable images are "
                     "reported by path on stderr and skipped."),
         epilog=f"examples:\n  {PREDICT_EXAMPLES}", formatter_class=_RAW)
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a run folder (its best checkpoint, else its newest) or a checkpoint folder")
+    add_checkpoint_argument(p)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders")
     p.add_argument("--top-k", type=int, default=5, metavar="K",
                    help="classes per image (at most the number of classes; default 5)")

@@ -28,7 +28,7 @@ log = logging.getLogger("dtl")
 
 
 def run_info(cfg: Config, env: DistEnv, device: torch.device, precision: str, why: str,
-             classes: list[str], param_groups: list[dict[str, float | int | str]]) -> RunInfo:
+             classes: list[str], param_groups: list[dict[str, float | int | str]], prep: Preprocessing) -> RunInfo:
     versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "dtl": dtl.__version__}
     if timm_backbones.is_timm(cfg.backbone.model):
         versions["timm"] = timm_backbones.version()
@@ -37,7 +37,7 @@ def run_info(cfg: Config, env: DistEnv, device: torch.device, precision: str, wh
                    global_batch=cfg.optim.batch_size * env.world_size * cfg.optim.grad_accum, num_classes=len(classes),
                    classes=list(classes),
                    versions=versions, param_groups=param_groups,
-                   preprocessing=preprocessing_of(cfg).to_dict())
+                   preprocessing=prep.to_dict())
 
 
 def preprocessing_of(cfg: Config) -> Preprocessing:
@@ -92,7 +92,8 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
     scaler = torch.amp.GradScaler(device.type, init_scale=cfg.run.fp16_init_scale, enabled=precision == "fp16")
     weights = (samplers.class_weights(splits.train.labels, len(splits.classes))
                if cfg.data.class_balance == "loss" else None)
-    info = run_info(cfg, env, device, precision, why, splits.classes, optim.table(group_rows))
+    prep = preprocessing_of(cfg)  # the backbone's normalisation: loaders, cached features, config.json
+    info = run_info(cfg, env, device, precision, why, splits.classes, optim.table(group_rows), prep)
     if weights is not None:
         info = replace(info, class_weights=weights.tolist())
         log.info("class weights (inverse training frequency): %s",
@@ -112,11 +113,11 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
     optim.log_groups(group_rows)
     channels_last = models.memory_format(device.type, cfg.backbone.mode) == torch.channels_last
     train_loader, eval_loader = data.build_loaders(cfg, splits, env, device, torch.float32,
-                                                   channels_last=channels_last, prep=preprocessing_of(cfg))
+                                                   channels_last=channels_last, prep=prep)
     new_features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if cfg.data.cache_features:
         model, train_loader, eval_loader, new_features = use_cached_features(cfg, env, device, model, splits,
-                                                                             plan, precision)
+                                                                             plan, precision, prep)
     mixer = mix.Mixer(cfg.optim, len(splits.classes), cfg.run.seed, env.rank) if mix.enabled(cfg.optim) else None
     return Run(cfg, env, device, plan, wrap(model, cfg, env, device), optimizer, scaler, precision,
                train_loader, eval_loader, splits, progress, info, checkpointer, new_features,
@@ -124,7 +125,7 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
 
 
 def use_cached_features(cfg: Config, env: DistEnv, device: torch.device, model: nn.Module, splits: Splits,
-                        plan: rundir.RunPlan, precision: str
+                        plan: rundir.RunPlan, precision: str, prep: Preprocessing
                         ) -> tuple[nn.Module, BatchLoader, BatchLoader, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Replace the image loaders by feature loaders and the model by its head (see dtl.features)."""
     head = models.head_name(model)
@@ -141,7 +142,7 @@ def use_cached_features(cfg: Config, env: DistEnv, device: torch.device, model: 
     for name, split in (("train", splits.train), ("test", splits.test)):
         hit = features.cached(plan.outdir, cfg, name, len(split), device)
         if hit is None:
-            loader = data.eval_loader(cfg, split, env, device, prep=preprocessing_of(cfg))
+            loader = data.eval_loader(cfg, split, env, device, prep=prep)
             hit = new[name] = features.extract(model, head, loader, env, lambda: autocast(precision, device))
         found[name] = hit
     log.info("cached features: train %s, test %s (%s)", tuple(found["train"][0].shape),
