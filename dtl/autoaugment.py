@@ -251,7 +251,7 @@ def equalize(images: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_group(op: str, x: torch.Tensor, slots: torch.Tensor, table: SlotTable, mode: str) -> torch.Tensor:
-    if op in ("Geometric", "Translate"):
+    if op == "Geometric":  # shear, translate, rotate: one affine grid per image
         return affine(x, table.theta[slots], mode)
     if op == "Brightness":
         return brightness(x, table.factor[slots])
@@ -269,7 +269,7 @@ def _apply_group(op: str, x: torch.Tensor, slots: torch.Tensor, table: SlotTable
 
 
 #: the op families `apply_slots` runs as one call each (shear/rotate share one affine grid per image)
-FAMILIES = ("Identity", "Geometric", "Translate", *BLENDS, "Sharpness", "Posterize", "Solarize", "AutoContrast",
+FAMILIES = ("Identity", "Geometric", *BLENDS, "Sharpness", "Posterize", "Solarize", "AutoContrast",
             "Equalize")
 
 
@@ -277,8 +277,7 @@ FAMILIES = ("Identity", "Geometric", "Translate", *BLENDS, "Sharpness", "Posteri
 def _family_codes(ops: tuple[str, ...], device: torch.device) -> torch.Tensor:
     """op index + 1 -> index into FAMILIES (slot -1, identity, is family 0); cached per device so a GPU does not
     get a host-to-device copy per call."""
-    names = ["Identity", *("Translate" if op.startswith("Translate") else "Geometric" if op in GEOMETRIC else op
-                           for op in ops)]
+    names = ["Identity", *("Geometric" if op in GEOMETRIC else op for op in ops)]
     return torch.tensor([FAMILIES.index(n) for n in names], device=device)
 
 
