@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,9 +26,24 @@ TINY = ["--dataset", "synthetic", "--image-size", "32", "--device", "cpu", "--ba
         "--log-every", "1", "--model", "squeezenet1_1", "--mode", "scratch"]
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if report.failed:
+        item.stash[_FAILED] = True
+    return report
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
 @pytest.fixture(autouse=True)
-def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No test may reach the network or the user's torch cache."""
+def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, request: pytest.FixtureRequest):
+    """No test may reach the network or the user's torch cache; a passed test's files go when it ends.
+
+    The suite writes VGG16 checkpoints and exports (hundreds of MB each); kept until the session ends, as
+    pytest does, they filled a CI machine's disk (16 GB for one run), so only failed tests keep theirs.
+    """
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
 
     def offline(*args, **kwargs):
@@ -39,6 +55,9 @@ def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS",
                 "ACCELERATE_MIXED_PRECISION"):
         monkeypatch.delenv(var, raising=False)
+    yield
+    if not request.node.stash.get(_FAILED, False):
+        shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def fault_env(step: int, kind: str = "nan", rank: int | None = None) -> dict[str, str]:
