@@ -43,7 +43,6 @@ import torch
 
 from dtl import mix, models
 from dtl.bench_input import extra_phases, reference_runner
-from dtl.bench_mix import format_mix, measure_mix
 from dtl.bench_report import PHASES, SIDES, Options, assemble, format_table
 from dtl.config import Config
 from dtl.dist import DistEnv, pick_device
@@ -143,12 +142,21 @@ class DtlLoop:
         self.criterion = mix.criterion_for(cfg.optim, self.run.class_weights)
         self.meter = Meter(device)
         self.bad_step = torch.tensor(-1, device=device)
+        self.mixed = 0  # batches mixed by `input` (the mixer's batch index)
 
     def context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
     def input(self, steps: int) -> int:
-        return sum(int(next(self.train_batches)[1].shape[0]) for _ in range(steps))
+        """The training input as the loop gets it: the loader's batches, mixed when --mixup/--cutmix is on."""
+        count = 0
+        for _ in range(steps):
+            images, labels = next(self.train_batches)
+            if self.run.mixer is not None:
+                self.run.mixer(images, labels, 0, self.mixed)
+                self.mixed += 1
+            count += int(labels.shape[0])
+        return count
 
     def train_batch(self, images: torch.Tensor, labels: torch.Tensor) -> int:
         """One step on one micro-batch (FLOP counting)."""
@@ -338,16 +346,11 @@ def run_bench(cfg: Config, opts: Options) -> dict[str, Any]:
         cfg = cfg.replace(output_dir=str(Path(tmp) / "run"))
         runs, precision, flops, peak = measure(cfg, opts, device)
         memory = measure_memory(cfg, opts, Path(tmp)) if opts.memory == "subprocess" else None
-        mix_input = measure_mix(cfg, device, opts)  # None unless --mixup/--cutmix
     result = assemble(cfg, opts, device, precision, runs, memory, flops, peak)
-    if mix_input is not None:
-        result["mix_input"] = mix_input
     # the 1-minute load average around the measurement: other processes on the machine (0 = idle)
     result["meta"]["loadavg_1min"] = {"start": load_start, "end": os.getloadavg()[0]}
     result["meta"]["config"] = {k: v for k, v in cfg.to_dict().items() if k != "output_dir"}
     print(format_table(result))
-    if mix_input is not None:
-        print(format_mix(mix_input))
     if opts.json_path:
         Path(opts.json_path).write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -84,15 +84,29 @@ def draw(rng: np.random.RandomState, mixup: float, cutmix: float, prob: float, s
     return MixDraw("cutmix", 1.0 - (y1 - y0) * (x1 - x0) / float(height * width), (y0, y1, x0, x1))
 
 
+#: images per chunk of the mixup blend: a chunk and its partners stay in the CPU's caches (measured at 224 px:
+#: the whole-batch blend, four passes over a batch far larger than the caches, cost 0.56 ms per image)
+CHUNK_PIXELS = 1 << 18
+
+
 def mix_images(images: torch.Tensor, d: MixDraw) -> torch.Tensor:
     """The batch mixed with its reverse (a new tensor; the input is left as it was)."""
     if d.lam == 1.0:
         return images
-    if d.box is None:  # timm's op order, so the result is bitwise timm's
-        return images.mul(d.lam).add_(images.flip(0).mul_(1.0 - d.lam))
+    n = images.shape[0]
+    if d.box is None:
+        # timm's ops in timm's order (x * lam + x.flip(0) * (1 - lam), each rounded), bitwise timm's result;
+        # chunk by chunk, each with its partners (rows n - hi .. n - lo reversed)
+        out = torch.empty_like(images)
+        step = max(1, CHUNK_PIXELS // images[0].numel())
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            partners = images[n - hi:n - lo].flip(0).mul_(1.0 - d.lam)
+            torch.mul(images[lo:hi], d.lam, out=out[lo:hi]).add_(partners)
+        return out
     y0, y1, x0, x1 = d.box
     out = images.clone()
-    out[:, :, y0:y1, x0:x1] = images.flip(0)[:, :, y0:y1, x0:x1]
+    out[:, :, y0:y1, x0:x1] = images[:, :, y0:y1, x0:x1].flip(0)  # only the box is flipped
     return out
 
 
@@ -110,11 +124,13 @@ class Mixer:
 
     def __init__(self, cfg: OptimConfig, num_classes: int, seed: int, rank: int) -> None:
         self.cfg, self.num_classes, self.seed, self.rank = cfg, num_classes, seed, rank
+        # one generator, re-seeded per batch: constructing a RandomState costs ~210 us, seeding one ~17 us
+        self._rng = np.random.RandomState(0)
 
     def draw(self, epoch: int, batch_index: int, height: int, width: int) -> MixDraw:
-        rng = np.random.RandomState(seed_words(stream_seed(self.seed, epoch, self.rank, batch_index, "mix")))
+        self._rng.seed(seed_words(stream_seed(self.seed, epoch, self.rank, batch_index, "mix")))
         c = self.cfg
-        return draw(rng, c.mixup, c.cutmix, c.mix_prob, c.mix_switch_prob, height, width)
+        return draw(self._rng, c.mixup, c.cutmix, c.mix_prob, c.mix_switch_prob, height, width)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, batch_index: int) -> MixedBatch:
         d = self.draw(epoch, batch_index, images.shape[-2], images.shape[-1])

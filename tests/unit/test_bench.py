@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
+from torchvision.transforms import v2
 
 from dtl import bench, bench_input, cli
 from dtl.bench_report import PHASES
@@ -140,30 +140,33 @@ def test_bench_augmented_input_phase_against_torchvision_v2(tmp_path: Path) -> N
                      "RandomErasing"]
 
 
-def test_bench_mixup_adds_the_mix_input_phase(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_mixup_adds_the_input_phase_against_v2_mixing_in_the_collate(tmp_path: Path) -> None:
+    """--mixup/--cutmix alone add `input_augment` too: dtl's loader + `Mixer` against v2 per image with
+    ``MixUp``/``CutMix`` in the collate function, the other phases reported as without mixing."""
     out = tmp_path / "bench.json"
     code = bench_main(["--model", "squeezenet1_1", "--mode", "scratch", "--weights", "none", *TINY,
                        "--memory", "off", "--input-steps", "3", "--mixup", "0.2", "--cutmix", "1.0",
                        "--json", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
-    mixed = result.pop("mix_input")
-    check_result(result)  # the other phases as without mixing
-    assert mixed["reference"] > 0 and mixed["dtl"] > 0
-    assert mixed["ratio"] == pytest.approx(mixed["dtl"] / mixed["reference"])
-    assert "mix_input (--mixup/--cutmix alone)" in capsys.readouterr().out
+    for side in ("reference", "dtl", "ratio"):
+        assert set(result[side]) == {*PHASES, "input_augment"}, side
+    assert result["ratio"]["input_augment"]["images_per_s"] == pytest.approx(
+        result["dtl"]["input_augment"]["images_per_s"] / result["reference"]["input_augment"]["images_per_s"])
 
 
-def test_the_per_image_reference_mixes_like_the_batched_one_given_one_draw_per_image():
-    from dtl import bench_mix, mix
-    from dtl.config import Config
-
-    cfg = Config(mixup=0.3, mix_prob=1.0)
-    images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 1])
-    rng = np.random.RandomState(0)
-    out, targets = bench_mix.per_image_mix(images, labels, cfg, 3, rng)
-    rng = np.random.RandomState(0)
-    lams = [mix.draw(rng, 0.3, 0.0, 1.0, 0.5, 8, 8).lam for _ in range(4)]
-    for i, lam in enumerate(lams):
-        torch.testing.assert_close(out[i], images[i] * lam + images[3 - i] * (1 - lam))
-        torch.testing.assert_close(targets[i], mix.mix_targets(labels, 3, lam, 0.0)[i])
+def test_the_v2_reference_mixes_like_timm_batch_mode():
+    """The reference side's collate: v2 MixUp/CutMix chosen like timm's switch, applied with --mix-prob; off
+    when mixing is off."""
+    cfg = bench.bench_config(bench_args([*TINY, "--mixup", "0.2", "--cutmix", "1.0", "--mix-switch-prob", "0.25",
+                                         "--mix-prob", "0.8"]))
+    t = bench_input.v2_mix_transform(cfg, 10)
+    assert isinstance(t, v2.RandomApply) and t.p == 0.8
+    choice = t.transforms[0]
+    assert [type(c).__name__ for c in choice.transforms] == ["MixUp", "CutMix"] and choice.p == [0.75, 0.25]
+    assert bench_input.v2_mix_transform(bench.bench_config(bench_args([*TINY])), 10) is None
+    images, labels = torch.rand(8, 3, 16, 16), torch.arange(8) % 10
+    collate = bench_input._MixCollate(bench_input.v2_mix_transform(cfg, 10))
+    x, y = collate(list(zip(images, labels)))
+    assert x.shape == images.shape and y.shape == (8, 10)
+    torch.testing.assert_close(y.sum(1), torch.ones(8))

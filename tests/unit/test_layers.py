@@ -17,7 +17,7 @@ TIERS: dict[str, tuple[str, ...]] = {
                    "metrics", "folder", "features", "evaluate", "samplers", "data", "rundir", "ema", "checkpointer",
                    "mix", "trackers"),
     "run": ("state", "setup", "loop", "engine"),
-    "tools": ("inference", "predict", "export", "reference", "bench_report", "bench_input", "bench_mix", "bench",
+    "tools": ("inference", "predict", "export", "reference", "bench_report", "bench_input", "bench",
               "doctor"),
     "entry": ("cli", "__main__"),
 }

@@ -55,6 +55,19 @@ def test_mixup_is_the_convex_combination_with_the_reversed_batch():
     assert torch.equal(mix.mix_images(images, mix.MixDraw("none")), images)
 
 
+@pytest.mark.parametrize("n", [5, 6])
+def test_mixup_in_chunks_is_timms_whole_batch_blend_bitwise(monkeypatch: pytest.MonkeyPatch, n: int):
+    """Chunked (here 2 images per chunk, so pairs straddle chunks and an odd middle pairs with itself): bit for bit
+    timm's ``x.mul_(lam).add_(x.flip(0).mul_(1 - lam))`` on the whole batch."""
+    images = torch.randn(n, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(mix, "CHUNK_PIXELS", 2 * images[0].numel())
+    lam = 0.3137
+    expected = images.clone().mul_(lam).add_(images.flip(0).mul_(1.0 - lam))
+    out = mix.mix_images(images, mix.MixDraw("mixup", lam))
+    assert torch.equal(out, expected)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_cutmix_pastes_the_clipped_box_and_corrects_lam_to_its_area():
     cfg = optim(cutmix=1.0)
     clipped = 0
