@@ -84,9 +84,10 @@ def draw(rng: np.random.RandomState, mixup: float, cutmix: float, prob: float, s
     return MixDraw("cutmix", 1.0 - (y1 - y0) * (x1 - x0) / float(height * width), (y0, y1, x0, x1))
 
 
-#: images per chunk of the mixup blend: a chunk and its partners stay in the CPU's caches (measured at 224 px:
-#: the whole-batch blend, four passes over a batch far larger than the caches, cost 0.56 ms per image)
-CHUNK_PIXELS = 1 << 18
+#: values (pixels x channels) per chunk of the mixup blend, so that a chunk and its partners stay in a CPU's
+#: caches: the whole-batch blend makes four passes over a batch far larger than them (measured at 224 px, batch
+#: 32: chunks 10-20% faster, bitwise the same result)
+CHUNK_VALUES = 1 << 18
 
 
 def mix_images(images: torch.Tensor, d: MixDraw) -> torch.Tensor:
@@ -98,7 +99,7 @@ def mix_images(images: torch.Tensor, d: MixDraw) -> torch.Tensor:
         # timm's ops in timm's order (x * lam + x.flip(0) * (1 - lam), each rounded), bitwise timm's result;
         # chunk by chunk, each with its partners (rows n - hi .. n - lo reversed)
         out = torch.empty_like(images)
-        step = max(1, CHUNK_PIXELS // images[0].numel())
+        step = max(1, CHUNK_VALUES // images[0].numel())
         for lo in range(0, n, step):
             hi = min(n, lo + step)
             partners = images[n - hi:n - lo].flip(0).mul_(1.0 - d.lam)

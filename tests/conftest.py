@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,19 +27,22 @@ TINY = ["--dataset", "synthetic", "--image-size", "32", "--device", "cpu", "--ba
         "--log-every", "1", "--model", "squeezenet1_1", "--mode", "scratch"]
 
 
+#: set on a test item whose setup or call failed (read by `_isolate`'s teardown, which runs after both reports)
+_FAILED = pytest.StashKey[bool]()
+
+
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if report.failed:
         item.stash[_FAILED] = True
     return report
 
 
-_FAILED = pytest.StashKey[bool]()
-
-
 @pytest.fixture(autouse=True)
-def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, request: pytest.FixtureRequest):
+def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[None]:
     """No test may reach the network or the user's torch cache; a passed test's files go when it ends.
 
     The suite writes VGG16 checkpoints and exports (hundreds of MB each); kept until the session ends, as

@@ -60,7 +60,7 @@ def test_mixup_in_chunks_is_timms_whole_batch_blend_bitwise(monkeypatch: pytest.
     """Chunked (here 2 images per chunk, so pairs straddle chunks and an odd middle pairs with itself): bit for bit
     timm's ``x.mul_(lam).add_(x.flip(0).mul_(1 - lam))`` on the whole batch."""
     images = torch.randn(n, 3, 16, 16).contiguous(memory_format=torch.channels_last)
-    monkeypatch.setattr(mix, "CHUNK_PIXELS", 2 * images[0].numel())
+    monkeypatch.setattr(mix, "CHUNK_VALUES", 2 * images[0].numel())
     lam = 0.3137
     expected = images.clone().mul_(lam).add_(images.flip(0).mul_(1.0 - lam))
     out = mix.mix_images(images, mix.MixDraw("mixup", lam))
