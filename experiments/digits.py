@@ -48,28 +48,29 @@ FT_CLASSES = (5, 6, 7, 8, 9)
 
 #: config name -> flags added to the common fine-tuning command (every config but `transfer` and `strong`
 #: is `--mode finetune` with the plain recipe plus one feature).
+FT = ["--mode", "finetune"]
 CONFIGS: dict[str, list[str]] = {
     "transfer (head only)": ["--mode", "transfer"],
-    "plain": ["--mode", "finetune"],
-    "strong": ["--mode", "finetune", "--recipe", "strong"],
-    "+layer-decay 0.75": ["--mode", "finetune", "--layer-decay", "0.75"],
-    "+head-lr-mult 10": ["--mode", "finetune", "--head-lr-mult", "10"],
-    "+ema-decay 0.998": ["--mode", "finetune", "--ema-decay", "0.998"],
-    "+label-smoothing 0.1": ["--mode", "finetune", "--label-smoothing", "0.1"],
-    "+clip-grad-norm 1.0": ["--mode", "finetune", "--clip-grad-norm", "1.0"],
-    "+adamw cosine": ["--mode", "finetune", "--optimizer", "adamw", "--lr", "5e-4", "--weight-decay", "0.05",
-                      "--lr-schedule", "cosine", "--warmup-epochs", "1"],
+    "plain": [*FT],
+    "strong": [*FT, "--recipe", "strong"],
+    "+layer-decay 0.75": [*FT, "--layer-decay", "0.75"],
+    "+head-lr-mult 10": [*FT, "--head-lr-mult", "10"],
+    "+ema-decay 0.998": [*FT, "--ema-decay", "0.998"],
+    "+label-smoothing 0.1": [*FT, "--label-smoothing", "0.1"],
+    "+clip-grad-norm 1.0": [*FT, "--clip-grad-norm", "1.0"],
+    "+adamw cosine": [*FT, "--optimizer", "adamw", "--lr", "5e-4", "--weight-decay", "0.05", "--lr-schedule",
+                      "cosine", "--warmup-epochs", "1"],
     "lp-ft (2 lp epochs)": ["--mode", "lp-ft", "--lp-epochs", "2"],
     # issue #13: the augmentations, each on top of `plain` (whose default crop + flip stays on), then together
-    "+auto-augment ta_wide": ["--mode", "finetune", "--auto-augment", "ta_wide"],
-    "+auto-augment randaugment": ["--mode", "finetune", "--auto-augment", "randaugment"],
-    "+crop pad": ["--mode", "finetune", "--crop", "pad"],
-    "+random-erasing 0.25": ["--mode", "finetune", "--random-erasing", "0.25"],
-    "+mixup 0.2": ["--mode", "finetune", "--mixup", "0.2"],
-    "+cutmix 1.0": ["--mode", "finetune", "--cutmix", "1.0"],
-    "+tta flip": ["--mode", "finetune", "--tta", "flip"],
-    "all augmentations": ["--mode", "finetune", "--auto-augment", "ta_wide", "--random-erasing", "0.25",
-                          "--mixup", "0.2", "--cutmix", "1.0", "--tta", "flip"],
+    "+auto-augment ta_wide": [*FT, "--auto-augment", "ta_wide"],
+    "+auto-augment randaugment": [*FT, "--auto-augment", "randaugment"],
+    "+crop pad": [*FT, "--crop", "pad"],
+    "+random-erasing 0.25": [*FT, "--random-erasing", "0.25"],
+    "+mixup 0.2": [*FT, "--mixup", "0.2"],
+    "+cutmix 1.0": [*FT, "--cutmix", "1.0"],
+    "+tta flip": [*FT, "--tta", "flip"],
+    "all augmentations": [*FT, "--auto-augment", "ta_wide", "--random-erasing", "0.25", "--mixup", "0.2",
+                          "--cutmix", "1.0", "--tta", "flip"],
 }
 #: configs whose --lr is their own (the plain --lr is not passed to them)
 OWN_LR = ("strong", "+adamw cosine")

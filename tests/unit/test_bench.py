@@ -118,20 +118,26 @@ def test_bench_flags_are_trains_plus_its_own() -> None:
     assert bench_main(["--dataset", "folder", "--device", "cpu"]) == 2
 
 
-def test_bench_augmented_input_phase_against_torchvision_v2(tmp_path: Path) -> None:
-    """--auto-augment/--crop pad/--random-erasing add the `input_augment` phase: dtl's loader against a per-image
-    torchvision v2 pipeline with the same ops, reported like every phase (medians, ratios)."""
+def bench_with_input_augment(tmp_path: Path, *flags: str) -> dict[str, Any]:
+    """`dtl bench` (TINY, no memory probe) with `flags`: it succeeds and reports `input_augment` on both sides, with
+    the ratio of their medians like every phase; returns the JSON result."""
     out = tmp_path / "bench.json"
     code = bench_main(["--model", "squeezenet1_1", "--mode", "scratch", "--weights", "none", *TINY, "--memory", "off",
-                       "--auto-augment", "ta_wide", "--crop", "pad", "--random-erasing", "0.25", "--input-steps", "2",
-                       "--json", str(out)])
+                       *flags, "--json", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     for side in ("reference", "dtl", "ratio"):
         assert set(result[side]) == {*PHASES, "input_augment"}, side
-    ratio = result["ratio"]["input_augment"]
-    assert ratio["images_per_s"] == pytest.approx(result["dtl"]["input_augment"]["images_per_s"]
-                                                  / result["reference"]["input_augment"]["images_per_s"])
+    assert result["ratio"]["input_augment"]["images_per_s"] == pytest.approx(
+        result["dtl"]["input_augment"]["images_per_s"] / result["reference"]["input_augment"]["images_per_s"])
+    return result
+
+
+def test_bench_augmented_input_phase_against_torchvision_v2(tmp_path: Path) -> None:
+    """--auto-augment/--crop pad/--random-erasing add the `input_augment` phase: dtl's loader against a per-image
+    torchvision v2 pipeline with the same ops, reported like every phase (medians, ratios)."""
+    result = bench_with_input_augment(tmp_path, "--auto-augment", "ta_wide", "--crop", "pad", "--random-erasing",
+                                      "0.25", "--input-steps", "2")
     assert result["meta"]["config"]["auto_augment"] == "ta_wide"
     transform = bench_input.v2_augment_transform(bench.bench_config(bench_args(
         ["--crop", "pad", "--auto-augment", "augmix", "--random-erasing", "0.5", *TINY])))
@@ -143,16 +149,8 @@ def test_bench_augmented_input_phase_against_torchvision_v2(tmp_path: Path) -> N
 def test_bench_mixup_adds_the_input_phase_against_v2_mixing_in_the_collate(tmp_path: Path) -> None:
     """--mixup/--cutmix alone add `input_augment` too: dtl's loader + `Mixer` against v2 per image with
     ``MixUp``/``CutMix`` in the collate function, the other phases reported as without mixing."""
-    out = tmp_path / "bench.json"
-    code = bench_main(["--model", "squeezenet1_1", "--mode", "scratch", "--weights", "none", *TINY,
-                       "--memory", "off", "--input-steps", "3", "--mixup", "0.2", "--cutmix", "1.0",
-                       "--json", str(out)])
-    assert code == 0
-    result = json.loads(out.read_text())
-    for side in ("reference", "dtl", "ratio"):
-        assert set(result[side]) == {*PHASES, "input_augment"}, side
-    assert result["ratio"]["input_augment"]["images_per_s"] == pytest.approx(
-        result["dtl"]["input_augment"]["images_per_s"] / result["reference"]["input_augment"]["images_per_s"])
+    result = bench_with_input_augment(tmp_path, "--input-steps", "3", "--mixup", "0.2", "--cutmix", "1.0")
+    assert result["meta"]["config"]["mixup"] == 0.2
 
 
 def test_the_v2_reference_mixes_like_timm_batch_mode():
