@@ -34,6 +34,10 @@ class BackboneConfig:
     finetune_last_n: int | None = None
     """finetune/lp-ft mode: number of backbone blocks (counted from the end) to unfreeze with the head; default
     all."""
+    keep_head: bool = False
+    """Keep the head of the loaded weights (continuing on the same label set) instead of a newly initialised
+    one; refused when it does not have as many outputs as the data set has classes. Default: every run from
+    pretrained weights or a weight file starts from a new head, whatever the file's head."""
     lp_epochs: int = 1
     """lp-ft mode: epochs that train the head alone (a linear probe, the backbone frozen and its BatchNorm
     statistics fixed) before the backbone (or its last --finetune-last-n blocks) is unfrozen."""
@@ -329,6 +333,9 @@ class Config:
                 f"weights='none' with mode={b.mode!r} would train a head on a frozen *random* backbone; "
                 "use --weights imagenet (or a file), or --mode scratch"
             )
+        if b.keep_head and b.weights == "none":
+            raise ValueError(f"keep_head=True keeps the head of the loaded weights, but weights={b.weights!r} "
+                             "loads none: drop --keep-head, or pass --weights FILE")
         if b.finetune_last_n is not None and b.mode not in ("finetune", "lp-ft"):
             raise ValueError(f"finetune_last_n={b.finetune_last_n} only applies to --mode finetune, "
                              f"got mode={b.mode!r}")

@@ -110,6 +110,33 @@ def replace_head(model: nn.Module, num_classes: int) -> str:
     return name
 
 
+def new_head(model: nn.Module, num_classes: int, seed: int | None) -> str:
+    """A freshly initialised head, drawn from its own random stream seeded with `seed` (None: the global one):
+    the same head on every rank and for every backbone whatever the building consumed, and the global stream
+    left as it was. Logs what was made."""
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        name = replace_head(model, num_classes)
+    layer = model.get_submodule(name)
+    log.info("new head: %s (%s), initialised %s", _describe(layer), name,
+             f"with seed {seed}" if seed is not None else "with the rest of the model")
+    return name
+
+
+def _describe(layer: nn.Module) -> str:
+    if isinstance(layer, nn.Linear):
+        return f"Linear({layer.in_features}, {layer.out_features})"
+    if isinstance(layer, nn.Conv2d):
+        return f"Conv2d({layer.in_channels}, {layer.out_channels}, 1x1)"
+    return type(layer).__name__
+
+
+def head_classes(model: nn.Module) -> int:
+    """Outputs of the classification layer (rows of its weight: Linear and SqueezeNet's 1x1 conv alike)."""
+    return model.get_submodule(head_name(model)).weight.shape[0]
+
+
 def _builder_kwargs(name: str, image_size: int, pretrained: bool) -> dict:
     kwargs: dict = {}
     if name in _AUX_MODELS:
@@ -193,9 +220,14 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """strict load that names every missing, unexpected or mis-shaped parameter."""
-    own = model.state_dict()
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, skip: str | None = None) -> None:
+    """strict load that names every missing, unexpected or mis-shaped parameter. `skip`: a module (the head)
+    whose entries are neither loaded from `state` nor required in it."""
+    def skipped(key: str) -> bool:
+        return skip is not None and key.startswith(skip + ".")
+
+    state = {k: v for k, v in state.items() if not skipped(k)}
+    own = {k: v for k, v in model.state_dict().items() if not skipped(k)}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -205,7 +237,7 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
         lines += [f"unexpected: {', '.join(unexpected[:8])}"] if unexpected else []
         lines += [f"shape mismatch: {s}" for s in shapes[:8]]
         raise UserError(f"{source} does not fit {type(model).__name__}:\n  " + "\n  ".join(lines))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=skip is None)
 
 
 def fetch_weights(name: str, weights: str) -> None:
@@ -260,9 +292,14 @@ def _build(name: str, kwargs: dict, drop_path: float | None) -> nn.Module:
 
 
 def build_model(name: str, num_classes: int, weights: str, image_size: int, dropout: float | None = None,
-                drop_path: float | None = None) -> nn.Module:
-    """A torchvision (or `timm/...`) model with the requested init and a fresh `num_classes` head (not yet
-    frozen). `drop_path`: the stochastic depth rate (timm: `drop_path_rate`; None: the model's own)."""
+                drop_path: float | None = None, keep_head: bool = False, head_seed: int | None = None) -> nn.Module:
+    """A torchvision (or `timm/...`) model with the requested init and a `num_classes` head (not yet frozen).
+    `drop_path`: the stochastic depth rate (timm: `drop_path_rate`; None: the model's own).
+
+    The head is newly initialised (from `head_seed`, see `new_head`) after the weights load, whatever their
+    head's shape: a file trained on another task with as many classes would otherwise start every run from
+    that task's classifier, confidently wrong. `keep_head`: keep the loaded head instead (continuing on the
+    same label set), refused when it does not have `num_classes` outputs."""
     pretrained = weights != "none"
     if timm_backbones.is_timm(name):
         extra = {} if drop_path is None else {"drop_path_rate": drop_path}
@@ -270,28 +307,45 @@ def build_model(name: str, num_classes: int, weights: str, image_size: int, drop
         timm_backbones.check_image_size(name, image_size, extra)
         hub = pretrained and not is_weight_file(weights)
         model = timm_backbones.create(name, weights, image_size, hub, **extra)
-        if hub:
-            replace_head(model, num_classes)
-            return _set_dropout(model, dropout)
     else:
         check_model_name(name)
         check_image_size(name, image_size, pretrained and not is_weight_file(weights))
         model = _build(name, _builder_kwargs(name, image_size, pretrained), drop_path)
     if is_weight_file(weights):
-        state = load_state_file(Path(weights))
-        if timm_backbones.is_timm(name):
-            state = timm_backbones.adapt_state(model, state)
-        head = head_name(model)
-        head_w = state.get(f"{head}.weight")
-        if head_w is not None and head_w.shape[0] == num_classes:
-            replace_head(model, num_classes)  # a file trained for our classes (e.g. a dtl model.safetensors)
-            load_into(model, state, f"--weights {weights}")
-            return _set_dropout(model, dropout)
-        load_into(model, state, f"--weights {weights}")
-    elif pretrained:
+        _load_file(model, name, Path(weights), keep_head)
+    elif pretrained and not timm_backbones.is_timm(name):
         load_into(model, _pretrained_state(name, weights), f"{name} {weights} weights")
-    replace_head(model, num_classes)
+    if keep_head:
+        _check_kept_head(model, num_classes, weights)
+    else:
+        new_head(model, num_classes, head_seed)
     return _set_dropout(model, dropout)
+
+
+def _load_file(model: nn.Module, name: str, path: Path, keep_head: bool) -> None:
+    """--weights FILE into `model`: everything strictly, the head only with `keep_head` (sized to the file's)."""
+    state = load_state_file(path)
+    if timm_backbones.is_timm(name):
+        state = timm_backbones.adapt_state(model, state)
+    head = head_name(model)
+    if not keep_head:
+        load_into(model, state, f"--weights {path}", skip=head)
+        return
+    rows = state.get(f"{head}.weight")
+    if rows is None:
+        raise UserError(f"--keep-head: --weights {path} has no head ({head}.weight) to keep; drop --keep-head "
+                        "to start from a new one")
+    replace_head(model, rows.shape[0])  # shaped like the file's, so the strict load fills it (checked after)
+    load_into(model, state, f"--weights {path}")
+
+
+def _check_kept_head(model: nn.Module, num_classes: int, weights: str) -> None:
+    outputs = head_classes(model)
+    if outputs != num_classes:
+        raise UserError(f"--keep-head: the head of --weights {weights} has {outputs} outputs but the data set has "
+                        f"{num_classes} classes; drop --keep-head to start from a new head")
+    log.info("kept the head of --weights %s: %s (%s, --keep-head)", weights,
+             _describe(model.get_submodule(head_name(model))), head_name(model))
 
 
 def _set_dropout(model: nn.Module, p: float | None) -> nn.Module:

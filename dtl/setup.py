@@ -47,10 +47,12 @@ def preprocessing_of(cfg: Config) -> Preprocessing:
 
 def build_model(cfg: Config, device: torch.device, num_classes: int) -> tuple[nn.Module, list[str]]:
     """The backbone with its new head, frozen per mode, on the device in its memory format (not wrapped)."""
-    torch.manual_seed(cfg.run.seed)  # same initial head on every rank (DDP broadcasts rank 0's anyway)
+    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
     net = cfg.backbone
     model = models.build_model(net.model, num_classes, net.weights, cfg.data.image_size, net.dropout,
-                               net.drop_path)
+                               net.drop_path, keep_head=net.keep_head,
+                               # scratch: the head is part of the random init, drawn from the same stream
+                               head_seed=cfg.run.seed if net.weights != "none" else None)
     if cfg.run.deterministic and device.type == "cuda":
         models.deterministic_pooling(model)
     # lp-ft: the optimizer covers everything that will ever train (from step 0, so a resume on either side of

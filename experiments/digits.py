@@ -12,9 +12,8 @@ Run from the repository root (it calls `train.py` there with the same Python). W
    --k images per class for training, all the other 5-9 images, or --val-per-class of them, for evaluation).
    The data is the same for every training seed; --seeds varies the training (head init, data order,
    augmentation).
-2. Pretrain once from scratch on 0-4 (`--mode scratch`), then write `OUT/pretrained.safetensors`: the pretrained
-   backbone plus a freshly initialised 1000-class `fc`, i.e. a state dict of the torchvision architecture as
-   `--weights FILE` expects it (dtl then replaces the 1000-class head by a new 5-class one).
+2. Pretrain once from scratch on 0-4 (`--mode scratch`); its `model.safetensors` is the fine-tuning's
+   `--weights FILE` as it is (dtl starts every run from a new head, though the file's also has 5 classes).
 3. Fine-tune on the few 5-9 images, every config in CONFIGS for every seed, each for --ft-epochs epochs,
    in `OUT/runs/<config>/seed<N>` (a run that completed with the same arguments is not run again).
 4. Read final and best `test_acc` (and `test_acc_ema`) from each run's metrics.jsonl and write
@@ -36,10 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
-import torchvision
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from sklearn.datasets import load_digits
 
 REPO = Path(__file__).resolve().parent.parent
@@ -150,20 +146,6 @@ def train(args: list[str], outdir: Path, log: Path) -> float:
     return time.monotonic() - start
 
 
-def make_weights(pre_run: Path, model: str, dest: Path) -> None:
-    """Pretrained backbone + a fresh 1000-class head: the torchvision state dict --weights FILE expects."""
-    state = load_file(str(pre_run / "model.safetensors"))
-    torch.manual_seed(0)
-    fresh = torchvision.models.get_model(model, weights=None).state_dict()  # 1000 classes
-    head = [k for k in fresh if k.startswith("fc.")]
-    if set(state) != set(fresh) or not head:
-        raise SystemExit(f"{pre_run}/model.safetensors does not match torchvision {model} "
-                         f"(differs in {sorted(set(state) ^ set(fresh))[:8]}) or has no `fc` head")
-    out = {k: v.contiguous() for k, v in state.items() if k not in head}
-    out.update({k: fresh[k].contiguous() for k in head})
-    save_file(out, str(dest))
-
-
 def read_metrics(outdir: Path) -> dict[str, float | None]:
     rows = [json.loads(line) for line in (outdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "test_acc" in r]
@@ -204,7 +186,7 @@ def main() -> None:
     parser.add_argument("--val-per-class", type=int, default=None,
                         help="evaluation images per class (5-9); default: all the images not used for training")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the data splits")
-    parser.add_argument("--model", default="resnet18", help="torchvision model with an `fc` head")
+    parser.add_argument("--model", default="resnet18", help="torchvision model (the pretraining's and the fine-tuning's)")
     parser.add_argument("--pre-epochs", type=int, default=10)
     parser.add_argument("--pre-lr", type=float, default=0.05, help="SGD lr of the pretraining (cosine)")
     parser.add_argument("--pre-batch-size", type=int, default=32,
@@ -235,8 +217,7 @@ def main() -> None:
     secs = train(pre_args, pre_run, out / "logs" / "pretrain.log")
     pre = read_metrics(pre_run)
     print(f"pretrain: {secs:.0f}s, test_acc {pre['final']:.4f} (best {pre['best']:.4f})", flush=True)
-    weights = out / "pretrained.safetensors"
-    make_weights(pre_run, args.model, weights)
+    weights = pre_run / "model.safetensors"  # its 5-class head is replaced by a new one (dtl's default)
 
     ft_common = [*common, "--batch-size", str(args.batch_size), "--data-dir", str(out / "data" / "ft"),
                  "--weights", str(weights),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from dtl import models
 from tests.conftest import PY, ROOT, TINY, assert_same_weights, fault_env, free_port, rewind_copy, train_inproc
@@ -242,3 +242,24 @@ def test_lp_ft_crosses_the_switch_in_two_processes(tmp_path):
     assert "replicas in sync" in res.stderr
     final = load_file(str(out / "model.safetensors"))
     assert not torch.equal(final["conv1.weight"], torch.load(weights, weights_only=True)["conv1.weight"])
+
+
+def test_a_same_shape_head_is_new_and_the_same_on_both_ranks(tmp_path):
+    """Issue #22 under torchrun x2: the file's 10-class head is replaced by the seeded fresh one on every rank
+    (the replica check compares all parameters after the first epoch; one step at lr 1e-12 keeps the start)."""
+    torch.manual_seed(1)
+    src = models.build_model("resnet18", 10, "none", 32)
+    weights = tmp_path / "other_task.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(weights))
+    out = tmp_path / "run"
+    res = torchrun(2, *TINY, "--model", "resnet18", "--mode", "transfer", "--weights", str(weights), "--epochs", "1",
+                   "--train-subset", "32", "--eval-subset", "16", "--lr", "1e-12", "--weight-decay", "0",
+                   "--seed", "4", "--output-dir", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "new head: Linear(512, 10) (fc), initialised with seed 4" in res.stderr
+    assert "replicas in sync" in res.stderr
+    torch.manual_seed(4)
+    fresh = torch.nn.Linear(512, 10)
+    final = load_file(str(out / "model.safetensors"))
+    torch.testing.assert_close(final["fc.weight"], fresh.weight.detach(), atol=1e-7, rtol=0)
+    assert (final["fc.weight"] - src.fc.weight).abs().max() > 1e-2

@@ -1,3 +1,4 @@
+import json
 import os
 import pickle
 import subprocess
@@ -6,11 +7,13 @@ import sys
 import pytest
 import torch
 import torchvision
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dtl import models
+from dtl.config import Config
 from dtl.errors import UserError
+from tests.conftest import TINY, train_inproc
 
 
 def names(model):
@@ -104,8 +107,9 @@ def test_weight_files_safetensors_pth_and_bad_ones(tmp_path):
     save_file({f"module.{k}": v.contiguous() for k, v in src.state_dict().items()}, str(st))
     torch.save(src.state_dict(), pth)
     for path in (st, pth):
-        model = models.build_model("resnet18", 10, str(path), 32)
+        model = models.build_model("resnet18", 10, str(path), 32, keep_head=True)
         assert torch.equal(model.fc.weight, src.fc.weight)
+        assert torch.equal(model.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
 
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(st.read_bytes()[:1000])
@@ -117,6 +121,81 @@ def test_weight_files_safetensors_pth_and_bad_ones(tmp_path):
     torch.save(state, wrong)
     with pytest.raises(UserError, match=r"layer1\.0\.conv1\.weight"):
         models.build_model("resnet18", 10, str(wrong), 32)
+
+
+def fresh_linear(seed: int, inputs: int, outputs: int) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(inputs, outputs)
+
+
+def test_a_same_shape_head_in_a_weight_file_is_replaced_by_a_fresh_one(tmp_path, caplog):
+    """Issue #22: a file of another 5-class task must not hand its classifier to this 5-class task."""
+    torch.manual_seed(1)
+    src = torchvision.models.resnet18(num_classes=5)
+    path = tmp_path / "other_task.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    with caplog.at_level("INFO", logger="dtl"):
+        model = models.build_model("resnet18", 5, str(path), 32, head_seed=3)
+    assert torch.equal(model.layer4[1].conv2.weight, src.layer4[1].conv2.weight)  # the backbone is the file's
+    assert not torch.equal(model.fc.weight, src.fc.weight)
+    expected = fresh_linear(3, 512, 5)
+    assert torch.equal(model.fc.weight, expected.weight) and torch.equal(model.fc.bias, expected.bias)
+    assert "new head: Linear(512, 5) (fc), initialised with seed 3" in caplog.text
+
+    kept = models.build_model("resnet18", 5, str(path), 32, keep_head=True, head_seed=3)
+    assert torch.equal(kept.fc.weight, src.fc.weight) and torch.equal(kept.fc.bias, src.fc.bias)
+    with pytest.raises(UserError, match="has 5 outputs but the data set has 7 classes; drop --keep-head"):
+        models.build_model("resnet18", 7, str(path), 32, keep_head=True)
+    # another class count without --keep-head: the backbone loads, the head is new
+    seven = models.build_model("resnet18", 7, str(path), 32, head_seed=3)
+    assert seven.fc.out_features == 7 and torch.equal(seven.conv1.weight, src.conv1.weight)
+
+
+def test_a_backbone_only_file_gets_a_new_head_and_refuses_keep_head(tmp_path):
+    src = torchvision.models.resnet18()
+    path = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items() if not k.startswith("fc.")}, str(path))
+    model = models.build_model("resnet18", 4, str(path), 32, head_seed=0)
+    assert torch.equal(model.fc.weight, fresh_linear(0, 512, 4).weight)
+    with pytest.raises(UserError, match=r"no head \(fc.weight\) to keep"):
+        models.build_model("resnet18", 4, str(path), 32, keep_head=True)
+
+
+def test_imagenet_weights_get_a_new_head_even_with_1000_classes(fake_vgg16_home, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(fake_vgg16_home))
+    cached = torch.load(next((fake_vgg16_home / "hub" / "checkpoints").iterdir()), weights_only=True)
+    model = models.build_model("vgg16", 1000, "imagenet", 32, head_seed=0)
+    assert not torch.equal(model.classifier[6].weight, cached["classifier.6.weight"])
+    kept = models.build_model("vgg16", 1000, "imagenet", 32, keep_head=True)
+    assert torch.equal(kept.classifier[6].weight, cached["classifier.6.weight"])
+    with pytest.raises(UserError, match="has 1000 outputs but the data set has 10 classes"):
+        models.build_model("vgg16", 10, "imagenet", 32, keep_head=True)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_training_starts_from_a_fresh_head_unless_kept(tmp_path, keep):
+    """Through train.py: one step at lr 1e-12 leaves the starting head in model.safetensors."""
+    torch.manual_seed(1)
+    src = torchvision.models.resnet18(num_classes=10)  # the synthetic set has 10 classes
+    path = tmp_path / "other_task.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    out = tmp_path / "run"
+    flags = ["--keep-head"] if keep else []
+    assert train_inproc(*TINY, "--model", "resnet18", "--mode", "transfer", "--weights", str(path), "--epochs", "1",
+                        "--train-subset", "16", "--eval-subset", "16", "--lr", "1e-12", "--weight-decay", "0",
+                        "--seed", "4", *flags, "--output-dir", str(out)) == 0
+    final = load_file(str(out / "model.safetensors"))
+    expected = src.fc if keep else fresh_linear(4, 512, 10)
+    torch.testing.assert_close(final["fc.weight"], expected.weight.detach(), atol=1e-7, rtol=0)
+    torch.testing.assert_close(final["fc.bias"], expected.bias.detach(), atol=1e-7, rtol=0)
+    if not keep:
+        assert (final["fc.weight"] - src.fc.weight).abs().max() > 1e-2
+    assert json.loads((out / "config.json").read_text())["config"]["keep_head"] is keep
+
+
+def test_keep_head_without_weights_is_a_config_error():
+    with pytest.raises(ValueError, match="keep_head=True .* weights='none'"):
+        Config(mode="scratch", keep_head=True)
 
 
 def test_pickled_code_in_a_pth_is_refused_and_never_runs(tmp_path):

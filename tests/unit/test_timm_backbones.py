@@ -106,6 +106,28 @@ def test_weights_file_trains_and_eval_uses_the_recorded_normalisation(tmp_path, 
     assert json.loads((tmp_path / "p.jsonl").read_text())["probability"] == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_same_shape_timm_head_starts_fresh_unless_kept(tmp_path, keep):
+    """Issue #22 for timm: the file's 10-class head (as many classes as the data) is reset after loading."""
+    torch.manual_seed(0)
+    weights = tmp_path / "other_task.safetensors"
+    src = timm.create_model("test_convnext", num_classes=10)
+    save_file(src.state_dict(), str(weights))
+    out = tmp_path / "run"
+    flags = ["--keep-head"] if keep else []
+    assert train_inproc(*SMALL, "--model", "timm/test_convnext", "--mode", "finetune", "--weights", str(weights),
+                        "--lr", "1e-12", "--weight-decay", "0", "--seed", "4", *flags, "--output-dir", str(out)) == 0
+    head = load_file(str(out / "model.safetensors"))["head.fc.weight"]
+    fresh = timm.create_model("test_convnext", num_classes=10)
+    torch.manual_seed(4)
+    fresh.reset_classifier(10)
+    expected = src if keep else fresh
+    torch.testing.assert_close(head, expected.head.fc.weight.detach(), atol=1e-7, rtol=0)  # one step at lr 1e-12
+    if not keep:
+        assert (head - src.head.fc.weight).abs().max() > 1e-3
+    assert json.loads((out / "config.json").read_text())["config"]["keep_head"] is keep
+
+
 def test_a_weight_file_at_another_resolution_is_resampled(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "vit160.safetensors"
