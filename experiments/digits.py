@@ -48,6 +48,9 @@ FT = ["--mode", "finetune"]
 CONFIGS: dict[str, list[str]] = {
     "transfer (head only)": ["--mode", "transfer"],
     "plain": [*FT],
+    # the file's (pretraining's) 5-class head kept: what every run did before the fresh-head fix (#22)
+    "transfer, --keep-head": ["--mode", "transfer", "--keep-head"],
+    "plain, --keep-head": [*FT, "--keep-head"],
     "strong": [*FT, "--recipe", "strong"],
     "+layer-decay 0.75": [*FT, "--layer-decay", "0.75"],
     "+head-lr-mult 10": [*FT, "--head-lr-mult", "10"],
@@ -150,7 +153,7 @@ def read_metrics(outdir: Path) -> dict[str, float | None]:
     rows = [json.loads(line) for line in (outdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "test_acc" in r]
     ema = [r["test_acc_ema"] for r in rows if r.get("test_acc_ema") is not None]
-    return {"final": rows[-1]["test_acc"], "best": max(r["test_acc"] for r in rows),
+    return {"first": rows[0]["test_acc"], "final": rows[-1]["test_acc"], "best": max(r["test_acc"] for r in rows),
             "final_ema": ema[-1] if ema else None, "best_ema": max(ema) if ema else None,
             "epochs": len(rows)}
 
@@ -165,15 +168,17 @@ def pct(values: list[float]) -> str:
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    lines = ["| config | final test acc % | best test acc % | EMA final / best % | vs plain (final) |",
-             "|---|---|---|---|---|"]
+    lines = ["| config | epoch-1 test acc % | final test acc % | best test acc % | EMA final / best % "
+             "| vs plain (final) |",
+             "|---|---|---|---|---|---|"]
     plain = statistics.fmean(r["final"] for r in results["plain"]) if "plain" in results else None
     for name, runs in results.items():
         finals = [r["final"] for r in runs]
         emas = [r for r in runs if r["final_ema"] is not None]
         ema = (f"{pct([r['final_ema'] for r in emas])} / {pct([r['best_ema'] for r in emas])}" if emas else "")
         delta = "" if plain is None or name == "plain" else f"{100 * (statistics.fmean(finals) - plain):+.1f}"
-        lines.append(f"| {name} | {pct(finals)} | {pct([r['best'] for r in runs])} | {ema} | {delta} |")
+        lines.append(f"| {name} | {pct([r['first'] for r in runs])} | {pct(finals)} | {pct([r['best'] for r in runs])} "
+                     f"| {ema} | {delta} |")
     return "\n".join(lines) + "\n"
 
 
@@ -186,7 +191,7 @@ def main() -> None:
     parser.add_argument("--val-per-class", type=int, default=None,
                         help="evaluation images per class (5-9); default: all the images not used for training")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the data splits")
-    parser.add_argument("--model", default="resnet18", help="torchvision model (the pretraining's and the fine-tuning's)")
+    parser.add_argument("--model", default="resnet18", help="torchvision model (pretraining and fine-tuning)")
     parser.add_argument("--pre-epochs", type=int, default=10)
     parser.add_argument("--pre-lr", type=float, default=0.05, help="SGD lr of the pretraining (cosine)")
     parser.add_argument("--pre-batch-size", type=int, default=32,
