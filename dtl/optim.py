@@ -72,14 +72,24 @@ def table(rows: list[GroupRow]) -> list[dict[str, Any]]:
     return [asdict(r) for r in rows]
 
 
-def build_optimizer(optim: OptimConfig, model: nn.Module, model_name: str,
-                    device: torch.device) -> tuple[torch.optim.Optimizer, list[GroupRow]]:
+def build_optimizer(optim: OptimConfig, model: nn.Module, model_name: str, device: torch.device,
+                    grad_scaler: bool = False) -> tuple[torch.optim.Optimizer, list[GroupRow]]:
+    """SGD or AdamW over the parameter groups; `grad_scaler`: an fp16 GradScaler steps it (and may skip steps)."""
     groups, rows = param_groups(model, model_name, optim)
-    # foreach is the fast path on both CPU and GPU; fused only exists for (and helps on) CUDA.
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if optim.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.momentum, 0.999), **fast), rows
-    return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, **fast), rows
+        return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.momentum, 0.999), **_kernels(device)), rows
+    # torch's fused SGD takes the scaler's found_inf and skips an overflowed step itself, but it has already
+    # allocated the momentum buffers with empty_like: after a skipped *first* step they hold uninitialised
+    # memory that the next step treats as momentum (non-finite on CUDA, whose allocator hands back the inf
+    # gradients; reproduced on the CPU in tests/unit/test_optim.py). foreach SGD under a scaler is skipped
+    # whole by GradScaler.step. Fused AdamW zero-fills its state first and honours found_inf.
+    kernels = {"foreach": True} if grad_scaler else _kernels(device)
+    return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, **kernels), rows
+
+
+def _kernels(device: torch.device) -> dict[str, bool]:
+    # foreach is the fast path on both CPU and GPU; fused only exists for (and helps on) CUDA.
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
 
 
 def lr_at(optim: OptimConfig, step: int, steps_per_epoch: int, world_size: int) -> float:

@@ -90,7 +90,8 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
     # the ImageNet weights reach the hub cache once per node (rank 0 first), not once per rank at a time
     main_first(env, lambda first: models.fetch_weights(cfg.backbone.model, cfg.backbone.weights) if first else None)
     model, trainable = build_model(cfg, device, len(splits.classes))
-    optimizer, group_rows = optim.build_optimizer(cfg.optim, model, cfg.backbone.model, device)
+    optimizer, group_rows = optim.build_optimizer(cfg.optim, model, cfg.backbone.model, device,
+                                                  grad_scaler=precision == "fp16")
     scaler = torch.amp.GradScaler(device.type, init_scale=cfg.run.fp16_init_scale, enabled=precision == "fp16")
     weights = (samplers.class_weights(splits.train.labels, len(splits.classes))
                if cfg.data.class_balance == "loss" else None)

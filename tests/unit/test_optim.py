@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -137,3 +139,38 @@ def test_head_group_learns_at_m_times_the_scheduled_rate(tmp_path, monkeypatch):
     assert train_inproc(*flags, "--output-dir", str(tmp_path / "run")) == 0
     assert len(seen) == 16 and len({round(b, 12) for _, b in seen}) > 3  # warm-up and cosine: it moves
     assert all(a == pytest.approx(b, rel=1e-12) for a, b in seen)
+
+
+def _overflow_then_step(opt: torch.optim.Optimizer, net: nn.Module) -> torch.amp.GradScaler:
+    """One step whose scaled gradients overflow (the scaler skips it), then one ordinary step."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    scaler.scale(net(x).sum() * 1e35).backward()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(net(x).square().mean()).backward()
+    scaler.step(opt)
+    scaler.update()
+    return scaler
+
+
+def test_sgd_under_an_fp16_grad_scaler_survives_an_overflowed_first_step():
+    """GPU issue's fp16_overflow: torch's fused SGD, handed found_inf by the scaler, leaves uninitialised momentum
+    buffers after a skipped first step. dtl's optimizer for a scaled CUDA run must step exactly like plain SGD
+    that never saw the skipped step (the fused CPU kernel has the same flaw, so this runs here)."""
+    cfg = Config(model="squeezenet1_1", mode="scratch", momentum=0.9, weight_decay=0.0)
+    net = models.build_model("squeezenet1_1", 3, "none", 32, dropout=0.0)
+    reference = copy.deepcopy(net)
+    plain = torch.optim.SGD(reference.parameters(), lr=cfg.optim.lr, momentum=0.9, foreach=False)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    reference(x).square().mean().backward()
+    plain.step()
+
+    opt, _ = optim.build_optimizer(cfg.optim, net, "squeezenet1_1", torch.device("cuda"), grad_scaler=True)
+    assert _overflow_then_step(opt, net).get_scale() < 2.0**16  # the first step did overflow
+    for ours, theirs in zip(net.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    # without a scaler the CUDA fast path stays fused
+    fast, _ = optim.build_optimizer(cfg.optim, net, "squeezenet1_1", torch.device("cuda"))
+    assert fast.defaults["fused"] is True
