@@ -26,12 +26,17 @@ from typing import Any
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from dtl import bench, cifar, dist, doctor, engine, export, inference, predict, signals, timm_backbones
+from dtl import dist
 from dtl.config import SECTIONS, choices_of
+from dtl.config.loading import config_from_args, field_docs
+from dtl.data import cifar
+from dtl.dist import signals
 from dtl.errors import EXIT_FAILURE, EXIT_USAGE, NonFiniteLossError, UserError
-from dtl.metrics import plot_runs, read_metrics
-from dtl.models import classification_models
-from dtl.settings import config_from_args, field_docs
+from dtl.models import classification_models, timm_backbones
+from dtl.tools import doctor, eval_run, export, predict
+from dtl.tools.bench import compare
+from dtl.train import trainer
+from dtl.train.metrics import plot_runs, read_metrics
 
 log = logging.getLogger("dtl")
 
@@ -367,14 +372,14 @@ def run_train(args: argparse.Namespace) -> int:
     signals.install()
     if cfg.run.deterministic:
         dist.prepare_determinism()
-    return in_process_group(env, cfg.dist.device, cfg.dist.dist_timeout, lambda device: engine.train(cfg, env, device))
+    return in_process_group(env, cfg.dist.device, cfg.dist.dist_timeout, lambda device: trainer.train(cfg, env, device))
 
 
 def run_eval(args: argparse.Namespace) -> int:
     env = dist.detect()
     dist.setup_logging(env)
     return in_process_group(env, args.device, args.dist_timeout,
-                            lambda device: inference.evaluate_checkpoint(args, env, device))
+                            lambda device: eval_run.evaluate_checkpoint(args, env, device))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -391,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "data": run_data, "models": run_models, "plot": run_plot, "predict": predict.run_predict,
         "export": export.run_export,
-        "bench": lambda a: bench.run(a, bench.command_line(argv[1:] if argv else None)),
+        "bench": lambda a: compare.run(a, compare.command_line(argv[1:] if argv else None)),
     }
     return guarded(env, lambda: handlers[args.command](args))
 

@@ -75,12 +75,13 @@ def fault_env(step: int, kind: str = "nan", rank: int | None = None) -> dict[str
 def train_inproc(*flags: str, env: dict[str, str] | None = None) -> int:
     """Run `dtl train` in this process (no interpreter start-up); returns the exit code. `env`: extra
     environment variables for this run only (e.g. `fault_env(...)`)."""
-    from dtl import cli, signals, testing
+    from dtl import cli, faults
+    from dtl.dist import signals
 
     saved = {s: signal.getsignal(s) for s in signals.HANDLED}
     saved_env = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update(env or {})
-    testing.faults.cache_clear()
+    faults.from_env.cache_clear()
     try:
         return cli.main(["train", *flags])
     finally:
@@ -92,7 +93,7 @@ def train_inproc(*flags: str, env: dict[str, str] | None = None) -> int:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        testing.faults.cache_clear()
+        faults.from_env.cache_clear()
 
 
 def main_inproc(*args: str) -> int:
@@ -156,7 +157,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small learnable data set in the official CIFAR-10 python layout, written by `dtl data synth`."""
     out = tmp_path_factory.mktemp("synth")
-    from dtl import cifar
+    from dtl.data import cifar
 
     cifar.write_cifar10(out, cifar.make_synthetic(600, seed=0), cifar.make_synthetic(203, seed=7), "py")
     return out

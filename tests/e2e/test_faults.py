@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dtl import checkpoint as ckpt
-from dtl import cifar
+from dtl.data import cifar
+from dtl.train import checkpoint_format as ckpt
 from tests.conftest import PY, ROOT, TINY, fault_env, snapshot, train_inproc
 
 # 2 ranks x batch 8: 32 optimizer steps per epoch, long enough to land a signal in the middle

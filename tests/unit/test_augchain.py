@@ -11,9 +11,16 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from dtl.augchain import AugmentChain, pad_crop, resize_uint8, resized_crop_uint8, sample_pad_offsets
-from dtl.augment import IMAGENET_MEAN, IMAGENET_STD, BatchTransform, resized_crop, sample_crop_boxes, sample_flips
-from dtl.autoaugment import AutoAugment
+from dtl.data.augment.autoaugment import AutoAugment
+from dtl.data.augment.chain import AugmentChain, pad_crop, resize_uint8, resized_crop_uint8, sample_pad_offsets
+from dtl.data.augment.transform import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BatchTransform,
+    resized_crop,
+    sample_crop_boxes,
+    sample_flips,
+)
 from tests.conftest import TINY, assert_same_weights, rewind_copy, train_inproc
 
 # float32 normalisation noise; one grey level is ~0.017 in these units

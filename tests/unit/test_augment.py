@@ -17,7 +17,7 @@ import torch
 import torchvision.transforms as T
 from torchvision.transforms.v2 import functional as F
 
-from dtl.augment import (
+from dtl.data.augment.transform import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     BatchTransform,

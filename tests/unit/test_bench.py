@@ -13,9 +13,10 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from dtl import bench, bench_input, cli
-from dtl.bench_report import PHASES
+from dtl import cli
 from dtl.errors import UserError
+from dtl.tools.bench import compare, input_phases
+from dtl.tools.bench.report import PHASES
 
 TINY = ["--device", "cpu", "--image-size", "32", "--batch-size", "8", "--steps", "2", "--warmup", "1",
         "--repeats", "2", "--train-subset", "64", "--eval-subset", "32"]
@@ -105,16 +106,16 @@ def test_bench_transfer_resnet18_weights_file(tmp_path: Path) -> None:
 
 def test_bench_flags_are_trains_plus_its_own() -> None:
     args = bench_args(["--model", "resnet18", "--mode", "scratch", "--device", "cpu"])
-    cfg = bench.bench_config(args)
+    cfg = compare.bench_config(args)
     assert cfg.data.dataset == "synthetic"
-    assert (cfg.data.train_subset, cfg.data.eval_subset) == bench.SYNTHETIC_COUNTS["cpu"]
+    assert (cfg.data.train_subset, cfg.data.eval_subset) == compare.SYNTHETIC_COUNTS["cpu"]
     assert (cfg.backbone.model, cfg.backbone.mode, cfg.backbone.weights) == ("resnet18", "scratch", "none")
     args = bench_args(["--data-dir", "somewhere", "--device", "cpu"])
-    cfg = bench.bench_config(args)
+    cfg = compare.bench_config(args)
     assert cfg.data.dataset == "cifar10" and cfg.data.train_subset is None
     args = bench_args(["--steps", "0"])
     with pytest.raises(UserError, match="--steps"):
-        bench.options_from_args(args, "x")
+        compare.options_from_args(args, "x")
     assert bench_main(["--dataset", "folder", "--device", "cpu"]) == 2
 
 
@@ -139,7 +140,7 @@ def test_bench_augmented_input_phase_against_torchvision_v2(tmp_path: Path) -> N
     result = bench_with_input_augment(tmp_path, "--auto-augment", "ta_wide", "--crop", "pad", "--random-erasing",
                                       "0.25", "--input-steps", "2")
     assert result["meta"]["config"]["auto_augment"] == "ta_wide"
-    transform = bench_input.v2_augment_transform(bench.bench_config(bench_args(
+    transform = input_phases.v2_augment_transform(compare.bench_config(bench_args(
         ["--crop", "pad", "--auto-augment", "augmix", "--random-erasing", "0.5", *TINY])))
     names = [type(t).__name__ for t in transform.transforms]
     assert names == ["Resize", "RandomCrop", "RandomHorizontalFlip", "AugMix", "ToDtype", "Normalize",
@@ -156,15 +157,15 @@ def test_bench_mixup_adds_the_input_phase_against_v2_mixing_in_the_collate(tmp_p
 def test_the_v2_reference_mixes_like_timm_batch_mode():
     """The reference side's collate: v2 MixUp/CutMix chosen like timm's switch, applied with --mix-prob; off
     when mixing is off."""
-    cfg = bench.bench_config(bench_args([*TINY, "--mixup", "0.2", "--cutmix", "1.0", "--mix-switch-prob", "0.25",
+    cfg = compare.bench_config(bench_args([*TINY, "--mixup", "0.2", "--cutmix", "1.0", "--mix-switch-prob", "0.25",
                                          "--mix-prob", "0.8"]))
-    t = bench_input.v2_mix_transform(cfg, 10)
+    t = input_phases.v2_mix_transform(cfg, 10)
     assert isinstance(t, v2.RandomApply) and t.p == 0.8
     choice = t.transforms[0]
     assert [type(c).__name__ for c in choice.transforms] == ["MixUp", "CutMix"] and choice.p == [0.75, 0.25]
-    assert bench_input.v2_mix_transform(bench.bench_config(bench_args([*TINY])), 10) is None
+    assert input_phases.v2_mix_transform(compare.bench_config(bench_args([*TINY])), 10) is None
     images, labels = torch.rand(8, 3, 16, 16), torch.arange(8) % 10
-    collate = bench_input._MixCollate(bench_input.v2_mix_transform(cfg, 10))
+    collate = input_phases._MixCollate(input_phases.v2_mix_transform(cfg, 10))
     x, y = collate(list(zip(images, labels)))
     assert x.shape == images.shape and y.shape == (8, 10)
     torch.testing.assert_close(y.sum(1), torch.ones(8))

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtl import checkpoint as ckpt
 from dtl.errors import UserError
+from dtl.train import checkpoint_format as ckpt
 
 
 def write(outdir: Path, step: int, best: bool = False, keep_last: int = 2) -> Path:

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from dtl.checkpointer import Checkpointer, Progress
 from dtl.dist import DistEnv
 from dtl.errors import UserError
+from dtl.train.checkpointer import Checkpointer, Progress
 
 CPU = torch.device("cpu")
 

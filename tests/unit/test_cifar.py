@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dtl import cifar
+from dtl.data import cifar
 from dtl.errors import UserError
 from tests.conftest import main_inproc
 

@@ -5,8 +5,8 @@ import pytest
 
 from dtl.cli import build_parser
 from dtl.config import Config
+from dtl.config.loading import config_from_args, field_docs
 from dtl.errors import UserError
-from dtl.settings import config_from_args, field_docs
 
 
 def parse(*flags: str) -> Config:

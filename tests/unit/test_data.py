@@ -5,15 +5,15 @@ import inspect
 
 import torch
 
-from dtl.augchain import AugmentChain
-from dtl.augment import BatchTransform
-from dtl.cifar import make_synthetic
 from dtl.config import Config
-from dtl.data import BatchLoader, DeviceLoader, WorkerLoader, augment_chain, build_loaders, v2_transform
+from dtl.data.augment.chain import AugmentChain
+from dtl.data.augment.transform import BatchTransform
+from dtl.data.cifar import make_synthetic
+from dtl.data.features import FeatureLoader
+from dtl.data.loaders import BatchLoader, DeviceLoader, WorkerLoader, augment_chain, build_loaders, v2_transform
+from dtl.data.samplers import EvalShardSampler, train_sampler
+from dtl.data.splits import Splits, stream_seed
 from dtl.dist import DistEnv
-from dtl.features import FeatureLoader
-from dtl.samplers import EvalShardSampler, train_sampler
-from dtl.splits import Splits, stream_seed
 
 
 def batches(start_batch: int, size: int = 32, batch: int = 8, transform=None):  # noqa: ANN001

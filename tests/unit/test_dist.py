@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from dtl import dist
+from dtl.data.samplers import EvalShardSampler, train_sampler
 from dtl.errors import UserError
-from dtl.samplers import EvalShardSampler, train_sampler
 from tests.conftest import free_port
 
 

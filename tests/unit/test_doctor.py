@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 
-from dtl import dist, doctor
+from dtl import dist
+from dtl.tools import doctor
 from tests.conftest import main_inproc
 
 

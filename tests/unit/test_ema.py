@@ -9,7 +9,7 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
-from dtl.ema import Ema, EmaView
+from dtl.train.ema import Ema, EmaView
 from tests.conftest import TINY, assert_same_weights, rewind_copy, train_inproc
 
 

@@ -118,7 +118,7 @@ def test_grad_accumulation_matches_the_larger_batch(tmp_path):
 
 def test_lr_schedule_and_linear_scaling():
     from dtl.config import Config
-    from dtl.optim import lr_at
+    from dtl.train.optim import lr_at
 
     cfg = Config(lr=0.1, lr_scale="linear", grad_accum=2, warmup_epochs=1, lr_schedule="cosine", epochs=3).optim
     assert lr_at(cfg, 0, steps_per_epoch=10, world_size=4) == pytest.approx(0.8 / 10)  # warm-up, scaled x8

@@ -8,7 +8,7 @@ from torch import nn
 
 from dtl import dist
 from dtl.dist import DistEnv
-from dtl.evaluate import evaluate, tta_logits
+from dtl.train.evaluate import evaluate, tta_logits
 
 CPU = torch.device("cpu")
 
@@ -82,7 +82,7 @@ def test_runs_the_model_without_its_ddp_and_compile_wrappers():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_confusion_matrix_needs_no_host_sync():
-    from dtl.evaluate import evaluate
+    from dtl.train.evaluate import evaluate
 
     labels = torch.randint(0, 10, (64,), device="cuda")
     batches = [(torch.randn(64, 10, device="cuda"), labels)]

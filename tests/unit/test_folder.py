@@ -18,9 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dtl import cli, data, folder, images
-from dtl.cifar import make_synthetic
+from dtl import cli
 from dtl.config import Config
+from dtl.data import folder, images, loaders
+from dtl.data.cifar import make_synthetic
 from dtl.errors import UserError
 from tests.conftest import train_inproc
 
@@ -144,13 +145,13 @@ def test_val_split_is_seeded_stratified_and_saved(image_dir, tmp_path):
 
 
 def test_the_split_file_is_the_callers_choice(image_dir, tmp_path):
-    """No split file, or one that does not exist: split anew; `data.load_splits` passes the file through."""
+    """No split file, or one that does not exist: split anew; `loaders.load_splits` passes the file through."""
     root, _ = image_dir
     a = folder.load_folder_splits(cfg_for(root, val_split=0.25, seed=0))
     path = folder.save_split(tmp_path / "run", a)
     assert folder.load_folder_splits(cfg_for(root, val_split=0.25, seed=1),
                                      split_file=tmp_path / "none.json").test.files != a.test.files
-    resumed = data.load_splits(cfg_for(root, val_split=0.25, seed=1), allow_download=False, split_file=path)
+    resumed = loaders.load_splits(cfg_for(root, val_split=0.25, seed=1), allow_download=False, split_file=path)
     assert resumed.test.files == a.test.files and resumed.train.files == a.train.files
     only_test = folder.load_folder_splits(cfg_for(root, val_split=0.25, seed=1), split_file=path,
                                           with_train=False)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dtl import images
-from dtl.cifar import make_synthetic
-from dtl.data import v2_transform
+from dtl.data import images
+from dtl.data.cifar import make_synthetic
+from dtl.data.loaders import v2_transform
 from dtl.errors import UserError
 
 

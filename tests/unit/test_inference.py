@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dtl import checkpoint as ckpt
 from dtl import cli
-from dtl.cifar import make_synthetic
+from dtl.data.cifar import make_synthetic
+from dtl.train import checkpoint_format as ckpt
 from tests.conftest import PY, ROOT, train_inproc
 
 #: `dtl predict` must put the right class first for at least this fraction of held-out images (the run's

@@ -10,13 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from dtl import dist, loop, mix
+from dtl import dist
 from dtl.cli import build_parser
+from dtl.config.loading import config_from_args
+from dtl.data.augment import mix
 from dtl.dist import DistEnv
 from dtl.errors import NonFiniteLossError
-from dtl.metrics import Meter
-from dtl.settings import config_from_args
-from dtl.setup import prepare
+from dtl.train import loop
+from dtl.train.build import prepare
+from dtl.train.metrics import Meter
 from tests.conftest import TINY, assert_same_weights, free_port, rewind_copy, train_inproc
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import torch
 
 from dtl.dist import DistEnv
-from dtl.metrics import Meter, append_metrics, plot_runs, read_metrics, truncate_metrics
+from dtl.train.metrics import Meter, append_metrics, plot_runs, read_metrics, truncate_metrics
 
 
 def test_meter_sums_not_averages_of_averages():

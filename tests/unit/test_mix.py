@@ -11,9 +11,9 @@ from scipy import stats
 from timm.data.mixup import Mixup, mixup_target
 from torch import nn
 
-from dtl import mix
 from dtl.config import Config, OptimConfig
-from dtl.splits import stream_seed
+from dtl.data.augment import mix
+from dtl.data.splits import stream_seed
 from tests.conftest import TINY, train_inproc
 
 C = 5

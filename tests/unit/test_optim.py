@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from dtl import checkpoint as ckpt
-from dtl import loop, models, optim
+from dtl import models
 from dtl.config import Config
+from dtl.train import checkpoint_format as ckpt
+from dtl.train import loop, optim
 from tests.conftest import TINY, train_inproc
 
 

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from dtl import dist, precision
+from dtl import dist
+from dtl.train import precision
 from tests.conftest import TINY, train_inproc
 
 

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from dtl import checkpoint as ckpt
-from dtl import rundir
 from dtl.config import Config
+from dtl.data.splits import Split, Splits
 from dtl.dist import DistEnv
 from dtl.errors import UserError
-from dtl.splits import Split, Splits
+from dtl.train import checkpoint_format as ckpt
+from dtl.train import run_folder
 
 CPU = torch.device("cpu")
 
@@ -24,7 +24,7 @@ def fake_checkpoint(outdir, step: int):
 
 
 def plan(**kw):
-    return rundir.plan(Config(mode="scratch", **kw), DistEnv(), CPU)
+    return run_folder.plan(Config(mode="scratch", **kw), DistEnv(), CPU)
 
 
 def test_fresh_folder(tmp_path):
@@ -67,13 +67,13 @@ def test_start_describes_the_run_and_status_follows_it(tmp_path):
                     Split(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.tensor([1]), ["a", "b"]))
     info = {"launcher": "python", "world_size": 1, "device": "cpu", "precision": "fp32",
             "precision_source": "test", "global_batch": 32}
-    log = rundir.start(p, Config(mode="scratch"), DistEnv(), info, (0, 0), splits, torch.nn.Linear(2, 2))
+    log = run_folder.start(p, Config(mode="scratch"), DistEnv(), info, (0, 0), splits, torch.nn.Linear(2, 2))
     assert log is not None and log.trackers == []
     saved = json.loads((p.outdir / "config.json").read_text())
     assert saved["config"]["mode"] == "scratch" and saved["run"]["launcher"] == "python"
     assert json.loads((p.outdir / "status.json").read_text())["state"] == "running"
-    rundir.write_status(p.outdir, DistEnv(), "preempted", 75, (1, 40), p.outdir / "checkpoints" / "step-40")
+    run_folder.write_status(p.outdir, DistEnv(), "preempted", 75, (1, 40), p.outdir / "checkpoints" / "step-40")
     status = json.loads((p.outdir / "status.json").read_text())
     assert (status["state"], status["exit_code"], status["epoch"], status["global_step"]) == ("preempted", 75, 1, 40)
-    rundir.write_status(p.outdir, DistEnv(rank=1, world_size=2), "failed", 1, (0, 0), None)  # not rank 0
+    run_folder.write_status(p.outdir, DistEnv(rank=1, world_size=2), "failed", 1, (0, 0), None)  # not rank 0
     assert json.loads((p.outdir / "status.json").read_text())["state"] == "preempted"

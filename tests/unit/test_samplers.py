@@ -7,10 +7,10 @@ import json
 
 import torch
 
-from dtl import cifar
+from dtl.data import cifar
+from dtl.data.samplers import ClassBalancedSampler, class_weights
+from dtl.data.splits import Split
 from dtl.dist import DistEnv
-from dtl.samplers import ClassBalancedSampler, class_weights
-from dtl.splits import Split
 from tests.conftest import assert_same_weights, rewind_copy, train_inproc
 
 IMBALANCED = torch.tensor([0] * 1000 + [1] * 100)  # 10:1
@@ -78,7 +78,7 @@ def test_balanced_sampler_resumes_mid_epoch_bitwise(tmp_path):
 
 def test_no_epoch_ends_in_a_batch_of_one(tmp_path):
     """721 images in batches of 16 leave one image alone at the end: a ResNet's BatchNorm cannot train on it."""
-    from dtl.samplers import sampler_for
+    from dtl.data.samplers import sampler_for
 
     sampler = sampler_for(torch.zeros(721, dtype=torch.int64), DistEnv(), seed=0, batch_size=16)
     assert len(sampler) == 720 and len(list(sampler)) == 720

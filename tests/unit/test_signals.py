@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from dtl import signals
+from dtl.dist import signals
 
 
 @pytest.fixture

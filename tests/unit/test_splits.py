@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dtl.folder import FolderSplit
-from dtl.splits import Split, Splits, stream_seed, subset_indices
+from dtl.data.folder import FolderSplit
+from dtl.data.splits import Split, Splits, stream_seed, subset_indices
 
 
 def test_stream_seed_is_stable_and_keeps_streams_apart():

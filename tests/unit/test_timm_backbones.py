@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 from torchvision.io import write_png
 from torchvision.transforms.v2.functional import center_crop, resize
 
-from dtl import models, timm_backbones
+from dtl import models
 from dtl.errors import UserError
+from dtl.models import timm_backbones
 from tests.conftest import TINY, main_inproc, run_cli, train_inproc
 
 SMALL = [*TINY, "--epochs", "1", "--train-subset", "32", "--eval-subset", "16"]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dtl import signals, trackers
+from dtl.dist import signals
+from dtl.train import trackers
 from tests.conftest import TINY, train_inproc
 
 SMALL = [*TINY, "--train-subset", "32", "--eval-subset", "16"]

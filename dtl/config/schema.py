@@ -1,0 +1,380 @@
+"""The training configuration: typed dataclasses grouped by concern (filled by `dtl.settings`).
+
+Sections: `backbone`, `data`, `optim`, `run`, `checkpoint`, `dist` -- each a dataclass whose fields carry a
+docstring (it doubles as the flag's ``--help`` text, so the two never drift apart) and are checked in
+``__post_init__`` (a ValueError naming the field and the value). `Config` holds one of each and checks what
+spans sections; a component is handed the section it needs. Flags and TOML keys stay flat (``--lr 0.01``,
+``lr = 0.01``, optionally under ``[train]``); a TOML file may also use section tables (``[optim]`` with
+``lr = 0.01``). The resolved config is saved flat (config.json, every checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from dtl.config.rules import choices_of, validate_section
+from dtl.errors import UserError
+
+__all__ = ["SECTIONS", "SECTION_OF", "Config", "choices_of"]
+
+@dataclass
+class BackboneConfig:
+    """The network: which backbone, how it is initialised and which part of it trains."""
+
+    model: str = "vgg16"
+    """torchvision classification model name, or timm/NAME for a timm model (see `dtl models [--source timm]`)."""
+    mode: Literal["transfer", "finetune", "scratch", "lp-ft"] = "transfer"
+    """transfer: frozen pretrained backbone, only the new head trains; finetune: pretrained init, everything
+    (or the last --finetune-last-n blocks) trains; scratch: random init, everything trains."""
+    weights: str | None = None
+    """imagenet | none | a torchvision weight enum name (IMAGENET1K_V1) or timm tag | a .safetensors/.pth file.
+    Default: imagenet for transfer/finetune, none for scratch."""
+    finetune_last_n: int | None = None
+    """finetune/lp-ft mode: number of backbone blocks (counted from the end) to unfreeze with the head; default
+    all."""
+    keep_head: bool = False
+    """Keep the head of the loaded weights (continuing on the same label set) instead of a newly initialised
+    one; refused when it does not have as many outputs as the data set has classes. Default: every run from
+    pretrained weights or a weight file starts from a new head, whatever the file's head."""
+    lp_epochs: int = 1
+    """lp-ft mode: epochs that train the head alone (a linear probe, the backbone frozen and its BatchNorm
+    statistics fixed) before the backbone (or its last --finetune-last-n blocks) is unfrozen."""
+    dropout: float | None = None
+    """Override the dropout probability of the model's Dropout layers (default: the model's own)."""
+    drop_path: float | None = None
+    """Stochastic depth (drop path) rate: torchvision's stochastic_depth_prob, the rate of the deepest block,
+    lower ones scaled down linearly (ConvNeXt, EfficientNet v1/v2, Swin, MaxViT; refused for models without
+    it); timm/... models: timm's drop_path_rate. Default: the model's own (e.g. 0.1 for convnext_tiny, 0.2 for
+    efficientnet_b0)."""
+
+    def __post_init__(self) -> None:
+        validate_section(self)
+
+
+@dataclass
+class DataConfig:
+    """What the run reads and how batches are made."""
+
+    dataset: Literal["cifar10", "cifar100", "synthetic", "folder"] = "cifar10"
+    """cifar10 | cifar100 | synthetic (a small learnable CIFAR-format set generated in memory) | folder."""
+    data_dir: str = "./data"
+    """Where the data set lives (CIFAR: the folder holding cifar-10-batches-py/ or -bin/ or the .tar.gz)."""
+    download: bool = True
+    """Download the official archive when it is missing (rank 0 only)."""
+    image_size: int = 224
+    """Side of the square images fed to the network (the reference recipe resizes 32 px CIFAR to 224)."""
+    augment: bool = True
+    """Training augmentation: --crop (RandomResizedCrop, scale 0.5-1) + horizontal flip, and --auto-augment,
+    --random-erasing when given. --no-augment: the eval transform."""
+    data_pipeline: Literal["auto", "device", "workers"] = "auto"
+    """device: the split lives on the device as one uint8 tensor and is augmented in batches; workers: a
+    DataLoader with worker processes and per-image transforms. auto: device for in-memory data sets."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (workers pipeline only)."""
+    train_subset: int | None = None
+    """Use only N training images (handy for smoke tests)."""
+    eval_subset: int | None = None
+    """Use only N test images."""
+    subset_order: Literal["first", "random"] = "first"
+    """How --train-subset/--eval-subset pick images: the first N, or a seeded random N."""
+    val_split: float = 0.0
+    """folder data sets without a val/ folder: fraction held out (seeded, stratified) for evaluation."""
+    coarse_labels: bool = False
+    """cifar100 only: use the 20 coarse super-classes instead of the 100 fine labels."""
+    strict_images: bool = False
+    """folder data sets: refuse to start when any image is unreadable (all are listed) instead of skipping
+    them with a warning."""
+    class_balance: Literal["none", "loss", "sampler"] = "none"
+    """Class imbalance: loss = weight the cross-entropy by inverse class frequency of the training split;
+    sampler = draw training images class-balanced (with replacement); per-class test accuracy is logged."""
+    cache_features: bool = False
+    """transfer mode with --no-augment: run the frozen backbone once per split and train the head on the
+    cached features."""
+    crop: Literal["resized", "pad"] = "resized"
+    """Training crop (then a flip). resized: RandomResizedCrop(image_size, --crop-scale). pad: CIFAR's
+    RandomCrop(image_size, --crop-padding, --padding-mode), after Resize(image_size) if the images differ."""
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    """--crop resized: crop area as a fraction of the image, MIN MAX (torchvision's default: 0.08 1)."""
+    crop_padding: int = 4
+    """--crop pad: pixels of padding on every side before the random crop."""
+    padding_mode: Literal["constant", "reflect"] = "constant"
+    """--crop pad: constant (zeros, torchvision's RandomCrop default) or reflect."""
+    auto_augment: Literal["none", "ta_wide", "randaugment", "augmix"] = "none"
+    """torchvision's TrivialAugmentWide() | RandAugment(--ra-num-ops, --ra-magnitude) | AugMix(--augmix-severity,
+    width 3, depth 1-3, alpha 1), per image on the uint8 crop, before normalisation."""
+    ra_num_ops: int = 2
+    """--auto-augment randaugment: ops applied in a row per image."""
+    ra_magnitude: int = 9
+    """--auto-augment randaugment: magnitude bin (0-30)."""
+    augmix_severity: int = 3
+    """--auto-augment augmix: severity of the ops (1-10)."""
+    random_erasing: float = 0.0
+    """Probability of RandomErasing(scale=(0.02, 0.33), ratio=(0.3, 3.3)) per image, after normalisation."""
+    random_erasing_value: Literal["0", "random"] = "0"
+    """Erased pixels: 0 (the mean colour, after normalisation) or random (standard normal noise)."""
+
+    def __post_init__(self) -> None:
+        validate_section(self)
+
+
+@dataclass
+class OptimConfig:
+    """How the weights are updated."""
+
+    epochs: int = 3
+    """Number of passes over the training set."""
+    batch_size: int = 32
+    """Images per process per step; the global batch is batch_size x world size x grad_accum."""
+    grad_accum: int = 1
+    """Micro-steps whose gradients are summed before one optimizer step."""
+    lr: float = 1e-3
+    """Base learning rate (before --lr-scale)."""
+    lr_scale: Literal["none", "linear"] = "none"
+    """linear: multiply --lr by global batch / --batch-size (the linear scaling rule); none: use --lr as is."""
+    momentum: float = 0.9
+    """SGD momentum (AdamW: beta1)."""
+    weight_decay: float = 0.0
+    """L2 penalty (decoupled for AdamW)."""
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    """sgd (the reference recipe) or adamw."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """Learning-rate schedule after warm-up, stepped per optimizer step."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up from 0 to --lr over this many epochs."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    head_lr_mult: float = 1.0
+    """The new head learns at this multiple of the learning rate (the backbone at the rate itself)."""
+    layer_decay: float = 1.0
+    """Layer-wise learning-rate decay D in (0, 1]: the head at the rate, the backbone block below it at D x,
+    the next at D^2 x, ... down to the stem (blocks as tabled in dtl/models.py). 1: off."""
+    wd_norm_bias: bool = False
+    """Apply --weight-decay to biases and normalisation parameters too (by default they get none, as in timm
+    and torchvision's reference recipes)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.999; warmed up as
+    min(D, (1 + step) / (10 + step))), evaluated each epoch beside the raw weights; 0: off."""
+    ema_every: int = 1
+    """Update the EMA every N optimizer steps."""
+    clip_grad_norm: float | None = None
+    """Clip the global gradient norm (of the parameters that train) to this value, once per optimizer step,
+    after unscaling; the pre-clip norm's epoch mean and max go to metrics.jsonl."""
+    mixup: float = 0.0
+    """MixUp alpha (timm's --mixup): mix each batch with itself reversed, lam ~ Beta(alpha, alpha); trains on
+    soft targets (--label-smoothing folded in). Train accuracy then counts the dominant label (weight >= 0.5).
+    0: off."""
+    cutmix: float = 0.0
+    """CutMix alpha (timm's --cutmix): paste a box of the reversed batch, lam ~ Beta(alpha, alpha) corrected to
+    the box's clipped area; with --mixup too, one of the two per batch (--mix-switch-prob). 0: off."""
+    mix_prob: float = 1.0
+    """Probability that a batch is mixed at all (timm's --mixup-prob)."""
+    mix_switch_prob: float = 0.5
+    """With both --mixup and --cutmix: probability of CutMix rather than MixUp for a batch (timm's
+    --mixup-switch-prob)."""
+
+    def __post_init__(self) -> None:
+        validate_section(self)
+
+
+@dataclass
+class RunConfig:
+    """How the run executes: numerics, seeds, non-finite losses, logging."""
+
+    recipe: Literal["plain", "strong"] = "plain"
+    """plain: the settings as given (the reference recipe's defaults). strong: a fine-tuning recipe -- AdamW,
+    lr 5e-4, weight decay 0.05 (not on biases/norms), cosine after 1 warm-up epoch, layer decay 0.75, head
+    lr x10, label smoothing 0.1, gradient clipping at 1.0, EMA 0.998. Settings given explicitly (flags, TOML)
+    still win."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: the accelerate config's choice under `accelerate launch`, else bf16 on GPUs that support it,
+    fp16 on older GPUs, fp32 on CPU."""
+    fp16_init_scale: float = 65536.0
+    """fp16: the GradScaler's initial loss scale. Steps whose scaled gradients overflow are skipped and the
+    scale halves (counted as overflow_skips in metrics.jsonl; not an error)."""
+    compile: bool = False
+    """torch.compile the model."""
+    seed: int = 0
+    """Seeds model init, data order and augmentation (per rank and epoch)."""
+    deterministic: bool = False
+    """Ask torch for deterministic kernels (slower; for bitwise-reproducible GPU runs)."""
+    nan_policy: Literal["abort", "skip"] = "abort"
+    """Non-finite loss: abort (no checkpoint of the broken state), or skip that step's update."""
+    max_nan_skips: int = 10
+    """skip policy: abort after this many non-finite steps in a row."""
+    early_stop_patience: int | None = None
+    """Stop after this many epochs without an improvement of --early-stop-metric (all ranks at the same epoch);
+    model.safetensors is then the best epoch's weights, and best.json follows that metric."""
+    early_stop_metric: Literal["test_loss", "test_acc"] = "test_loss"
+    """What --early-stop-patience watches (lower test_loss / higher test_acc is better)."""
+    early_stop_min_delta: float = 0.0
+    """The smallest change of --early-stop-metric that counts as an improvement."""
+    log_every: int = 20
+    """Refresh the progress bar (one host sync) every N steps."""
+    progress_every: float = 30.0
+    """When stderr is not a terminal (SLURM output files, pipes): seconds between two plain progress lines
+    (position, ETA, loss, accuracy, images/s; no carriage returns; 0: every step). A terminal gets a tqdm bar."""
+    log_with: str = "none"
+    """Also log the metrics to trackers, comma-separated: tensorboard (OUTDIR/tensorboard), wandb, mlflow
+    (rank 0; one tracker run per dtl run, continued on --resume)."""
+    wandb_project: str | None = None
+    """--log-with wandb: the W&B project (default: WANDB_PROJECT, else W&B's default)."""
+    mlflow_experiment: str | None = None
+    """--log-with mlflow: the MLflow experiment (default: MLFLOW_EXPERIMENT_NAME, else MLflow's Default)."""
+    debug: bool = False
+    """Single process even under a launcher, no workers, a small subset, 1 epoch, anomaly detection."""
+    tta: Literal["none", "flip"] = "none"
+    """Test-time augmentation at evaluation: flip = the mean of the logits of each image and its horizontal
+    mirror (test_loss/test_acc are then the TTA numbers; test_loss_plain/test_acc_plain are logged beside)."""
+
+    def __post_init__(self) -> None:
+        validate_section(self)
+
+
+@dataclass
+class CheckpointConfig:
+    """Where the run lives and when it is saved."""
+
+    output_dir: str | None = None
+    """Run folder (config, metrics, checkpoints). Default: runs/<timestamp>."""
+    overwrite: bool = False
+    """Allow starting a new run in an output folder that holds another run (its files are replaced)."""
+    resume: str | None = None
+    """auto: continue from the newest complete checkpoint in --output-dir (start fresh if none);
+    or a checkpoint folder."""
+    checkpoint_every_steps: int = 0
+    """Also checkpoint every N optimizer steps (0: only at epoch ends)."""
+    checkpoint_every_minutes: float = 0.0
+    """Also checkpoint when this many minutes have passed since the last checkpoint (0: off)."""
+    best_of: Literal["raw", "ema", "both"] = "both"
+    """With --ema-decay: which test accuracy picks the best checkpoint (both: whichever is higher)."""
+    keep_last: int = 2
+    """Step/epoch checkpoints to keep besides `best` (older ones are removed after a new one is complete)."""
+
+    def __post_init__(self) -> None:
+        validate_section(self)
+
+
+@dataclass
+class DistConfig:
+    """Which device, and how long collectives may wait."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda:LOCAL_RANK when CUDA is available, else CPU."""
+    dist_timeout: float = 300.0
+    """Seconds a collective may wait before the job is declared dead (a crashed rank)."""
+
+    def __post_init__(self) -> None:
+        validate_section(self)
+
+
+#: --recipe strong: what it sets unless the setting is given explicitly (README: "Fine-tuning knobs")
+RECIPES: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "strong": {"optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.05, "lr_schedule": "cosine",
+               "warmup_epochs": 1.0, "layer_decay": 0.75, "head_lr_mult": 10.0, "label_smoothing": 0.1,
+               "clip_grad_norm": 1.0, "ema_decay": 0.998},
+}
+SECTIONS: dict[str, type] = {"backbone": BackboneConfig, "data": DataConfig, "optim": OptimConfig,
+                             "run": RunConfig, "checkpoint": CheckpointConfig, "dist": DistConfig}
+#: flat field name -> its section
+SECTION_OF: dict[str, str] = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+class Config:
+    """Everything that decides what a training run does, by section. Resolved once, saved with the run."""
+
+    backbone: BackboneConfig
+    data: DataConfig
+    optim: OptimConfig
+    run: RunConfig
+    checkpoint: CheckpointConfig
+    dist: DistConfig
+
+    def __init__(self, **values: Any) -> None:
+        """Flat settings (``Config(lr=0.1, mode="scratch")``) and/or whole sections (``optim={"lr": 0.1}``
+        or ``optim=OptimConfig(...)``)."""
+        given: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        run = values.get("run")
+        run_recipe = run.recipe if isinstance(run, RunConfig) else (run or {}).get("recipe")
+        recipe = values.get("recipe") or run_recipe or "plain"
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        for key, value in RECIPES[recipe].items():  # beneath everything given explicitly
+            given[SECTION_OF[key]][key] = value
+        for key, value in values.items():
+            if key in SECTIONS:
+                if isinstance(value, SECTIONS[key]):
+                    value = dataclasses.asdict(value)
+                if not isinstance(value, dict):
+                    raise ValueError(f"{key} must be a table of settings, got {value!r}")
+                given[key].update(value)
+            elif key in SECTION_OF:
+                given[SECTION_OF[key]][key] = value
+            else:
+                raise ValueError(f"unknown config key {key!r}")
+        for name, cls in SECTIONS.items():
+            setattr(self, name, cls(**given[name]))
+        self._resolve()
+
+    def _resolve(self) -> None:
+        """Defaults that depend on other settings, and the checks that span sections."""
+        b, d, o, r = self.backbone, self.data, self.optim, self.run
+        if r.debug:
+            # Debug means "pdb works": one process, no worker processes, a short run.
+            d.num_workers, o.epochs = 0, 1
+            d.train_subset = min(d.train_subset or 256, 256)
+            d.eval_subset = min(d.eval_subset or 256, 256)
+        if b.weights is None:
+            b.weights = "none" if b.mode == "scratch" else "imagenet"
+        if b.mode in ("transfer", "lp-ft") and b.weights == "none":
+            raise ValueError(
+                f"weights='none' with mode={b.mode!r} would train a head on a frozen *random* backbone; "
+                "use --weights imagenet (or a file), or --mode scratch"
+            )
+        if b.keep_head and b.weights == "none":
+            raise ValueError(f"keep_head=True keeps the head of the loaded weights, but weights={b.weights!r} "
+                             "loads none: drop --keep-head, or pass --weights FILE")
+        if b.finetune_last_n is not None and b.mode not in ("finetune", "lp-ft"):
+            raise ValueError(f"finetune_last_n={b.finetune_last_n} only applies to --mode finetune, "
+                             f"got mode={b.mode!r}")
+        if d.cache_features and (b.mode != "transfer" or d.augment):
+            raise ValueError(
+                "cache_features=True needs --mode transfer and --no-augment: with augmentation every epoch "
+                "sees different crops, so features computed once would silently drop the augmentation"
+            )
+        if not d.augment and (d.crop != "resized" or d.auto_augment != "none" or d.random_erasing > 0):
+            raise ValueError("--crop pad, --auto-augment and --random-erasing need augmentation on; drop "
+                             "--no-augment (or those settings)")
+        if d.cache_features and (o.mixup > 0 or o.cutmix > 0):
+            raise ValueError(f"mixup={o.mixup}/cutmix={o.cutmix} mix the images, but cache_features=True trains on "
+                             "features computed once from unmixed images: drop --cache-features, or the mixing")
+        if d.coarse_labels and d.dataset != "cifar100":
+            raise ValueError(f"coarse_labels=True only applies to --dataset cifar100, got {d.dataset!r}")
+
+    # ---- flat views ------------------------------------------------------------------------------
+    @staticmethod
+    def field_names() -> list[str]:
+        return list(SECTION_OF)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat settings (the format of config.json and of every checkpoint)."""
+        return {k: v for name in SECTIONS for k, v in dataclasses.asdict(getattr(self, name)).items()}
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some flat settings changed (checked again)."""
+        return Config(**{**self.to_dict(), **changes})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Config:
+        unknown = sorted(k for k in values if k not in SECTION_OF and k not in SECTIONS)
+        if unknown:
+            raise UserError(f"unknown config key(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return "Config(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in SECTIONS) + ")"

@@ -1,0 +1,248 @@
+"""Data for a run: which splits, how they are sharded across ranks, and how batches are produced.
+
+Two pipelines produce identical-in-distribution batches:
+- `device`: the whole split sits on the device as one uint8 tensor; each step gathers its indices and runs
+  the batched, exact transforms of `dtl.augment` (no per-image Python, no worker processes);
+- `workers`: a DataLoader with worker processes and torchvision v2 per-image transforms (image folders,
+  and a fallback).
+Training indices come from `dtl.samplers` (disjoint shards, reshuffled by `set_epoch`); evaluation
+uses contiguous shards without padding, so every test image is counted exactly once at any world size.
+Both loaders (and `dtl.features.FeatureLoader`) are `BatchLoader`s: what the training loop may rely on.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dtl.data.augment.chain import AugmentChain
+from dtl.data.augment.transform import BatchTransform
+from dtl.data.augment.autoaugment import AutoAugment
+from dtl.data.cifar import load_cifar, make_synthetic
+from dtl.config import Config
+from dtl.dist import DistEnv, main_first
+from dtl.data.folder import load_folder_splits
+from dtl.data.preprocessing import IMAGENET, Preprocessing, v2_interpolation
+from dtl.data.samplers import EvalShardSampler, sampler_for
+from dtl.data.splits import DatasetSplit, Split, Splits, stream_seed
+
+SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2000, 500
+_CHUNK_PIXELS = 512 * 32 * 32  # output pixels per batched-transform call (see DeviceLoader.chunk_batches)
+
+
+@runtime_checkable
+class BatchLoader(Protocol):
+    """What the training and evaluation loops use of a loader: `set_epoch` before each pass (reshuffles the
+    training shard; `start_batch` > 0 resumes in the middle of an epoch, skipping the batches already
+    trained on), `len()` (batches per pass, the skipped ones included) and iteration, which yields this
+    rank's (images, labels) batches as tensors on the device."""
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+def load_splits(cfg: Config, allow_download: bool, split_file: Path | None = None,
+                is_main: bool = True) -> Splits:
+    """Read (or generate) both splits and apply the subsets. `allow_download` is rank 0's privilege.
+    Image folders: `split_file` is a saved split to reuse (a resumed run's), `is_main` whether this process
+    logs the warnings (see `dtl.folder.load_folder_splits`)."""
+    if cfg.data.dataset == "synthetic":
+        train = make_synthetic(cfg.data.train_subset or SYNTHETIC_TRAIN, seed=cfg.run.seed)
+        test = make_synthetic(cfg.data.eval_subset or SYNTHETIC_TEST, seed=cfg.run.seed + 1_000_003)
+    elif cfg.data.dataset in ("cifar10", "cifar100"):
+        d = cfg.data
+        train, test = load_cifar(d.data_dir, d.dataset, allow_download and d.download, d.coarse_labels)
+    else:
+        return load_folder_splits(cfg, split_file, is_main=is_main)  # decoded lazily by workers
+    return Splits(train.subset(cfg.data.train_subset, cfg.data.subset_order, cfg.run.seed),
+                  test.subset(cfg.data.eval_subset, cfg.data.subset_order, cfg.run.seed + 1))
+
+
+def load_splits_once(cfg: Config, env: DistEnv, split_file: Path | None = None) -> Splits:
+    """Global rank 0 reads (and if needed downloads and extracts) first, then the first process of every
+    other node (which finds the files when the folder is shared, else fetches its own copy), then the rest,
+    which only read: a download happens once per folder and never concurrently into it. Global rank 0 logs
+    the data set's warnings (unreadable files, ...) for the whole job."""
+    return main_first(env, lambda first: load_splits(cfg, allow_download=first, split_file=split_file,
+                                                     is_main=env.is_main))
+
+
+class DeviceLoader:
+    """Batches from a split held on the device, transformed in batches. Iterating yields (images, labels).
+
+    Augmentation randomness comes from one generator per (seed, epoch, rank), so an epoch's crops are
+    reproducible, and a resume in the middle of an epoch replays the skipped batches' draws (cheap: random
+    numbers only, `skip()`) to land on the same random stream."""
+
+    def __init__(self, split: Split, sampler: Sampler[int], batch_size: int, transform: BatchTransform | AugmentChain,
+                 device: torch.device, seed: int, rank: int) -> None:
+        self.images = split.images.to(device)
+        self.labels = split.labels.to(device)
+        self.sampler, self.batch_size, self.transform = sampler, batch_size, transform
+        self.device, self.seed, self.rank = device, seed, rank
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+        if hasattr(self.sampler, "set_epoch"):  # the training samplers reshuffle per epoch
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    @property
+    def chunk_batches(self) -> int:
+        """Batches transformed per call: the per-call cost of the batched transform (a few hundred small
+        ops) dominates at 32 px, so small outputs are produced ~512 images at a time; large ones per batch."""
+        pixels = self.transform.size ** 2
+        return max(1, _CHUNK_PIXELS // pixels // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.tensor(list(self.sampler), dtype=torch.int64).to(self.device, non_blocking=True)
+        gen = torch.Generator(device=self.device).manual_seed(stream_seed(self.seed, self.epoch, self.rank))
+        bs, per_chunk = self.batch_size, self.chunk_batches
+        for first in range(0, len(self), per_chunk):
+            last = min(first + per_chunk, len(self))
+            idx = order[first * bs:last * bs]
+            if last <= self.start_batch:  # before the resume point: same draws, no pixels
+                self.transform.skip(len(idx), self.images.shape[-2:], gen)
+                continue
+            images, labels = self.transform(self.images[idx], gen), self.labels[idx]
+            for b in range(max(first, self.start_batch), last):
+                lo = (b - first) * bs
+                yield images[lo:lo + bs], labels[lo:lo + bs]
+
+
+class _BatchOfOne:
+    """The `workers` pipeline's per-image transform when `AugmentChain` is in use: the same batched code on a
+    batch of one, drawing from torch's global generator (which `_PerImageDataset` seeds per image)."""
+
+    def __init__(self, chain: AugmentChain) -> None:
+        self.chain = chain
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.chain(image.unsqueeze(0))[0]
+
+
+class _PerImageDataset(Dataset):
+    """Per-image v2 transforms for the `workers` pipeline. Each image's randomness is seeded from
+    (seed, epoch, index), so results do not depend on which worker handles it or on a resume point."""
+
+    def __init__(self, split: DatasetSplit, transform, seed: int) -> None:  # noqa: ANN001 - any v2 transform
+        self.split, self.transform, self.seed, self.epoch = split, transform, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        torch.manual_seed(stream_seed(self.seed, self.epoch, i))
+        return self.transform(self.split.images[i]), int(self.split.labels[i])
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave stop signals to the trainer: a SIGUSR1/SIGTERM forwarded to the whole process
+    group must not kill a spawn/forkserver-started worker mid-batch (the main process checkpoints first)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class WorkerLoader:
+    """DataLoader-based pipeline with the same interface (`BatchLoader`) as DeviceLoader."""
+
+    def __init__(self, split: DatasetSplit, sampler: Sampler[int], batch_size: int, transform, num_workers: int,
+                 device: torch.device, seed: int, channels_last: bool = True) -> None:  # noqa: ANN001
+        self.dataset = _PerImageDataset(split, transform, seed)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.sampler, self.batch_size, self.num_workers, self.device = sampler, batch_size, num_workers, device
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.dataset.epoch, self.start_batch = epoch, start_batch
+        if hasattr(self.sampler, "set_epoch"):  # the training samplers reshuffle per epoch
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices = list(self.sampler)[self.start_batch * self.batch_size:]
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=indices,
+                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+                            persistent_workers=False,
+                            worker_init_fn=_ignore_stop_signals if self.num_workers else None)
+        for images, labels in loader:
+            yield (images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format),
+                   labels.to(self.device, non_blocking=True))
+
+
+def v2_transform(train: bool, size: int, augment: bool, prep: Preprocessing = IMAGENET,
+                 scale: tuple[float, float] = (0.5, 1.0)):  # noqa: ANN201 - a torchvision v2 Compose
+    """The reference recipe's per-image transforms, on uint8 tensors, with the model's normalisation and
+    resampling."""
+    from torchvision.transforms import v2
+
+    mode = v2_interpolation(prep.interpolation)
+    head = ([v2.RandomResizedCrop(size, scale=scale, interpolation=mode, antialias=True), v2.RandomHorizontalFlip()]
+            if train and augment else [v2.Resize(size, interpolation=mode, antialias=True), v2.CenterCrop(size)])
+    return v2.Compose([*head, v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)])
+
+
+def augment_chain(cfg: Config, prep: Preprocessing = IMAGENET, dtype: torch.dtype = torch.float32,
+                  channels_last: bool = True) -> AugmentChain | None:
+    """The uint8 training chain when --crop pad, --auto-augment or --random-erasing asks for it (normalised with
+    `prep`; it resamples bilinearly); None when the fused `BatchTransform` (crop + flip + normalise) is all the
+    run needs."""
+    d = cfg.data
+    if not d.augment or (d.crop == "resized" and d.auto_augment == "none" and d.random_erasing == 0):
+        return None
+    auto = (AutoAugment(d.auto_augment, num_ops=d.ra_num_ops, magnitude=d.ra_magnitude, severity=d.augmix_severity)
+            if d.auto_augment != "none" else None)
+    return AugmentChain(d.image_size, d.crop, d.crop_scale, padding=d.crop_padding, padding_mode=d.padding_mode,
+                        auto_augment=auto, erasing=d.random_erasing, erasing_value=d.random_erasing_value,
+                        mean=prep.mean, std=prep.std, dtype=dtype, channels_last=channels_last)
+
+
+def resolve_pipeline(cfg: Config) -> str:
+    if cfg.data.data_pipeline != "auto":
+        return cfg.data.data_pipeline
+    return "workers" if cfg.data.dataset == "folder" else "device"
+
+
+def eval_loader(cfg: Config, split: DatasetSplit, env: DistEnv, device: torch.device,
+                compute_dtype: torch.dtype = torch.float32, channels_last: bool = True,
+                prep: Preprocessing = IMAGENET) -> BatchLoader:
+    """This rank's contiguous shard of a split with the eval transform (`prep`: the model's normalisation)."""
+    sampler = EvalShardSampler(len(split), env.rank, env.world_size)
+    if resolve_pipeline(cfg) == "device" and isinstance(getattr(split, "images", None), torch.Tensor):
+        transform = BatchTransform(train=False, size=cfg.data.image_size, mean=prep.mean, std=prep.std,
+                                   dtype=compute_dtype, channels_last=channels_last)
+        return DeviceLoader(split, sampler, cfg.optim.batch_size, transform, device, cfg.run.seed, env.rank)
+    return WorkerLoader(split, sampler, cfg.optim.batch_size, v2_transform(False, cfg.data.image_size, False, prep),
+                        cfg.data.num_workers, device, cfg.run.seed, channels_last)
+
+
+def build_loaders(cfg: Config, splits: Splits, env: DistEnv, device: torch.device, compute_dtype: torch.dtype,
+                  channels_last: bool = True, prep: Preprocessing = IMAGENET) -> tuple[BatchLoader, BatchLoader]:
+    """Train and eval loaders for this rank (`prep`: the model's normalisation and resampling)."""
+    tsampler = sampler_for(splits.train.labels, env, cfg.run.seed, cfg.data.class_balance, cfg.optim.batch_size)
+    if resolve_pipeline(cfg) == "device" and isinstance(getattr(splits.train, "images", None), torch.Tensor):
+        ttrans = augment_chain(cfg, prep, compute_dtype, channels_last) or BatchTransform(
+            train=cfg.data.augment, size=cfg.data.image_size, scale=cfg.data.crop_scale, mean=prep.mean,
+            std=prep.std, dtype=compute_dtype, channels_last=channels_last)
+        train = DeviceLoader(splits.train, tsampler, cfg.optim.batch_size, ttrans, device, cfg.run.seed, env.rank)
+    else:
+        chain = augment_chain(cfg, prep, channels_last=False)
+        transform = (_BatchOfOne(chain) if chain else
+                     v2_transform(True, cfg.data.image_size, cfg.data.augment, prep, cfg.data.crop_scale))
+        train = WorkerLoader(splits.train, tsampler, cfg.optim.batch_size, transform, cfg.data.num_workers, device,
+                             cfg.run.seed, channels_last)
+    return train, eval_loader(cfg, splits.test, env, device, compute_dtype, channels_last, prep)

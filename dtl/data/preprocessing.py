@@ -1,0 +1,59 @@
+"""What a model expects of its input: normalisation and resampling, recorded with every run.
+
+torchvision backbones keep ImageNet's mean/std; timm backbones bring their own (`pretrained_cfg`: e.g.
+0.5/0.5 for many ViTs). A run records the `Preprocessing` it trained with (config.json and every checkpoint,
+``run.preprocessing``) so that `dtl eval`, `dtl predict` and `dtl export` feed the model exactly what it
+saw. Pure data: no dtl imports beyond the foundation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from dtl.data.augment.transform import IMAGENET_MEAN, IMAGENET_STD
+
+#: The only resampling the batched device pipeline implements (antialiased, exact vs torchvision).
+DEVICE_INTERPOLATION = "bilinear"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Normalisation and resampling of a model's input: Resize(shorter side to `size`) with
+    `interpolation` (antialiased) + CenterCrop(`size`) + scale to [0, 1] + Normalize(`mean`, `std`)."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    """bilinear | bicubic | nearest (torchvision's InterpolationMode names)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> Preprocessing | None:
+        """The recorded preprocessing of a run, or None when the run predates the record."""
+        if not values:
+            return None
+        return cls(tuple(float(v) for v in values["mean"]), tuple(float(v) for v in values["std"]),
+                   str(values.get("interpolation", "bilinear")))
+
+    def for_pipeline(self, pipeline: str) -> Preprocessing:
+        """What a data pipeline actually applies: the device pipeline resamples bilinearly whatever the model
+        prefers (the run records that, so evaluation and export resample the same way)."""
+        if pipeline == "device" and self.interpolation != DEVICE_INTERPOLATION:
+            return Preprocessing(self.mean, self.std, DEVICE_INTERPOLATION)
+        return self
+
+
+IMAGENET = Preprocessing()
+
+
+def v2_interpolation(name: str) -> Any:
+    """torchvision's InterpolationMode for a name (`bicubic`, ...)."""
+    from torchvision.transforms import InterpolationMode
+
+    try:
+        return InterpolationMode(name)
+    except ValueError:
+        return InterpolationMode.BILINEAR

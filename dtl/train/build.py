@@ -1,0 +1,164 @@
+"""Building a run: everything is validated and built here (folder plan, data, weights, model, optimizer,
+checkpoint to resume, loaders, wrappers) before anything is written to the run folder."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, replace
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import dtl
+from dtl import models
+from dtl.config import Config
+from dtl.data import features, loaders, samplers
+from dtl.data.augment import mix
+from dtl.data.loaders import BatchLoader
+from dtl.data.preprocessing import Preprocessing
+from dtl.data.splits import Splits
+from dtl.dist import DistEnv, main_first
+from dtl.errors import UserError
+from dtl.models import timm_backbones
+from dtl.train import optim, run_folder, trackers
+from dtl.train.checkpointer import Checkpointer, Progress
+from dtl.train.ema import Ema
+from dtl.train.precision import autocast, configure_backends, resolve
+from dtl.train.state import Run, RunInfo
+
+log = logging.getLogger("dtl")
+
+
+def run_info(cfg: Config, env: DistEnv, device: torch.device, precision: str, why: str,
+             classes: list[str], param_groups: list[dict[str, float | int | str]], prep: Preprocessing) -> RunInfo:
+    versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "dtl": dtl.__version__}
+    if timm_backbones.is_timm(cfg.backbone.model):
+        versions["timm"] = timm_backbones.version()
+    return RunInfo(launcher=env.launcher, world_size=env.world_size, device=str(device).split(":")[0],
+                   precision=precision, precision_source=why,
+                   global_batch=cfg.optim.batch_size * env.world_size * cfg.optim.grad_accum, num_classes=len(classes),
+                   classes=list(classes),
+                   versions=versions, param_groups=param_groups,
+                   preprocessing=prep.to_dict())
+
+
+def preprocessing_of(cfg: Config) -> Preprocessing:
+    """The backbone's normalisation, with the resampling the run's data pipeline applies."""
+    return models.preprocessing(cfg.backbone.model).for_pipeline(loaders.resolve_pipeline(cfg))
+
+
+def build_model(cfg: Config, device: torch.device, num_classes: int) -> tuple[nn.Module, list[str]]:
+    """The backbone with its new head, frozen per mode, on the device in its memory format (not wrapped)."""
+    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
+    net = cfg.backbone
+    model = models.build_model(net.model, num_classes, net.weights, cfg.data.image_size, net.dropout,
+                               net.drop_path, keep_head=net.keep_head,
+                               # scratch: the head is part of the random init, drawn from the same stream
+                               head_seed=cfg.run.seed if net.weights != "none" else None)
+    if cfg.run.deterministic and device.type == "cuda":
+        models.deterministic_pooling(model)
+    # lp-ft: the optimizer covers everything that will ever train (from step 0, so a resume on either side of
+    # the unfreezing restores the same groups); `loop.apply_phase` freezes the backbone for the probe epochs
+    trainable = models.freeze(model, net.model, "finetune" if net.mode == "lp-ft" else net.mode,
+                              net.finetune_last_n)
+    if cfg.backbone.mode == "transfer":
+        models.run_prefix_without_grad(model, models.head_name(model))
+    return model.to(device, memory_format=models.memory_format(device.type, cfg.backbone.mode)), trainable
+
+
+def wrap(model: nn.Module, cfg: Config, env: DistEnv, device: torch.device) -> nn.Module:
+    if env.distributed:
+        # Frozen before wrapping: DDP reduces only parameters that require grad at construction.
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    gradient_as_bucket_view=True)
+        log.info("model wrapped in %s (%s backend, %d ranks)", type(model).__name__,
+                 torch.distributed.get_backend(), env.world_size)
+    if cfg.run.compile:
+        model = torch.compile(model)
+    return model
+
+
+def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
+    """Validate and build everything; nothing is written to the output folder before this returns."""
+    trackers.check_available(cfg.run.log_with)  # every rank, before anything is written
+    precision, why = resolve(cfg.run.precision, env, device)
+    configure_backends(cfg.run.deterministic, device, precision)
+    plan = run_folder.plan(cfg, env, device)
+    splits = loaders.load_splits_once(cfg, env, plan.split_file)
+    if len(splits.classes) < 2:
+        raise UserError(f"{cfg.data.data_dir} has {len(splits.classes)} class ({', '.join(splits.classes)}): a "
+                        "classifier needs at least two (one class folder per class) -- it would reach a "
+                        "meaningless 100%")
+    # the ImageNet weights reach the hub cache once per node (rank 0 first), not once per rank at a time
+    main_first(env, lambda first: models.fetch_weights(cfg.backbone.model, cfg.backbone.weights) if first else None)
+    model, trainable = build_model(cfg, device, len(splits.classes))
+    optimizer, group_rows = optim.build_optimizer(cfg.optim, model, cfg.backbone.model, device,
+                                                  grad_scaler=precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, init_scale=cfg.run.fp16_init_scale, enabled=precision == "fp16")
+    weights = (samplers.class_weights(splits.train.labels, len(splits.classes))
+               if cfg.data.class_balance == "loss" else None)
+    prep = preprocessing_of(cfg)  # the backbone's normalisation: loaders, cached features, config.json
+    info = run_info(cfg, env, device, precision, why, splits.classes, optim.table(group_rows), prep)
+    if weights is not None:
+        info = replace(info, class_weights=weights.tolist())
+        log.info("class weights (inverse training frequency): %s",
+                 ", ".join(f"{c}={w:.3f}" for c, w in zip(splits.classes, weights.tolist())))
+    saving = cfg.checkpoint
+    checkpointer = Checkpointer(plan.outdir, env, device, every_steps=saving.checkpoint_every_steps,
+                                every_minutes=saving.checkpoint_every_minutes, keep_last=saving.keep_last,
+                                static_meta={"config": cfg.to_dict(), "num_classes": len(splits.classes),
+                                             "world_size": env.world_size, "run": asdict(info)})
+    ema = Ema(model, cfg.optim.ema_decay, cfg.optim.ema_every) if cfg.optim.ema_decay else None
+    progress = Progress()
+    if plan.resume_from is not None:
+        progress = checkpointer.restore(plan.resume_from, model, optimizer, scaler, ema)
+    total, n_train = models.count_parameters(model)
+    log.info("%s %s: %d params, %d trainable (%s)", cfg.backbone.model, cfg.backbone.mode, total, n_train,
+             ", ".join(trainable) if len(trainable) <= 4 else f"{len(trainable)} tensors")
+    optim.log_groups(group_rows)
+    channels_last = models.memory_format(device.type, cfg.backbone.mode) == torch.channels_last
+    train_loader, eval_loader = loaders.build_loaders(cfg, splits, env, device, torch.float32,
+                                                   channels_last=channels_last, prep=prep)
+    new_features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if cfg.data.cache_features:
+        model, train_loader, eval_loader, new_features = use_cached_features(cfg, env, device, model, splits,
+                                                                             plan, precision, prep)
+    mixer = mix.Mixer(cfg.optim, len(splits.classes), cfg.run.seed, env.rank) if mix.enabled(cfg.optim) else None
+    return Run(cfg, env, device, plan, wrap(model, cfg, env, device), optimizer, scaler, precision,
+               train_loader, eval_loader, splits, progress, info, checkpointer, new_features,
+               None if weights is None else weights.float().to(device), ema, mixer=mixer)
+
+
+def use_cached_features(cfg: Config, env: DistEnv, device: torch.device, model: nn.Module, splits: Splits,
+                        plan: run_folder.RunPlan, precision: str, prep: Preprocessing
+                        ) -> tuple[nn.Module, BatchLoader, BatchLoader, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Replace the image loaders by feature loaders and the model by its head (see dtl.features)."""
+    head = models.head_name(model)
+    if not isinstance(model.get_submodule(head), nn.Linear):
+        # SqueezeNet classifies with a 1x1 convolution followed by ReLU and pooling inside forward():
+        # running the head alone on cached features would skip them
+        raise UserError(f"--cache-features needs a model whose last step is its Linear classification layer; "
+                        f"{cfg.backbone.model}'s head ({head}) is a convolution followed by pooling: drop "
+                        "--cache-features for it")
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        log.warning("--cache-features computes features with dropout off (eval mode); the uncached run keeps "
+                    "the backbone's dropout active: pass --dropout 0 to compare the two")
+    found, new = {}, {}
+    for name, split in (("train", splits.train), ("test", splits.test)):
+        hit = features.cached(plan.outdir, cfg, name, len(split), device)
+        if hit is None:
+            loader = loaders.eval_loader(cfg, split, env, device, prep=prep)
+            hit = new[name] = features.extract(model, head, loader, env, lambda: autocast(precision, device))
+        found[name] = hit
+    log.info("cached features: train %s, test %s (%s)", tuple(found["train"][0].shape),
+             tuple(found["test"][0].shape), "computed" if new else f"reused from {plan.outdir / 'features'}")
+    sampler = samplers.sampler_for(splits.train.labels, env, cfg.run.seed, cfg.data.class_balance,
+                                   cfg.optim.batch_size)
+    train = features.FeatureLoader(*found["train"], sampler,
+                                   cfg.optim.batch_size)
+    test = features.FeatureLoader(*found["test"],
+                                  samplers.EvalShardSampler(len(splits.test), env.rank, env.world_size),
+                                  cfg.optim.batch_size)
+    return features.FeatureHead(model, head), train, test, new

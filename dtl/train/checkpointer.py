@@ -1,0 +1,163 @@
+"""The checkpoint policy of a run: when to save (every N steps, every M minutes, epoch ends, a stop signal),
+what goes in (weights, optimizer and scaler state, every rank's RNG streams, the progress counters), and
+restoring all of it. The file format itself is `dtl.checkpoint`'s."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dtl import models
+from dtl.dist import DistEnv, all_gather_tensor, unwrap, wait_for_main
+from dtl.errors import UserError
+from dtl.train import checkpoint_format as ckpt
+from dtl.train.ema import Ema
+from dtl.train.optim import load_optimizer_state
+
+log = logging.getLogger("dtl")
+
+
+@dataclass
+class Progress:
+    """The counters a checkpoint restores."""
+
+    epoch: int = 0
+    """Completed epochs."""
+    step_in_epoch: int = 0
+    """Optimizer steps already done in the current (incomplete) epoch."""
+    global_step: int = 0
+    best_acc: float = -1.0
+    nan_skips: int = 0
+    """Non-finite steps skipped in a row (--nan-policy skip)."""
+    nan_skips_total: int = 0
+    overflow_skips: int = 0
+    """fp16: optimizer steps the GradScaler skipped because the scaled gradients overflowed (not errors)."""
+    partial_meter: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    """Train loss/correct/count sums of the incomplete epoch, over all ranks."""
+    partial_seconds: float = 0.0
+    early_stop_best: float | None = None
+    """--early-stop-patience: the best value of the watched metric so far, its epoch, epochs since."""
+    early_stop_best_epoch: int = 0
+    early_stop_bad_epochs: int = 0
+    early_stopped: bool = False
+    partial_grad_norms: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    """Pre-clip gradient norm sum, max and count of the incomplete epoch (--clip-grad-norm)."""
+
+    def end_epoch(self, epoch: int) -> None:
+        self.epoch, self.step_in_epoch, self.partial_meter, self.partial_seconds = epoch + 1, 0, [0.0] * 3, 0.0
+        self.partial_grad_norms = [0.0, 0.0, 0.0]
+
+
+def optimized(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the parameters the optimizer updates (what its state refers to), in the model's order. The
+    same as those that require grad, except during lp-ft's probe epochs, when the backbone waits frozen."""
+    ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    return [k for k, p in model.named_parameters() if id(p) in ids]
+
+
+class Checkpointer:
+    """Owns when and what to save. `save` is a collective (every rank's RNG state is gathered); rank 0
+    writes, and the others wait for it on the CPU group."""
+
+    def __init__(self, outdir: Path, env: DistEnv, device: torch.device, *, every_steps: int,
+                 every_minutes: float, keep_last: int, static_meta: dict[str, Any],
+                 last: Path | None = None) -> None:
+        self.outdir, self.env, self.device = outdir, env, device
+        self.every_steps, self.every_minutes, self.keep_last = every_steps, every_minutes, keep_last
+        self.static_meta = static_meta
+        """config, num_classes, world_size, run info: the same in every checkpoint of the run."""
+        self.last = last
+        """The newest complete checkpoint (the one resumed from, then each one written)."""
+        self.last_time = time.monotonic()
+
+    # ---- when ---------------------------------------------------------------------------------------
+    def time_due(self) -> bool:
+        """Rank 0's clock alone decides; the others follow through `dist.Agreement`."""
+        return (bool(self.every_minutes) and self.env.is_main
+                and time.monotonic() - self.last_time >= 60 * self.every_minutes)
+
+    def due(self, global_step: int, agreed_time_due: bool, last_step: bool) -> bool:
+        """A mid-epoch checkpoint at this step: every N steps (the same on every rank by construction), or
+        when rank 0's clock said the minutes had passed. Not at an epoch's last step: its end saves anyway."""
+        if last_step:
+            return False
+        return bool(self.every_steps and global_step % self.every_steps == 0) or agreed_time_due
+
+    # ---- what ---------------------------------------------------------------------------------------
+    def gather_rng(self) -> dict[str, torch.Tensor]:
+        """Every rank's RNG state (a collective: all ranks call it), keyed by rank for rank 0 to save."""
+        out: dict[str, torch.Tensor] = {}
+        states = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        where = self.device if self.env.distributed else torch.device("cpu")
+        for name, state in states.items():
+            for r, s in enumerate(all_gather_tensor(state.to(where), self.env)):
+                out[f"{name}.rank{r}"] = s.cpu()
+        return out
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+             progress: Progress, is_best: bool = False, ema: Ema | None = None,
+             best_source: str = "raw") -> Path | None:
+        """Checkpoint the current position; returns the folder on rank 0 (None elsewhere)."""
+        rng = self.gather_rng()
+        path = None
+        if self.env.is_main:
+            own = unwrap(model)
+            meta = {"progress": asdict(progress), **self.static_meta, "scaler": scaler.state_dict(),
+                    "trainable": optimized(own, optimizer),
+                    "global_step": progress.global_step, "best_acc": progress.best_acc}
+            path = ckpt.save_checkpoint(self.outdir, model_state=own.state_dict(),
+                                        optim_state=optimizer.state_dict(), rng=rng, meta=meta,
+                                        keep_last=self.keep_last, is_best=is_best,
+                                        ema=ema.state_dict() if ema is not None else None,
+                                        best_source=best_source)
+            self.last = path
+        self.last_time = time.monotonic()
+        # nobody leaves (or gets killed by the launcher) while rank 0 is still writing; the others wait on the
+        # CPU group, not in an NCCL collective whose timeout a 1.6 GB VGG16 + AdamW checkpoint could outlast
+        wait_for_main(self.env)
+        return path
+
+    def restore(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler, ema: Ema | None = None) -> Progress:
+        """Load a checkpoint into the (not yet wrapped) model, optimizer and scaler; the progress to go on
+        from. The RNG streams are restored only where they continue the same run (mid-epoch, same world)."""
+        state = ckpt.load_checkpoint(path)
+        meta = state["meta"]
+        cfg = self.static_meta["config"]
+        ckpt.check_compatible(meta, cfg["model"], self.static_meta["num_classes"], path)
+        models.load_into(model, state["model"], f"checkpoint {path}")
+        if meta.get("trainable") != optimized(model, optimizer):
+            raise UserError(f"{path} was trained with other trainable parameters (mode "
+                            f"{meta['config']['mode']!r}); resume with the same --mode/--finetune-last-n or "
+                            "start a new --output-dir")
+        load_optimizer_state(optimizer, state["optim"])
+        if ema is not None:
+            if "ema" in state:
+                ema.load(state["ema"], str(path))
+            else:
+                log.warning("%s holds no EMA of the weights: the average starts from its weights", path)
+                ema.reset()
+        if meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
+        progress = Progress(**meta["progress"])
+        key = f"cpu.rank{self.env.rank}"
+        if progress.step_in_epoch and meta.get("world_size") == self.env.world_size and key in state["rng"]:
+            torch.set_rng_state(state["rng"][key])
+            if torch.cuda.is_available() and f"cuda.rank{self.env.rank}" in state["rng"]:
+                torch.cuda.set_rng_state(state["rng"][f"cuda.rank{self.env.rank}"])
+        elif progress.step_in_epoch and meta.get("world_size") != self.env.world_size:
+            log.warning("resuming mid-epoch with a different world size (%s -> %d): the data order of the rest "
+                        "of this epoch differs from the interrupted run", meta.get("world_size"),
+                        self.env.world_size)
+        self.last = path
+        log.info("resumed from %s (epoch %d, step %d of the epoch)", path, progress.epoch,
+                 progress.step_in_epoch)
+        return progress

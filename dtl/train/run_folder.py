@@ -1,0 +1,161 @@
+"""The run folder: where it is, whether we may use it, what `--resume` means (resolved once, here), and the
+files that describe the run (config.json, status.json). Only rank 0 writes here."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtl.config import Config
+from dtl.data.folder import SPLIT_FILE, save_split
+from dtl.data.splits import Splits
+from dtl.dist import DistEnv, barrier, broadcast_str
+from dtl.errors import UserError
+from dtl.train import checkpoint_format as ckpt
+from dtl.train.metrics import METRICS_FILE, MetricsLog, truncate_metrics
+from dtl.train.trackers import TRACKERS_FILE, Tracker, flat_params, open_trackers
+
+log = logging.getLogger("dtl")
+RUN_FILES = ("config.json", METRICS_FILE, "status.json", "model.safetensors", "model_ema.safetensors", "curves.png",
+             SPLIT_FILE, TRACKERS_FILE)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """`--output-dir`/`--resume`/`--overwrite` resolved once at the start of a run."""
+
+    outdir: Path
+    resume_from: Path | None
+    """The checkpoint to continue from (None: start fresh)."""
+    split_file: Path | None
+    """The resumed run's saved image split (OUTDIR/split.json), to reuse instead of splitting again."""
+    replace: bool
+    """Start over in a folder that holds another run (--overwrite without --resume)."""
+
+
+def plan(cfg: Config, env: DistEnv, device: torch.device) -> RunPlan:
+    """Where the run goes and where it continues from; refuses to clobber another run."""
+    outdir = _outdir(cfg, env, device)
+    resume_from = _resume_point(outdir, cfg)
+    if resume_from is None and not cfg.checkpoint.resume and holds_run(outdir) and not cfg.checkpoint.overwrite:
+        raise UserError(f"{outdir} already holds a run; continue it with --resume auto, replace it with "
+                        "--overwrite, or choose another --output-dir")
+    split = outdir / SPLIT_FILE if cfg.checkpoint.resume and (outdir / SPLIT_FILE).is_file() else None
+    return RunPlan(outdir, resume_from, split, replace=cfg.checkpoint.overwrite and not cfg.checkpoint.resume)
+
+
+def _outdir(cfg: Config, env: DistEnv, device: torch.device) -> Path:
+    """--output-dir, or the run folder of a --resume PATH, or runs/<timestamp> chosen by rank 0."""
+    if cfg.checkpoint.output_dir:
+        return Path(cfg.checkpoint.output_dir)
+    if cfg.checkpoint.resume == "auto":
+        raise UserError("--resume auto needs --output-dir: the run folder to continue")
+    if cfg.checkpoint.resume:
+        path = Path(cfg.checkpoint.resume)
+        return ckpt.run_folder_of(path) or path
+    stamp = time.strftime("runs/%Y%m%d-%H%M%S") if env.is_main else ""
+    return Path(broadcast_str(stamp, env, device if device.type == "cuda" else torch.device("cpu")))
+
+
+def _resume_point(outdir: Path, cfg: Config) -> Path | None:
+    if cfg.checkpoint.resume == "auto":
+        return ckpt.latest_checkpoint(outdir)
+    if not cfg.checkpoint.resume:
+        return None
+    path = Path(cfg.checkpoint.resume)
+    if not path.exists():
+        raise UserError(f"--resume {path}: no such checkpoint or run folder")
+    if (path / "state.json").is_file():
+        return path
+    last = ckpt.latest_checkpoint(path)
+    if last is None:
+        raise UserError(f"--resume {path}: holds no complete checkpoint")
+    return last
+
+
+def holds_run(outdir: Path) -> bool:
+    return outdir.is_dir() and (any((outdir / f).exists() for f in RUN_FILES) or (outdir / ckpt.CKPT_DIR).exists())
+
+
+def _check_writable(outdir: Path, need_bytes: int) -> None:
+    """Fail before training, not at the first checkpoint: probe with a real file (permission bits say
+    nothing for root, and nothing about a read-only mount) and compare free space with what we will write."""
+    existing = outdir
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".dtl-probe-"):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to {existing} ({err.strerror}): choose another --output-dir") from None
+    free = shutil.disk_usage(existing).free
+    if free < need_bytes:
+        raise UserError(f"{existing} has {free / 2**20:.0f} MiB free but checkpoints of this run need about "
+                        f"{need_bytes / 2**20:.0f} MiB: free space or choose another --output-dir")
+
+
+def start(run_plan: RunPlan, cfg: Config, env: DistEnv, info: dict[str, Any], position: tuple[int, int],
+          splits: Splits, model: torch.nn.Module) -> MetricsLog | None:
+    """Create the folder and describe the run (rank 0); after this, files exist. Rank 0 gets the metrics
+    writer. `position`: (completed epochs, global step) of the resumed checkpoint, (0, 0) when fresh."""
+    metrics_log = None
+    if env.is_main:
+        outdir = run_plan.outdir
+        n_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        n_optim = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        # keep_last + best + final weights, each model + optimizer state, with headroom
+        _check_writable(outdir, int((cfg.checkpoint.keep_last + 2) * (n_bytes + 2 * n_optim) * 1.1))
+        try:
+            outdir.mkdir(parents=True, exist_ok=True)
+            if run_plan.replace:
+                shutil.rmtree(outdir / ckpt.CKPT_DIR, ignore_errors=True)
+                for name in RUN_FILES:
+                    (outdir / name).unlink(missing_ok=True)
+            truncate_metrics(outdir, position[0])
+            ckpt.write_json(outdir / "config.json", {"config": cfg.to_dict(), "run": info,
+                                                      "resolved_output_dir": str(outdir)})
+            write_status(outdir, env, "running", None, position, run_plan.resume_from)
+            save_split(outdir, splits)  # image folders: a resume and `dtl eval` reuse exactly this split
+        except OSError as err:
+            raise UserError(f"cannot write to {outdir}: {err}") from None
+        metrics_log = MetricsLog(outdir, _trackers(run_plan, cfg, info))
+        log.info("launcher %s, world size %d, device %s, precision %s (%s), global batch %d = %d x %d x %d",
+                 info["launcher"], info["world_size"], info["device"], info["precision"],
+                 info["precision_source"], info["global_batch"], cfg.optim.batch_size, env.world_size,
+                 cfg.optim.grad_accum)
+        log.info("output: %s", outdir)
+    barrier(env)
+    return metrics_log
+
+
+def _trackers(run_plan: RunPlan, cfg: Config, info: dict[str, Any]) -> list[Tracker]:
+    """--log-with: the trackers, continued when the run is (one tracker run per dtl run, across requeues),
+    given the resolved config and how the run was launched as hyperparameters."""
+    r = cfg.run
+    trackers = open_trackers(run_plan.outdir, r.log_with, resuming=bool(cfg.checkpoint.resume),
+                             wandb_project=r.wandb_project, mlflow_experiment=r.mlflow_experiment)
+    launch = {k: v for k, v in info.items() if k not in ("classes", "param_groups", "class_weights")}
+    params = flat_params({**cfg.to_dict(), "run": launch})
+    for tracker in trackers:
+        tracker.log_params(params)
+    return trackers
+
+
+def write_status(outdir: Path, env: DistEnv, state: str, exit_code: int | None, position: tuple[int, int],
+                 checkpoint: Path | None, extra: dict[str, Any] | None = None) -> None:
+    """status.json tells scripts how the run ended, also when a launcher (torchrun) reports only 'failed':
+    state is running | completed | early-stopped | preempted | failed; position is (epoch, global step)."""
+    if not env.is_main:
+        return
+    ckpt.write_json(outdir / "status.json", {
+        "state": state, "exit_code": exit_code, "epoch": position[0], "global_step": position[1],
+        "checkpoint": str(checkpoint) if checkpoint else None, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **(extra or {}),
+    })
