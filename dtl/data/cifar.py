@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dtl.errors import UserError
 from dtl.data.splits import Split
+from dtl.errors import UserError
 
 URL_BASE = "https://www.cs.toronto.edu/~kriz/"
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from dtl.errors import UserError
 from dtl.data.preprocessing import IMAGENET, Preprocessing, v2_interpolation
+from dtl.errors import UserError
 
 #: torchvision's ImageFolder extensions (matched case-insensitively).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

@@ -21,16 +21,16 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dtl.config import Config
+from dtl.data.augment.autoaugment import AutoAugment
 from dtl.data.augment.chain import AugmentChain
 from dtl.data.augment.transform import BatchTransform
-from dtl.data.augment.autoaugment import AutoAugment
 from dtl.data.cifar import load_cifar, make_synthetic
-from dtl.config import Config
-from dtl.dist import DistEnv, main_first
 from dtl.data.folder import load_folder_splits
 from dtl.data.preprocessing import IMAGENET, Preprocessing, v2_interpolation
 from dtl.data.samplers import EvalShardSampler, sampler_for
 from dtl.data.splits import DatasetSplit, Split, Splits, stream_seed
+from dtl.dist import DistEnv, main_first
 
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2000, 500
 _CHUNK_PIXELS = 512 * 32 * 32  # output pixels per batched-transform call (see DeviceLoader.chunk_batches)

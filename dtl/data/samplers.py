@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DistributedSampler, Sampler
 
-from dtl.dist import DistEnv
 from dtl.data.splits import stream_seed
+from dtl.dist import DistEnv
 
 
 class EvalShardSampler(Sampler[int]):

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from dtl import models
+from dtl import files, models
 from dtl.config import Config
 from dtl.data import folder, loaders
 from dtl.data.preprocessing import IMAGENET, Preprocessing
@@ -76,7 +76,7 @@ def load_model(path: str | Path, device: torch.device) -> Loaded:
         raise UserError(f"{folder}/state.json names {len(classes)} classes for a {num_classes}-class model")
     model = models.build_model(cfg.backbone.model, num_classes, "none", cfg.data.image_size,
                                drop_path=cfg.backbone.drop_path)
-    models.load_into(model, ckpt.read_tensors(folder / "model.safetensors"), f"checkpoint {folder}")
+    models.load_into(model, files.read_tensors(folder / "model.safetensors"), f"checkpoint {folder}")
     # the training run's memory format: the same kernels, so the same logits as the run's own evaluation
     model = model.to(device, memory_format=models.memory_format(device.type, cfg.backbone.mode)).eval()
     run_dir = ckpt.run_folder_of(folder)

@@ -14,7 +14,6 @@ Only rank 0 calls the writers here.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,69 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from dtl import faults
 from dtl.errors import UserError
+from dtl.files import fsync, read_tensors, write_json, write_tensors
 
 log = logging.getLogger("dtl")
 
 FORMAT_VERSION = 1
 CKPT_DIR = "checkpoints"
 _PREFIX = "step-"
-
-
-# ---- self-verifying safetensors ----------------------------------------------------------------
-
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous().reshape(-1)
-        h.update(key.encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """save_file with a content digest in the metadata, written to a temp name, fsynced, renamed."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"dtl_sha256": _digest(tensors), "format": "pt"})
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """load_file + digest check; any damage becomes one UserError naming the file."""
-    try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            expected = (f.metadata() or {}).get("dtl_sha256")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"{path} is damaged or not a safetensors file ({err}); use another checkpoint "
-                        "(`--resume PATH`) or delete this one") from None
-    if expected is not None and _digest(tensors) != expected:
-        raise UserError(f"{path} is corrupt: its contents do not match the checksum written with it "
-                        "(a bit flip or a partial copy); use another checkpoint or delete this one")
-    return tensors
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    _fsync(tmp)
-    os.replace(tmp, path)
 
 
 # ---- optimizer state <-> tensors + JSON --------------------------------------------------------
@@ -141,12 +87,12 @@ def save_checkpoint(outdir: Path, *, model_state: dict[str, torch.Tensor], optim
     # state.json last: it names the format version that readers check first.
     write_json(tmp / "state.json", {**meta, "optimizer": optim_extra, "format_version": FORMAT_VERSION,
                                     "saved_at": time.time()})
-    _fsync(tmp)
+    fsync(tmp)
     final = root / name
     if final.exists():  # the same step saved twice (e.g. a signal right at an epoch end): keep the new one
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync(root)
+    fsync(root)
     if is_best:
         write_json(root / "best.json", {"checkpoint": name, "test_acc": meta.get("best_acc"), "source": best_source})
     _prune(root, keep_last)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dtl import faults, models
+from dtl import faults, files, models
 from dtl.data.augment import mix
 from dtl.data.splits import stream_seed
 from dtl.dist import Agreement, all_gather_tensor, barrier, ddp_of, local_module, signals, unwrap
@@ -337,7 +337,7 @@ def early_stop_update(run: Run, epoch: int, value: float) -> bool:
 def finish_early_stopped(run: Run) -> None:
     """model.safetensors becomes the best epoch's weights (rank 0)."""
     best = ckpt.best_or_last(run.outdir)
-    ckpt.write_tensors(run.outdir / "model.safetensors", ckpt.read_tensors(best / "model.safetensors"))
+    files.write_tensors(run.outdir / "model.safetensors", files.read_tensors(best / "model.safetensors"))
     log.info("early stop: no %s improvement for %d epochs; model.safetensors holds the best epoch's weights "
              "(epoch %d, %s)", run.cfg.run.early_stop_metric, run.progress.early_stop_bad_epochs,
              run.progress.early_stop_best_epoch, best)
@@ -380,9 +380,9 @@ def fit(run: Run) -> int:
         end_epoch(run, epoch, result)
     check_replicas(run)
     if run.env.is_main:
-        ckpt.write_tensors(run.outdir / "model.safetensors", unwrap(run.model).state_dict())
+        files.write_tensors(run.outdir / "model.safetensors", unwrap(run.model).state_dict())
         if run.ema is not None:
-            ckpt.write_tensors(run.outdir / "model_ema.safetensors", run.ema.full_state(unwrap(run.model)))
+            files.write_tensors(run.outdir / "model_ema.safetensors", run.ema.full_state(unwrap(run.model)))
         plot_runs([run.outdir], run.outdir / "curves.png")
         if run.progress.early_stopped:
             finish_early_stopped(run)

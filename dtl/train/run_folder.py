@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from dtl import files
 from dtl.config import Config
 from dtl.data.folder import SPLIT_FILE, save_split
 from dtl.data.splits import Splits
@@ -119,7 +120,7 @@ def start(run_plan: RunPlan, cfg: Config, env: DistEnv, info: dict[str, Any], po
                 for name in RUN_FILES:
                     (outdir / name).unlink(missing_ok=True)
             truncate_metrics(outdir, position[0])
-            ckpt.write_json(outdir / "config.json", {"config": cfg.to_dict(), "run": info,
+            files.write_json(outdir / "config.json", {"config": cfg.to_dict(), "run": info,
                                                       "resolved_output_dir": str(outdir)})
             write_status(outdir, env, "running", None, position, run_plan.resume_from)
             save_split(outdir, splits)  # image folders: a resume and `dtl eval` reuse exactly this split
@@ -154,7 +155,7 @@ def write_status(outdir: Path, env: DistEnv, state: str, exit_code: int | None, 
     state is running | completed | early-stopped | preempted | failed; position is (epoch, global step)."""
     if not env.is_main:
         return
-    ckpt.write_json(outdir / "status.json", {
+    files.write_json(outdir / "status.json", {
         "state": state, "exit_code": exit_code, "epoch": position[0], "global_step": position[1],
         "checkpoint": str(checkpoint) if checkpoint else None, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         **(extra or {}),

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dtl.data.augment.autoaugment import AugmentDraws, AutoAugment
+from dtl.data.augment.erasing import erase, sample_erasing, sample_noise
 from dtl.data.augment.transform import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -39,8 +41,6 @@ from dtl.data.augment.transform import (
     sample_crop_boxes,
     sample_flips,
 )
-from dtl.data.augment.autoaugment import AugmentDraws, AutoAugment
-from dtl.data.augment.erasing import erase, sample_erasing, sample_noise
 from dtl.data.augment.uint8 import to_uint8
 
 __all__ = ["AugmentChain", "pad_crop", "resize_uint8", "resized_crop_uint8", "sample_pad_offsets"]

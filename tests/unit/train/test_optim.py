@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dtl import models
+from dtl import files, models
 from dtl.config import Config
 from dtl.train import checkpoint_format as ckpt
 from dtl.train import loop, optim
@@ -49,9 +49,9 @@ def test_resume_with_channels_last_and_fused_optimizer_is_bitwise(kind, tmp_path
         _step(net, opt, i)
     # through the checkpoint format: tensors are written contiguous (NCHW)
     tensors, extra = ckpt.optimizer_to_tensors(opt.state_dict())
-    ckpt.write_tensors(tmp_path / "optim.safetensors", tensors)
+    files.write_tensors(tmp_path / "optim.safetensors", tensors)
     model_state = {k: v.clone() for k, v in net.state_dict().items()}
-    state = ckpt.optimizer_from_tensors(ckpt.read_tensors(tmp_path / "optim.safetensors"), extra)
+    state = ckpt.optimizer_from_tensors(files.read_tensors(tmp_path / "optim.safetensors"), extra)
 
     resumed = _conv_net()
     resumed.load_state_dict(model_state)
