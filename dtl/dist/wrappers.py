@@ -3,7 +3,33 @@ to the model itself."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dtl.dist.env import DistEnv
+
+log = logging.getLogger("dtl")
+
+
+def wrap(model: torch.nn.Module, env: DistEnv, device: torch.device, compile_model: bool) -> torch.nn.Module:
+    """DDP when distributed (after freezing: DDP reduces only the parameters that require grad when it is
+    built), then torch.compile when asked.
+
+    Compiled with static shapes: a partial last batch compiles a second graph for its size once per run
+    (recompiles stay at 1 per wrapper) instead of turning the batch dimension dynamic. The dynamic-shape
+    recompile produced, on CUDA with channels_last, a contiguous weight gradient where inductor asserted
+    channels_last strides in `convolution_backward` (GPU issue: compile_recompiles); static graphs are also
+    the faster kernels. Evaluation runs the model without these wrappers (`local_module`)."""
+    if env.distributed:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    gradient_as_bucket_view=True)
+        log.info("model wrapped in %s (%s backend, %d ranks)", type(model).__name__,
+                 torch.distributed.get_backend(), env.world_size)
+    if compile_model:
+        model = torch.compile(model, dynamic=False)
+    return model
 
 
 def _strip_compile(model: torch.nn.Module) -> torch.nn.Module:

@@ -9,7 +9,6 @@ from dataclasses import asdict, replace
 import torch
 import torchvision
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dtl
 from dtl import models
@@ -19,7 +18,7 @@ from dtl.data.augment import mix
 from dtl.data.loaders import BatchLoader
 from dtl.data.preprocessing import Preprocessing
 from dtl.data.splits import Splits
-from dtl.dist import DistEnv, main_first
+from dtl.dist import DistEnv, main_first, wrap
 from dtl.errors import UserError
 from dtl.models import timm_backbones
 from dtl.train import optim, run_folder, trackers
@@ -68,18 +67,6 @@ def build_model(cfg: Config, device: torch.device, num_classes: int) -> tuple[nn
     return model.to(device, memory_format=models.memory_format(device.type, cfg.backbone.mode)), trainable
 
 
-def wrap(model: nn.Module, cfg: Config, env: DistEnv, device: torch.device) -> nn.Module:
-    if env.distributed:
-        # Frozen before wrapping: DDP reduces only parameters that require grad at construction.
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    gradient_as_bucket_view=True)
-        log.info("model wrapped in %s (%s backend, %d ranks)", type(model).__name__,
-                 torch.distributed.get_backend(), env.world_size)
-    if cfg.run.compile:
-        model = torch.compile(model)
-    return model
-
-
 def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
     """Validate and build everything; nothing is written to the output folder before this returns."""
     trackers.check_available(cfg.run.log_with)  # every rank, before anything is written
@@ -126,7 +113,7 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
         model, train_loader, eval_loader, new_features = use_cached_features(cfg, env, device, model, splits,
                                                                              plan, precision, prep)
     mixer = mix.Mixer(cfg.optim, len(splits.classes), cfg.run.seed, env.rank) if mix.enabled(cfg.optim) else None
-    return Run(cfg, env, device, plan, wrap(model, cfg, env, device), optimizer, scaler, precision,
+    return Run(cfg, env, device, plan, wrap(model, env, device, compile_model=cfg.run.compile), optimizer, scaler, precision,
                train_loader, eval_loader, splits, progress, info, checkpointer, new_features,
                None if weights is None else weights.float().to(device), ema, mixer=mixer)
 

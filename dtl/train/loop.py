@@ -16,11 +16,10 @@ from torch import nn
 from dtl import faults, files, models
 from dtl.data.augment import mix
 from dtl.data.splits import stream_seed
-from dtl.dist import Agreement, all_gather_tensor, barrier, ddp_of, local_module, signals, unwrap
+from dtl.dist import Agreement, all_gather_tensor, barrier, ddp_of, local_module, signals, unwrap, wrap
 from dtl.errors import EXIT_OK, EXIT_PREEMPTED, NonFiniteLossError
 from dtl.train import checkpoint_format as ckpt
 from dtl.train import run_folder
-from dtl.train.build import wrap
 from dtl.train.ema import EmaView
 from dtl.train.evaluate import evaluate
 from dtl.train.metrics import Meter, plot_runs
@@ -357,7 +356,7 @@ def apply_phase(run: Run, epoch: int) -> None:
     for handle in run.prefix_hooks:
         handle.remove()
     run.prefix_hooks = models.run_prefix_without_grad(model, head) if probing else []
-    run.model = wrap(model, run.cfg, run.env, run.device)
+    run.model = wrap(model, run.env, run.device, compile_model=run.cfg.run.compile)
     run.probing = probing
     trains = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("lp-ft epoch %d: %s (%d parameters train)", epoch + 1,
