@@ -4,9 +4,15 @@
 Each rank describes itself (host, rank, device and memory, torch/CUDA/NCCL versions, the network interfaces
 gloo and NCCL would use, the variables that steer them), then all ranks run a timed all-reduce of growing
 sizes on the training backend (NCCL on GPUs, gloo on CPUs) and a barrier that names the ranks that miss it.
-Rank 0 prints one table and a verdict: versions that differ, a rank that did not join, a bandwidth far below
-the others, gloo bound to a loopback address across hosts. Bandwidth as nccl-tests reports it: algbw =
-bytes / time, busbw = algbw x 2(n-1)/n for all-reduce. Exit 0 when nothing is wrong, 1 otherwise.
+Rank 0 prints one table and a verdict: versions that differ, a rank that did not join, a wrong sum, a rank
+that is consistently slow, gloo bound to a loopback address across hosts. Exit 0 when nothing is wrong, 1
+otherwise.
+
+Bandwidth as nccl-tests reports it: algbw = bytes / time, busbw = algbw x 2(n-1)/n for all-reduce; per size
+the median over `--iters` timed all-reduces (each after a barrier) of the slowest rank's time, since an
+all-reduce is done when its last rank is. A rank's own time is compared with the other ranks' in the same
+all-reduce; it is reported only when slow in most of them by a clear margin, only across hosts (on one host
+the ranks share CPUs and memory, and timings differ by load), and the table prints the rule it applied.
 """
 
 from __future__ import annotations
@@ -32,7 +38,14 @@ log = logging.getLogger("dtl")
 EXAMPLE = "torchrun --standalone --nproc_per_node=4 -m dtl.cli doctor      (or: DTL_PREFLIGHT=1 sbatch slurm/...)"
 VERSION_KEYS = ("torch", "cuda", "nccl", "python", "dtl")
 SLOW_FRACTION = 0.5
-"""A rank whose bus bandwidth is below this fraction of the median is reported."""
+"""Default --slow-fraction: in one timed all-reduce, a rank is slow when its bus bandwidth is below this fraction
+of the other ranks' median (its time above twice their median time)."""
+SLOW_SHARE = 0.75
+"""A rank is reported only when it is slow in at least this share of its timed all-reduces, all sizes together."""
+MIN_RANKS = 3
+MIN_ITERS = 5
+"""Fewer ranks, or fewer timed all-reduces per size, give no median and no share worth a verdict."""
+WARMUP_ITERS = 2
 REPORT_BYTES = 8192
 
 
@@ -47,8 +60,32 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="how long forming the process group, a collective or the barrier may take (default 60)")
     p.add_argument("--sizes-mb", default=None, metavar="LIST",
                    help="all-reduce sizes in MiB, comma-separated (default: 1,4,16,64,256 on GPUs, 1,4,16 on CPUs)")
-    p.add_argument("--iters", type=int, default=5, help="timed all-reduces per size, after one warm-up (default 5)")
+    p.add_argument("--iters", type=_positive_int, default=20,
+                   help=f"timed all-reduces per size, each after a barrier, after {WARMUP_ITERS} warm-ups (default 20; "
+                   f"a slow rank is judged from {MIN_ITERS} up)")
+    p.add_argument("--slow-fraction", type=_fraction, default=SLOW_FRACTION, metavar="F",
+                   help=f"a rank is slow in an all-reduce when its bus bandwidth is below F x the other ranks' "
+                   f"median; it is reported when slow in {SLOW_SHARE:.0%}% of them (default {SLOW_FRACTION}; 0: never)")
+    p.add_argument("--slow-ranks", choices=("fail", "warn"), default="fail",
+                   help="fail: a consistently slow rank fails the verdict (exit 1); warn: it is printed as a "
+                   "warning and the verdict stays OK (default fail)")
     return p
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
 
 
 # ---- what one rank knows about itself ------------------------------------------------------------------
@@ -118,26 +155,42 @@ def _nccl_version() -> str:
 
 # ---- measurements ------------------------------------------------------------------------------------
 
-def time_all_reduce(env: DistEnv, device: torch.device, sizes_mb: list[float], iters: int) -> list[dict[str, float]]:
-    """Per size: this rank's mean seconds per all-reduce, algbw and busbw (GB/s, 1e9 bytes), and whether the
-    sum came out right."""
+def time_all_reduce(env: DistEnv, device: torch.device, sizes_mb: list[float], iters: int) -> list[dict[str, Any]]:
+    """Per size: this rank's seconds for each timed all-reduce (`times`), their median with its algbw and
+    busbw (GB/s, 1e9 bytes), and how many results had a wrong sum (`wrong`).
+
+    Every timed all-reduce starts right after a barrier: otherwise a rank's time mostly says how long it
+    waited for the last rank to arrive (every rank of a collective waits for the slowest), not how fast the
+    all-reduce was. The tensor is refilled with ones outside the timed part, so every sum can be checked."""
     n = env.world_size
     rows = []
     for mb in sizes_mb:
         numel = max(1, int(mb * 2**20) // 4)
         x = torch.ones(numel, dtype=torch.float32, device=device)
-        dist.all_reduce_sum(x, env)  # warm-up (NCCL builds its rings here)
-        correct = bool((x == n).all())
-        _sync(device)
-        t0 = time.perf_counter()
+        for _ in range(WARMUP_ITERS):  # NCCL builds its rings and gloo its buffers here
+            dist.all_reduce_sum(x.fill_(1.0), env)
+        wrong = int(not bool((x == n).all()))
+        times = []
         for _ in range(iters):
+            x.fill_(1.0)
+            _sync(device)
+            dist.barrier(env)
+            _sync(device)
+            t0 = time.perf_counter()
             dist.all_reduce_sum(x, env)
-        _sync(device)
-        seconds = (time.perf_counter() - t0) / iters
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+            wrong += int(not bool((x == n).all()))
+        seconds = statistics.median(times)
         algbw = numel * 4 / seconds / 1e9
-        rows.append({"mb": mb, "seconds": seconds, "algbw": algbw, "busbw": algbw * 2 * (n - 1) / n,
-                     "correct": correct})
+        rows.append({"mb": mb, "iters": iters, "times": times, "seconds": seconds, "algbw": algbw,
+                     "busbw": _busbw(algbw, n), "wrong": wrong, "correct": wrong == 0})
     return rows
+
+
+def _busbw(algbw: float, n: int) -> float:
+    """nccl-tests' bus bandwidth of an all-reduce: what each link carries, comparable across world sizes."""
+    return algbw * 2 * (n - 1) / n
 
 
 def _sync(device: torch.device) -> None:
@@ -146,16 +199,27 @@ def _sync(device: torch.device) -> None:
 
 
 def gather_reports(report: dict[str, Any], env: DistEnv, device: torch.device) -> list[dict[str, Any]]:
-    """Every rank's report on every rank (JSON in a fixed-size byte tensor: no pickling)."""
-    raw = json.dumps(report).encode()[:REPORT_BYTES]
+    """Every rank's report on every rank (JSON in a fixed-size byte tensor: no pickling). The per-iteration
+    times travel as a tensor of their own, so that many iterations never overflow the JSON's bytes."""
+    rows = report.get("bandwidth") or []
+    times = torch.tensor([row["times"] for row in rows], dtype=torch.float64)
+    brief = {**report, "bandwidth": [{k: v for k, v in row.items() if k != "times"} for row in rows]}
+    raw = json.dumps(brief).encode()[:REPORT_BYTES]
     buf = torch.zeros(REPORT_BYTES, dtype=torch.uint8)
     buf[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    return [json.loads(bytes(t.cpu().tolist()).rstrip(b"\0")) for t in dist.all_gather_tensor(buf.to(device), env)]
+    reports = [json.loads(bytes(t.cpu().tolist()).rstrip(b"\0")) for t in dist.all_gather_tensor(buf.to(device), env)]
+    if rows:
+        for r, t in zip(reports, dist.all_gather_tensor(times.to(device), env)):
+            for row, seconds in zip(r["bandwidth"], t.cpu().tolist()):
+                row["times"] = seconds
+    return reports
 
 
 # ---- the verdict --------------------------------------------------------------------------------------
 
 def problems(reports: list[dict[str, Any]]) -> list[str]:
+    """What is wrong whatever the timings: versions that differ, gloo on loopback across hosts, wrong sums.
+    Slow ranks are `slow_ranks`' business."""
     found = []
     for key in VERSION_KEYS:
         seen: dict[str, list[int]] = {}
@@ -168,38 +232,108 @@ def problems(reports: list[dict[str, Any]]) -> list[str]:
             if r["interfaces"]["gloo_address"].startswith("127."):
                 found.append(f"rank {r['rank']} on {r['host']}: gloo would bind to {r['interfaces']['gloo_address']}"
                              " (loopback) across hosts: set GLOO_SOCKET_IFNAME (README: Several nodes)")
-    bw = [r["bandwidth"][-1]["busbw"] for r in reports if r.get("bandwidth")]
-    median = statistics.median(bw) if bw else 0.0
     for r in reports:
         rows = r.get("bandwidth") or []
         if rows and not all(row["correct"] for row in rows):
             found.append(f"rank {r['rank']}: all-reduce returned a wrong sum")
-        if len(reports) > 1 and rows and rows[-1]["busbw"] < SLOW_FRACTION * median:
-            found.append(f"rank {r['rank']} on {r['host']}: bus bandwidth {rows[-1]['busbw']:.2f} GB/s, below "
-                         f"{SLOW_FRACTION:.0%} of the median {median:.2f} GB/s")
     return found
+
+
+def not_judged(reports: list[dict[str, Any]]) -> str | None:
+    """Why the ranks' all-reduce times cannot single out a slow rank here, or None when they can."""
+    if not all(r.get("bandwidth") for r in reports):
+        return "no all-reduce was timed"
+    if len({r["host"] for r in reports}) < 2:
+        return "one host (its ranks share CPUs, memory and links: their times differ by load, not by a rank's link)"
+    if len(reports) < MIN_RANKS:
+        return f"{len(reports)} ranks (a median of fewer than {MIN_RANKS} has no majority to stand out from)"
+    iters = min(row["iters"] for r in reports for row in r["bandwidth"])
+    if iters < MIN_ITERS:
+        return f"{iters} timed all-reduce(s) per size (--iters; at least {MIN_ITERS} needed)"
+    return None
+
+
+def slow_counts(reports: list[dict[str, Any]], fraction: float) -> dict[int, tuple[int, int]]:
+    """Rank -> (its slow timed all-reduces, its timed all-reduces), over all sizes. Slow: the rank's bus
+    bandwidth below `fraction` x the median of the other ranks' in the same all-reduce, i.e. its time above
+    their median time / `fraction`. Comparing within one all-reduce cancels what every rank saw (a busy
+    network, a hiccup of the machine); leaving the rank out of its own median keeps one other noisy rank
+    from hiding it in a small world."""
+    counts = {r["rank"]: [0, 0] for r in reports}
+    for k, row in enumerate(reports[0]["bandwidth"]):
+        for i in range(len(row["times"])):
+            times = [r["bandwidth"][k]["times"][i] for r in reports]
+            for j, r in enumerate(reports):
+                others = statistics.median(times[:j] + times[j + 1:])
+                counts[r["rank"]][0] += times[j] * fraction > others
+                counts[r["rank"]][1] += 1
+    return {rank: (slow, total) for rank, (slow, total) in counts.items()}
+
+
+def slow_ranks(reports: list[dict[str, Any]], fraction: float) -> list[str]:
+    """The ranks that are consistently slow: slow (see `slow_counts`) in at least SLOW_SHARE of their timed
+    all-reduces, where `not_judged` finds the comparison meaningful. One noisy iteration, or a rank that is
+    slow in some sizes only, is not a finding."""
+    if not_judged(reports) is not None:
+        return []
+    found = []
+    counts = slow_counts(reports, fraction)
+    medians = [_rank_busbw(r) for r in reports]
+    world = statistics.median(medians)
+    for r, busbw in zip(reports, medians):
+        slow, total = counts[r["rank"]]
+        if slow >= SLOW_SHARE * total:
+            found.append(f"rank {r['rank']} on {r['host']}: bus bandwidth below {fraction:.0%} of the other ranks' "
+                         f"median in {slow} of its {total} timed all-reduces (at {r['bandwidth'][-1]['mb']:g} MiB: "
+                         f"{busbw:.2f} GB/s, the ranks' median {world:.2f} GB/s)")
+    return found
+
+
+def _rank_busbw(report: dict[str, Any]) -> float:
+    """A rank's busbw at the largest size, from the median of its times there."""
+    row = report["bandwidth"][-1]
+    return _busbw(row["mb"] * 2**20 / statistics.median(row["times"]) / 1e9, report["world_size"])
+
+
+def rule(reports: list[dict[str, Any]], fraction: float, action: str) -> str:
+    """The slow-rank rule with its thresholds, and whether it applied here and why not (two lines)."""
+    why = not_judged(reports)
+    iters = min(row["iters"] for r in reports for row in r["bandwidth"])
+    where = f"not judged here: {why}" if why else \
+        f"judged: {len(reports)} ranks on {len({r['host'] for r in reports})} hosts, {iters} iterations per size"
+    return (f"slow rank (--slow-fraction {fraction:g}, --slow-ranks {action}): busbw below {fraction:.0%} of the "
+            f"other ranks' median in >= {SLOW_SHARE:.0%} of its timed all-reduces; judged across hosts, with "
+            f"{MIN_RANKS}+ ranks and {MIN_ITERS}+ iterations per size\nslow rank: {where}")
 
 
 def _ranks(ranks: list[int]) -> str:
     return ",".join(map(str, ranks)) if len(ranks) < 6 else f"{ranks[0]}..{ranks[-1]} ({len(ranks)})"
 
 
-def table(reports: list[dict[str, Any]]) -> str:
+def table(reports: list[dict[str, Any]], fraction: float = SLOW_FRACTION, action: str = "fail") -> str:
+    judged = reports[0].get("bandwidth") and not_judged(reports) is None
+    counts = slow_counts(reports, fraction) if judged else {}
     head = f"{'rank':>4} {'local':>5} {'host':<16} {'device':<8} {'name':<24} {'GiB':>6} {'torch':<14} " \
-           f"{'cuda':<6} {'nccl':<8} {'gloo iface':<30} busbw GB/s"
+           f"{'cuda':<6} {'nccl':<8} {'gloo iface':<30} busbw GB/s  slow"
     lines = [head]
     for r in reports:
-        bw = f"{r['bandwidth'][-1]['busbw']:.2f}" if r.get("bandwidth") else "-"
+        bw = f"{_rank_busbw(r):.2f}" if r.get("bandwidth") else "-"
+        slow = "{}/{}".format(*counts[r["rank"]]) if judged else "-"
         lines.append(f"{r['rank']:>4} {r['local_rank']:>5} {r['host'][:16]:<16} {r['device']:<8} "
                      f"{str(r['device_name'])[:24]:<24} {r['memory_gib'] or '-':>6} {r['torch']:<14} "
-                     f"{r['cuda'] or '-':<6} {r['nccl'] or '-':<8} {r['interfaces']['gloo'][:30]:<30} {bw}")
+                     f"{r['cuda'] or '-':<6} {r['nccl'] or '-':<8} {r['interfaces']['gloo'][:30]:<30} {bw:>10}  {slow}")
     if reports[0].get("bandwidth"):
-        lines += ["", f"{'size MiB':>9} {'time ms':>9} {'algbw GB/s':>11} {'busbw GB/s':>11}   (slowest rank)"]
-    for i, row in enumerate(reports[0].get("bandwidth") or []):
-        t = max(r["bandwidth"][i]["seconds"] for r in reports)
+        lines += ["", f"{'size MiB':>9} {'iters':>5} {'time ms':>9} {'algbw GB/s':>11} {'busbw GB/s':>11} "
+                  f"{'#wrong':>6}   (an all-reduce's time: its slowest rank's; median over iterations)"]
+    n = len(reports)
+    for k, row in enumerate(reports[0].get("bandwidth") or []):
+        t = statistics.median(max(per_rank) for per_rank in zip(*(r["bandwidth"][k]["times"] for r in reports)))
         algbw = row["mb"] * 2**20 / t / 1e9
-        n = len(reports)
-        lines.append(f"{row['mb']:>9g} {t * 1e3:>9.2f} {algbw:>11.2f} {algbw * 2 * (n - 1) / n:>11.2f}")
+        wrong = sum(r["bandwidth"][k]["wrong"] for r in reports)
+        lines.append(f"{row['mb']:>9g} {row['iters']:>5} {t * 1e3:>9.2f} {algbw:>11.2f} {_busbw(algbw, n):>11.2f} "
+                     f"{wrong:>6}")
+    if reports[0].get("bandwidth"):
+        lines.append(rule(reports, fraction, action))
     r0 = reports[0]
     lines.append("")
     lines.append(f"rank 0: nccl iface {r0['interfaces']['nccl']}; route to MASTER_ADDR {r0['interfaces']['route']}")
@@ -236,9 +370,12 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if not env.is_main:
         return 0
-    found = problems(reports)
-    print(table(reports), flush=True)
+    slow = slow_ranks(reports, args.slow_fraction)
+    found = problems(reports) + (slow if args.slow_ranks == "fail" else [])
+    print(table(reports, args.slow_fraction, args.slow_ranks), flush=True)
     hosts = len({r["host"] for r in reports})
+    for warning in [] if args.slow_ranks == "fail" else slow:
+        print(f"doctor: warning: {warning}", flush=True)
     if found:
         print(f"doctor: FAIL ({env.world_size} ranks on {hosts} host(s)):\n  - " + "\n  - ".join(found), flush=True)
         return 1
