@@ -1,51 +1,31 @@
-"""The per-field checks of the config sections (`dtl.config`): a table of rules, applied by each section's
-``__post_init__``, raising a ValueError that names the field and the value."""
+"""How config fields are checked: the rules a field carries in its metadata (`rule`, and the common ones named
+here), Literal choices, and `validate_section`, which each section's ``__post_init__`` calls (a ValueError
+naming the field and the value)."""
 
 from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable
 from typing import Any, Literal
 
-#: field -> (rule, message) checked by every section's __post_init__ (besides Literal choices)
-_RULES: dict[str, tuple[Any, str]] = {
-    **{name: (lambda v: v > 0, "must be > 0") for name in (
-        "epochs", "batch_size", "grad_accum", "image_size", "log_every", "keep_last", "max_nan_skips", "lr",
-        "dist_timeout", "fp16_init_scale")},
-    **{name: (lambda v: v is None or v > 0, "must be > 0 when given") for name in (
-        "train_subset", "eval_subset", "finetune_last_n")},
-    **{name: (lambda v: v >= 0, "must be >= 0") for name in (
-        "num_workers", "checkpoint_every_steps", "seed", "warmup_epochs", "weight_decay",
-        "checkpoint_every_minutes", "progress_every")},
-    **{name: (lambda v: 0 <= v < 1, "must be in [0, 1)") for name in ("momentum", "label_smoothing", "val_split")},
-    "dropout": (lambda v: v is None or 0 <= v < 1, "must be in [0, 1)"),
-    "head_lr_mult": (lambda v: v > 0, "must be > 0"),
-    "layer_decay": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    "lp_epochs": (lambda v: v >= 0, "must be >= 0"),
-    "ema_decay": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "ema_every": (lambda v: v > 0, "must be > 0"),
-    "early_stop_patience": (lambda v: v is None or v > 0, "must be > 0 when given"),
-    "early_stop_min_delta": (lambda v: v >= 0, "must be >= 0"),
-    "clip_grad_norm": (lambda v: v is None or v > 0, "must be > 0 when given"),
-    "model": (lambda v: bool(v.strip()), "must name a torchvision model"),
-    # augmentation (issue #13 part A)
-    **{name: (lambda v: v >= 0, "must be >= 0") for name in ("crop_padding", "ra_num_ops")},
-    "crop_scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "must be MIN MAX with 0 < MIN <= MAX <= 1"),
-    "ra_magnitude": (lambda v: 0 <= v <= 30, "must be in [0, 30] (31 magnitude bins)"),
-    "augmix_severity": (lambda v: 1 <= v <= 10, "must be in [1, 10]"),
-    "random_erasing": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-    # MixUp/CutMix, stochastic depth
-    **{name: (lambda v: v >= 0, "must be >= 0") for name in ("mixup", "cutmix")},
-    **{name: (lambda v: 0 <= v <= 1, "must be in [0, 1]") for name in ("mix_prob", "mix_switch_prob")},
-    "drop_path": (lambda v: v is None or 0 <= v < 1, "must be in [0, 1)"),
-    # trackers
-    "log_with": (lambda v: {n.strip() for n in v.split(",")} <= {"none", "tensorboard", "wandb", "mlflow"},
-                 "must be none or a comma-separated list of tensorboard, wandb, mlflow"),
-}
+
+def rule(check: Callable[[Any], bool], message: str) -> dict[str, Any]:
+    """A field's check, as dataclass field metadata: ``x: int = field(default=1, metadata=rule(...))`` keeps the
+    rule beside the field it checks. `message` completes "<field> ...": e.g. "must be > 0"."""
+    return {"rule": (check, message)}
+
+
+POSITIVE = rule(lambda v: v > 0, "must be > 0")
+POSITIVE_IF_GIVEN = rule(lambda v: v is None or v > 0, "must be > 0 when given")
+NON_NEGATIVE = rule(lambda v: v >= 0, "must be >= 0")
+FRACTION = rule(lambda v: 0 <= v < 1, "must be in [0, 1)")
+FRACTION_IF_GIVEN = rule(lambda v: v is None or 0 <= v < 1, "must be in [0, 1)")
+PROBABILITY = rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")
 
 
 def validate_section(section: Any) -> None:
-    """Every field of a config section: tuples from lists, Literal choices, the rules of `_RULES`."""
+    """Every field of a config section: tuples from lists, Literal choices, the field's own rule."""
     hints = typing.get_type_hints(type(section))
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
@@ -56,9 +36,9 @@ def validate_section(section: Any) -> None:
         choices = choices_of(hints[f.name])
         if choices:
             _check(f.name, value, value in choices, f"must be one of {', '.join(choices)}")
-        if f.name in _RULES:
-            rule, message = _RULES[f.name]
-            _check(f.name, value, rule(value), message)
+        if "rule" in f.metadata:
+            check, message = f.metadata["rule"]
+            _check(f.name, value, check(value), message)
 
 
 def _check(name: str, value: Any, ok: bool, rule: str) -> None:

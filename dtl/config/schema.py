@@ -1,9 +1,9 @@
-"""The training configuration: typed dataclasses grouped by concern (filled by `dtl.settings`).
+"""The training configuration: typed dataclasses grouped by concern (filled by `dtl.config.loading`).
 
 Sections: `backbone`, `data`, `optim`, `run`, `checkpoint`, `dist` -- each a dataclass whose fields carry a
-docstring (it doubles as the flag's ``--help`` text, so the two never drift apart) and are checked in
-``__post_init__`` (a ValueError naming the field and the value). `Config` holds one of each and checks what
-spans sections; a component is handed the section it needs. Flags and TOML keys stay flat (``--lr 0.01``,
+docstring (it doubles as the flag's ``--help`` text, so the two never drift apart) and, where it has one, its
+rule in its metadata (`dtl.config.rules`), checked in ``__post_init__`` (a ValueError naming the field and the
+value). `Config` holds one of each and checks what spans sections; a component is handed the section it needs. Flags and TOML keys stay flat (``--lr 0.01``,
 ``lr = 0.01``, optionally under ``[train]``); a TOML file may also use section tables (``[optim]`` with
 ``lr = 0.01``). The resolved config is saved flat (config.json, every checkpoint).
 """
@@ -11,10 +11,20 @@ spans sections; a component is handed the section it needs. Flags and TOML keys 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dtl.config.rules import choices_of, validate_section
+from dtl.config.rules import (
+    FRACTION,
+    FRACTION_IF_GIVEN,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_IF_GIVEN,
+    PROBABILITY,
+    choices_of,
+    rule,
+    validate_section,
+)
 from dtl.errors import UserError
 
 __all__ = ["SECTIONS", "SECTION_OF", "Config", "choices_of"]
@@ -23,7 +33,7 @@ __all__ = ["SECTIONS", "SECTION_OF", "Config", "choices_of"]
 class BackboneConfig:
     """The network: which backbone, how it is initialised and which part of it trains."""
 
-    model: str = "vgg16"
+    model: str = field(default="vgg16", metadata=rule(lambda v: bool(v.strip()), "must name a torchvision model"))
     """torchvision classification model name, or timm/NAME for a timm model (see `dtl models [--source timm]`)."""
     mode: Literal["transfer", "finetune", "scratch", "lp-ft"] = "transfer"
     """transfer: frozen pretrained backbone, only the new head trains; finetune: pretrained init, everything
@@ -31,19 +41,19 @@ class BackboneConfig:
     weights: str | None = None
     """imagenet | none | a torchvision weight enum name (IMAGENET1K_V1) or timm tag | a .safetensors/.pth file.
     Default: imagenet for transfer/finetune, none for scratch."""
-    finetune_last_n: int | None = None
+    finetune_last_n: int | None = field(default=None, metadata=POSITIVE_IF_GIVEN)
     """finetune/lp-ft mode: number of backbone blocks (counted from the end) to unfreeze with the head; default
     all."""
     keep_head: bool = False
     """Keep the head of the loaded weights (continuing on the same label set) instead of a newly initialised
     one; refused when it does not have as many outputs as the data set has classes. Default: every run from
     pretrained weights or a weight file starts from a new head, whatever the file's head."""
-    lp_epochs: int = 1
+    lp_epochs: int = field(default=1, metadata=NON_NEGATIVE)
     """lp-ft mode: epochs that train the head alone (a linear probe, the backbone frozen and its BatchNorm
     statistics fixed) before the backbone (or its last --finetune-last-n blocks) is unfrozen."""
-    dropout: float | None = None
+    dropout: float | None = field(default=None, metadata=FRACTION_IF_GIVEN)
     """Override the dropout probability of the model's Dropout layers (default: the model's own)."""
-    drop_path: float | None = None
+    drop_path: float | None = field(default=None, metadata=FRACTION_IF_GIVEN)
     """Stochastic depth (drop path) rate: torchvision's stochastic_depth_prob, the rate of the deepest block,
     lower ones scaled down linearly (ConvNeXt, EfficientNet v1/v2, Swin, MaxViT; refused for models without
     it); timm/... models: timm's drop_path_rate. Default: the model's own (e.g. 0.1 for convnext_tiny, 0.2 for
@@ -63,7 +73,7 @@ class DataConfig:
     """Where the data set lives (CIFAR: the folder holding cifar-10-batches-py/ or -bin/ or the .tar.gz)."""
     download: bool = True
     """Download the official archive when it is missing (rank 0 only)."""
-    image_size: int = 224
+    image_size: int = field(default=224, metadata=POSITIVE)
     """Side of the square images fed to the network (the reference recipe resizes 32 px CIFAR to 224)."""
     augment: bool = True
     """Training augmentation: --crop (RandomResizedCrop, scale 0.5-1) + horizontal flip, and --auto-augment,
@@ -71,15 +81,15 @@ class DataConfig:
     data_pipeline: Literal["auto", "device", "workers"] = "auto"
     """device: the split lives on the device as one uint8 tensor and is augmented in batches; workers: a
     DataLoader with worker processes and per-image transforms. auto: device for in-memory data sets."""
-    num_workers: int = 2
+    num_workers: int = field(default=2, metadata=NON_NEGATIVE)
     """DataLoader worker processes per rank (workers pipeline only)."""
-    train_subset: int | None = None
+    train_subset: int | None = field(default=None, metadata=POSITIVE_IF_GIVEN)
     """Use only N training images (handy for smoke tests)."""
-    eval_subset: int | None = None
+    eval_subset: int | None = field(default=None, metadata=POSITIVE_IF_GIVEN)
     """Use only N test images."""
     subset_order: Literal["first", "random"] = "first"
     """How --train-subset/--eval-subset pick images: the first N, or a seeded random N."""
-    val_split: float = 0.0
+    val_split: float = field(default=0.0, metadata=FRACTION)
     """folder data sets without a val/ folder: fraction held out (seeded, stratified) for evaluation."""
     coarse_labels: bool = False
     """cifar100 only: use the 20 coarse super-classes instead of the 100 fine labels."""
@@ -95,22 +105,24 @@ class DataConfig:
     crop: Literal["resized", "pad"] = "resized"
     """Training crop (then a flip). resized: RandomResizedCrop(image_size, --crop-scale). pad: CIFAR's
     RandomCrop(image_size, --crop-padding, --padding-mode), after Resize(image_size) if the images differ."""
-    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_scale: tuple[float, float] = field(default=(0.5, 1.0), metadata=rule(
+        lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "must be MIN MAX with 0 < MIN <= MAX <= 1"))
     """--crop resized: crop area as a fraction of the image, MIN MAX (torchvision's default: 0.08 1)."""
-    crop_padding: int = 4
+    crop_padding: int = field(default=4, metadata=NON_NEGATIVE)
     """--crop pad: pixels of padding on every side before the random crop."""
     padding_mode: Literal["constant", "reflect"] = "constant"
     """--crop pad: constant (zeros, torchvision's RandomCrop default) or reflect."""
     auto_augment: Literal["none", "ta_wide", "randaugment", "augmix"] = "none"
     """torchvision's TrivialAugmentWide() | RandAugment(--ra-num-ops, --ra-magnitude) | AugMix(--augmix-severity,
     width 3, depth 1-3, alpha 1), per image on the uint8 crop, before normalisation."""
-    ra_num_ops: int = 2
+    ra_num_ops: int = field(default=2, metadata=NON_NEGATIVE)
     """--auto-augment randaugment: ops applied in a row per image."""
-    ra_magnitude: int = 9
+    ra_magnitude: int = field(
+        default=9, metadata=rule(lambda v: 0 <= v <= 30, "must be in [0, 30] (31 magnitude bins)"))
     """--auto-augment randaugment: magnitude bin (0-30)."""
-    augmix_severity: int = 3
+    augmix_severity: int = field(default=3, metadata=rule(lambda v: 1 <= v <= 10, "must be in [1, 10]"))
     """--auto-augment augmix: severity of the ops (1-10)."""
-    random_erasing: float = 0.0
+    random_erasing: float = field(default=0.0, metadata=PROBABILITY)
     """Probability of RandomErasing(scale=(0.02, 0.33), ratio=(0.3, 3.3)) per image, after normalisation."""
     random_erasing_value: Literal["0", "random"] = "0"
     """Erased pixels: 0 (the mean colour, after normalisation) or random (standard normal noise)."""
@@ -123,54 +135,54 @@ class DataConfig:
 class OptimConfig:
     """How the weights are updated."""
 
-    epochs: int = 3
+    epochs: int = field(default=3, metadata=POSITIVE)
     """Number of passes over the training set."""
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata=POSITIVE)
     """Images per process per step; the global batch is batch_size x world size x grad_accum."""
-    grad_accum: int = 1
+    grad_accum: int = field(default=1, metadata=POSITIVE)
     """Micro-steps whose gradients are summed before one optimizer step."""
-    lr: float = 1e-3
+    lr: float = field(default=1e-3, metadata=POSITIVE)
     """Base learning rate (before --lr-scale)."""
     lr_scale: Literal["none", "linear"] = "none"
     """linear: multiply --lr by global batch / --batch-size (the linear scaling rule); none: use --lr as is."""
-    momentum: float = 0.9
+    momentum: float = field(default=0.9, metadata=FRACTION)
     """SGD momentum (AdamW: beta1)."""
-    weight_decay: float = 0.0
+    weight_decay: float = field(default=0.0, metadata=NON_NEGATIVE)
     """L2 penalty (decoupled for AdamW)."""
     optimizer: Literal["sgd", "adamw"] = "sgd"
     """sgd (the reference recipe) or adamw."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """Learning-rate schedule after warm-up, stepped per optimizer step."""
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = field(default=0.0, metadata=NON_NEGATIVE)
     """Linear warm-up from 0 to --lr over this many epochs."""
-    label_smoothing: float = 0.0
+    label_smoothing: float = field(default=0.0, metadata=FRACTION)
     """Cross-entropy label smoothing."""
-    head_lr_mult: float = 1.0
+    head_lr_mult: float = field(default=1.0, metadata=POSITIVE)
     """The new head learns at this multiple of the learning rate (the backbone at the rate itself)."""
-    layer_decay: float = 1.0
+    layer_decay: float = field(default=1.0, metadata=rule(lambda v: 0 < v <= 1, "must be in (0, 1]"))
     """Layer-wise learning-rate decay D in (0, 1]: the head at the rate, the backbone block below it at D x,
     the next at D^2 x, ... down to the stem (blocks as tabled in dtl/models.py). 1: off."""
     wd_norm_bias: bool = False
     """Apply --weight-decay to biases and normalisation parameters too (by default they get none, as in timm
     and torchvision's reference recipes)."""
-    ema_decay: float = 0.0
+    ema_decay: float = field(default=0.0, metadata=FRACTION)
     """Keep an exponential moving average of the weights with this decay (e.g. 0.999; warmed up as
     min(D, (1 + step) / (10 + step))), evaluated each epoch beside the raw weights; 0: off."""
-    ema_every: int = 1
+    ema_every: int = field(default=1, metadata=POSITIVE)
     """Update the EMA every N optimizer steps."""
-    clip_grad_norm: float | None = None
+    clip_grad_norm: float | None = field(default=None, metadata=POSITIVE_IF_GIVEN)
     """Clip the global gradient norm (of the parameters that train) to this value, once per optimizer step,
     after unscaling; the pre-clip norm's epoch mean and max go to metrics.jsonl."""
-    mixup: float = 0.0
+    mixup: float = field(default=0.0, metadata=NON_NEGATIVE)
     """MixUp alpha (timm's --mixup): mix each batch with itself reversed, lam ~ Beta(alpha, alpha); trains on
     soft targets (--label-smoothing folded in). Train accuracy then counts the dominant label (weight >= 0.5).
     0: off."""
-    cutmix: float = 0.0
+    cutmix: float = field(default=0.0, metadata=NON_NEGATIVE)
     """CutMix alpha (timm's --cutmix): paste a box of the reversed batch, lam ~ Beta(alpha, alpha) corrected to
     the box's clipped area; with --mixup too, one of the two per batch (--mix-switch-prob). 0: off."""
-    mix_prob: float = 1.0
+    mix_prob: float = field(default=1.0, metadata=PROBABILITY)
     """Probability that a batch is mixed at all (timm's --mixup-prob)."""
-    mix_switch_prob: float = 0.5
+    mix_switch_prob: float = field(default=0.5, metadata=PROBABILITY)
     """With both --mixup and --cutmix: probability of CutMix rather than MixUp for a batch (timm's
     --mixup-switch-prob)."""
 
@@ -190,32 +202,34 @@ class RunConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: the accelerate config's choice under `accelerate launch`, else bf16 on GPUs that support it,
     fp16 on older GPUs, fp32 on CPU."""
-    fp16_init_scale: float = 65536.0
+    fp16_init_scale: float = field(default=65536.0, metadata=POSITIVE)
     """fp16: the GradScaler's initial loss scale. Steps whose scaled gradients overflow are skipped and the
     scale halves (counted as overflow_skips in metrics.jsonl; not an error)."""
     compile: bool = False
     """torch.compile the model."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=NON_NEGATIVE)
     """Seeds model init, data order and augmentation (per rank and epoch)."""
     deterministic: bool = False
     """Ask torch for deterministic kernels (slower; for bitwise-reproducible GPU runs)."""
     nan_policy: Literal["abort", "skip"] = "abort"
     """Non-finite loss: abort (no checkpoint of the broken state), or skip that step's update."""
-    max_nan_skips: int = 10
+    max_nan_skips: int = field(default=10, metadata=POSITIVE)
     """skip policy: abort after this many non-finite steps in a row."""
-    early_stop_patience: int | None = None
+    early_stop_patience: int | None = field(default=None, metadata=POSITIVE_IF_GIVEN)
     """Stop after this many epochs without an improvement of --early-stop-metric (all ranks at the same epoch);
     model.safetensors is then the best epoch's weights, and best.json follows that metric."""
     early_stop_metric: Literal["test_loss", "test_acc"] = "test_loss"
     """What --early-stop-patience watches (lower test_loss / higher test_acc is better)."""
-    early_stop_min_delta: float = 0.0
+    early_stop_min_delta: float = field(default=0.0, metadata=NON_NEGATIVE)
     """The smallest change of --early-stop-metric that counts as an improvement."""
-    log_every: int = 20
+    log_every: int = field(default=20, metadata=POSITIVE)
     """Refresh the progress bar (one host sync) every N steps."""
-    progress_every: float = 30.0
+    progress_every: float = field(default=30.0, metadata=NON_NEGATIVE)
     """When stderr is not a terminal (SLURM output files, pipes): seconds between two plain progress lines
     (position, ETA, loss, accuracy, images/s; no carriage returns; 0: every step). A terminal gets a tqdm bar."""
-    log_with: str = "none"
+    log_with: str = field(default="none", metadata=rule(
+        lambda v: {n.strip() for n in v.split(",")} <= {"none", "tensorboard", "wandb", "mlflow"},
+        "must be none or a comma-separated list of tensorboard, wandb, mlflow"))
     """Also log the metrics to trackers, comma-separated: tensorboard (OUTDIR/tensorboard), wandb, mlflow
     (rank 0; one tracker run per dtl run, continued on --resume)."""
     wandb_project: str | None = None
@@ -243,13 +257,13 @@ class CheckpointConfig:
     resume: str | None = None
     """auto: continue from the newest complete checkpoint in --output-dir (start fresh if none);
     or a checkpoint folder."""
-    checkpoint_every_steps: int = 0
+    checkpoint_every_steps: int = field(default=0, metadata=NON_NEGATIVE)
     """Also checkpoint every N optimizer steps (0: only at epoch ends)."""
-    checkpoint_every_minutes: float = 0.0
+    checkpoint_every_minutes: float = field(default=0.0, metadata=NON_NEGATIVE)
     """Also checkpoint when this many minutes have passed since the last checkpoint (0: off)."""
     best_of: Literal["raw", "ema", "both"] = "both"
     """With --ema-decay: which test accuracy picks the best checkpoint (both: whichever is higher)."""
-    keep_last: int = 2
+    keep_last: int = field(default=2, metadata=POSITIVE)
     """Step/epoch checkpoints to keep besides `best` (older ones are removed after a new one is complete)."""
 
     def __post_init__(self) -> None:
@@ -262,7 +276,7 @@ class DistConfig:
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda:LOCAL_RANK when CUDA is available, else CPU."""
-    dist_timeout: float = 300.0
+    dist_timeout: float = field(default=300.0, metadata=POSITIVE)
     """Seconds a collective may wait before the job is declared dead (a crashed rank)."""
 
     def __post_init__(self) -> None:
