@@ -3,9 +3,10 @@
 Sections: `backbone`, `data`, `optim`, `run`, `checkpoint`, `dist` -- each a dataclass whose fields carry a
 docstring (it doubles as the flag's ``--help`` text, so the two never drift apart) and, where it has one, its
 rule in its metadata (`dtl.config.rules`), checked in ``__post_init__`` (a ValueError naming the field and the
-value). `Config` holds one of each and checks what spans sections; a component is handed the section it needs. Flags and TOML keys stay flat (``--lr 0.01``,
-``lr = 0.01``, optionally under ``[train]``); a TOML file may also use section tables (``[optim]`` with
-``lr = 0.01``). The resolved config is saved flat (config.json, every checkpoint).
+value). `Config` holds one of each and checks what spans sections; a component is handed the section it
+needs. Flags and TOML keys stay flat (``--lr 0.01``, ``lr = 0.01``, optionally under ``[train]``); a TOML file
+may also use section tables (``[optim]`` with ``lr = 0.01``). The resolved config is saved flat (config.json,
+every checkpoint).
 """
 
 from __future__ import annotations
