@@ -27,7 +27,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from dtl import dist
-from dtl.config import SECTIONS, choices_of
+from dtl.config import DEVICES, PRECISIONS, SECTIONS, choices_of
 from dtl.config.loading import config_from_args, field_docs
 from dtl.data import cifar
 from dtl.dist import signals
@@ -173,9 +173,9 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="images per process per step (default: the run's)")
     p.add_argument("--num-workers", type=int, default=None, metavar="N",
                    help="DataLoader workers for image folders (default: the run's)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto: cuda:LOCAL_RANK when CUDA is available, else CPU")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="default: the run's (auto: bf16/fp16 on GPUs, fp32 on CPU)")
     p.add_argument("--output-dir", "-o", type=Path, default=None, metavar="DIR",
                    help="where to write summary.json, per_class.csv, confusion_matrix.csv/.png "
@@ -210,7 +210,7 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per forward pass (32)")
     p.add_argument("--num-workers", type=int, default=0, metavar="N",
                    help="DataLoader worker processes decoding images (default 0: in this process)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto: the first GPU when CUDA is available, else CPU")
     return p
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dtl.config.rules import choices_of
 from dtl.config.schema import (
+    DEVICES,
+    PRECISIONS,
     RECIPES,
     SECTION_OF,
     SECTIONS,
@@ -18,6 +20,6 @@ from dtl.config.schema import (
 )
 
 __all__ = [
-    "BackboneConfig", "CheckpointConfig", "Config", "DataConfig", "DistConfig", "OptimConfig", "RECIPES",
-    "RunConfig", "SECTIONS", "SECTION_OF", "choices_of"
+    "DEVICES", "PRECISIONS", "RECIPES", "SECTIONS", "SECTION_OF", "BackboneConfig", "CheckpointConfig", "Config",
+    "DataConfig", "DistConfig", "OptimConfig", "RunConfig", "choices_of",
 ]

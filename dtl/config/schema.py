@@ -12,6 +12,7 @@ every checkpoint).
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,7 +29,14 @@ from dtl.config.rules import (
 )
 from dtl.errors import UserError
 
-__all__ = ["SECTIONS", "SECTION_OF", "Config", "choices_of"]
+__all__ = ["DEVICES", "PRECISIONS", "SECTIONS", "SECTION_OF", "Config", "choices_of"]
+
+#: The precisions and devices a run (and `dtl eval`/`predict`/`doctor`) may ask for: spelled here only.
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Device = Literal["auto", "cpu", "cuda"]
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+DEVICES: tuple[str, ...] = typing.get_args(Device)
+
 
 @dataclass
 class BackboneConfig:
@@ -200,7 +208,7 @@ class RunConfig:
     lr 5e-4, weight decay 0.05 (not on biases/norms), cosine after 1 warm-up epoch, layer decay 0.75, head
     lr x10, label smoothing 0.1, gradient clipping at 1.0, EMA 0.998. Settings given explicitly (flags, TOML)
     still win."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Precision = "auto"
     """auto: the accelerate config's choice under `accelerate launch`, else bf16 on GPUs that support it,
     fp16 on older GPUs, fp32 on CPU."""
     fp16_init_scale: float = field(default=65536.0, metadata=POSITIVE)
@@ -275,7 +283,7 @@ class CheckpointConfig:
 class DistConfig:
     """Which device, and how long collectives may wait."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     """auto: cuda:LOCAL_RANK when CUDA is available, else CPU."""
     dist_timeout: float = field(default=300.0, metadata=POSITIVE)
     """Seconds a collective may wait before the job is declared dead (a crashed rank)."""

@@ -32,6 +32,7 @@ import torch
 
 import dtl
 from dtl import dist
+from dtl.config import DEVICES
 from dtl.dist import DistEnv
 
 log = logging.getLogger("dtl")
@@ -54,7 +55,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "doctor", help="preflight for clusters: each rank's devices/versions/network, a timed all-reduce, a verdict",
         description=__doc__.split("\n\n")[0].replace("\n", " "), epilog=f"example:\n  {EXAMPLE}",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto: cuda:LOCAL_RANK when CUDA is available, else CPU (gloo)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="how long forming the process group, a collective or the barrier may take (default 60)")
