@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from dtl.data.preprocessing import IMAGENET, Preprocessing, v2_interpolation
 from dtl.errors import UserError
 
 #: torchvision's ImageFolder extensions (matched case-insensitively).
@@ -140,12 +139,3 @@ def find_images(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 # ---- preprocessing -------------------------------------------------------------------------------
-
-def eval_transform(size: int, prep: Preprocessing = IMAGENET):  # noqa: ANN201 - a torchvision v2 Compose
-    """The eval preprocessing on uint8 tensors: Resize(size) (shorter side, `prep.interpolation`) +
-    CenterCrop(size) + ToDtype(float, scale) + Normalize(`prep` mean/std; ImageNet's by default). A square
-    input (CIFAR) is exactly `dtl.data.v2_transform(False, size, False, prep)`."""
-    from torchvision.transforms import v2
-
-    return v2.Compose([v2.Resize(size, interpolation=v2_interpolation(prep.interpolation), antialias=True),
-                       v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)])

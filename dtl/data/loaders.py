@@ -27,7 +27,7 @@ from dtl.data.augment.chain import AugmentChain
 from dtl.data.augment.transform import BatchTransform
 from dtl.data.cifar import load_cifar, make_synthetic
 from dtl.data.folder import load_folder_splits
-from dtl.data.preprocessing import IMAGENET, Preprocessing, v2_interpolation
+from dtl.data.preprocessing import IMAGENET, Preprocessing, eval_transform, v2_interpolation
 from dtl.data.samplers import EvalShardSampler, sampler_for
 from dtl.data.splits import DatasetSplit, Split, Splits, stream_seed
 from dtl.dist import DistEnv, main_first
@@ -187,13 +187,15 @@ class WorkerLoader:
 def v2_transform(train: bool, size: int, augment: bool, prep: Preprocessing = IMAGENET,
                  scale: tuple[float, float] = (0.5, 1.0)):  # noqa: ANN201 - a torchvision v2 Compose
     """The reference recipe's per-image transforms, on uint8 tensors, with the model's normalisation and
-    resampling."""
+    resampling: RandomResizedCrop + flip for augmented training, else `eval_transform`."""
+    if not (train and augment):
+        return eval_transform(size, prep)
     from torchvision.transforms import v2
 
     mode = v2_interpolation(prep.interpolation)
-    head = ([v2.RandomResizedCrop(size, scale=scale, interpolation=mode, antialias=True), v2.RandomHorizontalFlip()]
-            if train and augment else [v2.Resize(size, interpolation=mode, antialias=True), v2.CenterCrop(size)])
-    return v2.Compose([*head, v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)])
+    return v2.Compose([v2.RandomResizedCrop(size, scale=scale, interpolation=mode, antialias=True),
+                       v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(prep.mean, prep.std)])
 
 
 def augment_chain(cfg: Config, prep: Preprocessing = IMAGENET, dtype: torch.dtype = torch.float32,

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
 from dtl.data.augment.transform import IMAGENET_MEAN, IMAGENET_STD
 
 #: The only resampling the batched device pipeline implements (antialiased, exact vs torchvision).
@@ -57,3 +59,13 @@ def v2_interpolation(name: str) -> Any:
         return InterpolationMode(name)
     except ValueError:
         return InterpolationMode.BILINEAR
+
+
+def eval_transform(size: int, prep: Preprocessing = IMAGENET):  # noqa: ANN201 - a torchvision v2 Compose
+    """The one per-image eval preprocessing (the workers loader's evaluation, `dtl predict`, `dtl export`), on
+    uint8 tensors: Resize(size) (shorter side, `prep.interpolation`) + CenterCrop(size) + ToDtype(float, scale)
+    + Normalize(`prep` mean/std; ImageNet's by default)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.Resize(size, interpolation=v2_interpolation(prep.interpolation), antialias=True),
+                       v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)])

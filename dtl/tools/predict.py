@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from dtl import dist, models
-from dtl.data.images import decode, eval_transform, find_images
-from dtl.data.preprocessing import Preprocessing
+from dtl.data.images import decode, find_images
+from dtl.data.preprocessing import Preprocessing, eval_transform
 from dtl.errors import EXIT_OK, UserError
 from dtl.tools.eval_run import Loaded, load_model
 

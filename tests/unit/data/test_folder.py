@@ -22,6 +22,7 @@ from dtl import cli
 from dtl.config import Config
 from dtl.data import folder, images, loaders
 from dtl.data.cifar import make_synthetic
+from dtl.data.preprocessing import eval_transform
 from dtl.errors import UserError
 from tests.conftest import train_inproc
 
@@ -193,7 +194,7 @@ def test_images_decode_lazily_to_uint8_and_resize_to_one_size(image_dir):
         img = split.images[i]
         assert img.dtype == torch.uint8 and img.shape[0] == 3
         shapes.add(tuple(img.shape[1:]))
-        out = images.eval_transform(32)(img)  # Resize + CenterCrop: one size whatever the input
+        out = eval_transform(32)(img)  # Resize + CenterCrop: one size whatever the input
         assert out.shape == (3, 32, 32) and out.dtype == torch.float32
     assert shapes == {(32, 32), (32, 48), (40, 32)}
     grey = Image.fromarray(np.full((20, 30), 128, np.uint8))

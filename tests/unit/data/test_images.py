@@ -9,7 +9,6 @@ from PIL import Image
 
 from dtl.data import images
 from dtl.data.cifar import make_synthetic
-from dtl.data.loaders import v2_transform
 from dtl.errors import UserError
 
 
@@ -64,10 +63,3 @@ def test_decode_gives_uint8_rgb(tmp_path, name, mode):
     _save(tmp_path / name, size=(7, 5), mode=mode)
     img = images.decode(tmp_path / name)
     assert img.dtype == torch.uint8 and img.shape == (3, 5, 7) and img.is_contiguous()
-
-
-def test_eval_transform_matches_the_cifar_eval_transform_on_square_images():
-    img = make_synthetic(2).images[0]
-    assert torch.equal(images.eval_transform(48)(img), v2_transform(False, 48, False)(img))
-    out = images.eval_transform(32)(torch.zeros(3, 40, 64, dtype=torch.uint8))
-    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
