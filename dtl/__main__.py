@@ -8,8 +8,7 @@ from dtl import cli, dist
 
 
 def main(argv: list[str] | None = None) -> None:
-    code = cli.main(argv)
-    dist.exit_process(code, dist.detect())
+    dist.exit_process(*cli.execute(argv))
 
 
 if __name__ == "__main__":

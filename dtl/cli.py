@@ -351,55 +351,57 @@ def guarded(env: dist.DistEnv, body: Callable[[], int]) -> int:
         return EXIT_FAILURE
 
 
-@record  # an unexpected exception's traceback goes to torchrun's error file and summary
+@record  # only what `guarded` lets through (a bug's traceback) reaches torchrun's error file and summary
+def run_guarded(env: dist.DistEnv, body: Callable[[], int]) -> int:
+    return guarded(env, body)
+
+
 def in_process_group(env: dist.DistEnv, device_preference: str, timeout_s: float,
                      body: Callable[[torch.device], int]) -> int:
     """Pick this process's device, create the process group, run `body(device)` (train, eval)."""
-    def start() -> int:
-        device = dist.pick_device(env, device_preference)
-        dist.setup(env, device, timeout_s)
-        return body(device)
-
-    return guarded(env, start)
+    device = dist.pick_device(env, device_preference)
+    dist.setup(env, device, timeout_s)
+    return body(device)
 
 
 # ---- commands ----------------------------------------------------------------------------------
 
-def run_train(args: argparse.Namespace) -> int:
-    env = dist.detect(debug=bool(args.debug))
-    dist.setup_logging(env)
-    cfg = config_from_args(args)  # a UserError here is the caller's guarded one line
+def run_train(args: argparse.Namespace, env: dist.DistEnv) -> int:
+    cfg = config_from_args(args)
     signals.install()
     if cfg.run.deterministic:
         dist.prepare_determinism()
     return in_process_group(env, cfg.dist.device, cfg.dist.dist_timeout, lambda device: trainer.train(cfg, env, device))
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    env = dist.detect()
-    dist.setup_logging(env)
+def run_eval(args: argparse.Namespace, env: dist.DistEnv) -> int:
     return in_process_group(env, args.device, args.dist_timeout,
                             lambda device: eval_run.evaluate_checkpoint(args, env, device))
 
 
+#: the commands that run on every rank of a launch (the rest run in one process, whatever launched them)
+DISTRIBUTED = ("train", "eval", "doctor")
+
+
+def execute(argv: list[str] | None = None) -> tuple[int, dist.DistEnv]:
+    """Parse and run one `dtl` command: (exit code, the process's place in the job). The launcher's environment
+    is read here, once, and handed to the command."""
+    args = build_parser().parse_args(argv)
+    env = dist.detect(debug=bool(getattr(args, "debug", False))) if args.command in DISTRIBUTED else dist.DistEnv()
+    dist.setup_logging(env)
+    handlers: dict[str, Callable[[argparse.Namespace, dist.DistEnv], int]] = {
+        "train": run_train, "eval": run_eval, "doctor": doctor.run,
+        "data": lambda a, _: run_data(a), "models": lambda a, _: run_models(a), "plot": lambda a, _: run_plot(a),
+        "predict": lambda a, _: predict.run_predict(a), "export": lambda a, _: export.run_export(a),
+        "bench": lambda a, _: compare.run(a, compare.command_line(argv[1:] if argv else None)),
+    }
+    return run_guarded(env, lambda: handlers[args.command](args, env)), env
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse and run one `dtl` command; the exit code."""
-    args = build_parser().parse_args(argv)
-    if args.command == "train":
-        return guarded(dist.detect(debug=bool(args.debug)), lambda: run_train(args))
-    if args.command == "eval":
-        return run_eval(args)
-    if args.command == "doctor":  # its own verdict for a group that does not form; UserError: one line, exit 2
-        return guarded(dist.detect(), lambda: doctor.run(args))
-    env = dist.DistEnv()  # one process, whatever launched it
-    dist.setup_logging(env)
-    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
-        "data": run_data, "models": run_models, "plot": run_plot, "predict": predict.run_predict,
-        "export": export.run_export,
-        "bench": lambda a: compare.run(a, compare.command_line(argv[1:] if argv else None)),
-    }
-    return guarded(env, lambda: handlers[args.command](args))
+    return execute(argv)[0]
 
 
 if __name__ == "__main__":  # `python -m dtl.cli ...` (torchrun -m): exits as dtl/__main__.py does
-    dist.exit_process(main(), dist.detect())
+    dist.exit_process(*execute())

@@ -344,10 +344,8 @@ def table(reports: list[dict[str, Any]], fraction: float = SLOW_FRACTION, action
 
 # ---- the command --------------------------------------------------------------------------------------
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, env: DistEnv) -> int:
     """Every rank: describe, form the group (bounded by --timeout), measure, barrier; rank 0: table + verdict."""
-    env = dist.detect()
-    dist.setup_logging(env)
     device = dist.pick_device(env, args.device)
     sizes = [float(s) for s in (args.sizes_mb or ("1,4,16,64,256" if device.type == "cuda" else "1,4,16")).split(",")]
     report = local_report(env, device)
