@@ -179,7 +179,7 @@ def evaluate_checkpoint(args: argparse.Namespace, env: DistEnv, device: torch.de
     fmt = models.memory_format(device.type, loaded.config.backbone.mode)
     loader = loaders.eval_loader(cfg, test, env, device, channels_last=fmt == torch.channels_last,
                               prep=loaded.preprocessing)
-    precision, _ = resolve(cfg.run.precision, env, device)
+    precision = resolve(cfg.run.precision, env, device)
     t0 = time.perf_counter()
     result = evaluate(loaded.model, loader, device, env, precision, len(loaded.classes), confusion=True,
                       tta=cfg.run.tta)
@@ -200,7 +200,7 @@ def evaluate_checkpoint(args: argparse.Namespace, env: DistEnv, device: torch.de
         "per_class": [{"class": name, "count": n, "correct": d, "accuracy": d / n if n else None}
                       for name, n, d in zip(loaded.classes, per_row, diag, strict=True)],
         "classes": loaded.classes, "world_size": env.world_size, "device": device.type,
-        "precision": precision, "seconds": seconds,
+        "precision": precision.name, "seconds": seconds,
         "checkpoint_epoch": (loaded.meta.get("progress") or {}).get("epoch"),
         "checkpoint_step": loaded.meta.get("global_step"), "tta": cfg.run.tta,
     }

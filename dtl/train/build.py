@@ -24,19 +24,19 @@ from dtl.models import timm_backbones
 from dtl.train import optim, run_folder, trackers
 from dtl.train.checkpointer import Checkpointer, Progress
 from dtl.train.ema import Ema
-from dtl.train.precision import autocast, configure_backends, resolve
+from dtl.train.precision import Precision, configure_backends, resolve
 from dtl.train.state import Run, RunInfo
 
 log = logging.getLogger("dtl")
 
 
-def run_info(cfg: Config, env: DistEnv, device: torch.device, precision: str, why: str,
+def run_info(cfg: Config, env: DistEnv, device: torch.device, precision: Precision,
              classes: list[str], param_groups: list[dict[str, float | int | str]], prep: Preprocessing) -> RunInfo:
     versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "dtl": dtl.__version__}
     if timm_backbones.is_timm(cfg.backbone.model):
         versions["timm"] = timm_backbones.version()
     return RunInfo(launcher=env.launcher, world_size=env.world_size, device=str(device).split(":")[0],
-                   precision=precision, precision_source=why,
+                   precision=precision.name, precision_source=precision.source,
                    global_batch=cfg.optim.batch_size * env.world_size * cfg.optim.grad_accum, num_classes=len(classes),
                    classes=list(classes),
                    versions=versions, param_groups=param_groups,
@@ -70,8 +70,8 @@ def build_model(cfg: Config, device: torch.device, num_classes: int) -> tuple[nn
 def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
     """Validate and build everything; nothing is written to the output folder before this returns."""
     trackers.check_available(cfg.run.log_with)  # every rank, before anything is written
-    precision, why = resolve(cfg.run.precision, env, device)
-    configure_backends(cfg.run.deterministic, device, precision)
+    precision = resolve(cfg.run.precision, env, device, cfg.run.fp16_init_scale)
+    configure_backends(cfg.run.deterministic, precision)
     plan = run_folder.plan(cfg, env, device)
     splits = loaders.load_splits_once(cfg, env, plan.split_file)
     if len(splits.classes) < 2:
@@ -82,12 +82,12 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
     main_first(env, lambda first: models.fetch_weights(cfg.backbone.model, cfg.backbone.weights) if first else None)
     model, trainable = build_model(cfg, device, len(splits.classes))
     optimizer, group_rows = optim.build_optimizer(cfg.optim, model, cfg.backbone.model, device,
-                                                  grad_scaler=precision == "fp16")
-    scaler = torch.amp.GradScaler(device.type, init_scale=cfg.run.fp16_init_scale, enabled=precision == "fp16")
+                                                  grad_scaler=precision.scales_loss)
+    scaler = precision.grad_scaler()
     weights = (samplers.class_weights(splits.train.labels, len(splits.classes))
                if cfg.data.class_balance == "loss" else None)
     prep = preprocessing_of(cfg)  # the backbone's normalisation: loaders, cached features, config.json
-    info = run_info(cfg, env, device, precision, why, splits.classes, optim.table(group_rows), prep)
+    info = run_info(cfg, env, device, precision, splits.classes, optim.table(group_rows), prep)
     if weights is not None:
         info = replace(info, class_weights=weights.tolist())
         log.info("class weights (inverse training frequency): %s",
@@ -119,7 +119,7 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
 
 
 def use_cached_features(cfg: Config, env: DistEnv, device: torch.device, model: nn.Module, splits: Splits,
-                        plan: run_folder.RunPlan, precision: str, prep: Preprocessing
+                        plan: run_folder.RunPlan, precision: Precision, prep: Preprocessing
                         ) -> tuple[nn.Module, BatchLoader, BatchLoader, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Replace the image loaders by feature loaders and the model by its head (see dtl.features)."""
     head = models.head_name(model)
@@ -137,7 +137,7 @@ def use_cached_features(cfg: Config, env: DistEnv, device: torch.device, model: 
         hit = features.cached(plan.outdir, cfg, name, len(split), device)
         if hit is None:
             loader = loaders.eval_loader(cfg, split, env, device, prep=prep)
-            hit = new[name] = features.extract(model, head, loader, env, lambda: autocast(precision, device))
+            hit = new[name] = features.extract(model, head, loader, env, precision.autocast)
         found[name] = hit
     log.info("cached features: train %s, test %s (%s)", tuple(found["train"][0].shape),
              tuple(found["test"][0].shape), "computed" if new else f"reused from {plan.outdir / 'features'}")

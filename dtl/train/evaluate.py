@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dtl.dist import DistEnv, all_reduce_sum, local_module
-from dtl.train.precision import autocast
+from dtl.train.precision import Precision
 from dtl.train.progress_bar import Progress
 
 
@@ -54,7 +54,7 @@ def _sums(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-             env: DistEnv, precision: str, num_classes: int | None = None, confusion: bool = False,
+             env: DistEnv, precision: Precision, num_classes: int | None = None, confusion: bool = False,
              desc: str | None = "eval", tta: str = "none") -> EvalResult:
     """Evaluate `model` on this rank's `batches` and sum over ranks. Runs without the DDP/compile wrappers
     (`dist.local_module`): a DDP forward would start buffer broadcasts that a rank without an eval batch
@@ -68,7 +68,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     matrix = torch.zeros(len(classes), len(classes), dtype=torch.int64, device=device)
     bar = Progress(len(batches) if isinstance(batches, Sized) else 0, desc or "", env.is_main and desc is not None)
     for images, labels in batches:
-        with autocast(precision, device):
+        with precision.autocast():
             plain, logits = tta_logits(model, images, tta)
         k = min(5, num_classes or logits.shape[1])
         totals[0, :3] += _sums(logits, labels, k)

@@ -24,7 +24,6 @@ from dtl.train.ema import EmaView
 from dtl.train.evaluate import evaluate
 from dtl.train.metrics import Meter, plot_runs
 from dtl.train.optim import lr_at
-from dtl.train.precision import autocast
 from dtl.train.progress_bar import Progress
 from dtl.train.state import Run
 
@@ -65,7 +64,7 @@ def forward_backward(run: Run, images: torch.Tensor, labels: torch.Tensor, crite
     no_sync = ddp.no_sync() if ddp is not None and not sync else contextlib.nullcontext()
     fault = faults.from_env()
     with no_sync:
-        with autocast(run.precision, run.device):
+        with run.precision.autocast():
             logits = run.model(images)
             loss = criterion(logits, labels if targets is None else targets)
         if fault.due(p.global_step, run.env.rank):

@@ -19,6 +19,7 @@ from dtl.dist import DistEnv
 from dtl.train.checkpointer import Checkpointer, Progress
 from dtl.train.ema import Ema
 from dtl.train.metrics import MetricsLog
+from dtl.train.precision import Precision
 from dtl.train.run_folder import RunPlan
 
 
@@ -57,7 +58,7 @@ class Run:
     """What trains: possibly DDP- and compile-wrapped (`dist.unwrap` gives the model itself)."""
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    precision: str
+    precision: Precision
     train_loader: BatchLoader
     eval_loader: BatchLoader
     splits: Splits

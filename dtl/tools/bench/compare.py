@@ -324,7 +324,7 @@ def measure_memory(cfg: Config, opts: Options, tmp: Path) -> dict[str, dict[str,
 def measure(cfg: Config, opts: Options, device: torch.device) -> tuple[dict, str, dict | None, float | None]:
     """Build both loops, warm up, time them interleaved; FLOPs and the matmul yardstick when asked."""
     loops = {side: build_loop(side, cfg, device) for side in SIDES}
-    precision = loops["dtl"].run.precision
+    precision = loops["dtl"].run.precision.name
     print(f"  warm-up: {opts.warmup} step(s) per side and phase", file=sys.stderr, flush=True)
     run = runners(loops, cfg, device)
     warm_up(loops, run, opts.warmup)
