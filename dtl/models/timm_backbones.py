@@ -28,6 +28,8 @@ from torch import nn
 
 from dtl.data.preprocessing import Preprocessing
 from dtl.errors import UserError
+from dtl.models.backbone import Backbone
+from dtl.models.weights import is_weight_file
 
 log = logging.getLogger("dtl")
 
@@ -234,3 +236,50 @@ def list_models(text: str, max_counted: int = 60) -> list[tuple[str, int | None,
                 count = None
         rows.append((PREFIX + arch, count, by_arch.get(arch, [])))
     return rows
+
+
+class TimmBackbone(Backbone):
+    """`--model timm/NAME`: any `timm.list_models()` architecture."""
+
+    @classmethod
+    def serves(cls, name: str) -> bool:
+        return is_timm(name)
+
+    @classmethod
+    def owns(cls, model: nn.Module) -> bool:
+        return is_timm_model(model)
+
+    def check(self, image_size: int, hub_weights: bool, drop_path: float | None) -> None:
+        check_name(self.name)
+        check_image_size(self.name, image_size, self._extra(drop_path))
+
+    def create(self, weights: str, image_size: int, drop_path: float | None) -> nn.Module:
+        hub = weights != "none" and not is_weight_file(weights)
+        return create(self.name, weights, image_size, hub, **self._extra(drop_path))
+
+    def fetch_weights(self, weights: str) -> None:
+        create(self.name, weights, 224, True)  # timm keeps its files in the Hugging Face hub cache
+
+    def preprocessing(self) -> Preprocessing:
+        return preprocessing(self.name)
+
+    def blocks(self, model: nn.Module) -> list[list[str]]:
+        return blocks(model, head_name(model))
+
+    @staticmethod
+    def head_name(model: nn.Module) -> str:
+        return head_name(model)
+
+    @staticmethod
+    def replace_head(model: nn.Module, num_classes: int) -> str:
+        return reset_head(model, num_classes)
+
+    def adapt_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return adapt_state(model, state)
+
+    def versions(self) -> dict[str, str]:
+        return {"timm": version()}
+
+    @staticmethod
+    def _extra(drop_path: float | None) -> dict[str, Any]:
+        return {} if drop_path is None else {"drop_path_rate": drop_path}

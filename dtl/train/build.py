@@ -20,7 +20,6 @@ from dtl.data.preprocessing import Preprocessing
 from dtl.data.splits import Splits
 from dtl.dist import DistEnv, main_first, wrap
 from dtl.errors import UserError
-from dtl.models import timm_backbones
 from dtl.train import optim, run_folder, trackers
 from dtl.train.checkpointer import Checkpointer, Progress
 from dtl.train.ema import Ema
@@ -32,9 +31,8 @@ log = logging.getLogger("dtl")
 
 def run_info(cfg: Config, env: DistEnv, device: torch.device, precision: Precision,
              classes: list[str], param_groups: list[dict[str, float | int | str]], prep: Preprocessing) -> RunInfo:
-    versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "dtl": dtl.__version__}
-    if timm_backbones.is_timm(cfg.backbone.model):
-        versions["timm"] = timm_backbones.version()
+    versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "dtl": dtl.__version__,
+                **models.backbone(cfg.backbone.model).versions()}
     return RunInfo(launcher=env.launcher, world_size=env.world_size, device=str(device).split(":")[0],
                    precision=precision.name, precision_source=precision.source,
                    global_batch=cfg.optim.batch_size * env.world_size * cfg.optim.grad_accum, num_classes=len(classes),
