@@ -14,11 +14,9 @@ happened (recorded for torchrun's summary) and exit code 1.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 import textwrap
-import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,8 +25,8 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from dtl import dist
-from dtl.config import DEVICES, PRECISIONS, SECTIONS, choices_of
-from dtl.config.loading import config_from_args, field_docs
+from dtl.config import DEVICES, PRECISIONS
+from dtl.config.loading import add_config_arguments, config_from_args
 from dtl.data import cifar
 from dtl.dist import signals
 from dtl.errors import EXIT_FAILURE, EXIT_USAGE, NonFiniteLossError, UserError
@@ -114,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "batch size, interleaved after a warm-up: input pipeline, train step, eval step (images/s), "
                     "peak memory, and dtl / reference.",
         epilog=f"example:\n  {EXAMPLES['bench']}", formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_bench_arguments(bench_parser)
+    compare.add_bench_arguments(bench_parser)
 
     add_eval_parser(sub)
     add_predict_parser(sub)
@@ -213,61 +211,6 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto: the first GPU when CUDA is available, else CPU")
     return p
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """`train`'s flags (same names, same meaning) plus the bench's own."""
-    add_config_arguments(parser)
-    group = parser.add_argument_group("bench")
-    group.add_argument("--steps", type=int, default=5, help="timed steps per measurement (default: 5)")
-    group.add_argument("--input-steps", type=int, default=None, help="timed batches per measurement of the "
-                       "input phase, which is cheap (default: 10 x --steps)")
-    group.add_argument("--warmup", type=int, default=2, help="untimed steps per side and phase first (default: 2)")
-    group.add_argument("--repeats", type=int, default=3, help="interleaved measurements per side and phase; the "
-                       "median is reported (default: 3)")
-    group.add_argument("--memory", choices=("subprocess", "off"), default="subprocess",
-                       help="peak memory per side and phase, each side in a fresh subprocess (default), or off")
-    group.add_argument("--flops", action=argparse.BooleanOptionalAction, default=None,
-                       help="count FLOPs of one batch and report TFLOP/s (default: on for CUDA only)")
-    group.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both sides "
-                       "(default: torch's choice)")
-    group.add_argument("--json", dest="json_path", metavar="PATH", help="also write the results as JSON")
-    group.add_argument("--probe", help=argparse.SUPPRESS)  # internal: the memory subprocess's spec file
-
-
-# ---- the training flags: one per Config field -------------------------------------------------
-
-def _base_type(hint: Any) -> type:
-    """int | None -> int; Literal[...] -> str."""
-    if choices_of(hint):
-        return str
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting (`finetune_last_n` -> `--finetune-last-n`), grouped by section in --help;
-    defaults stay None so we can tell which flags were actually given and let them win over a TOML file."""
-    parser.add_argument("--config", metavar="TOML", help="Read settings from a TOML file; flags win over it.")
-    docs = field_docs()
-    for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            hint = hints[f.name]
-            flag = "--" + f.name.replace("_", "-")
-            base = _base_type(hint)
-            help_text = f"{docs.get(f.name, '')} (default: {f.default})"
-            if base is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-            elif typing.get_origin(hint) is tuple:  # tuple[float, float] -> --crop-scale MIN MAX
-                kinds = typing.get_args(hint)
-                group.add_argument(flag, type=kinds[0], nargs=len(kinds), default=None,
-                                   metavar=("MIN", "MAX") if len(kinds) == 2 else None, help=help_text)
-            else:
-                group.add_argument(flag, type=base, default=None, choices=choices_of(hint) or None,
-                                   metavar=None if choices_of(hint) else f.name.upper(), help=help_text)
-
 
 
 # ---- small commands ----------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 For any machine with one NVIDIA GPU, offline and without a venv: it runs the repository through PYTHONPATH
 with the Python that runs it (`PYTHON`, default python3, which needs torch, torchvision, accelerate,
-safetensors, tqdm, matplotlib and pytest). About 5 minutes on one H200. Every step has its own timeout and all
-steps share a time budget (GPU_CHECK_BUDGET_S, default 450 s), so a hanging step cannot stretch the check past
-8 minutes.
+safetensors, tqdm, matplotlib and pytest). About 7 minutes on one H200 (an estimate: not run there since the
+speed step was added). Every step has its own timeout and all steps share a time budget (GPU_CHECK_BUDGET_S,
+default 450 s), so a hanging step cannot stretch the check past 8 minutes.
 
 It writes its own inputs (random torchvision weights, a synthetic CIFAR-10-format data set of CIFAR-10's size)
 into a scratch folder and then runs these steps, one row each in the table printed at the end:
@@ -19,8 +19,13 @@ into a scratch folder and then runs these steps, one row each in the table print
                       model.safetensors must equal the uninterrupted run's tensor by tensor (torch.equal)
   compile_recompiles  ResNet-18 --compile finetune, 2 epochs, TORCH_LOGS=recompiles: at most 2 recompiles
   cache_features      VGG16 --cache-features: computed by a first run, reused by a `--resume auto` second one
-  bench               `dtl bench` VGG16 transfer at 32 px and finetune at 224 px: images/s of dtl and of the
-                      reference loop, their ratio, TFLOP/s
+  speed               issue #18's table: dtl's `train.py` epoch rate (metrics.jsonl images_per_sec of the 2nd
+                      epoch; VGG16 transfer 32 px b256, transfer 224 px b256, finetune 224 px b64 and b256,
+                      --cache-features) beside the strong hand-written loop's train-step rate
+                      (`python -m dtl.tools.bench.strong_rate`, one process for all cases), as ratios, with dtl's
+                      TFLOP/s against the measured bf16 matmul rate; FAIL when a goal of the issue is missed
+  bench               `dtl bench` VGG16 transfer at 32 px and finetune at 224 px: images/s of dtl, of the
+                      reference loop and of the strong loop, both ratios, TFLOP/s
   pytest_cuda         the suite's CUDA-only tests: pytest -m cuda (none collected -> SKIP)
 
 Exit code: 0 when no step FAILed, 1 when one did, 2 when no CUDA device is visible (one line, nothing run).
@@ -97,8 +102,18 @@ class Profile:
     cache: tuple[str, ...]
     bench: tuple[tuple[str, tuple[str, ...]], ...]
     bench_common: tuple[str, ...]
+    speed: tuple[tuple[str, tuple[str, ...]], ...]
+    """`speed` cases: label and the flags of both loops (model, mode, image size, batch size)."""
+    speed_dtl: tuple[str, ...]
+    """Flags only dtl's `train.py` runs get (its data subsets, epochs)."""
+    speed_strong: tuple[str, ...]
+    """Flags only the strong loop gets (its data, warm-up, fewest timed steps)."""
+    speed_cached: tuple[str, ...]
+    """The --cache-features case: dtl only (the strong loop has no cached features)."""
     budget_s: float
     compile_skip: str = ""
+    speed_goals: bool = False
+    """FAIL the speed step when a goal of issue #18 is missed (GPU only: tiny CPU runs say nothing)."""
 
 
 GPU = Profile(
@@ -116,10 +131,35 @@ GPU = Profile(
                                     "--batch-size", "256")),
            ("vgg16_finetune_224px", ("--model", "vgg16", "--mode", "finetune", "--image-size", "224",
                                      "--batch-size", "64"))),
-    bench_common=("--flops", "--steps", "5", "--warmup", "2", "--repeats", "2", "--input-steps", "10",
+    # one round: each measurement is >= 2 s of timed work on a GPU (dtl.tools.bench.compare.MIN_SECONDS_GPU),
+    # 3 loops x 3 phases
+    bench_common=("--flops", "--steps", "5", "--warmup", "2", "--repeats", "1", "--input-steps", "10",
                   "--memory", "off", "--train-subset", "10000", "--eval-subset", "2000"),
+    speed=(("transfer_32px_b256", ("--model", "vgg16", "--mode", "transfer", "--image-size", "32",
+                                   "--batch-size", "256")),
+           ("transfer_224px_b256", ("--model", "vgg16", "--mode", "transfer", "--image-size", "224",
+                                    "--batch-size", "256")),
+           ("finetune_224px_b64", ("--model", "vgg16", "--mode", "finetune", "--image-size", "224",
+                                   "--batch-size", "64")),
+           ("finetune_224px_b256", ("--model", "vgg16", "--mode", "finetune", "--image-size", "224",
+                                    "--batch-size", "256"))),
+    # 2 epochs of about 2 s each at the issue's rates (the 2nd is reported: the 1st pays cuDNN autotuning)
+    speed_dtl=("--epochs", "2", "--eval-subset", "512"),
+    speed_strong=("--train-subset", "10000", "--eval-subset", "512", "--warmup", "8", "--steps", "30"),
+    speed_cached=("--model", "vgg16", "--mode", "transfer", "--image-size", "32", "--batch-size", "256",
+                  "--train-subset", "25600"),
     budget_s=450.0,
+    speed_goals=True,
 )
+#: images per epoch of each GPU speed case (about 2 s at the issue's rates)
+SPEED_TRAIN_IMAGES = {"transfer_32px_b256": 25_600, "transfer_224px_b256": 10_240, "finetune_224px_b64": 6_400,
+                      "finetune_224px_b256": 7_680}
+#: issue #18's goals: dtl's epoch rate / the strong loop's train-step rate, per case
+SPEED_GOALS = {"transfer_32px_b256": 1.0, "transfer_224px_b256": 1.2, "finetune_224px_b64": 1.0,
+               "finetune_224px_b256": 1.0}
+CACHED_GOAL_IMG_S = 1_000_000
+#: finetune 224 px batch 256: dtl's TFLOP/s at least this fraction of the measured bf16 matmul rate
+PEAK_GOAL = ("finetune_224px_b256", 0.45)
 
 _TINY = ("--model", "squeezenet1_1", "--batch-size", "16")
 CPU_SMOKE = Profile(
@@ -138,6 +178,15 @@ CPU_SMOKE = Profile(
                                          "--batch-size", "16"))),
     bench_common=("--flops", "--steps", "1", "--warmup", "0", "--repeats", "1", "--input-steps", "1",
                   "--memory", "off", "--threads", "1", "--train-subset", "64", "--eval-subset", "32"),
+    speed=(("transfer_32px_b16", ("--model", "squeezenet1_1", "--mode", "transfer", "--image-size", "32",
+                                  "--batch-size", "16")),
+           ("finetune_32px_b16", ("--model", "squeezenet1_1", "--mode", "finetune", "--image-size", "32",
+                                  "--batch-size", "16"))),
+    speed_dtl=("--epochs", "2", "--train-subset", "64", "--eval-subset", "32"),
+    speed_strong=("--train-subset", "64", "--eval-subset", "32", "--warmup", "1", "--steps", "2", "--threads",
+                  "1"),
+    speed_cached=("--model", "resnet18", "--mode", "transfer", "--image-size", "32", "--batch-size", "32",
+                  "--train-subset", "128"),
     budget_s=400.0,
 )
 
@@ -389,7 +438,8 @@ def step_inputs(ctx: Context, out: Outcome) -> None:
 
     p = ctx.profile
     models = sorted({flags[flags.index("--model") + 1]
-                     for flags in (p.bf16, p.fp16, p.resume, p.cache, *(f for _, f in p.bench), p.compile or ())
+                     for flags in (p.bf16, p.fp16, p.resume, p.cache, *(f for _, f in (*p.bench, *p.speed)),
+                                   p.speed_cached, p.compile or ())
                      if "--model" in flags})
     folder = ctx.scratch / "weights"
     folder.mkdir(exist_ok=True)
@@ -583,13 +633,81 @@ def step_cache(ctx: Context, out: Outcome) -> None:
         raise StepFailed(f"metrics.jsonl has {len(rows)} epochs after the second run, expected 2")
 
 
+def speed_flags(ctx: Context, label: str, flags: tuple[str, ...]) -> list[str]:
+    """dtl's flags for a speed case: on the GPU profile each case's own train subset (about 2 s an epoch)."""
+    subset = SPEED_TRAIN_IMAGES.get(label)
+    return [*ctx.weights_flags(flags), *ctx.profile.speed_dtl, *(("--train-subset", str(subset)) if subset else ())]
+
+
+def step_speed(ctx: Context, out: Outcome) -> None:
+    """issue #18's table: dtl's epoch rate (train.py, metrics.jsonl) beside the strong loop's train-step rate."""
+    p = ctx.profile
+    folder = ctx.scratch / "speed"
+    folder.mkdir(exist_ok=True)
+    cases_file, strong_json = folder / "strong_cases.json", folder / "strong.json"
+    cases_file.write_text(json.dumps({label: list(ctx.weights_flags(flags)) for label, flags in p.speed}))
+    strong_json.unlink(missing_ok=True)
+    code, log = ctx.run("speed-strong", [PY, "-m", "dtl.tools.bench.strong_rate", "--cases", str(cases_file),
+                                         "--dataset", "cifar10", "--data-dir", str(ctx.data), "--no-download",
+                                         *p.device, *p.speed_strong, "--json", str(strong_json)])
+    require_ok(code, log, "python -m dtl.tools.bench.strong_rate")
+    strong = read_json(strong_json)
+    rows: dict[str, dict[str, Any]] = {}
+    for label, flags in (*p.speed, ("cached_features", ())):
+        run = ctx.run_dir(f"speed_{label}")
+        train_flags = (speed_flags(ctx, label, flags) if flags else
+                       [*ctx.weights_flags(p.speed_cached), *p.speed_dtl, "--cache-features", "--no-augment",
+                        "--dropout", "0"])
+        code, log = ctx.run(f"speed-{label}", ctx.train(*train_flags, "--output-dir", str(run)))
+        require_ok(code, log, f"train.py ({label})")
+        epochs = metrics(run)
+        if not epochs:
+            raise StepFailed(f"train.py ({label}) wrote no epoch to metrics.jsonl")
+        row: dict[str, Any] = {"dtl_img_s": epochs[-1]["images_per_sec"], "epoch": epochs[-1]["epoch"]}
+        if label in strong:
+            s = strong[label]
+            row |= {"strong_img_s": s["images_per_s"], "ratio": row["dtl_img_s"] / s["images_per_s"]}
+            if "flops_per_image" in s:  # the same model, mode and batch: the same FLOPs per image
+                row["dtl_tflops"] = s["flops_per_image"] * row["dtl_img_s"] / 1e12
+                row["strong_tflops"] = s["tflops"]
+            if "bf16_matmul_tflops" in s:
+                row["dtl_fraction_of_bf16_matmul"] = row["dtl_tflops"] / s["bf16_matmul_tflops"]
+                out.figures["bf16_matmul_tflops"] = s["bf16_matmul_tflops"]
+        rows[label] = row
+    out.figures["cases"] = rows
+    out.summary = "; ".join(
+        f"{label} dtl {fmt(r['dtl_img_s'])}" + (f" / strong {fmt(r['strong_img_s'])} = {r['ratio']:.2f}x"
+                                                if "ratio" in r else " img/s")
+        + (f" ({r['dtl_fraction_of_bf16_matmul']:.0%} of bf16 peak)" if "dtl_fraction_of_bf16_matmul" in r else "")
+        for label, r in rows.items())
+    if p.speed_goals:
+        missed = speed_goals_missed(rows)
+        out.figures["goals_missed"] = missed
+        if missed:
+            raise StepFailed(f"issue #18 goals missed: {'; '.join(missed)} | {out.summary}")
+
+
+def speed_goals_missed(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """The goals of issue #18 that the speed table misses, one line each."""
+    missed = [f"{label} {rows[label]['ratio']:.2f}x < {goal:.1f}x" for label, goal in SPEED_GOALS.items()
+              if label in rows and rows[label]["ratio"] < goal]
+    cached = rows.get("cached_features", {}).get("dtl_img_s")
+    if cached is not None and cached < CACHED_GOAL_IMG_S:
+        missed.append(f"cached_features {cached:.0f} img/s < {CACHED_GOAL_IMG_S}")
+    label, fraction = PEAK_GOAL
+    achieved = rows.get(label, {}).get("dtl_fraction_of_bf16_matmul")
+    if achieved is not None and achieved < fraction:
+        missed.append(f"{label} {achieved:.0%} of the bf16 matmul rate < {fraction:.0%}")
+    return missed
+
+
 def step_bench(ctx: Context, out: Outcome) -> None:
     folder = ctx.scratch / "bench"
     folder.mkdir(exist_ok=True)
     for label, flags in ctx.profile.bench:
         path = folder / f"{label}.json"
         path.unlink(missing_ok=True)
-        cmd = [PY, "-m", "dtl.bench", *ctx.weights_flags(flags), "--dataset", "cifar10", "--data-dir",
+        cmd = [PY, "-m", "dtl", "bench", *ctx.weights_flags(flags), "--dataset", "cifar10", "--data-dir",
                str(ctx.data), "--no-download", *ctx.profile.device, *ctx.profile.bench_common, "--json", str(path)]
         code, log = ctx.run(f"bench-{label}", cmd)
         require_ok(code, log, f"dtl bench ({label})")
@@ -599,11 +717,14 @@ def step_bench(ctx: Context, out: Outcome) -> None:
         figures: dict[str, Any] = {"precision": result["meta"]["precision"]["dtl"]}
         for phase in ("train_step", "eval_step"):
             ref, ours, ratio = result["reference"][phase], result["dtl"][phase], result["ratio"][phase]
-            figures[phase] = {"reference_img_s": ref["images_per_s"], "dtl_img_s": ours["images_per_s"],
-                              "ratio": ratio["images_per_s"]}
-            for key in ("tflops", "fraction_of_bf16_matmul"):
-                if key in ours:
-                    figures[phase][f"dtl_{key}"] = ours[key]
+            strong = result["strong"][phase]
+            figures[phase] = {"reference_img_s": ref["images_per_s"], "strong_img_s": strong["images_per_s"],
+                              "dtl_img_s": ours["images_per_s"], "ratio": ratio["images_per_s"],
+                              "ratio_strong": result["ratio_strong"][phase]["images_per_s"]}
+            for side, entry in (("dtl", ours), ("strong", strong)):
+                for key in ("tflops", "fraction_of_bf16_matmul"):
+                    if key in entry:
+                        figures[phase][f"{side}_{key}"] = entry[key]
             if "tflops" in ref:
                 figures[phase]["reference_tflops"] = ref["tflops"]
         if "bf16_matmul_tflops" in result["meta"]:
@@ -614,9 +735,9 @@ def step_bench(ctx: Context, out: Outcome) -> None:
             f" = {train['dtl_fraction_of_bf16_matmul']:.1%} of bf16 matmul" if "dtl_fraction_of_bf16_matmul" in train
             else "")
         out.summary += (f"{'; ' if out.summary else ''}{label} ({figures['precision']}): train img/s dtl "
-                        f"{fmt(train['dtl_img_s'])} vs ref {fmt(train['reference_img_s'])} = {train['ratio']:.2f}x"
-                        f"{tflops}; eval {fmt(evals['dtl_img_s'])} vs {fmt(evals['reference_img_s'])} = "
-                        f"{evals['ratio']:.2f}x")
+                        f"{fmt(train['dtl_img_s'])} vs ref {fmt(train['reference_img_s'])} = {train['ratio']:.2f}x, "
+                        f"vs strong {fmt(train['strong_img_s'])} = {train['ratio_strong']:.2f}x{tflops}; eval "
+                        f"{fmt(evals['dtl_img_s'])} vs {fmt(evals['reference_img_s'])} = {evals['ratio']:.2f}x")
 
 
 def step_pytest(ctx: Context, out: Outcome) -> None:
@@ -641,6 +762,7 @@ STEPS: tuple[tuple[str, Callable[[Context, Outcome], None], float], ...] = (
     ("preempt_resume", step_resume, 240),
     ("compile_recompiles", step_compile, 240),
     ("cache_features", step_cache, 150),
+    ("speed", step_speed, 240),
     ("bench", step_bench, 200),
     ("pytest_cuda", step_pytest, 240),
 )

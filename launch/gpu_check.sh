@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-GPU acceptance check, offline, no venv (about 5 minutes on an H200):  make gpu-check
+# One-GPU acceptance check, offline, no venv (at most 8 minutes on an H200: its own time budget):  make gpu-check
 #   PYTHON=python3 GPU_CHECK_DIR=/tmp/gc bash launch/gpu_check.sh
 # The steps, the environment variables and the report are described in launch/gpu_check.py.
 set -euo pipefail

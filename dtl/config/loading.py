@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import functools
 import inspect
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
-from dtl.config import SECTIONS, Config
+from dtl.config import SECTIONS, Config, choices_of
 from dtl.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -65,3 +67,43 @@ def load_toml(path: Path) -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
+
+
+def _base_type(hint: Any) -> type:
+    """int | None -> int; Literal[...] -> str."""
+    if choices_of(hint):
+        return str
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting (`finetune_last_n` -> `--finetune-last-n`), grouped by section in --help;
+    defaults stay None so we can tell which flags were actually given and let them win over a TOML file."""
+    parser.add_argument("--config", metavar="TOML", help="Read settings from a TOML file; flags win over it.")
+    docs = field_docs()
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            flag = "--" + f.name.replace("_", "-")
+            base = _base_type(hint)
+            help_text = f"{docs.get(f.name, '')} (default: {f.default})"
+            if base is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            elif typing.get_origin(hint) is tuple:  # tuple[float, float] -> --crop-scale MIN MAX
+                kinds = typing.get_args(hint)
+                group.add_argument(flag, type=kinds[0], nargs=len(kinds), default=None,
+                                   metavar=("MIN", "MAX") if len(kinds) == 2 else None, help=help_text)
+            else:
+                group.add_argument(flag, type=base, default=None, choices=choices_of(hint) or None,
+                                   metavar=None if choices_of(hint) else f.name.upper(), help=help_text)
+
+
+def config_from_flags(flags: list[str]) -> Config:
+    """A Config from train.py's flags (e.g. ``["--model", "resnet18", "--epochs", "2"]``), as `dtl train` reads
+    them."""
+    parser = argparse.ArgumentParser(prog="dtl train")
+    add_config_arguments(parser)
+    return config_from_args(parser.parse_args(flags))

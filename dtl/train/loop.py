@@ -34,8 +34,13 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 @dataclass(frozen=True)
 class StepStats:
     images: int
-    loss_finite: torch.Tensor
-    """All the step's losses were finite (a device tensor: reading it is a host sync)."""
+    losses: list[torch.Tensor]
+    """The step's micro-batch losses (detached device tensors)."""
+
+    @property
+    def loss_finite(self) -> torch.Tensor:
+        """All the step's losses were finite (a device tensor: reading it is a host sync)."""
+        return torch.stack(self.losses).isfinite().all()
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ def forward_backward(run: Run, images: torch.Tensor, labels: torch.Tensor, crite
                      sync: bool = True, targets: torch.Tensor | None = None) -> torch.Tensor:
     """One micro-step: forward under autocast, scaled backward (gradient all-reduce only when `sync`),
     device-side metric sums. The loss is taken against `targets` (MixUp/CutMix soft targets) when given, else
-    `labels`; accuracy always against `labels`. Returns whether the loss was finite (a device tensor)."""
+    `labels`; accuracy always against `labels`. Returns the loss (detached; `optimizer_step` checks it)."""
     p = run.progress
     ddp = ddp_of(run.model)  # also under torch.compile, whose wrapper is not a DDP instance
     no_sync = ddp.no_sync() if ddp is not None and not sync else contextlib.nullcontext()
@@ -69,12 +74,11 @@ def forward_backward(run: Run, images: torch.Tensor, labels: torch.Tensor, crite
             loss = criterion(logits, labels if targets is None else targets)
         if fault.due(p.global_step, run.env.rank):
             loss = faults.inject(fault.kind, loss)
-        run.scaler.scale(loss / run.accum).backward()
-    # A non-finite step (skipped or about to abort) must not poison the epoch's sums.
-    finite = torch.isfinite(loss.detach())
-    meter.update(torch.where(finite, loss.detach() * labels.shape[0], 0.0),
-                 torch.where(finite, (logits.argmax(1) == labels).sum(), 0), finite * labels.shape[0])
-    return finite
+        # Dividing by 1 is exact, so without accumulation the division and its backward are left out (every
+        # small op is a kernel launch and a few microseconds of host time, per step).
+        run.scaler.scale(loss if run.accum == 1 else loss / run.accum).backward()
+    meter.add(loss, (logits.argmax(1) == labels).sum(), int(labels.shape[0]))  # a non-finite loss is left out
+    return loss.detach()
 
 
 def clip_gradients(grads: list[torch.Tensor], norms: list[torch.Tensor], max_norm: float,
@@ -89,9 +93,9 @@ def clip_gradients(grads: list[torch.Tensor], norms: list[torch.Tensor], max_nor
     torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
 
 
-def optimizer_step(run: Run, bad_step: torch.Tensor, loss_finite: torch.Tensor) -> None:
-    """lr -> unscale -> finite check -> clip -> step -> zero_grad. `loss_finite`: the step's losses were all
-    finite."""
+def optimizer_step(run: Run, bad_step: torch.Tensor, losses: list[torch.Tensor]) -> None:
+    """lr -> unscale -> finite check (gradients and `losses`, the step's micro-batch losses) -> clip -> step
+    -> zero_grad."""
     p, scaler, settings = run.progress, run.scaler, run.cfg.optim
     base = lr_at(settings, p.global_step, run.steps_per_epoch, run.env.world_size)
     for group in run.optimizer.param_groups:
@@ -109,11 +113,12 @@ def optimizer_step(run: Run, bad_step: torch.Tensor, loss_finite: torch.Tensor) 
         # GradScaler skips those steps itself and lowers the scale. Only a non-finite *loss* is an error.
         # Both are decided on the device: no host sync.
         found_inf = sum(v for v in scaler._found_inf_per_device(run.optimizer).values())
-        run.overflows += (loss_finite & (found_inf > 0)).to(torch.int64)
-        finite = loss_finite
+        finite = torch.stack(losses).isfinite().all()
+        run.overflows += (finite & (found_inf > 0)).to(torch.int64)
     else:
         # DDP already averaged the gradients, so a NaN on any rank is a NaN on every rank: all agree for free.
-        finite = torch.stack(norms).isfinite().all() & loss_finite if norms else loss_finite
+        # One check over the gradient norms and the losses together: each op costs a launch per step.
+        finite = torch.stack([*norms, *losses]).isfinite().all()
     if settings.clip_grad_norm is not None and grads:
         clip_gradients(grads, norms, settings.clip_grad_norm, run.grad_norms)
     if run.cfg.run.nan_policy == "skip":
@@ -129,7 +134,7 @@ def optimizer_step(run: Run, bad_step: torch.Tensor, loss_finite: torch.Tensor) 
         p.nan_skips = 0
     else:
         # remember the first bad step on the device: read only at sync points, never here
-        bad_step.copy_(torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, p.global_step)))
+        bad_step.masked_fill_(~finite & (bad_step < 0), p.global_step)
     scaler.step(run.optimizer)
     scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -139,19 +144,19 @@ def train_step(run: Run, batches: Sequence[Batch], criterion: nn.Module, meter: 
                bad_step: torch.Tensor, first_batch: int = 0) -> StepStats:
     """One optimizer step over `batches` (grad_accum micro-batches; the last synchronises the gradients);
     `first_batch`: the epoch's index of the first of them (it seeds MixUp/CutMix)."""
-    loss_finite = torch.ones((), dtype=torch.bool, device=run.device)
+    losses = []
     for j, (images, labels) in enumerate(batches):
         targets = None
         if run.mixer is not None:  # here, not in a loader: one code path for both pipelines
             mixed = run.mixer(images, labels, run.progress.epoch, first_batch + j)
             images, labels, targets = mixed.images, mixed.labels, mixed.targets
-        loss_finite &= forward_backward(run, images, labels, criterion, meter, sync=j == len(batches) - 1,
-                                        targets=targets)
-    optimizer_step(run, bad_step, loss_finite)
+        losses.append(forward_backward(run, images, labels, criterion, meter, sync=j == len(batches) - 1,
+                                       targets=targets))
+    optimizer_step(run, bad_step, losses)
     if run.ema is not None:
         run.ema.update(run.progress.global_step)
     run.progress.global_step += 1
-    return StepStats(sum(int(labels.shape[0]) for _, labels in batches), loss_finite)
+    return StepStats(sum(int(labels.shape[0]) for _, labels in batches), losses)
 
 
 def step_groups(run: Run, start_batch: int) -> Iterator[tuple[int, list[Batch]]]:

@@ -17,26 +17,53 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class Meter:
-    """Loss sum, correct count and image count, kept on the device so a step never waits for the host.
-    Reduced across ranks as sums; averages are taken only at the end (never averages of averages)."""
+    """Loss sum, correct count and image count of the batches seen, reduced across ranks as sums; averages are
+    taken only at the end (never averages of averages).
+
+    A training step only appends its batch's device tensors (`add`): no operation and no host sync per step,
+    where each small op is a kernel launch and microseconds of host time. They are summed when the totals are
+    read (`local`, `reduced_totals`: where the host waits anyway), in float64 one batch after the other, in the
+    order they came: the same bits whenever the reads happen (a resumed run reads at other times than an
+    uninterrupted one)."""
 
     def __init__(self, device: torch.device) -> None:
-        self.totals = torch.zeros(3, dtype=torch.float64, device=device)
+        self.device = device
+        self.totals = [0.0, 0.0, 0.0]
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
 
-    def update(self, loss_sum: torch.Tensor, correct: torch.Tensor, count: int | torch.Tensor) -> None:
-        self.totals[0] += loss_sum.detach().to(torch.float64)
-        self.totals[1] += correct.detach().to(torch.float64)
-        self.totals[2] += count
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, count: int) -> None:
+        """One batch: `loss` its mean loss, `correct` its correct predictions (device tensors), `count` its
+        images. A batch whose loss is not finite (a step skipped, or about to abort the run) is left out of
+        all three sums. One op here (the batch's loss sum, in the loss's dtype); the rest when read."""
+        loss = loss.detach()
+        self._pending.append((loss, loss * count, correct.detach(), count))
+
+    def _fold(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        finite = torch.stack([loss for loss, _, _, _ in pending]).isfinite().tolist()
+        sums = torch.stack([loss_sum for _, loss_sum, _, _ in pending]).double().tolist()
+        corrects = torch.stack([correct for _, _, correct, _ in pending]).tolist()
+        totals = self.totals
+        for ok, loss_sum, correct, (_, _, _, count) in zip(finite, sums, corrects, pending):
+            if ok:  # Python floats are IEEE float64: the same sums as float64 tensors added in this order
+                totals = [totals[0] + loss_sum, totals[1] + float(correct), totals[2] + float(count)]
+        self.totals = totals
 
     def load(self, values: list[float]) -> None:
-        self.totals.copy_(torch.tensor(values, dtype=torch.float64))
+        self._pending = []
+        self.totals = [float(v) for v in values]
 
     def local(self) -> list[float]:
-        return self.totals.tolist()
+        """[loss sum, correct, count] of this rank (a host sync when batches are pending)."""
+        self._fold()
+        return list(self.totals)
 
     def reduced_totals(self, env: DistEnv) -> list[float]:
         """[loss sum, correct, count] over all ranks (one collective, one host sync)."""
-        return all_reduce_sum(self.totals.clone(), env).tolist()
+        totals = torch.tensor(self.local(), dtype=torch.float64, device=self.device)
+        return all_reduce_sum(totals, env).tolist()
 
     def reduced(self, env: DistEnv) -> dict[str, float]:
         """{'loss', 'acc', 'count'} over all ranks."""

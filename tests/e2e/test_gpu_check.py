@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 
 SCRIPT = ROOT / "launch" / "gpu_check.sh"
 STEPS = ["inputs", "bf16_nccl_transfer", "fp16_overflow", "preempt_resume", "compile_recompiles", "cache_features",
-         "bench", "pytest_cuda"]
+         "speed", "bench", "pytest_cuda"]
 
 
 def check_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -75,4 +75,13 @@ def test_cpu_smoke_run_passes_every_step_or_says_why_not(tmp_path: Path) -> None
     assert resume["status"] == "preempted" and resume["unequal_tensors"] == 0 and resume["tensors"] > 0
     assert steps["fp16_overflow"]["figures"]["precision"] == "fp16"
     assert set(steps["bench"]["figures"]) == {"squeezenet_transfer_32px", "squeezenet_finetune_32px"}
+    bench_train = steps["bench"]["figures"]["squeezenet_transfer_32px"]["train_step"]
+    assert bench_train["ratio_strong"] == bench_train["dtl_img_s"] / bench_train["strong_img_s"]
+    # the speed table: dtl's epoch rate beside the strong loop's step rate, per case, and the cached features
+    cases = steps["speed"]["figures"]["cases"]
+    assert set(cases) == {"transfer_32px_b16", "finetune_32px_b16", "cached_features"}
+    for label in ("transfer_32px_b16", "finetune_32px_b16"):
+        assert cases[label]["epoch"] == 2 and cases[label]["ratio"] == cases[label]["dtl_img_s"] / cases[label][
+            "strong_img_s"]
+    assert cases["cached_features"]["dtl_img_s"] > 0 and "ratio" not in cases["cached_features"]
     assert report["profile"] == "cpu-smoke" and report["environment"]["torch"]

@@ -1,16 +1,26 @@
-"""`dtl bench`: the reference recipe's loop against dtl's loop, same device, model, mode, image size and batch.
+"""`dtl bench`: dtl's loop against two references, same device, model, mode, image size and batch.
 
     dtl bench --model vgg16 --mode transfer --weights vgg16.pth --image-size 224 --batch-size 8 --steps 3
-    python -m dtl.bench ...   # the same
+    python -m dtl bench ...   # the same
 
-Two loops are built side by side and timed **interleaved** (reference, dtl, dtl, reference, ...) after a
-warm-up, so load from other processes hits both alike; the median of ``--repeats`` measurements is reported:
+Three loops are built side by side and timed **interleaved** (the order rotating between rounds) after a
+warm-up, so load from other processes hits all alike; the median of ``--repeats`` measurements is reported:
 
-* ``reference``: the reference recipe exactly (`dtl.reference`);
+* ``reference``: the seed article's recipe exactly (`dtl.tools.bench.article_loop`: PIL per image, fp32, a host sync
+  per step);
+* ``strong``: the loop a competent user writes by hand (`dtl.tools.bench.strong_loop`: uint8 data on the device,
+  resize and normalise there, dtl's precision and memory format, fused SGD, no host sync);
 * ``dtl``: built by ``dtl.setup.prepare`` with the chosen settings (device-resident data with batched exact
   augmentation, channels_last, foreach/fused optimizer, precision), stepped with ``dtl.loop.train_step`` and
   evaluated with ``dtl.evaluate.evaluate`` -- the training run's own code -- with no host sync inside the
   timed region except the one at its end.
+
+Both ratios are reported: ``dtl/ref`` (``ratio`` in the JSON) and ``dtl/strong`` (``ratio_strong``).
+
+How long a measurement runs: ``--steps`` (``--input-steps`` for input phases) at least; on a GPU as many more
+as make at least `MIN_SECONDS_GPU` of timed work per phase and side (timed with CUDA events; a few steps are
+microseconds of noise there), and on a CPU `MIN_SECONDS_CPU_INPUT` for the input phases (whose batches take
+microseconds), the count decided per side and phase from one timed measurement after the warm-up.
 
 Phases (images/s): ``input`` (training batches produced by the pipeline alone), ``train_step`` (pipeline +
 training step, as a user sees it), ``eval_step`` (eval pipeline + forward). Peak memory is measured in a
@@ -18,8 +28,8 @@ fresh subprocess per side (so one side's tensors never count for the other; on a
 concurrently, on a GPU one after the other): phases run there in the order input -> eval_step -> train_step
 and the peak is reset before each (``/proc/self/clear_refs``), so each phase's number is the peak RSS (and on
 a GPU ``torch.cuda.max_memory_allocated``) of a process holding only that side while it runs that phase.
-On a GPU the achieved TFLOP/s (FLOPs counted by ``FlopCounterMode`` on one batch) and their fraction of a
-bf16 matmul rate measured in the same run are reported too.
+On a GPU the achieved TFLOP/s of each loop (FLOPs counted by ``FlopCounterMode`` on one batch) and their
+fraction of a bf16 matmul rate measured in the same run are reported too.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -43,13 +54,14 @@ import torch
 
 from dtl import models
 from dtl.config import Config
-from dtl.config.loading import config_from_args, load_toml
+from dtl.config.loading import add_config_arguments, config_from_args, load_toml
 from dtl.data.augment import mix
 from dtl.dist import DistEnv, pick_device
 from dtl.errors import UserError
 from dtl.tools.bench.article_loop import ReferenceLoop, endless
 from dtl.tools.bench.input_phases import extra_phases, reference_runner
 from dtl.tools.bench.report import PHASES, SIDES, Options, assemble, format_table
+from dtl.tools.bench.strong_loop import StrongLoop
 from dtl.train.build import prepare
 from dtl.train.evaluate import evaluate
 from dtl.train.loop import train_step
@@ -61,6 +73,31 @@ PROBE_ORDER = ("input", "eval_step", "train_step")
 #: size on a GPU.
 SYNTHETIC_COUNTS = {"cpu": (2000, 500), "cuda": (50_000, 10_000)}
 MATMUL_SIZE = 8192
+#: seconds of timed work per measurement of every phase on a GPU, and of the input phases on a CPU
+MIN_SECONDS_GPU = 2.0
+MIN_SECONDS_CPU_INPUT = 1.0
+#: the most steps a measurement is stretched to (a phase that takes no time must not run forever)
+MAX_STEPS = 100_000
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """`train`'s flags (same names, same meaning) plus the bench's own."""
+    add_config_arguments(parser)
+    group = parser.add_argument_group("bench")
+    group.add_argument("--steps", type=int, default=5, help="timed steps per measurement (default: 5)")
+    group.add_argument("--input-steps", type=int, default=None, help="timed batches per measurement of the "
+                       "input phase, which is cheap (default: 10 x --steps)")
+    group.add_argument("--warmup", type=int, default=2, help="untimed steps per side and phase first (default: 2)")
+    group.add_argument("--repeats", type=int, default=3, help="interleaved measurements per side and phase; the "
+                       "median is reported (default: 3)")
+    group.add_argument("--memory", choices=("subprocess", "off"), default="subprocess",
+                       help="peak memory per side and phase, each side in a fresh subprocess (default), or off")
+    group.add_argument("--flops", action=argparse.BooleanOptionalAction, default=None,
+                       help="count FLOPs of one batch and report TFLOP/s (default: on for CUDA only)")
+    group.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both sides "
+                       "(default: torch's choice)")
+    group.add_argument("--json", dest="json_path", metavar="PATH", help="also write the results as JSON")
+    group.add_argument("--probe", help=argparse.SUPPRESS)  # internal: the memory subprocess's spec file
 
 
 def options_from_args(args: argparse.Namespace, command: str) -> Options:
@@ -182,11 +219,12 @@ class DtlLoop:
         return self._evaluate(itertools.islice(self.eval_batches, steps))
 
 
-Loop = ReferenceLoop | DtlLoop
+Loop = ReferenceLoop | StrongLoop | DtlLoop
+LOOPS = {"reference": ReferenceLoop, "strong": StrongLoop, "dtl": DtlLoop}
 
 
 def build_loop(side: str, cfg: Config, device: torch.device) -> Loop:
-    return ReferenceLoop(cfg, device) if side == "reference" else DtlLoop(cfg, device)
+    return LOOPS[side](cfg, device)
 
 
 # ---- timing ------------------------------------------------------------------------------------
@@ -196,8 +234,9 @@ Runners = dict[str, dict[str, Callable[[int], int]]]
 
 
 def runners(loops: dict[str, Loop], cfg: Config, device: torch.device) -> Runners:
-    """Every phase of both sides: the loops' own, then the extra input phases that apply (`dtl.bench_input`),
-    where dtl's side is its training loader and the reference side a torchvision v2 pipeline."""
+    """Every phase of every side: the loops' own, then the extra input phases that apply (`dtl.bench_input`),
+    where dtl's side is its training loader and the reference side a torchvision v2 pipeline (the strong loop
+    has no augmentation to compare)."""
     out: Runners = {side: {phase: getattr(loop, phase) for phase in PHASES} for side, loop in loops.items()}
     dtl_loop = loops["dtl"]
     for phase in extra_phases(cfg):
@@ -206,33 +245,72 @@ def runners(loops: dict[str, Loop], cfg: Config, device: torch.device) -> Runner
     return out
 
 
-def timed(loop: Loop, phase: str, steps: int, fn: Callable[[int], int] | None = None) -> float:
-    """Images per second of `steps` steps of one phase; the one host sync is at the end."""
-    fn = fn or getattr(loop, phase)
+def min_seconds(device: torch.device, phase: str, override: float | None = None) -> float:
+    """Seconds of timed work a measurement of `phase` must reach on `device` (`override`: --min-seconds)."""
+    if override is not None:
+        return override
+    if device.type == "cuda":
+        return MIN_SECONDS_GPU
+    return MIN_SECONDS_CPU_INPUT if phase.startswith("input") else 0.0
+
+
+def timed_run(loop: Loop, fn: Callable[[int], int], steps: int) -> tuple[int, float]:
+    """(images, seconds) of `steps` steps of one phase; the one host sync is at the end. On a GPU the time
+    between two CUDA events around the steps (recorded on an idle device, so it spans the host's work too)."""
     with loop.context():
         synchronize(loop.device)
-        start = time.perf_counter()
+        if loop.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            images = fn(steps)
+            end.record()
+            end.synchronize()
+            return images, start.elapsed_time(end) / 1000
+        begin = time.perf_counter()
         images = fn(steps)
-        synchronize(loop.device)
-        seconds = time.perf_counter() - start
+        return images, time.perf_counter() - begin
+
+
+def timed(loop: Loop, phase: str, steps: int, fn: Callable[[int], int] | None = None) -> float:
+    """Images per second of `steps` steps of one phase."""
+    images, seconds = timed_run(loop, fn or getattr(loop, phase), steps)
     return images / max(seconds, 1e-9)
+
+
+def calibrated_steps(loop: Loop, fn: Callable[[int], int], steps: int, seconds: float) -> int:
+    """`steps`, or as many more as make `seconds` of timed work, judged from one timed run of `steps`."""
+    if seconds <= 0:
+        return steps
+    _, took = timed_run(loop, fn, steps)
+    return min(max(steps, math.ceil(steps * seconds / max(took, 1e-9))), MAX_STEPS)
 
 
 def warm_up(loops: dict[str, Loop], run: Runners, steps: int) -> None:
     for phase in run["dtl"]:
         for side, loop in loops.items():
-            if steps:
+            if steps and phase in run[side]:
                 timed(loop, phase, steps, run[side][phase])
 
 
-def interleaved(loops: dict[str, Loop], run: Runners, opts: Options) -> dict[str, dict[str, list[float]]]:
-    """`repeats` rounds; in each, every phase is measured on both sides back to back, the side that goes
-    first alternating between rounds."""
-    runs: dict[str, dict[str, list[float]]] = {side: {phase: [] for phase in run["dtl"]} for side in loops}
+def plan_steps(loops: dict[str, Loop], run: Runners, opts: Options) -> dict[str, dict[str, int]]:
+    """Steps per measurement for each side and phase (`calibrated_steps` where a minimum time applies)."""
+    return {side: {phase: calibrated_steps(loops[side], fn, opts.steps_for(phase),
+                                           min_seconds(loops[side].device, phase, opts.min_seconds))
+                   for phase, fn in run[side].items()} for side in loops}
+
+
+def interleaved(loops: dict[str, Loop], run: Runners, opts: Options,
+                steps: dict[str, dict[str, int]]) -> dict[str, dict[str, list[float]]]:
+    """`repeats` rounds; in each, every phase is measured on every side back to back, the order of the sides
+    rotating between rounds (and reversed every other round)."""
+    runs: dict[str, dict[str, list[float]]] = {side: {phase: [] for phase in run[side]} for side in loops}
     for r in range(opts.repeats):
+        order = SIDES[r % len(SIDES):] + SIDES[:r % len(SIDES)]
         for phase in run["dtl"]:
-            for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
-                rate = timed(loops[side], phase, opts.steps_for(phase), run[side][phase])
+            for side in (order if r % 2 == 0 else order[::-1]):
+                if phase not in run[side]:
+                    continue
+                rate = timed(loops[side], phase, steps[side][phase], run[side][phase])
                 runs[side][phase].append(rate)
                 print(f"  round {r + 1}/{opts.repeats} {phase:<13} {side:<9} {rate:10.1f} img/s",
                       file=sys.stderr, flush=True)
@@ -321,19 +399,21 @@ def measure_memory(cfg: Config, opts: Options, tmp: Path) -> dict[str, dict[str,
 
 # ---- entry points ------------------------------------------------------------------------------
 
-def measure(cfg: Config, opts: Options, device: torch.device) -> tuple[dict, str, dict | None, float | None]:
+def measure(cfg: Config, opts: Options, device: torch.device
+            ) -> tuple[dict, dict[str, str], dict | None, float | None, dict[str, dict[str, int]]]:
     """Build both loops, warm up, time them interleaved; FLOPs and the matmul yardstick when asked."""
     loops = {side: build_loop(side, cfg, device) for side in SIDES}
-    precision = loops["dtl"].run.precision.name
+    precision = {"reference": "fp32", "strong": loops["strong"].precision.name, "dtl": loops["dtl"].run.precision.name}
     print(f"  warm-up: {opts.warmup} step(s) per side and phase", file=sys.stderr, flush=True)
     run = runners(loops, cfg, device)
     warm_up(loops, run, opts.warmup)
-    runs = interleaved(loops, run, opts)
+    steps = plan_steps(loops, run, opts)
+    runs = interleaved(loops, run, opts, steps)
     want_flops = opts.flops if opts.flops is not None else device.type == "cuda"
     flops = {side: count_flops(loop) for side, loop in loops.items()} if want_flops else None
     yardstick = want_flops and device.type == "cuda" and torch.cuda.is_bf16_supported()
     peak = matmul_tflops(device) if yardstick else None
-    return runs, precision, flops, peak
+    return runs, precision, flops, peak, steps
 
 
 def run_bench(cfg: Config, opts: Options) -> dict[str, Any]:
@@ -345,9 +425,10 @@ def run_bench(cfg: Config, opts: Options) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dtl-bench-") as tmp:
         # prepare() validates the output folder but writes nothing to it: a path that never gets created.
         cfg = cfg.replace(output_dir=str(Path(tmp) / "run"))
-        runs, precision, flops, peak = measure(cfg, opts, device)
+        runs, precision, flops, peak, steps = measure(cfg, opts, device)
         memory = measure_memory(cfg, opts, Path(tmp)) if opts.memory == "subprocess" else None
     result = assemble(cfg, opts, device, precision, runs, memory, flops, peak)
+    result["meta"]["timed_steps"] = steps
     # the 1-minute load average around the measurement: other processes on the machine (0 = idle)
     result["meta"]["loadavg_1min"] = {"start": load_start, "end": os.getloadavg()[0]}
     result["meta"]["config"] = {k: v for k, v in cfg.to_dict().items() if k != "output_dir"}
@@ -359,16 +440,16 @@ def run_bench(cfg: Config, opts: Options) -> dict[str, Any]:
 
 def command_line(argv: list[str] | None) -> str:
     """The command as a user would retype it (recorded in the JSON): the bench's own flags `argv` when given
-    (`python -m dtl.bench ARGV`), else this process's command line."""
+    (`python -m dtl bench ARGV`), else this process's command line."""
     if argv is not None:
-        return shlex.join(["python", "-m", "dtl.bench", *argv])
+        return shlex.join(["python", "-m", "dtl", "bench", *argv])
     prog = Path(sys.argv[0]).name
     head = ["python", "-m", "dtl"] if prog == "__main__.py" else [prog]  # `python -m dtl bench` or `dtl bench`
     return shlex.join([*head, *sys.argv[1:]])
 
 
 def run(args: argparse.Namespace, command: str) -> int:
-    """Handler for `dtl bench` (and `python -m dtl.bench`): parsed flags in, exit code out."""
+    """Handler for `dtl bench` (and `python -m dtl bench`): parsed flags in, exit code out."""
     if args.probe:
         spec = json.loads(Path(args.probe).read_text())
         Path(spec["out"]).write_text(json.dumps(probe(spec)))
@@ -376,6 +457,3 @@ def run(args: argparse.Namespace, command: str) -> int:
     run_bench(bench_config(args), options_from_args(args, command))
     return 0
 
-
-if __name__ == "__main__":  # `python -m dtl.bench ARGS` is `python -m dtl bench ARGS` (no upward import)
-    os.execv(sys.executable, [sys.executable, "-m", "dtl", "bench", *sys.argv[1:]])

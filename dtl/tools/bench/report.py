@@ -1,4 +1,5 @@
-"""`dtl bench`'s results: medians per side and phase, dtl / reference ratios, the JSON layout and the table."""
+"""`dtl bench`'s results: medians per side and phase, dtl / reference and dtl / strong-loop ratios, the JSON
+layout and the table."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import torch
 from dtl.config import Config
 
 PHASES = ("input", "train_step", "eval_step")
-SIDES = ("reference", "dtl")
+SIDES = ("reference", "strong", "dtl")
+#: the JSON key of dtl's ratio to each reference side
+RATIO_KEYS = {"reference": "ratio", "strong": "ratio_strong"}
 
 
 @dataclasses.dataclass
@@ -33,6 +36,9 @@ class Options:
     json_path: str | None = None
     command: str = ""
     input_steps: int = 50
+    min_seconds: float | None = None
+    """Timed seconds a measurement must reach (None: `dtl.tools.bench.compare.min_seconds`'s defaults per device
+    and phase)."""
 
     def steps_for(self, phase: str) -> int:
         return self.input_steps if phase.startswith("input") else self.steps
@@ -48,13 +54,13 @@ def device_name(device: torch.device) -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def meta(cfg: Config, opts: Options, device: torch.device, precision: str) -> dict[str, Any]:
+def meta(cfg: Config, opts: Options, device: torch.device, precision: dict[str, str]) -> dict[str, Any]:
     import torchvision
 
     b, d, o = cfg.backbone, cfg.data, cfg.optim
     return {"device": str(device), "device_name": device_name(device), "model": b.model, "mode": b.mode,
             "weights": b.weights, "image_size": d.image_size, "batch_size": o.batch_size,
-            "precision": {"reference": "fp32", "dtl": precision}, "dataset": d.dataset,
+            "precision": precision, "dataset": d.dataset,
             "train_images": d.train_subset, "eval_images": d.eval_subset, "steps": opts.steps,
             "input_steps": opts.input_steps, "warmup": opts.warmup, "repeats": opts.repeats,
             "threads": torch.get_num_threads(), "memory": opts.memory, "torch": torch.__version__,
@@ -77,59 +83,72 @@ def side_results(runs: dict[str, list[float]], memory: dict[str, dict[str, float
 
 
 def ratios(ref: dict[str, dict[str, Any]], ours: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """dtl / reference for every scalar both sides report (images/s, peak memory, TFLOP/s), plus
+    """dtl / a reference side for every scalar both report (images/s, peak memory, TFLOP/s), in the phases both
+    ran, plus
     `images_per_s_paired`: the median over rounds of each round's ratio (the two measurements of a round
     ran back to back, so a load change between rounds cancels out)."""
     keys = ("images_per_s", "peak_rss_mib", "peak_cuda_mib", "tflops")
     out = {}
-    for phase in ours:
+    for phase in (p for p in ours if p in ref):
         out[phase] = {k: ours[phase][k] / ref[phase][k] for k in keys if k in ours[phase] and k in ref[phase]}
         pairs = zip(ours[phase]["runs"], ref[phase]["runs"])
         out[phase]["images_per_s_paired"] = statistics.median(d / r for d, r in pairs)
     return out
 
 
-def assemble(cfg: Config, opts: Options, device: torch.device, precision: str,
+def assemble(cfg: Config, opts: Options, device: torch.device, precision: dict[str, str],
              runs: dict[str, dict[str, list[float]]], memory: dict | None,
              flops: dict[str, dict[str, float]] | None, peak_tflops: float | None) -> dict[str, Any]:
     result: dict[str, Any] = {"meta": meta(cfg, opts, device, precision)}
     for side in SIDES:
         result[side] = side_results(runs[side], (memory or {}).get(side), (flops or {}).get(side))
-    result["ratio"] = ratios(result["reference"], result["dtl"])
+    for side, key in RATIO_KEYS.items():
+        result[key] = ratios(result[side], result["dtl"])
     if flops:
         result["meta"]["flops_per_image"] = flops
     if peak_tflops:
         result["meta"]["bf16_matmul_tflops"] = peak_tflops
-        for phase in ("train_step", "eval_step"):
-            result["dtl"][phase]["fraction_of_bf16_matmul"] = result["dtl"][phase]["tflops"] / peak_tflops
+        for side in ("strong", "dtl"):
+            for phase in ("train_step", "eval_step"):
+                entry = result[side][phase]
+                entry["fraction_of_bf16_matmul"] = entry["tflops"] / peak_tflops
     return result
+
+
+def _peak_rss(side: dict[str, Any], phase: str) -> str:
+    return f"{side[phase]['peak_rss_mib']:.0f}" if "peak_rss_mib" in side.get(phase, {}) else "-"
 
 
 def format_table(result: dict[str, Any]) -> str:
     m = result["meta"]
-    lines = [f"dtl bench: {m['model']} {m['mode']}, {m['image_size']} px, batch {m['batch_size']}, dtl "
-             f"{m['precision']['dtl']} vs reference fp32 on {m['device']} ({m['device_name']}, "
-             f"{m['threads']} threads); median of {m['repeats']} rounds of {m['steps']} steps "
+    p = m["precision"]
+    lines = [f"dtl bench: {m['model']} {m['mode']}, {m['image_size']} px, batch {m['batch_size']}, dtl {p['dtl']} vs "
+             f"reference {p['reference']} and strong loop {p['strong']} on {m['device']} ({m['device_name']}, "
+             f"{m['threads']} threads); median of {m['repeats']} rounds of at least {m['steps']} steps "
              f"({m['input_steps']} batches for input)",
-             f"{'phase':<14}{'reference img/s':>16}{'dtl img/s':>12}{'dtl/ref':>9}{'paired':>8}"
-             f"{'ref peak RSS':>14}{'dtl peak RSS':>14}{'dtl/ref':>9}"]
+             f"{'phase':<14}{'reference img/s':>16}{'strong img/s':>14}{'dtl img/s':>12}{'dtl/ref':>9}{'paired':>8}"
+             f"{'dtl/strong':>11}{'paired':>8}{'peak RSS ref / strong / dtl':>32}"]
     for phase in result["ratio"]:
         ref, ours, ratio = result["reference"][phase], result["dtl"][phase], result["ratio"][phase]
-        mem = (f"{ref['peak_rss_mib']:>10.0f} MiB{ours['peak_rss_mib']:>10.0f} MiB"
-               f"{ratio['peak_rss_mib']:>8.2f}x" if "peak_rss_mib" in ratio else "")
-        lines.append(f"{phase:<14}{ref['images_per_s']:>16.1f}{ours['images_per_s']:>12.1f}"
-                     f"{ratio['images_per_s']:>8.2f}x{ratio['images_per_s_paired']:>7.2f}x{mem}")
+        strong, vs = result["strong"].get(phase), result["ratio_strong"].get(phase)
+        strong_rate = f"{strong['images_per_s']:>14.1f}" if strong else f"{'-':>14}"
+        vs_text = f"{vs['images_per_s']:>10.2f}x{vs['images_per_s_paired']:>7.2f}x" if vs else f"{'-':>11}{'-':>8}"
+        peaks = " / ".join(_peak_rss(result[side], phase) for side in SIDES)
+        mem = f"{peaks:>28} MiB" if "peak_rss_mib" in ours else ""
+        lines.append(f"{phase:<14}{ref['images_per_s']:>16.1f}{strong_rate}{ours['images_per_s']:>12.1f}"
+                     f"{ratio['images_per_s']:>8.2f}x{ratio['images_per_s_paired']:>7.2f}x{vs_text}{mem}")
     for phase in ("train_step", "eval_step"):
-        ours = result["dtl"][phase]
-        if "peak_cuda_mib" in ours:
-            lines.append(f"{phase}: peak CUDA memory reference {result['reference'][phase]['peak_cuda_mib']:.0f} "
-                         f"MiB, dtl {ours['peak_cuda_mib']:.0f} MiB")
-        if "tflops" in ours:
-            frac = (f" = {ours['fraction_of_bf16_matmul']:.1%} of bf16 matmul "
-                    f"({result['meta']['bf16_matmul_tflops']:.0f} TFLOP/s)" if "fraction_of_bf16_matmul" in ours
+        if "peak_cuda_mib" in result["dtl"][phase]:
+            lines.append(f"{phase}: peak CUDA memory " + ", ".join(
+                f"{side} {result[side][phase]['peak_cuda_mib']:.0f} MiB" for side in SIDES))
+        if "tflops" in result["dtl"][phase]:
+            parts = []
+            for side in ("dtl", "strong", "reference"):
+                e = result[side][phase]
+                frac = (f" = {e['fraction_of_bf16_matmul']:.1%} of bf16 matmul" if "fraction_of_bf16_matmul" in e
+                        else "")
+                parts.append(f"{side} {e['flops_per_image'] / 1e9:.2f} GFLOP/image, {e['tflops']:.3f} TFLOP/s{frac}")
+            peak = (f" (bf16 matmul measured: {m['bf16_matmul_tflops']:.0f} TFLOP/s)" if "bf16_matmul_tflops" in m
                     else "")
-            ref = result["reference"][phase]
-            lines.append(f"{phase}: dtl {ours['flops_per_image'] / 1e9:.2f} GFLOP/image, {ours['tflops']:.3f} "
-                         f"TFLOP/s{frac}; reference {ref['flops_per_image'] / 1e9:.2f} GFLOP/image, "
-                         f"{ref['tflops']:.3f} TFLOP/s")
+            lines.append(f"{phase}: " + "; ".join(parts) + peak)
     return "\n".join(lines)

@@ -28,13 +28,14 @@ def tiny_run(tmp_path, *flags: str):
     return prepare(config_from_args(args), DistEnv(), torch.device("cpu"))
 
 
-def backward(run, poison: bool = False) -> torch.Tensor:
+def backward(run, poison: bool = False) -> list[torch.Tensor]:
+    """One backward pass; the step's losses, as `loop.optimizer_step` takes them."""
     images, labels = next(iter(run.train_loader))
     loss = nn.functional.cross_entropy(run.model(images), labels)
     if poison:
         loss = loss * float("nan")
     loss.backward()
-    return torch.isfinite(loss.detach())
+    return [loss.detach()]
 
 
 def params(run) -> list[torch.Tensor]:
@@ -77,8 +78,8 @@ def test_fp16_overflows_are_counted_on_the_device_and_read_at_the_sync_point(tmp
     bad = torch.tensor(-1)
     images, labels = next(iter(run.train_loader))
     meter = Meter(run.device)
-    finite = loop.forward_backward(run, images, labels, nn.CrossEntropyLoss(), meter)
-    loop.optimizer_step(run, bad, finite)
+    loss = loop.forward_backward(run, images, labels, nn.CrossEntropyLoss(), meter)
+    loop.optimizer_step(run, bad, [loss])
     assert int(run.overflows) == 1 and int(bad) == -1 and run.scaler.get_scale() < 1e38
     loop.sync_point(run, bad)
     assert run.progress.overflow_skips == 1 and int(run.overflows) == 0
@@ -120,9 +121,9 @@ def test_compiled_ddp_skips_the_all_reduce_on_accumulation_micro_steps(tmp_path,
     def recording_fb(run, images, labels, criterion, meter, sync=True, **kwargs):
         before = len(calls)
         assert dist.ddp_of(run.model) is not None, "the model should be DDP under compile"
-        finite = original_fb(run, images, labels, criterion, meter, sync=sync, **kwargs)
+        loss = original_fb(run, images, labels, criterion, meter, sync=sync, **kwargs)
         per_micro_step.append((sync, len(calls) - before))
-        return finite
+        return loss
 
     monkeypatch.setattr(nn.parallel.DistributedDataParallel, "__init__", init_with_hook)
     monkeypatch.setattr(loop, "forward_backward", recording_fb)
