@@ -18,13 +18,17 @@ from dtl.data.augment import mix
 from dtl.data.loaders import BatchLoader
 from dtl.data.preprocessing import Preprocessing
 from dtl.data.splits import Splits
-from dtl.dist import DistEnv, main_first, wrap
+from dtl.dist import DistEnv, main_first
 from dtl.errors import UserError
 from dtl.train import optim, run_folder, trackers
-from dtl.train.checkpointer import Checkpointer, Progress
+from dtl.train.checkpointer import Checkpointer
 from dtl.train.ema import Ema
+from dtl.train.hooks import hooks_for
+from dtl.train.parts import RunInfo, RunParts
 from dtl.train.precision import Precision, configure_backends, resolve
-from dtl.train.state import Run, RunInfo
+from dtl.train.run_folder import RunFolder
+from dtl.train.train_state import TrainState
+from dtl.train.trained_model import TrainedModel
 
 log = logging.getLogger("dtl")
 
@@ -57,7 +61,7 @@ def build_model(cfg: Config, device: torch.device, num_classes: int) -> tuple[nn
     if cfg.run.deterministic and device.type == "cuda":
         models.deterministic_pooling(model)
     # lp-ft: the optimizer covers everything that will ever train (from step 0, so a resume on either side of
-    # the unfreezing restores the same groups); `loop.apply_phase` freezes the backbone for the probe epochs
+    # the unfreezing restores the same groups); `TrainedModel.set_phase` freezes the backbone for the probe epochs
     trainable = models.freeze(model, net.model, "finetune" if net.mode == "lp-ft" else net.mode,
                               net.finetune_last_n)
     if cfg.backbone.mode == "transfer":
@@ -65,8 +69,9 @@ def build_model(cfg: Config, device: torch.device, num_classes: int) -> tuple[nn
     return model.to(device, memory_format=models.memory_format(device.type, cfg.backbone.mode)), trainable
 
 
-def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
-    """Validate and build everything; nothing is written to the output folder before this returns."""
+def prepare(cfg: Config, env: DistEnv, device: torch.device) -> tuple[RunParts, TrainState]:
+    """Validate and build everything -- the run's parts and where it starts (the resumed checkpoint's
+    `TrainState`, or the beginning); nothing is written to the output folder before this returns."""
     trackers.check_available(cfg.run.log_with)  # every rank, before anything is written
     precision = resolve(cfg.run.precision, env, device, cfg.run.fp16_init_scale)
     configure_backends(cfg.run.deterministic, precision)
@@ -96,9 +101,9 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
                                 static_meta={"config": cfg.to_dict(), "num_classes": len(splits.classes),
                                              "world_size": env.world_size, "run": asdict(info)})
     ema = Ema(model, cfg.optim.ema_decay, cfg.optim.ema_every) if cfg.optim.ema_decay else None
-    progress = Progress()
+    state = TrainState().on(device)
     if plan.resume_from is not None:
-        progress = checkpointer.restore(plan.resume_from, model, optimizer, scaler, ema)
+        state = checkpointer.restore(plan.resume_from, model, optimizer, scaler, ema)
     total, n_train = models.count_parameters(model)
     log.info("%s %s: %d params, %d trainable (%s)", cfg.backbone.model, cfg.backbone.mode, total, n_train,
              ", ".join(trainable) if len(trainable) <= 4 else f"{len(trainable)} tensors")
@@ -111,9 +116,11 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> Run:
         model, train_loader, eval_loader, new_features = use_cached_features(cfg, env, device, model, splits,
                                                                              plan, precision, prep)
     mixer = mix.Mixer(cfg.optim, len(splits.classes), cfg.run.seed, env.rank) if mix.enabled(cfg.optim) else None
-    return Run(cfg, env, device, plan, wrap(model, env, device, compile_model=cfg.run.compile), optimizer, scaler, precision,
-               train_loader, eval_loader, splits, progress, info, checkpointer, new_features,
-               None if weights is None else weights.float().to(device), ema, mixer=mixer)
+    parts = RunParts(cfg, env, device, RunFolder(plan, env), TrainedModel(model, env, device, cfg.run.compile),
+                     optimizer, scaler, precision, train_loader, eval_loader, splits, info, checkpointer,
+                     new_features, None if weights is None else weights.float().to(device), ema, mixer,
+                     hooks_for(cfg))
+    return parts, state
 
 
 def use_cached_features(cfg: Config, env: DistEnv, device: torch.device, model: nn.Module, splits: Splits,

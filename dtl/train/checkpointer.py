@@ -1,12 +1,11 @@
 """The checkpoint policy of a run: when to save (every N steps, every M minutes, epoch ends, a stop signal),
-what goes in (weights, optimizer and scaler state, every rank's RNG streams, the progress counters), and
+what goes in (weights, optimizer and scaler state, every rank's RNG streams, the `TrainState`), and
 restoring all of it. The file format itself is `dtl.checkpoint`'s."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,39 +18,9 @@ from dtl.errors import UserError
 from dtl.train import checkpoint_format as ckpt
 from dtl.train.ema import Ema
 from dtl.train.optim import load_optimizer_state
+from dtl.train.train_state import TrainState
 
 log = logging.getLogger("dtl")
-
-
-@dataclass
-class Progress:
-    """The counters a checkpoint restores."""
-
-    epoch: int = 0
-    """Completed epochs."""
-    step_in_epoch: int = 0
-    """Optimizer steps already done in the current (incomplete) epoch."""
-    global_step: int = 0
-    best_acc: float = -1.0
-    nan_skips: int = 0
-    """Non-finite steps skipped in a row (--nan-policy skip)."""
-    nan_skips_total: int = 0
-    overflow_skips: int = 0
-    """fp16: optimizer steps the GradScaler skipped because the scaled gradients overflowed (not errors)."""
-    partial_meter: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    """Train loss/correct/count sums of the incomplete epoch, over all ranks."""
-    partial_seconds: float = 0.0
-    early_stop_best: float | None = None
-    """--early-stop-patience: the best value of the watched metric so far, its epoch, epochs since."""
-    early_stop_best_epoch: int = 0
-    early_stop_bad_epochs: int = 0
-    early_stopped: bool = False
-    partial_grad_norms: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    """Pre-clip gradient norm sum, max and count of the incomplete epoch (--clip-grad-norm)."""
-
-    def end_epoch(self, epoch: int) -> None:
-        self.epoch, self.step_in_epoch, self.partial_meter, self.partial_seconds = epoch + 1, 0, [0.0] * 3, 0.0
-        self.partial_grad_norms = [0.0, 0.0, 0.0]
 
 
 def optimized(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -103,16 +72,16 @@ class Checkpointer:
         return out
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-             progress: Progress, is_best: bool = False, ema: Ema | None = None,
+             state: TrainState, is_best: bool = False, ema: Ema | None = None,
              best_source: str = "raw") -> Path | None:
         """Checkpoint the current position; returns the folder on rank 0 (None elsewhere)."""
         rng = self.gather_rng()
         path = None
         if self.env.is_main:
             own = unwrap(model)
-            meta = {"progress": asdict(progress), **self.static_meta, "scaler": scaler.state_dict(),
+            meta = {"progress": state.saved(), **self.static_meta, "scaler": scaler.state_dict(),
                     "trainable": optimized(own, optimizer),
-                    "global_step": progress.global_step, "best_acc": progress.best_acc}
+                    "global_step": state.global_step, "best_acc": state.best_acc}
             path = ckpt.save_checkpoint(self.outdir, model_state=own.state_dict(),
                                         optim_state=optimizer.state_dict(), rng=rng, meta=meta,
                                         keep_last=self.keep_last, is_best=is_best,
@@ -126,7 +95,7 @@ class Checkpointer:
         return path
 
     def restore(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler, ema: Ema | None = None) -> Progress:
+                scaler: torch.amp.GradScaler, ema: Ema | None = None) -> TrainState:
         """Load a checkpoint into the (not yet wrapped) model, optimizer and scaler; the progress to go on
         from. The RNG streams are restored only where they continue the same run (mid-epoch, same world)."""
         state = ckpt.load_checkpoint(path)
@@ -147,7 +116,7 @@ class Checkpointer:
                 ema.reset()
         if meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])
-        progress = Progress(**meta["progress"])
+        progress = TrainState.from_saved(meta["progress"], self.device)
         key = f"cpu.rank{self.env.rank}"
         if progress.step_in_epoch and meta.get("world_size") == self.env.world_size and key in state["rng"]:
             torch.set_rng_state(state["rng"][key])

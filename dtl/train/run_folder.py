@@ -20,8 +20,9 @@ from dtl.data.splits import Splits
 from dtl.dist import DistEnv, barrier, broadcast_str
 from dtl.errors import UserError
 from dtl.train import checkpoint_format as ckpt
-from dtl.train.metrics import METRICS_FILE, MetricsLog, truncate_metrics
+from dtl.train.metrics import METRICS_FILE, MetricsLog, plot_runs, truncate_metrics
 from dtl.train.trackers import TRACKERS_FILE, Tracker, flat_params, open_trackers
+from dtl.train.train_state import TrainState
 
 log = logging.getLogger("dtl")
 RUN_FILES = ("config.json", METRICS_FILE, "status.json", "model.safetensors", "model_ema.safetensors", "curves.png",
@@ -102,38 +103,94 @@ def _check_writable(outdir: Path, need_bytes: int) -> None:
                         f"{need_bytes / 2**20:.0f} MiB: free space or choose another --output-dir")
 
 
-def start(run_plan: RunPlan, cfg: Config, env: DistEnv, info: dict[str, Any], position: tuple[int, int],
-          splits: Splits, model: torch.nn.Module) -> MetricsLog | None:
-    """Create the folder and describe the run (rank 0); after this, files exist. Rank 0 gets the metrics
-    writer. `position`: (completed epochs, global step) of the resumed checkpoint, (0, 0) when fresh."""
-    metrics_log = None
-    if env.is_main:
-        outdir = run_plan.outdir
-        n_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        n_optim = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        # keep_last + best + final weights, each model + optimizer state, with headroom
-        _check_writable(outdir, int((cfg.checkpoint.keep_last + 2) * (n_bytes + 2 * n_optim) * 1.1))
-        try:
-            outdir.mkdir(parents=True, exist_ok=True)
-            if run_plan.replace:
-                shutil.rmtree(outdir / ckpt.CKPT_DIR, ignore_errors=True)
-                for name in RUN_FILES:
-                    (outdir / name).unlink(missing_ok=True)
-            truncate_metrics(outdir, position[0])
-            files.write_json(outdir / "config.json", {"config": cfg.to_dict(), "run": info,
-                                                      "resolved_output_dir": str(outdir)})
-            write_status(outdir, env, "running", None, position, run_plan.resume_from)
-            save_split(outdir, splits)  # image folders: a resume and `dtl eval` reuse exactly this split
-        except OSError as err:
-            raise UserError(f"cannot write to {outdir}: {err}") from None
-        metrics_log = MetricsLog(outdir, _trackers(run_plan, cfg, info))
-        log.info("launcher %s, world size %d, device %s, precision %s (%s), global batch %d = %d x %d x %d",
-                 info["launcher"], info["world_size"], info["device"], info["precision"],
-                 info["precision_source"], info["global_batch"], cfg.optim.batch_size, env.world_size,
-                 cfg.optim.grad_accum)
-        log.info("output: %s", outdir)
-    barrier(env)
-    return metrics_log
+class RunFolder:
+    """The folder of one run. Rank 0 alone writes here -- config.json, status.json, metrics.jsonl (and the
+    trackers), curves.png and the final weights -- and only through this object; the other ranks know where it
+    is."""
+
+    def __init__(self, plan: RunPlan, env: DistEnv) -> None:
+        self.plan, self.env = plan, env
+        self._metrics: MetricsLog | None = None
+
+    @property
+    def outdir(self) -> Path:
+        return self.plan.outdir
+
+    def start(self, cfg: Config, info: dict[str, Any], state: TrainState, splits: Splits,
+              model: torch.nn.Module) -> None:
+        """Create the folder and describe the run (rank 0); after this, files exist. `state`: where the run
+        starts (the resumed checkpoint's position, or the beginning)."""
+        if self.env.is_main:
+            outdir = self.plan.outdir
+            n_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            n_optim = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+            # keep_last + best + final weights, each model + optimizer state, with headroom
+            _check_writable(outdir, int((cfg.checkpoint.keep_last + 2) * (n_bytes + 2 * n_optim) * 1.1))
+            try:
+                outdir.mkdir(parents=True, exist_ok=True)
+                if self.plan.replace:
+                    shutil.rmtree(outdir / ckpt.CKPT_DIR, ignore_errors=True)
+                    for name in RUN_FILES:
+                        (outdir / name).unlink(missing_ok=True)
+                truncate_metrics(outdir, state.epoch)
+                files.write_json(outdir / "config.json", {"config": cfg.to_dict(), "run": info,
+                                                          "resolved_output_dir": str(outdir)})
+                self.status("running", None, state, self.plan.resume_from)
+                save_split(outdir, splits)  # image folders: a resume and `dtl eval` reuse exactly this split
+            except OSError as err:
+                raise UserError(f"cannot write to {outdir}: {err}") from None
+            self._metrics = MetricsLog(outdir, _trackers(self.plan, cfg, info))
+            log.info("launcher %s, world size %d, device %s, precision %s (%s), global batch %d = %d x %d x %d",
+                     info["launcher"], info["world_size"], info["device"], info["precision"],
+                     info["precision_source"], info["global_batch"], cfg.optim.batch_size, self.env.world_size,
+                     cfg.optim.grad_accum)
+            log.info("output: %s", outdir)
+        barrier(self.env)
+
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        """One epoch's metrics row (metrics.jsonl and the trackers; rank 0)."""
+        if self._metrics is not None:
+            self._metrics.append(row)
+
+    def status(self, state_name: str, exit_code: int | None, state: TrainState, checkpoint: Path | None) -> None:
+        """status.json tells scripts how the run ended, also when a launcher (torchrun) reports only 'failed':
+        running | completed | early-stopped | preempted | failed, with the position (epoch, global step)."""
+        if not self.env.is_main:
+            return
+        extra = {"best_epoch": state.early_stop_best_epoch} if state.early_stopped else {}
+        files.write_json(self.outdir / "status.json", {
+            "state": state_name, "exit_code": exit_code, "epoch": state.epoch, "global_step": state.global_step,
+            "checkpoint": str(checkpoint) if checkpoint else None, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **extra,
+        })
+
+    def finish(self, weights: dict[str, torch.Tensor], ema_weights: dict[str, torch.Tensor] | None,
+               state: TrainState, early_stop_metric: str, checkpoint: Path | None) -> None:
+        """The end of a run that trained to its last epoch or stopped early (rank 0): model.safetensors (after
+        an early stop: the best epoch's weights), model_ema.safetensors, curves.png, the artifacts for the
+        trackers, status.json."""
+        if not self.env.is_main:
+            return
+        outdir = self.outdir
+        files.write_tensors(outdir / "model.safetensors", weights)
+        if ema_weights is not None:
+            files.write_tensors(outdir / "model_ema.safetensors", ema_weights)
+        plot_runs([outdir], outdir / "curves.png")
+        if state.early_stopped:
+            best = ckpt.best_or_last(outdir)
+            files.write_tensors(outdir / "model.safetensors", files.read_tensors(best / "model.safetensors"))
+            log.info("early stop: no %s improvement for %d epochs; model.safetensors holds the best epoch's "
+                     "weights (epoch %d, %s)", early_stop_metric, state.early_stop_bad_epochs,
+                     state.early_stop_best_epoch, best)
+        if self._metrics is not None:
+            self._metrics.log_artifacts([outdir / n for n in ("model.safetensors", "curves.png")])
+        self.status("early-stopped" if state.early_stopped else "completed", 0, state, checkpoint)
+        log.info("done: %s", outdir)
+
+    def close(self, ending: str) -> None:
+        """Close the metrics writer and the trackers' run (`ending`: completed | preempted | failed)."""
+        if self._metrics is not None:
+            self._metrics.close(ending)
 
 
 def _trackers(run_plan: RunPlan, cfg: Config, info: dict[str, Any]) -> list[Tracker]:
@@ -149,14 +206,3 @@ def _trackers(run_plan: RunPlan, cfg: Config, info: dict[str, Any]) -> list[Trac
     return trackers
 
 
-def write_status(outdir: Path, env: DistEnv, state: str, exit_code: int | None, position: tuple[int, int],
-                 checkpoint: Path | None, extra: dict[str, Any] | None = None) -> None:
-    """status.json tells scripts how the run ended, also when a launcher (torchrun) reports only 'failed':
-    state is running | completed | early-stopped | preempted | failed; position is (epoch, global step)."""
-    if not env.is_main:
-        return
-    files.write_json(outdir / "status.json", {
-        "state": state, "exit_code": exit_code, "epoch": position[0], "global_step": position[1],
-        "checkpoint": str(checkpoint) if checkpoint else None, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        **(extra or {}),
-    })

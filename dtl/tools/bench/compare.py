@@ -64,8 +64,8 @@ from dtl.tools.bench.report import PHASES, SIDES, Options, assemble, format_tabl
 from dtl.tools.bench.strong_loop import StrongLoop
 from dtl.train.build import prepare
 from dtl.train.evaluate import evaluate
-from dtl.train.loop import train_step
 from dtl.train.metrics import Meter
+from dtl.train.step import train_step
 
 #: The memory probe's phase order: lightest first, so memory a phase leaves behind never exceeds the next's.
 PROBE_ORDER = ("input", "eval_step", "train_step")
@@ -167,17 +167,17 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 # ---- dtl's loop --------------------------------------------------------------------------------
 
 class DtlLoop:
-    """dtl's own pipeline and steps: built by `setup.prepare`, stepped by `loop.train_step` (grad_accum
-    micro-batches per step), evaluated by `evaluate.evaluate`."""
+    """dtl's own pipeline and steps: built by `dtl.train.build.prepare`, stepped by `dtl.train.step.train_step`
+    (grad_accum micro-batches per step), evaluated by `dtl.train.evaluate.evaluate`."""
 
     name = "dtl"
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
-        self.run = prepare(cfg, DistEnv(), device)
+        self.parts, self.state = prepare(cfg, DistEnv(), device)
         self.device = device
-        self.train_batches = endless(self.run.train_loader)
-        self.eval_batches = endless(self.run.eval_loader)
-        self.criterion = mix.criterion_for(cfg.optim, self.run.class_weights)
+        self.train_batches = endless(self.parts.train_loader)
+        self.eval_batches = endless(self.parts.eval_loader)
+        self.criterion = mix.criterion_for(cfg.optim, self.parts.class_weights)
         self.meter = Meter(device)
         self.bad_step = torch.tensor(-1, device=device)
         self.mixed = 0  # batches mixed by `input` (the mixer's batch index)
@@ -190,30 +190,30 @@ class DtlLoop:
         count = 0
         for _ in range(steps):
             images, labels = next(self.train_batches)
-            if self.run.mixer is not None:
-                self.run.mixer(images, labels, 0, self.mixed)
+            if self.parts.mixer is not None:
+                self.parts.mixer(images, labels, 0, self.mixed)
                 self.mixed += 1
             count += int(labels.shape[0])
         return count
 
     def train_batch(self, images: torch.Tensor, labels: torch.Tensor) -> int:
         """One step on one micro-batch (FLOP counting)."""
-        return train_step(self.run, [(images, labels)], self.criterion, self.meter, self.bad_step).images
+        return train_step(self.parts, self.state, [(images, labels)], self.criterion, self.meter, self.bad_step).images
 
     def eval_batch(self, images: torch.Tensor, labels: torch.Tensor) -> int:
         return self._evaluate([(images, labels)])
 
     def _evaluate(self, batches: Any) -> int:
-        run = self.run
-        return evaluate(run.model, batches, self.device, run.env, run.precision, len(run.splits.classes),
-                        desc=None).count
+        parts = self.parts
+        return evaluate(parts.model.wrapped, batches, self.device, parts.env, parts.precision,
+                        len(parts.splits.classes), desc=None).count
 
     def train_step(self, steps: int) -> int:
-        run = self.run
-        run.model.train()
-        models.freeze_frozen_norms(run.model)
-        return sum(train_step(run, [next(self.train_batches) for _ in range(run.accum)], self.criterion,
-                              self.meter, self.bad_step).images for _ in range(steps))
+        parts = self.parts
+        parts.model.wrapped.train()
+        models.freeze_frozen_norms(parts.model.wrapped)
+        return sum(train_step(parts, self.state, [next(self.train_batches) for _ in range(parts.accum)],
+                              self.criterion, self.meter, self.bad_step).images for _ in range(steps))
 
     def eval_step(self, steps: int) -> int:
         return self._evaluate(itertools.islice(self.eval_batches, steps))
@@ -241,7 +241,7 @@ def runners(loops: dict[str, Loop], cfg: Config, device: torch.device) -> Runner
     dtl_loop = loops["dtl"]
     for phase in extra_phases(cfg):
         out["dtl"][phase] = dtl_loop.input
-        out["reference"][phase] = reference_runner(phase, cfg, dtl_loop.run.splits.train, device)  # type: ignore[union-attr]
+        out["reference"][phase] = reference_runner(phase, cfg, dtl_loop.parts.splits.train, device)  # type: ignore[union-attr]
     return out
 
 
@@ -403,7 +403,8 @@ def measure(cfg: Config, opts: Options, device: torch.device
             ) -> tuple[dict, dict[str, str], dict | None, float | None, dict[str, dict[str, int]]]:
     """Build both loops, warm up, time them interleaved; FLOPs and the matmul yardstick when asked."""
     loops = {side: build_loop(side, cfg, device) for side in SIDES}
-    precision = {"reference": "fp32", "strong": loops["strong"].precision.name, "dtl": loops["dtl"].run.precision.name}
+    precision = {"reference": "fp32", "strong": loops["strong"].precision.name,
+                 "dtl": loops["dtl"].parts.precision.name}
     print(f"  warm-up: {opts.warmup} step(s) per side and phase", file=sys.stderr, flush=True)
     run = runners(loops, cfg, device)
     warm_up(loops, run, opts.warmup)

@@ -4,11 +4,11 @@ The model is one small Linear on 32 px images, so its compute is negligible and 
 step does around it. Two sides, same batches (made beforehand, on the device), same initial weights, same SGD
 settings (momentum 0.9, foreach, the settings' learning rate):
 
-* ``dtl``: ``dtl.loop.train_one_epoch`` on a real ``Run`` built by ``dtl.setup.prepare`` whose model, optimizer
-  and training loader are replaced by the Linear, its optimizer and the pre-made batches: every step goes
-  through ``loop.train_step`` (autocast, scaled backward, the finite checks, device-side meters, the schedule's
-  learning rate, the non-finite bookkeeping) and what the epoch loop does per step (stop/checkpoint agreement,
-  progress, checkpoint decision);
+* ``dtl``: ``dtl.train.loop.train_one_epoch`` on real ``RunParts`` built by ``dtl.train.build.prepare`` whose
+  model, optimizer and training loader are replaced by the Linear, its optimizer and the pre-made batches: every
+  step goes through ``dtl.train.step.train_step`` (autocast, scaled backward, the finite checks, device-side
+  meters, the schedule's learning rate, the non-finite bookkeeping) and what the epoch loop does per step
+  (stop/checkpoint agreement, progress, checkpoint decision);
 * ``bare``: ``zero_grad(set_to_none=True)``, forward, cross-entropy, backward, ``step()``.
 
 Rounds are interleaved (the side that goes first alternates); reported: the median time per step of each side
@@ -20,6 +20,7 @@ goal is a ratio <= 1.3 (dtl adds at most 30 % to a step whose model costs nothin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -36,7 +37,9 @@ from dtl.config.loading import config_from_flags
 from dtl.dist import DistEnv, pick_device
 from dtl.train import loop
 from dtl.train.build import prepare
-from dtl.train.state import Run
+from dtl.train.parts import RunParts
+from dtl.train.train_state import TrainState
+from dtl.train.trained_model import TrainedModel
 
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
@@ -67,10 +70,10 @@ def linear_model(device: torch.device, seed: int) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * IMAGE_SIZE * IMAGE_SIZE, NUM_CLASSES)).to(device)
 
 
-def sgd(model: nn.Module, run: Run) -> torch.optim.Optimizer:
-    """What `dtl.optim.build_optimizer` makes with default settings: one group, foreach (fused on CUDA)."""
-    o = run.cfg.optim
-    fast = {"fused": True} if run.device.type == "cuda" else {"foreach": True}
+def sgd(model: nn.Module, parts: RunParts) -> torch.optim.Optimizer:
+    """What `dtl.train.optim.build_optimizer` makes with default settings: one group, foreach (fused on CUDA)."""
+    o = parts.cfg.optim
+    fast = {"fused": True} if parts.device.type == "cuda" else {"foreach": True}
     group = {"params": list(model.parameters()), "lr_mult": 1.0, "weight_decay": o.weight_decay}
     return torch.optim.SGD([group], lr=o.lr, momentum=o.momentum, **fast)
 
@@ -81,20 +84,23 @@ def make_batches(steps: int, batch_size: int, device: torch.device, seed: int) -
              torch.randint(0, NUM_CLASSES, (batch_size,), generator=g).to(device)) for _ in range(steps)]
 
 
-def build_dtl(flags: list[str], batches: list, device: torch.device, outdir: Path) -> Run:
-    run = prepare(config_from_flags([*BASE_FLAGS, "--output-dir", str(outdir), *flags]), DistEnv(), device)
-    run.model = linear_model(device, run.cfg.run.seed)
-    run.optimizer = sgd(run.model, run)
-    run.train_loader = PremadeBatches(batches)
-    return run
+def build_dtl(flags: list[str], batches: list, device: torch.device,
+              outdir: Path) -> tuple[RunParts, TrainState]:
+    """dtl's run with the Linear, its optimizer and the pre-made batches in place of the built ones."""
+    cfg = config_from_flags([*BASE_FLAGS, "--output-dir", str(outdir), *flags])
+    parts, state = prepare(cfg, DistEnv(), device)
+    model = TrainedModel(linear_model(device, parts.cfg.run.seed), parts.env, device, compile_model=False)
+    parts = dataclasses.replace(parts, model=model, optimizer=sgd(model.module, parts),
+                                train_loader=PremadeBatches(batches))
+    return parts, state
 
 
 class Bare:
     """The loop anyone writes: no checks, no meters, no agreement."""
 
-    def __init__(self, run: Run, batches: list) -> None:
-        self.model = linear_model(run.device, run.cfg.run.seed)
-        self.optimizer = sgd(self.model, run)
+    def __init__(self, parts: RunParts, batches: list) -> None:
+        self.model = linear_model(parts.device, parts.cfg.run.seed)
+        self.optimizer = sgd(self.model, parts)
         self.criterion = nn.CrossEntropyLoss()
         self.batches = batches
 
@@ -107,11 +113,11 @@ class Bare:
             self.optimizer.step()
 
 
-def dtl_epoch(run: Run) -> None:
-    epoch = run.progress.epoch
-    result = loop.train_one_epoch(run, epoch)
+def dtl_epoch(parts: RunParts, state: TrainState) -> None:
+    epoch = state.epoch
+    result = loop.train_one_epoch(parts, state, epoch)
     assert not result.stopped, "nothing asks the overhead bench to stop"
-    run.progress.end_epoch(epoch)
+    state.end_epoch(epoch)
 
 
 def seconds_per_step(fn: Any, steps: int, device: torch.device) -> float:
@@ -137,10 +143,10 @@ def measure(steps: int = 200, repeats: int = 7, warmup: int = 1, batch_size: int
     dev = pick_device(DistEnv(), device)
     batches = make_batches(steps, batch_size, dev, seed=0)
     with tempfile.TemporaryDirectory(prefix="dtl-overhead-") as tmp:
-        run = build_dtl([*(flags or []), "--device", device, "--batch-size", str(batch_size)], batches, dev,
-                        Path(tmp) / "run")
-        bare = Bare(run, batches)
-        sides = {"dtl": lambda: dtl_epoch(run), "bare": bare.epoch}
+        parts, state = build_dtl([*(flags or []), "--device", device, "--batch-size", str(batch_size)], batches,
+                                 dev, Path(tmp) / "run")
+        bare = Bare(parts, batches)
+        sides = {"dtl": lambda: dtl_epoch(parts, state), "bare": bare.epoch}
         for _ in range(warmup):
             for fn in sides.values():
                 fn()
@@ -151,7 +157,7 @@ def measure(steps: int = 200, repeats: int = 7, warmup: int = 1, batch_size: int
     med = {side: statistics.median(values) for side, values in runs.items()}
     return {"meta": {"device": str(dev), "threads": torch.get_num_threads(), "steps": steps, "repeats": repeats,
                      "batch_size": batch_size, "model": f"Linear({3 * IMAGE_SIZE * IMAGE_SIZE}, {NUM_CLASSES})",
-                     "precision": run.precision.name, "torch": torch.__version__},
+                     "precision": parts.precision.name, "torch": torch.__version__},
             "us_per_step": {side: value * 1e6 for side, value in med.items()},
             "runs_us": {side: [v * 1e6 for v in values] for side, values in runs.items()},
             "ratio": med["dtl"] / med["bare"],

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from dtl import dist
+from dtl.dist import group
 from dtl.data.samplers import EvalShardSampler, train_sampler
 from dtl.errors import UserError
 from tests.conftest import free_port
@@ -62,9 +63,9 @@ def test_bad_rank_variable_is_a_user_error():
 
 def test_a_world_smaller_than_promised_is_refused(monkeypatch):
     # e.g. a runtime that silently stays single-process under a multi-process launcher
-    monkeypatch.setattr(dist.tdist, "init_process_group", lambda *a, **k: None)
-    monkeypatch.setattr(dist.tdist, "get_world_size", lambda: 1)
-    monkeypatch.setattr(dist.tdist, "get_rank", lambda: 0)
+    monkeypatch.setattr(group.tdist, "init_process_group", lambda *a, **k: None)
+    monkeypatch.setattr(group.tdist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(group.tdist, "get_rank", lambda: 0)
     with pytest.raises(RuntimeError, match="refusing to train undistributed"):
         dist.setup(dist.DistEnv(rank=0, world_size=2, launcher="accelerate"), torch.device("cpu"), 10)
 
@@ -188,14 +189,14 @@ def test_main_first_failure_stops_every_rank_without_a_hang(tmp_path):
 
 def test_control_group_gets_the_dist_timeout(monkeypatch):
     seen = {}
-    monkeypatch.setattr(dist.tdist, "init_process_group", lambda *a, **k: None)
-    monkeypatch.setattr(dist.tdist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(dist.tdist, "get_rank", lambda: 0)
-    monkeypatch.setattr(dist.tdist, "new_group", lambda **k: seen.update(k))
+    monkeypatch.setattr(group.tdist, "init_process_group", lambda *a, **k: None)
+    monkeypatch.setattr(group.tdist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(group.tdist, "get_rank", lambda: 0)
+    monkeypatch.setattr(group.tdist, "new_group", lambda **k: seen.update(k))
     try:
         dist.setup(dist.DistEnv(world_size=2, launcher="torchrun"), torch.device("cpu"), 42)
     finally:
-        dist._CONTROL_GROUP = None
+        group._CONTROL_GROUP = None
     assert seen["backend"] == "gloo" and seen["timeout"].total_seconds() == 42
 
 
@@ -208,8 +209,8 @@ def test_unwrap_helpers_see_through_compile():
 
 def test_exit_after_a_failure_leaves_the_group_alone(monkeypatch):
     torn = []
-    monkeypatch.setattr(dist, "teardown", lambda: torn.append(1))
-    monkeypatch.setattr(dist.os, "_exit", lambda code: torn.append(f"exit {code}"))
+    monkeypatch.setattr(group, "teardown", lambda: torn.append(1))
+    monkeypatch.setattr(group.os, "_exit", lambda code: torn.append(f"exit {code}"))
     env = dist.DistEnv(world_size=2)
     dist.exit_process(1, env)
     assert torn == ["exit 1"]

@@ -10,7 +10,8 @@ from torch import nn
 
 from dtl.dist import DistEnv
 from dtl.errors import UserError
-from dtl.train.checkpointer import Checkpointer, Progress
+from dtl.train.checkpointer import Checkpointer
+from dtl.train.train_state import TrainState
 
 CPU = torch.device("cpu")
 
@@ -40,7 +41,7 @@ def test_save_and_restore_round_trip(tmp_path):
     model(torch.randn(5, 4)).sum().backward()
     opt.step()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    progress = Progress(epoch=1, step_in_epoch=2, global_step=7, best_acc=0.5, partial_meter=[1.0, 2.0, 3.0])
+    progress = TrainState(epoch=1, step_in_epoch=2, global_step=7, best_acc=0.5, partial_meter=[1.0, 2.0, 3.0])
     saver = make(tmp_path)
     path = saver.save(model, opt, scaler, progress, is_best=True)
     assert saver.last == path and path.name == "step-00000007"

@@ -1,8 +1,9 @@
-"""dtl.loop: the optimizer step (finite check, skip policy, fp16 overflow counting), the sync point and
-train_step, on a real tiny run built by dtl.setup."""
+"""dtl.train.loop and dtl.train.step: the optimizer step (finite check, skip policy, fp16 overflow counting),
+the sync point and train_step, on a real tiny run built by dtl.train.build; resume and mixing end to end."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -11,86 +12,88 @@ import torch
 from torch import nn
 
 from dtl import dist
-from dtl.cli import build_parser
-from dtl.config.loading import config_from_args
+from dtl.config.loading import config_from_flags
 from dtl.data.augment import mix
 from dtl.dist import DistEnv
 from dtl.errors import NonFiniteLossError
-from dtl.train import loop
+from dtl.train import loop, step
 from dtl.train.build import prepare
 from dtl.train.metrics import Meter
+from dtl.train.parts import RunParts
+from dtl.train.train_state import TrainState
+from dtl.train.trained_model import TrainedModel
 from tests.conftest import TINY, assert_same_weights, free_port, rewind_copy, train_inproc
 
 
-def tiny_run(tmp_path, *flags: str):
-    args = build_parser().parse_args(["train", *TINY, "--train-subset", "32", "--eval-subset", "16",
-                                      "--output-dir", str(tmp_path / "run"), *flags])
-    return prepare(config_from_args(args), DistEnv(), torch.device("cpu"))
+def tiny_run(tmp_path, *flags: str) -> tuple[RunParts, TrainState]:
+    cfg = config_from_flags([*TINY, "--train-subset", "32", "--eval-subset", "16", "--output-dir",
+                             str(tmp_path / "run"), *flags])
+    return prepare(cfg, DistEnv(), torch.device("cpu"))
 
 
-def backward(run, poison: bool = False) -> list[torch.Tensor]:
-    """One backward pass; the step's losses, as `loop.optimizer_step` takes them."""
-    images, labels = next(iter(run.train_loader))
-    loss = nn.functional.cross_entropy(run.model(images), labels)
+def backward(parts: RunParts, poison: bool = False) -> list[torch.Tensor]:
+    """One backward pass; the step's losses, as `step.optimizer_step` takes them."""
+    images, labels = next(iter(parts.train_loader))
+    loss = nn.functional.cross_entropy(parts.model.wrapped(images), labels)
     if poison:
         loss = loss * float("nan")
     loss.backward()
     return [loss.detach()]
 
 
-def params(run) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in run.model.parameters()]
+def params(parts: RunParts) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in parts.model.wrapped.parameters()]
 
 
 def test_a_finite_step_updates_and_clears_the_gradients(tmp_path):
-    run = tiny_run(tmp_path)
-    before, bad = params(run), torch.tensor(-1)
-    loop.optimizer_step(run, bad, backward(run))
-    assert int(bad) == -1 and all(p.grad is None for p in run.model.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(before, params(run)))
-    assert run.optimizer.param_groups[0]["lr"] == run.cfg.optim.lr
+    parts, state = tiny_run(tmp_path)
+    before, bad = params(parts), torch.tensor(-1)
+    step.optimizer_step(parts, state, bad, backward(parts))
+    assert int(bad) == -1 and all(p.grad is None for p in parts.model.wrapped.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, params(parts)))
+    assert parts.optimizer.param_groups[0]["lr"] == parts.cfg.optim.lr
 
 
 def test_abort_policy_remembers_the_first_bad_step_and_the_sync_point_raises(tmp_path):
-    run = tiny_run(tmp_path)
-    run.progress.global_step = 5
+    parts, state = tiny_run(tmp_path)
+    state.global_step = 5
     bad = torch.tensor(-1)
-    loop.optimizer_step(run, bad, backward(run, poison=True))
-    run.progress.global_step = 6
-    loop.optimizer_step(run, bad, backward(run, poison=True))
+    step.optimizer_step(parts, state, bad, backward(parts, poison=True))
+    state.global_step = 6
+    step.optimizer_step(parts, state, bad, backward(parts, poison=True))
     assert int(bad) == 5  # the first one, read only at a sync point
     with pytest.raises(NonFiniteLossError, match="global step 5.*a fresh run"):
-        loop.sync_point(run, bad)
+        loop.sync_point(parts, state, bad)
 
 
 def test_skip_policy_drops_the_update(tmp_path):
-    run = tiny_run(tmp_path, "--nan-policy", "skip", "--max-nan-skips", "1")
-    before, bad = params(run), torch.tensor(-1)
-    loop.optimizer_step(run, bad, backward(run, poison=True))
-    assert all(torch.equal(a, b) for a, b in zip(before, params(run)))
-    assert (run.progress.nan_skips, run.progress.nan_skips_total) == (1, 1)
+    parts, state = tiny_run(tmp_path, "--nan-policy", "skip", "--max-nan-skips", "1")
+    before, bad = params(parts), torch.tensor(-1)
+    step.optimizer_step(parts, state, bad, backward(parts, poison=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, params(parts)))
+    assert (state.nan_skips, state.nan_skips_total) == (1, 1)
     with pytest.raises(NonFiniteLossError, match="2 non-finite steps in a row"):
-        loop.optimizer_step(run, bad, backward(run, poison=True))
+        step.optimizer_step(parts, state, bad, backward(parts, poison=True))
 
 
 def test_fp16_overflows_are_counted_on_the_device_and_read_at_the_sync_point(tmp_path):
-    run = tiny_run(tmp_path, "--precision", "fp16", "--fp16-init-scale", "1e38")
+    parts, state = tiny_run(tmp_path, "--precision", "fp16", "--fp16-init-scale", "1e38")
     bad = torch.tensor(-1)
-    images, labels = next(iter(run.train_loader))
-    meter = Meter(run.device)
-    loss = loop.forward_backward(run, images, labels, nn.CrossEntropyLoss(), meter)
-    loop.optimizer_step(run, bad, [loss])
-    assert int(run.overflows) == 1 and int(bad) == -1 and run.scaler.get_scale() < 1e38
-    loop.sync_point(run, bad)
-    assert run.progress.overflow_skips == 1 and int(run.overflows) == 0
+    images, labels = next(iter(parts.train_loader))
+    meter = Meter(parts.device)
+    loss = step.forward_backward(parts, state, images, labels, nn.CrossEntropyLoss(), meter)
+    step.optimizer_step(parts, state, bad, [loss])
+    assert int(state.overflows) == 1 and int(bad) == -1 and parts.scaler.get_scale() < 1e38
+    loop.sync_point(parts, state, bad)
+    assert state.overflow_skips == 1 and int(state.overflows) == 0
 
 
 def test_train_step_accumulates_micro_batches_into_one_optimizer_step(tmp_path):
-    run = tiny_run(tmp_path, "--grad-accum", "2")
-    batches = list(run.train_loader)[:2]
-    stats = loop.train_step(run, batches, nn.CrossEntropyLoss(), Meter(run.device), torch.tensor(-1))
+    parts, state = tiny_run(tmp_path, "--grad-accum", "2")
+    batches = list(parts.train_loader)[:2]
+    stats = step.train_step(parts, state, batches, nn.CrossEntropyLoss(), Meter(parts.device), torch.tensor(-1))
     assert stats.images == sum(len(y) for _, y in batches) and bool(stats.loss_finite)
-    assert run.progress.global_step == 1
+    assert state.global_step == 1
 
 
 def test_compiled_ddp_skips_the_all_reduce_on_accumulation_micro_steps(tmp_path, monkeypatch):
@@ -116,17 +119,17 @@ def test_compiled_ddp_skips_the_all_reduce_on_accumulation_micro_steps(tmp_path,
 
         self.register_comm_hook(None, counting_hook)
 
-    original_fb = loop.forward_backward
+    original_fb = step.forward_backward
 
-    def recording_fb(run, images, labels, criterion, meter, sync=True, **kwargs):
+    def recording_fb(parts, state, images, labels, criterion, meter, sync=True, **kwargs):
         before = len(calls)
-        assert dist.ddp_of(run.model) is not None, "the model should be DDP under compile"
-        loss = original_fb(run, images, labels, criterion, meter, sync=sync, **kwargs)
+        assert dist.ddp_of(parts.model.wrapped) is not None, "the model should be DDP under compile"
+        loss = original_fb(parts, state, images, labels, criterion, meter, sync=sync, **kwargs)
         per_micro_step.append((sync, len(calls) - before))
         return loss
 
     monkeypatch.setattr(nn.parallel.DistributedDataParallel, "__init__", init_with_hook)
-    monkeypatch.setattr(loop, "forward_backward", recording_fb)
+    monkeypatch.setattr(step, "forward_backward", recording_fb)
     try:
         code = train_inproc(*TINY, "--compile", "--grad-accum", "4", "--train-subset", "128", "--eval-subset",
                             "32", "--epochs", "1", "--output-dir", str(tmp_path / "run"))
@@ -146,9 +149,9 @@ def test_replica_check_sums_per_parameter_without_a_full_float64_copy():
     expected = torch.stack([flat.sum(), (flat * weights).sum()])
     seen = {}
 
-    class FakeRun:
+    class FakeParts:
         env = dist.DistEnv(world_size=2)
-        model = net
+        model = TrainedModel(net, dist.DistEnv(), torch.device("cpu"), compile_model=False)
 
     def gather(t, env):
         seen["t"] = t
@@ -157,7 +160,7 @@ def test_replica_check_sums_per_parameter_without_a_full_float64_copy():
     original = loop.all_gather_tensor
     loop.all_gather_tensor = gather
     try:
-        loop.check_replicas(FakeRun())  # type: ignore[arg-type]
+        loop.check_replicas(FakeParts())  # type: ignore[arg-type]
     finally:
         loop.all_gather_tensor = original
     torch.testing.assert_close(seen["t"], expected, rtol=1e-12, atol=1e-9)
@@ -165,14 +168,14 @@ def test_replica_check_sums_per_parameter_without_a_full_float64_copy():
 
 def test_clipping_bounds_the_global_norm_once_per_optimizer_step(tmp_path, monkeypatch):
     post_clip, calls = [], []
-    original = loop.clip_gradients
+    original = step.clip_gradients
 
     def spy(grads, norms, max_norm, stats):
         original(grads, norms, max_norm, stats)
         calls.append(max_norm)
         post_clip.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
 
-    monkeypatch.setattr(loop, "clip_gradients", spy)
+    monkeypatch.setattr(step, "clip_gradients", spy)
     out = tmp_path / "run"
     assert train_inproc(*TINY, "--train-subset", "128", "--eval-subset", "16", "--batch-size", "8", "--lr", "5",
                         "--grad-accum", "4", "--clip-grad-norm", "1.0", "--epochs", "1", "--output-dir", str(out)) == 0
@@ -183,25 +186,26 @@ def test_clipping_bounds_the_global_norm_once_per_optimizer_step(tmp_path, monke
 
 
 def test_mixing_happens_in_the_step_seeded_by_each_micro_batchs_index(tmp_path, monkeypatch):
-    run = tiny_run(tmp_path, "--grad-accum", "2", "--mixup", "0.2", "--cutmix", "1.0", "--batch-size", "8")
-    assert isinstance(mix.criterion_for(run.cfg.optim, None), mix.SoftTargetCrossEntropy)
+    parts, state = tiny_run(tmp_path, "--grad-accum", "2", "--mixup", "0.2", "--cutmix", "1.0", "--batch-size", "8")
+    assert isinstance(mix.criterion_for(parts.cfg.optim, None), mix.SoftTargetCrossEntropy)
     seen, fed = [], []
-    original = run.mixer.__call__
+    original = parts.mixer.__call__
 
     def recording(images, labels, epoch, batch_index):
         seen.append((epoch, batch_index))
         return original(images, labels, epoch, batch_index)
 
-    monkeypatch.setattr(run, "mixer", recording)
-    handle = run.model.register_forward_pre_hook(lambda module, args: fed.append(args[0].clone()))
-    batches = list(run.train_loader)[:2]
-    run.progress.epoch = 1
-    loop.train_step(run, batches, mix.SoftTargetCrossEntropy(), Meter(run.device), torch.tensor(-1), first_batch=2)
+    parts = dataclasses.replace(parts, mixer=recording)
+    handle = parts.model.wrapped.register_forward_pre_hook(lambda module, args: fed.append(args[0].clone()))
+    batches = list(parts.train_loader)[:2]
+    state.epoch = 1
+    step.train_step(parts, state, batches, mix.SoftTargetCrossEntropy(), Meter(parts.device), torch.tensor(-1),
+                    first_batch=2)
     handle.remove()
     assert seen == [(1, 2), (1, 3)]
     for (images, labels), got, b in zip(batches, fed, (2, 3)):
-        assert torch.equal(got, mix.Mixer(run.cfg.optim, 10, run.cfg.run.seed, 0)(images, labels, 1, b).images)
-    assert tiny_run(tmp_path / "off", "--mixup", "0", "--cutmix", "0").mixer is None  # off: today's step
+        assert torch.equal(got, mix.Mixer(parts.cfg.optim, 10, parts.cfg.run.seed, 0)(images, labels, 1, b).images)
+    assert tiny_run(tmp_path / "off", "--mixup", "0", "--cutmix", "0")[0].mixer is None  # off: today's step
 
 
 MIX = [*TINY, "--model", "resnet18", "--train-subset", "48", "--eval-subset", "16", "--batch-size", "8",

@@ -1,5 +1,5 @@
-"""--mode lp-ft (dtl.loop.apply_phase): the head alone during the probe epochs (backbone weights and BatchNorm
-statistics bitwise unchanged), everything after; resumes on either side of the switch are bitwise."""
+"""--mode lp-ft (`TrainedModel.set_phase`): the head alone during the probe epochs (backbone weights and
+BatchNorm statistics bitwise unchanged), everything after; resumes on either side of the switch are bitwise."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from torch import nn
 from dtl import files, models
 from dtl.config import Config
 from dtl.train import checkpoint_format as ckpt
-from dtl.train import loop, optim
+from dtl.train import optim, step
 from tests.conftest import TINY, train_inproc
 
 
@@ -128,15 +128,15 @@ def test_head_group_learns_at_m_times_the_scheduled_rate(tmp_path, monkeypatch):
              "--epochs", "2", "--lr-schedule", "cosine", "--warmup-epochs", "0.5", "--head-lr-mult", "10",
              "--layer-decay", "0.5"]
     seen = []
-    original = loop.optimizer_step
+    original = step.optimizer_step
 
-    def spy(run, bad_step, loss_finite):
-        original(run, bad_step, loss_finite)
-        expected = optim.lr_at(run.cfg.optim, run.progress.global_step, run.steps_per_epoch, 1)
-        head = next(g for g in run.optimizer.param_groups if g["lr_mult"] == 10.0)
+    def spy(parts, state, bad_step, losses):
+        original(parts, state, bad_step, losses)
+        expected = optim.lr_at(parts.cfg.optim, state.global_step, parts.steps_per_epoch, 1)
+        head = next(g for g in parts.optimizer.param_groups if g["lr_mult"] == 10.0)
         seen.append((head["lr"], 10.0 * expected))
 
-    monkeypatch.setattr(loop, "optimizer_step", spy)
+    monkeypatch.setattr(step, "optimizer_step", spy)
     assert train_inproc(*flags, "--output-dir", str(tmp_path / "run")) == 0
     assert len(seen) == 16 and len({round(b, 12) for _, b in seen}) > 3  # warm-up and cosine: it moves
     assert all(a == pytest.approx(b, rel=1e-12) for a, b in seen)

@@ -13,6 +13,7 @@ from dtl.dist import DistEnv
 from dtl.errors import UserError
 from dtl.train import checkpoint_format as ckpt
 from dtl.train import run_folder
+from dtl.train.train_state import TrainState
 
 CPU = torch.device("cpu")
 
@@ -67,13 +68,13 @@ def test_start_describes_the_run_and_status_follows_it(tmp_path):
                     Split(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.tensor([1]), ["a", "b"]))
     info = {"launcher": "python", "world_size": 1, "device": "cpu", "precision": "fp32",
             "precision_source": "test", "global_batch": 32}
-    log = run_folder.start(p, Config(mode="scratch"), DistEnv(), info, (0, 0), splits, torch.nn.Linear(2, 2))
-    assert log is not None and log.trackers == []
+    folder = run_folder.RunFolder(p, DistEnv())
+    folder.start(Config(mode="scratch"), info, TrainState(), splits, torch.nn.Linear(2, 2))
     saved = json.loads((p.outdir / "config.json").read_text())
     assert saved["config"]["mode"] == "scratch" and saved["run"]["launcher"] == "python"
     assert json.loads((p.outdir / "status.json").read_text())["state"] == "running"
-    run_folder.write_status(p.outdir, DistEnv(), "preempted", 75, (1, 40), p.outdir / "checkpoints" / "step-40")
+    folder.status("preempted", 75, TrainState(epoch=1, global_step=40), p.outdir / "checkpoints" / "step-40")
     status = json.loads((p.outdir / "status.json").read_text())
     assert (status["state"], status["exit_code"], status["epoch"], status["global_step"]) == ("preempted", 75, 1, 40)
-    run_folder.write_status(p.outdir, DistEnv(rank=1, world_size=2), "failed", 1, (0, 0), None)  # not rank 0
+    run_folder.RunFolder(p, DistEnv(rank=1, world_size=2)).status("failed", 1, TrainState(), None)  # not rank 0
     assert json.loads((p.outdir / "status.json").read_text())["state"] == "preempted"

@@ -1,26 +1,24 @@
-"""What one training run holds while it runs (`Run`) and the description of it saved with every checkpoint
-and in config.json (`RunInfo`). Pure data: built by `dtl.setup`, used by `dtl.loop`."""
+"""What a training run is made of (`RunParts`, built once by `dtl.train.build`) and the description of it saved
+with every checkpoint and in config.json (`RunInfo`)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from dtl.config import Config
 from dtl.data.augment.mix import Mixer
 from dtl.data.loaders import BatchLoader
 from dtl.data.splits import Splits
 from dtl.dist import DistEnv
-from dtl.train.checkpointer import Checkpointer, Progress
+from dtl.train.checkpointer import Checkpointer
 from dtl.train.ema import Ema
-from dtl.train.metrics import MetricsLog
 from dtl.train.precision import Precision
-from dtl.train.run_folder import RunPlan
+from dtl.train.run_folder import RunFolder
+from dtl.train.trained_model import TrainedModel
 
 
 @dataclass(frozen=True)
@@ -45,53 +43,35 @@ class RunInfo:
     `dtl eval`/`predict`/`export` apply."""
 
 
-@dataclass
-class Run:
-    """Everything one training run holds, so functions take one argument instead of eighteen."""
+@dataclass(frozen=True)
+class RunParts:
+    """Everything a training run is made of, built once (`dtl.train.build.prepare`) and never reassigned; where
+    the run stands is the `TrainState`, the one mutable object."""
 
     cfg: Config
     env: DistEnv
     device: torch.device
-    plan: RunPlan
-    """The run folder and what it continues from."""
-    model: nn.Module
-    """What trains: possibly DDP- and compile-wrapped (`dist.unwrap` gives the model itself)."""
+    folder: RunFolder
+    """The run folder: it alone writes config.json, status.json, metrics and the final weights."""
+    model: TrainedModel
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     precision: Precision
     train_loader: BatchLoader
     eval_loader: BatchLoader
     splits: Splits
-    progress: Progress
     info: RunInfo
     checkpointer: Checkpointer
     new_features: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    """Features computed by this run (--cache-features), written to OUTDIR/features once the folder exists."""
+    """Features computed by this run (--cache-features), stored in OUTDIR/features once the folder exists."""
     class_weights: torch.Tensor | None = None
     """--class-balance loss: the cross-entropy's per-class weights, on the device."""
     ema: Ema | None = None
     """--ema-decay: the moving average of the weights."""
     mixer: Mixer | None = None
     """--mixup/--cutmix: mixes each training micro-batch (seeded per epoch, rank and batch index)."""
-    probing: bool | None = None
-    """lp-ft: whether the backbone is frozen now (None: not yet decided; other modes stay None)."""
-    prefix_hooks: list[RemovableHandle] = field(default_factory=list)
-    """lp-ft: the hooks that run the frozen backbone under no_grad during the probe."""
-    metrics_log: MetricsLog | None = None
-    """Rank 0's metrics.jsonl (+ TensorBoard) writer, opened once the run folder exists."""
-    overflows: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
-    """fp16: overflow-skipped steps since the last sync point, counted on the device (no host sync per step)."""
-
-    grad_norms: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
-    """--clip-grad-norm: pre-clip global norm sum, max and count of this epoch, on the device."""
-
-    def __post_init__(self) -> None:
-        self.overflows = self.overflows.to(self.device)
-        self.grad_norms = self.grad_norms.to(self.device)
-
-    @property
-    def outdir(self) -> Path:
-        return self.plan.outdir
+    hooks: tuple[Callable[..., None], ...] = ()
+    """What the loop calls at each epoch's end, in order (`dtl.train.hooks.hooks_for`)."""
 
     @property
     def accum(self) -> int:
