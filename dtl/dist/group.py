@@ -118,9 +118,9 @@ class Agreement:
     def step(self, *flags: bool) -> list[bool]:
         """Offer this step's flags; returns the flags agreed for the previous step (all False at first)."""
         agreed = self.drain()
-        local = torch.tensor([1.0 if f else 0.0 for f in flags])
-        if not self.env.distributed:
+        if not self.env.distributed:  # no tensor to build in one process (a few microseconds per step)
             return [a or f for a, f in zip(agreed, flags)]
+        local = torch.tensor([1.0 if f else 0.0 for f in flags])
         work = tdist.all_reduce(local, op=tdist.ReduceOp.MAX, group=_CONTROL_GROUP, async_op=True)
         self._pending = (work, local)
         return agreed
