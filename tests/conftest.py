@@ -65,7 +65,7 @@ def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, request: pytest.Fi
 
 
 def fault_env(step: int, kind: str = "nan", rank: int | None = None) -> dict[str, str]:
-    """The environment that makes `dtl.testing` inject a fault (see its docstring)."""
+    """The environment that makes `dtl.faults` inject a fault (see its docstring)."""
     env = {"DTL_FAULT_STEP": str(step), "DTL_FAULT_KIND": kind}
     if rank is not None:
         env["DTL_FAULT_RANK"] = str(rank)

@@ -170,7 +170,7 @@ class OptimConfig:
     """The new head learns at this multiple of the learning rate (the backbone at the rate itself)."""
     layer_decay: float = field(default=1.0, metadata=rule(lambda v: 0 < v <= 1, "must be in (0, 1]"))
     """Layer-wise learning-rate decay D in (0, 1]: the head at the rate, the backbone block below it at D x,
-    the next at D^2 x, ... down to the stem (blocks as tabled in dtl/models.py). 1: off."""
+    the next at D^2 x, ... down to the stem (blocks as tabled in dtl/models/torchvision_backbones.py). 1: off."""
     wd_norm_bias: bool = False
     """Apply --weight-decay to biases and normalisation parameters too (by default they get none, as in timm
     and torchvision's reference recipes)."""

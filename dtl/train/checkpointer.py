@@ -1,6 +1,6 @@
 """The checkpoint policy of a run: when to save (every N steps, every M minutes, epoch ends, a stop signal),
 what goes in (weights, optimizer and scaler state, every rank's RNG streams, the `TrainState`), and
-restoring all of it. The file format itself is `dtl.checkpoint`'s."""
+restoring all of it. The file format itself is `dtl.train.checkpoint_format`'s."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ class GroupRow:
 
 def param_groups(model: nn.Module, model_name: str, optim: OptimConfig) -> tuple[list[dict[str, Any]], list[GroupRow]]:
     """(optimizer param groups, the per-block table) of the parameters that train. The head learns at
-    `head_lr_mult` x the rate; backbone block k of n (forward order, dtl/models.py's table) at
+    `head_lr_mult` x the rate; backbone block k of n (forward order, dtl/models/torchvision_backbones.py's table) at
     `layer_decay`^(n - k) x, so the block below the head gets D and the stem D^n; parameters outside the
     table learn with the stem. Biases and normalisation weights (tensors of one dimension) get no weight decay
     unless `wd_norm_bias`. Groups with the same (multiplier, decay) are merged: with every feature off there

@@ -10,8 +10,8 @@ warm-up, so load from other processes hits all alike; the median of ``--repeats`
   per step);
 * ``strong``: the loop a competent user writes by hand (`dtl.tools.bench.strong_loop`: uint8 data on the device,
   resize and normalise there, dtl's precision and memory format, fused SGD, no host sync);
-* ``dtl``: built by ``dtl.setup.prepare`` with the chosen settings (device-resident data with batched exact
-  augmentation, channels_last, foreach/fused optimizer, precision), stepped with ``dtl.loop.train_step`` and
+* ``dtl``: built by ``dtl.train.build.prepare`` with the chosen settings (device-resident data with batched exact
+  augmentation, channels_last, foreach/fused optimizer, precision), stepped with ``dtl.train.step.train_step`` and
   evaluated with ``dtl.evaluate.evaluate`` -- the training run's own code -- with no host sync inside the
   timed region except the one at its end.
 

@@ -1,4 +1,4 @@
-"""dtl.samplers: class-balanced draws (uniform over classes, disjoint rank positions, a pure function of
+"""dtl.data.samplers: class-balanced draws (uniform over classes, disjoint rank positions, a pure function of
 (seed, epoch)), inverse-frequency class weights, and --class-balance end to end."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""dtl.signals: stop requests only set a flag; a second Ctrl-C means now."""
+"""dtl.dist.signals: stop requests only set a flag; a second Ctrl-C means now."""
 
 from __future__ import annotations
 

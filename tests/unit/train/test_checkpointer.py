@@ -1,4 +1,4 @@
-"""dtl.checkpointer: when to save, and a save -> restore round trip of everything a resume needs."""
+"""dtl.train.checkpointer: when to save, and a save -> restore round trip of everything a resume needs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""dtl.ema: the average against a reference computed from the raw weights' history; resume keeps it exact;
+"""dtl.train.ema: the average against a reference computed from the raw weights' history; resume keeps it exact;
 model_ema.safetensors is a torchvision state dict."""
 
 from __future__ import annotations

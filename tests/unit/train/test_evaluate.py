@@ -1,4 +1,4 @@
-"""dtl.evaluate: the one evaluation loop (sums, top-k, confusion) against a direct computation."""
+"""dtl.train.evaluate: the one evaluation loop (sums, top-k, confusion) against a direct computation."""
 
 from __future__ import annotations
 

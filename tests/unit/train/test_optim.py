@@ -1,4 +1,4 @@
-"""dtl.optim."""
+"""dtl.train.optim."""
 
 from __future__ import annotations
 

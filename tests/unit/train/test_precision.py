@@ -1,4 +1,4 @@
-"""dtl.precision."""
+"""dtl.train.precision."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""dtl.rundir: `--output-dir`/`--resume`/`--overwrite` resolved once into a RunPlan; config.json/status.json."""
+"""dtl.train.run_folder: `--output-dir`/`--resume`/`--overwrite` resolved once into a RunPlan; the RunFolder
+writes config.json and status.json."""
 
 from __future__ import annotations
 

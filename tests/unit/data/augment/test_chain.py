@@ -1,4 +1,4 @@
-"""dtl.augchain: the uint8 training chain equals torchvision's reference recipe per image (pad crop exact,
+"""dtl.data.augment.chain: the uint8 training chain equals torchvision's reference recipe per image (pad crop exact,
 resized crop within one grey level of v2's uint8 kernel), given the same draws; skip() replays the draws."""
 
 from __future__ import annotations

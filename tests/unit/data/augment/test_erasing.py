@@ -1,5 +1,5 @@
-"""dtl.erasing: box sizes follow torchvision's RandomErasing (KS), erased pixels hold the stated value and the
-rest of the image is untouched."""
+"""dtl.data.augment.erasing: box sizes follow torchvision's RandomErasing (KS), erased pixels hold the stated
+value and the rest of the image is untouched."""
 
 from __future__ import annotations
 
