@@ -1,6 +1,6 @@
 """dtl.data.augment.autoaugment: every op of TrivialAugmentWide, RandAugment and AugMix equals torchvision's v2
-functional applied per image (integer-exact on uint8), the draws follow torchvision's op/magnitude choice (KS), and AugMix
-given the same draws is within one grey level of torchvision's mixing."""
+functional applied per image (integer-exact on uint8), the draws follow torchvision's op/magnitude choice (KS),
+and AugMix given the same draws is within one grey level of torchvision's mixing."""
 
 from __future__ import annotations
 
