@@ -97,16 +97,21 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both sides "
                        "(default: torch's choice)")
     group.add_argument("--json", dest="json_path", metavar="PATH", help="also write the results as JSON")
+    group.add_argument("--min-seconds", type=float, default=None, metavar="S",
+                       help=f"timed seconds each measurement is stretched to (default: {MIN_SECONDS_GPU:g} on GPUs, "
+                            f"{MIN_SECONDS_CPU_INPUT:g} for the input phases on CPUs, else --steps as given)")
     group.add_argument("--probe", help=argparse.SUPPRESS)  # internal: the memory subprocess's spec file
 
 
 def options_from_args(args: argparse.Namespace, command: str) -> Options:
     input_steps = args.input_steps if args.input_steps is not None else 10 * args.steps
     opts = Options(args.steps, args.warmup, args.repeats, args.memory, args.flops, args.threads,
-                   args.json_path, command, input_steps)
+                   args.json_path, command, input_steps, args.min_seconds)
     for name in ("steps", "input_steps", "repeats"):
         if getattr(opts, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
+    if opts.min_seconds is not None and opts.min_seconds < 0:
+        raise UserError(f"--min-seconds must be >= 0, got {opts.min_seconds}")
     if opts.warmup < 0 or (opts.threads is not None and opts.threads < 1):
         raise UserError(f"--warmup must be >= 0 and --threads >= 1, got {opts.warmup} and {opts.threads}")
     return opts
