@@ -59,3 +59,17 @@ def test_save_and_restore_round_trip(tmp_path):
     other.static_meta = {**other.static_meta, "num_classes": 5}
     with pytest.raises(UserError, match="3 classes; this run is 'tiny' with 5 classes"):
         other.restore(path, fresh, fresh_opt, scaler)
+
+
+def test_the_saved_state_keeps_the_checkpoint_format():
+    """Checkpoints written before TrainState (as "progress") still resume: the saved keys are the same, and the
+    device-side counts are not saved."""
+    assert list(TrainState().saved()) == [
+        "epoch", "step_in_epoch", "global_step", "best_acc", "nan_skips", "nan_skips_total", "overflow_skips",
+        "partial_meter", "partial_seconds", "early_stop_best", "early_stop_best_epoch", "early_stop_bad_epochs",
+        "early_stopped", "partial_grad_norms"]
+    old = {"epoch": 1, "step_in_epoch": 2, "global_step": 7, "best_acc": 0.5, "nan_skips": 0, "nan_skips_total": 0,
+           "overflow_skips": 0, "partial_meter": [1.0, 2.0, 3.0], "partial_seconds": 1.5, "early_stop_best": None,
+           "early_stop_best_epoch": 0, "early_stop_bad_epochs": 0, "early_stopped": False,
+           "partial_grad_norms": [0.0, 0.0, 0.0]}
+    assert TrainState.from_saved(old, torch.device("cpu")).saved() == old
