@@ -18,7 +18,7 @@ from dtl import models
 from dtl.config import Config
 from dtl.data import loaders
 from dtl.data.augment.transform import IMAGENET_MEAN, IMAGENET_STD
-from dtl.data.splits import Split
+from dtl.data.splits import Split, Splits
 
 REFERENCE_LR, REFERENCE_MOMENTUM = 1e-3, 0.9
 
@@ -57,18 +57,24 @@ def reference_transform(train: bool, size: int) -> Callable[[Any], torch.Tensor]
     return transforms.Compose([*head, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def task_model(cfg: Config) -> tuple[Splits, nn.Module]:
+    """The data and the model every side of the bench trains: dtl's backbone and new head, seeded alike, with
+    the same trainable parameters as dtl's run (on the CPU; each side moves it)."""
+    splits = loaders.load_splits(cfg, allow_download=False)
+    torch.manual_seed(cfg.run.seed)
+    b = cfg.backbone
+    net = models.build_model(b.model, len(splits.classes), b.weights, cfg.data.image_size, b.dropout, b.drop_path)
+    models.freeze(net, b.model, b.mode, b.finetune_last_n)
+    return splits, net
+
+
 class ReferenceLoop:
     """The reference recipe's data pipeline and train/test loops, one method per benchmarked phase."""
 
     name = "reference"
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
-        splits = loaders.load_splits(cfg, allow_download=False)
-        torch.manual_seed(cfg.run.seed)
-        b = cfg.backbone
-        net = models.build_model(b.model, len(splits.classes), b.weights, cfg.data.image_size, b.dropout,
-                                 b.drop_path)
-        models.freeze(net, b.model, b.mode, b.finetune_last_n)  # the same trainable set as dtl
+        splits, net = task_model(cfg)
         self.device, self.net = device, net.to(device)
         params = [p for p in net.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(params=params, lr=REFERENCE_LR, momentum=REFERENCE_MOMENTUM)

@@ -26,8 +26,8 @@ from torch import nn
 
 from dtl import models
 from dtl.config import Config
-from dtl.data import loaders
 from dtl.dist import DistEnv
+from dtl.tools.bench.article_loop import task_model
 from dtl.train.precision import resolve
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -46,17 +46,13 @@ def split_head(net: nn.Module, head: str) -> tuple[nn.Module, nn.Module] | None:
 
 
 class StrongLoop:
-    """The hand-written loop, one method per benchmarked phase (the interface of `dtl.reference.ReferenceLoop`)."""
+    """The hand-written loop, one method per benchmarked phase (the interface of `article_loop.ReferenceLoop`)."""
 
     name = "strong"
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
-        splits = loaders.load_splits(cfg, allow_download=False)
-        torch.manual_seed(cfg.run.seed)
+        splits, net = task_model(cfg)
         b = cfg.backbone
-        net = models.build_model(b.model, len(splits.classes), b.weights, cfg.data.image_size, b.dropout,
-                                 b.drop_path)
-        models.freeze(net, b.model, b.mode, b.finetune_last_n)  # the same trainable set as dtl
         self.device, self.size, self.batch_size = device, cfg.data.image_size, cfg.optim.batch_size
         self.precision = resolve(cfg.run.precision, DistEnv(), device)  # what dtl's run would use
         self.memory_format = models.memory_format(device.type, b.mode)
