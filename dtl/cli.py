@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="folder to write cifar-10-batches-py/ (or -bin/) into")
     synth.add_argument("--train", type=int, default=2000, help="training images (default 2000)")
     synth.add_argument("--test", type=int, default=500, help="test images (default 500)")
-    synth.add_argument("--format", choices=("py", "bin"), default="py", help="python pickles or binary records")
+    synth.add_argument("--format", choices=("py", "bin"), default="py",
+                       help="python pickles or binary records")
     synth.add_argument("--seed", type=int, default=0)
     info = dsub.add_parser("info", help="counts per class and per-channel mean/std of each split")
     info.add_argument("--data-dir", required=True)
@@ -107,10 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--output", type=Path, default=Path("curves.png"))
 
     bench_parser = sub.add_parser(
-        "bench", help="time dtl's loop against the reference recipe's (images/s, peak memory)",
-        description="Time the reference recipe's loop and dtl's on the same device, model, mode, image size and "
-                    "batch size, interleaved after a warm-up: input pipeline, train step, eval step (images/s), "
-                    "peak memory, and dtl / reference.",
+        "bench", help="time dtl's loop against the article's and a strong hand-written one (images/s, memory)",
+        description=_wrap("Time the article's loop, a strong hand-written loop and dtl's on the same device, "
+                          "model, mode, image size and batch size, interleaved after a warm-up: input pipeline, "
+                          "train step, eval step (images/s), peak memory, and dtl / each of them."),
         epilog=f"example:\n  {EXAMPLES['bench']}", formatter_class=argparse.RawDescriptionHelpFormatter)
     compare.add_bench_arguments(bench_parser)
 
@@ -262,7 +263,8 @@ def run_models(args: argparse.Namespace) -> int:
 def run_plot(args: argparse.Namespace) -> int:
     for run in args.runs:
         if not read_metrics(run):
-            raise UserError(f"{run} has no {run / 'metrics.jsonl'}: not a run folder, or no epoch finished yet")
+            raise UserError(f"{run} has no {run / 'metrics.jsonl'}: not a run folder, or no epoch finished "
+                            "yet")
     print(plot_runs(list(args.runs), args.output))
     return 0
 
@@ -290,7 +292,8 @@ def guarded(env: dist.DistEnv, body: Callable[[], int]) -> int:
             return EXIT_USAGE
         if not (env.distributed and dist.peer_failure(err)):
             raise
-        log.error("stopping: a collective failed because another rank died (%s)", str(err).splitlines()[0][:200])
+        log.error("stopping: a collective failed because another rank died (%s)",
+                  str(err).splitlines()[0][:200])
         return EXIT_FAILURE
 
 
@@ -314,7 +317,8 @@ def run_train(args: argparse.Namespace, env: dist.DistEnv) -> int:
     signals.install()
     if cfg.run.deterministic:
         dist.prepare_determinism()
-    return in_process_group(env, cfg.dist.device, cfg.dist.dist_timeout, lambda device: trainer.train(cfg, env, device))
+    return in_process_group(env, cfg.dist.device, cfg.dist.dist_timeout,
+                            lambda device: trainer.train(cfg, env, device))
 
 
 def run_eval(args: argparse.Namespace, env: dist.DistEnv) -> int:
@@ -327,15 +331,23 @@ DISTRIBUTED = ("train", "eval", "doctor")
 
 
 def execute(argv: list[str] | None = None) -> tuple[int, dist.DistEnv]:
-    """Parse and run one `dtl` command: (exit code, the process's place in the job). The launcher's environment
-    is read here, once, and handed to the command."""
+    """Parse and run one `dtl` command: (exit code, the process's place in the job). The launcher's
+    environment is read here, once, and handed to the command."""
     args = build_parser().parse_args(argv)
-    env = dist.detect(debug=bool(getattr(args, "debug", False))) if args.command in DISTRIBUTED else dist.DistEnv()
+    if args.command in DISTRIBUTED:
+        env = dist.detect(debug=bool(getattr(args, "debug", False)))
+    else:
+        env = dist.DistEnv()  # one process, whatever launched it
     dist.setup_logging(env)
     handlers: dict[str, Callable[[argparse.Namespace, dist.DistEnv], int]] = {
-        "train": run_train, "eval": run_eval, "doctor": doctor.run,
-        "data": lambda a, _: run_data(a), "models": lambda a, _: run_models(a), "plot": lambda a, _: run_plot(a),
-        "predict": lambda a, _: predict.run_predict(a), "export": lambda a, _: export.run_export(a),
+        "train": run_train,
+        "eval": run_eval,
+        "doctor": doctor.run,
+        "data": lambda a, _: run_data(a),
+        "models": lambda a, _: run_models(a),
+        "plot": lambda a, _: run_plot(a),
+        "predict": lambda a, _: predict.run_predict(a),
+        "export": lambda a, _: export.run_export(a),
         "bench": lambda a, _: compare.run(a, compare.command_line(argv[1:] if argv else None)),
     }
     return run_guarded(env, lambda: handlers[args.command](args, env)), env
