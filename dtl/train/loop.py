@@ -21,7 +21,7 @@ from dtl.train.hooks import EpochEnd
 from dtl.train.metrics import Meter
 from dtl.train.parts import RunParts
 from dtl.train.progress_bar import Progress
-from dtl.train.step import Batch, train_step
+from dtl.train.step import Batch, NonFiniteSteps, train_step
 from dtl.train.train_state import TrainState
 
 log = logging.getLogger("dtl")
@@ -53,13 +53,13 @@ def step_groups(parts: RunParts, start_batch: int) -> Iterator[tuple[int, list[B
 
 # ---- sync points -------------------------------------------------------------------------------
 
-def sync_point(parts: RunParts, state: TrainState, bad_step: torch.Tensor) -> None:
+def sync_point(parts: RunParts, state: TrainState, nonfinite: NonFiniteSteps) -> None:
     """Read the device-side counters (only where the host waits anyway: checkpoints, epoch ends). Abort
     policy: stop before anything is saved when a step had a non-finite loss."""
     state.overflow_skips += int(state.overflows.item())
     state.overflows.zero_()
-    step = int(bad_step.item())
-    if step >= 0:
+    step = nonfinite.first()
+    if step is not None:
         last = parts.checkpointer.last
         where = f"--resume {last}" if last else "a fresh run (no checkpoint was written yet)"
         raise NonFiniteLossError(f"non-finite loss at global step {step}; nothing was saved after it. "
@@ -107,7 +107,7 @@ def train_one_epoch(parts: RunParts, state: TrainState, epoch: int) -> EpochResu
     parts.model.wrapped.train()
     models.freeze_frozen_norms(parts.model.wrapped)
     criterion = mix.criterion_for(cfg.optim, parts.class_weights)
-    bad_step = torch.tensor(-1, device=parts.device)
+    nonfinite = NonFiniteSteps()
     agreement = Agreement(env)  # stop flag + rank 0's "checkpoint time", without a per-step round trip
     n_batches = len(parts.train_loader)
     bar = Progress(n_batches, f"epoch {epoch + 1}/{cfg.optim.epochs} train", env.is_main, initial=start_batch,
@@ -115,7 +115,7 @@ def train_one_epoch(parts: RunParts, state: TrainState, epoch: int) -> EpochResu
     t0 = time.perf_counter() - state.partial_seconds
     state.grad_norms.copy_(torch.tensor(state.partial_grad_norms, dtype=torch.float64))
     for i, batches in step_groups(parts, start_batch):
-        train_step(parts, state, batches, criterion, meter, bad_step, first_batch=i + 1 - len(batches))
+        train_step(parts, state, batches, criterion, meter, nonfinite, first_batch=i + 1 - len(batches))
         state.step_in_epoch += 1
         bar.update(len(batches))
         if bar.wants_stats(state.step_in_epoch % cfg.run.log_every == 0):
@@ -126,7 +126,7 @@ def train_one_epoch(parts: RunParts, state: TrainState, epoch: int) -> EpochResu
         flags = agreement.drain() if last else agreement.step(signals.requested(), parts.checkpointer.time_due())
         stop, time_due = flags
         if stop or parts.checkpointer.due(state.global_step, time_due, last):
-            sync_point(parts, state, bad_step)
+            sync_point(parts, state, nonfinite)
             state.partial_meter = meter.reduced_totals(env)
             state.partial_seconds = time.perf_counter() - t0
             state.partial_grad_norms = state.grad_norms.tolist()
@@ -136,7 +136,7 @@ def train_one_epoch(parts: RunParts, state: TrainState, epoch: int) -> EpochResu
                 return EpochResult(stopped=True)
     agreement.drain()
     bar.close()
-    sync_point(parts, state, bad_step)
+    sync_point(parts, state, nonfinite)
     train = meter.reduced(env)
     norm_sum, norm_max, norm_count = state.grad_norms.tolist()
     return EpochResult(False, train["loss"], train["acc"], int(train["count"]), time.perf_counter() - t0,

@@ -70,7 +70,36 @@ def clip_gradients(grads: list[torch.Tensor], norms: list[torch.Tensor], max_nor
     torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
 
 
-def optimizer_step(parts: RunParts, state: TrainState, bad_step: torch.Tensor, losses: list[torch.Tensor]) -> None:
+class NonFiniteSteps:
+    """The abort policy's record of each optimizer step's checked values (per-tensor gradient norms and losses),
+    kept on the device as they are: no op and no host sync per step. `first` checks them all at once where the
+    host waits anyway (checkpoints, epoch ends) and names the first step with a non-finite value."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[int, list[torch.Tensor]]] = []
+
+    def note(self, step: int, values: list[torch.Tensor]) -> None:
+        self._pending.append((step, values))
+
+    def first(self) -> int | None:
+        """The first noted step with a non-finite value, or None; what was checked is forgotten."""
+        pending, self._pending = self._pending, []
+        values = [v.float() for _, step_values in pending for v in step_values]
+        if not values:
+            return None
+        bad = (~torch.stack(values).isfinite()).nonzero()
+        if bad.numel() == 0:
+            return None
+        index = int(bad[0])
+        for step, step_values in pending:
+            if index < len(step_values):
+                return step
+            index -= len(step_values)
+        raise AssertionError("unreachable: the index lies within the noted values")
+
+
+def optimizer_step(parts: RunParts, state: TrainState, nonfinite: NonFiniteSteps,
+                   losses: list[torch.Tensor]) -> None:
     """lr -> unscale -> finite check (gradients and `losses`, the step's micro-batch losses) -> clip -> step
     -> zero_grad."""
     scaler, settings = parts.scaler, parts.cfg.optim
@@ -92,14 +121,14 @@ def optimizer_step(parts: RunParts, state: TrainState, bad_step: torch.Tensor, l
         found_inf = sum(v for v in scaler._found_inf_per_device(parts.optimizer).values())
         finite = torch.stack(losses).isfinite().all()
         state.overflows += (finite & (found_inf > 0)).to(torch.int64)
+        checked = losses
     else:
         # DDP already averaged the gradients, so a NaN on any rank is a NaN on every rank: all agree for free.
-        # One check over the gradient norms and the losses together: each op costs a launch per step.
-        finite = torch.stack([*norms, *losses]).isfinite().all()
+        checked = [*norms, *losses]
     if settings.clip_grad_norm is not None and grads:
         clip_gradients(grads, norms, settings.clip_grad_norm, state.grad_norms)
     if parts.cfg.run.nan_policy == "skip":
-        if not bool(finite):  # the skip policy pays one host sync per step to decide
+        if not bool(torch.stack(checked).isfinite().all()):  # the skip policy pays one host sync per step
             state.nan_skips += 1
             state.nan_skips_total += 1
             if state.nan_skips > parts.cfg.run.max_nan_skips:
@@ -110,15 +139,14 @@ def optimizer_step(parts: RunParts, state: TrainState, bad_step: torch.Tensor, l
             return
         state.nan_skips = 0
     else:
-        # remember the first bad step on the device: read only at sync points, never here
-        bad_step.masked_fill_(~finite & (bad_step < 0), state.global_step)
+        nonfinite.note(state.global_step, checked)  # checked at sync points, never here
     scaler.step(parts.optimizer)
     scaler.update()
     parts.optimizer.zero_grad(set_to_none=True)
 
 
 def train_step(parts: RunParts, state: TrainState, batches: Sequence[Batch], criterion: nn.Module, meter: Meter,
-               bad_step: torch.Tensor, first_batch: int = 0) -> StepStats:
+               nonfinite: NonFiniteSteps, first_batch: int = 0) -> StepStats:
     """One optimizer step over `batches` (grad_accum micro-batches; the last synchronises the gradients);
     `first_batch`: the epoch's index of the first of them (it seeds MixUp/CutMix)."""
     losses = []
@@ -129,7 +157,7 @@ def train_step(parts: RunParts, state: TrainState, batches: Sequence[Batch], cri
             images, labels, targets = mixed.images, mixed.labels, mixed.targets
         losses.append(forward_backward(parts, state, images, labels, criterion, meter, sync=j == len(batches) - 1,
                                        targets=targets))
-    optimizer_step(parts, state, bad_step, losses)
+    optimizer_step(parts, state, nonfinite, losses)
     if parts.ema is not None:
         parts.ema.update(state.global_step)
     state.global_step += 1

@@ -65,7 +65,7 @@ from dtl.tools.bench.strong_loop import StrongLoop
 from dtl.train.build import prepare
 from dtl.train.evaluate import evaluate
 from dtl.train.metrics import Meter
-from dtl.train.step import train_step
+from dtl.train.step import NonFiniteSteps, train_step
 
 #: The memory probe's phase order: lightest first, so memory a phase leaves behind never exceeds the next's.
 PROBE_ORDER = ("input", "eval_step", "train_step")
@@ -184,7 +184,7 @@ class DtlLoop:
         self.eval_batches = endless(self.parts.eval_loader)
         self.criterion = mix.criterion_for(cfg.optim, self.parts.class_weights)
         self.meter = Meter(device)
-        self.bad_step = torch.tensor(-1, device=device)
+        self.nonfinite = NonFiniteSteps()
         self.mixed = 0  # batches mixed by `input` (the mixer's batch index)
 
     def context(self) -> contextlib.AbstractContextManager:
@@ -203,7 +203,7 @@ class DtlLoop:
 
     def train_batch(self, images: torch.Tensor, labels: torch.Tensor) -> int:
         """One step on one micro-batch (FLOP counting)."""
-        return train_step(self.parts, self.state, [(images, labels)], self.criterion, self.meter, self.bad_step).images
+        return train_step(self.parts, self.state, [(images, labels)], self.criterion, self.meter, self.nonfinite).images
 
     def eval_batch(self, images: torch.Tensor, labels: torch.Tensor) -> int:
         return self._evaluate([(images, labels)])
@@ -215,10 +215,12 @@ class DtlLoop:
 
     def train_step(self, steps: int) -> int:
         parts = self.parts
+        # the meter and the non-finite record keep each step's tensors until read; the bench never reads them
+        self.meter, self.nonfinite = Meter(self.device), NonFiniteSteps()
         parts.model.wrapped.train()
         models.freeze_frozen_norms(parts.model.wrapped)
         return sum(train_step(parts, self.state, [next(self.train_batches) for _ in range(parts.accum)],
-                              self.criterion, self.meter, self.bad_step).images for _ in range(steps))
+                              self.criterion, self.meter, self.nonfinite).images for _ in range(steps))
 
     def eval_step(self, steps: int) -> int:
         return self._evaluate(itertools.islice(self.eval_batches, steps))

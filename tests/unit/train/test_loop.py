@@ -47,9 +47,9 @@ def params(parts: RunParts) -> list[torch.Tensor]:
 
 def test_a_finite_step_updates_and_clears_the_gradients(tmp_path):
     parts, state = tiny_run(tmp_path)
-    before, bad = params(parts), torch.tensor(-1)
+    before, bad = params(parts), step.NonFiniteSteps()
     step.optimizer_step(parts, state, bad, backward(parts))
-    assert int(bad) == -1 and all(p.grad is None for p in parts.model.wrapped.parameters())
+    assert bad.first() is None and all(p.grad is None for p in parts.model.wrapped.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, params(parts)))
     assert parts.optimizer.param_groups[0]["lr"] == parts.cfg.optim.lr
 
@@ -57,18 +57,17 @@ def test_a_finite_step_updates_and_clears_the_gradients(tmp_path):
 def test_abort_policy_remembers_the_first_bad_step_and_the_sync_point_raises(tmp_path):
     parts, state = tiny_run(tmp_path)
     state.global_step = 5
-    bad = torch.tensor(-1)
+    bad = step.NonFiniteSteps()
     step.optimizer_step(parts, state, bad, backward(parts, poison=True))
     state.global_step = 6
     step.optimizer_step(parts, state, bad, backward(parts, poison=True))
-    assert int(bad) == 5  # the first one, read only at a sync point
     with pytest.raises(NonFiniteLossError, match="global step 5.*a fresh run"):
         loop.sync_point(parts, state, bad)
 
 
 def test_skip_policy_drops_the_update(tmp_path):
     parts, state = tiny_run(tmp_path, "--nan-policy", "skip", "--max-nan-skips", "1")
-    before, bad = params(parts), torch.tensor(-1)
+    before, bad = params(parts), step.NonFiniteSteps()
     step.optimizer_step(parts, state, bad, backward(parts, poison=True))
     assert all(torch.equal(a, b) for a, b in zip(before, params(parts)))
     assert (state.nan_skips, state.nan_skips_total) == (1, 1)
@@ -78,12 +77,12 @@ def test_skip_policy_drops_the_update(tmp_path):
 
 def test_fp16_overflows_are_counted_on_the_device_and_read_at_the_sync_point(tmp_path):
     parts, state = tiny_run(tmp_path, "--precision", "fp16", "--fp16-init-scale", "1e38")
-    bad = torch.tensor(-1)
+    bad = step.NonFiniteSteps()
     images, labels = next(iter(parts.train_loader))
     meter = Meter(parts.device)
     loss = step.forward_backward(parts, state, images, labels, nn.CrossEntropyLoss(), meter)
     step.optimizer_step(parts, state, bad, [loss])
-    assert int(state.overflows) == 1 and int(bad) == -1 and parts.scaler.get_scale() < 1e38
+    assert int(state.overflows) == 1 and parts.scaler.get_scale() < 1e38
     loop.sync_point(parts, state, bad)
     assert state.overflow_skips == 1 and int(state.overflows) == 0
 
@@ -91,7 +90,7 @@ def test_fp16_overflows_are_counted_on_the_device_and_read_at_the_sync_point(tmp
 def test_train_step_accumulates_micro_batches_into_one_optimizer_step(tmp_path):
     parts, state = tiny_run(tmp_path, "--grad-accum", "2")
     batches = list(parts.train_loader)[:2]
-    stats = step.train_step(parts, state, batches, nn.CrossEntropyLoss(), Meter(parts.device), torch.tensor(-1))
+    stats = step.train_step(parts, state, batches, nn.CrossEntropyLoss(), Meter(parts.device), step.NonFiniteSteps())
     assert stats.images == sum(len(y) for _, y in batches) and bool(stats.loss_finite)
     assert state.global_step == 1
 
@@ -199,7 +198,7 @@ def test_mixing_happens_in_the_step_seeded_by_each_micro_batchs_index(tmp_path, 
     handle = parts.model.wrapped.register_forward_pre_hook(lambda module, args: fed.append(args[0].clone()))
     batches = list(parts.train_loader)[:2]
     state.epoch = 1
-    step.train_step(parts, state, batches, mix.SoftTargetCrossEntropy(), Meter(parts.device), torch.tensor(-1),
+    step.train_step(parts, state, batches, mix.SoftTargetCrossEntropy(), Meter(parts.device), step.NonFiniteSteps(),
                     first_batch=2)
     handle.remove()
     assert seen == [(1, 2), (1, 3)]
@@ -226,3 +225,14 @@ def test_resume_mid_epoch_with_mixup_and_cutmix_is_bitwise(tmp_path, extra):
     assert_same_weights(full, part)
     rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (full, part)]
     assert rows[0][-1]["train_loss"] == rows[1][-1]["train_loss"]
+
+
+def test_the_non_finite_record_names_the_first_bad_step_and_forgets_what_it_checked():
+    record = step.NonFiniteSteps()
+    finite, nan = torch.tensor(1.0), torch.tensor(float("nan"))
+    record.note(3, [finite, finite])
+    record.note(4, [finite, torch.tensor(float("inf")), finite])
+    record.note(5, [nan])
+    assert record.first() == 4 and record.first() is None  # checked once, then forgotten
+    record.note(6, [finite])
+    assert record.first() is None
