@@ -72,29 +72,45 @@ def clip_gradients(grads: list[torch.Tensor], norms: list[torch.Tensor], max_nor
 
 class NonFiniteSteps:
     """The abort policy's record of each optimizer step's checked values (per-tensor gradient norms and losses),
-    kept on the device as they are: no op and no host sync per step. `first` checks them all at once where the
-    host waits anyway (checkpoints, epoch ends) and names the first step with a non-finite value."""
+    kept on the device as they are: no op and no host sync per step. Every `COMPACT_AT` values they are reduced
+    to one flag each (one op, still no host sync), so a long epoch holds flags, not tensors. `first` checks them
+    where the host waits anyway (checkpoints, epoch ends) and names the first step with a non-finite value."""
+
+    COMPACT_AT = 4096
 
     def __init__(self) -> None:
         self._pending: list[tuple[int, list[torch.Tensor]]] = []
+        self._pending_values = 0
+        self._flags: list[torch.Tensor] = []
+        self._layout: list[tuple[int, int]] = []  # (step, how many of the flags are its values), in order
 
     def note(self, step: int, values: list[torch.Tensor]) -> None:
         self._pending.append((step, values))
+        self._pending_values += len(values)
+        if self._pending_values >= self.COMPACT_AT:
+            self._compact()
+
+    def _compact(self) -> None:
+        if self._pending:
+            self._flags.append(torch.stack([v.float() for _, values in self._pending for v in values]).isfinite())
+            self._layout += [(step, len(values)) for step, values in self._pending]
+        self._pending, self._pending_values = [], 0
 
     def first(self) -> int | None:
         """The first noted step with a non-finite value, or None; what was checked is forgotten."""
-        pending, self._pending = self._pending, []
-        values = [v.float() for _, step_values in pending for v in step_values]
-        if not values:
+        self._compact()
+        flags, layout = self._flags, self._layout
+        self._flags, self._layout = [], []
+        if not flags:
             return None
-        bad = (~torch.stack(values).isfinite()).nonzero()
+        bad = (~torch.cat(flags)).nonzero()
         if bad.numel() == 0:
             return None
         index = int(bad[0])
-        for step, step_values in pending:
-            if index < len(step_values):
+        for step, count in layout:
+            if index < count:
                 return step
-            index -= len(step_values)
+            index -= count
         raise AssertionError("unreachable: the index lies within the noted values")
 
 

@@ -236,3 +236,7 @@ def test_the_non_finite_record_names_the_first_bad_step_and_forgets_what_it_chec
     assert record.first() == 4 and record.first() is None  # checked once, then forgotten
     record.note(6, [finite])
     assert record.first() is None
+    record.COMPACT_AT = 3  # reduced to flags along the way: the same answer
+    for i in range(10):
+        record.note(i, [finite, nan if i in (7, 9) else finite])
+    assert record.first() == 7
