@@ -18,7 +18,7 @@ from dtl.config import Config
 from dtl.data.folder import SPLIT_FILE, save_split
 from dtl.data.splits import Splits
 from dtl.dist import DistEnv, barrier, broadcast_str
-from dtl.errors import UserError
+from dtl.errors import EXIT_OK, UserError
 from dtl.train import checkpoint_format as ckpt
 from dtl.train.metrics import METRICS_FILE, MetricsLog, plot_runs, truncate_metrics
 from dtl.train.trackers import TRACKERS_FILE, Tracker, flat_params, open_trackers
@@ -184,7 +184,7 @@ class RunFolder:
                      state.early_stop_best_epoch, best)
         if self._metrics is not None:
             self._metrics.log_artifacts([outdir / n for n in ("model.safetensors", "curves.png")])
-        self.status("early-stopped" if state.early_stopped else "completed", 0, state, checkpoint)
+        self.status("early-stopped" if state.early_stopped else "completed", EXIT_OK, state, checkpoint)
         log.info("done: %s", outdir)
 
     def close(self, ending: str) -> None:

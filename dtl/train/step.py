@@ -92,7 +92,8 @@ class NonFiniteSteps:
 
     def _compact(self) -> None:
         if self._pending:
-            self._flags.append(torch.stack([v.float() for _, values in self._pending for v in values]).isfinite())
+            values = [v.float() for _, step_values in self._pending for v in step_values]
+            self._flags.append(torch.stack(values).isfinite())
             self._layout += [(step, len(values)) for step, values in self._pending]
         self._pending, self._pending_values = [], 0
 
@@ -148,8 +149,10 @@ def optimizer_step(parts: RunParts, state: TrainState, nonfinite: NonFiniteSteps
             state.nan_skips += 1
             state.nan_skips_total += 1
             if state.nan_skips > parts.cfg.run.max_nan_skips:
-                raise NonFiniteLossError(f"{state.nan_skips} non-finite steps in a row up to step {state.global_step}")
-            log.warning("non-finite loss at step %d: update skipped (%d in a row)", state.global_step, state.nan_skips)
+                raise NonFiniteLossError(f"{state.nan_skips} non-finite steps in a row up to step "
+                                         f"{state.global_step}")
+            log.warning("non-finite loss at step %d: update skipped (%d in a row)", state.global_step,
+                        state.nan_skips)
             parts.optimizer.zero_grad(set_to_none=True)
             scaler.update()
             return
@@ -161,8 +164,8 @@ def optimizer_step(parts: RunParts, state: TrainState, nonfinite: NonFiniteSteps
     parts.optimizer.zero_grad(set_to_none=True)
 
 
-def train_step(parts: RunParts, state: TrainState, batches: Sequence[Batch], criterion: nn.Module, meter: Meter,
-               nonfinite: NonFiniteSteps, first_batch: int = 0) -> StepStats:
+def train_step(parts: RunParts, state: TrainState, batches: Sequence[Batch], criterion: nn.Module,
+               meter: Meter, nonfinite: NonFiniteSteps, first_batch: int = 0) -> StepStats:
     """One optimizer step over `batches` (grad_accum micro-batches; the last synchronises the gradients);
     `first_batch`: the epoch's index of the first of them (it seeds MixUp/CutMix)."""
     losses = []
@@ -171,8 +174,8 @@ def train_step(parts: RunParts, state: TrainState, batches: Sequence[Batch], cri
         if parts.mixer is not None:  # here, not in a loader: one code path for both pipelines
             mixed = parts.mixer(images, labels, state.epoch, first_batch + j)
             images, labels, targets = mixed.images, mixed.labels, mixed.targets
-        losses.append(forward_backward(parts, state, images, labels, criterion, meter, sync=j == len(batches) - 1,
-                                       targets=targets))
+        last = j == len(batches) - 1  # the last micro-batch synchronises the gradients
+        losses.append(forward_backward(parts, state, images, labels, criterion, meter, sync=last, targets=targets))
     optimizer_step(parts, state, nonfinite, losses)
     if parts.ema is not None:
         parts.ema.update(state.global_step)
