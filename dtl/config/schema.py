@@ -96,8 +96,10 @@ class DataConfig:
     """Use only N training images (handy for smoke tests)."""
     eval_subset: int | None = field(default=None, metadata=POSITIVE_IF_GIVEN)
     """Use only N test images."""
-    subset_order: Literal["first", "random"] = "first"
-    """How --train-subset/--eval-subset pick images: the first N, or a seeded random N."""
+    subset_order: Literal["auto", "first", "random", "stratified"] = "auto"
+    """How --train-subset/--eval-subset pick images: the first N, a seeded random N, or a stratified N (each
+    class in proportion to its size, seeded per class). auto: stratified for folder data sets (whose files are
+    sorted by class, so the first N would be one or two classes), first for the others (already shuffled)."""
     val_split: float = field(default=0.0, metadata=FRACTION)
     """folder data sets without a val/ folder: fraction held out (seeded, stratified) for evaluation."""
     coarse_labels: bool = False
@@ -351,6 +353,8 @@ class Config:
             d.eval_subset = min(d.eval_subset or 256, 256)
         if b.weights is None:
             b.weights = "none" if b.mode == "scratch" else "imagenet"
+        if d.subset_order == "auto":
+            d.subset_order = "stratified" if d.dataset == "folder" else "first"
         if b.mode in ("transfer", "lp-ft") and b.weights == "none":
             raise ValueError(
                 f"weights='none' with mode={b.mode!r} would train a head on a frozen *random* backbone; "

@@ -33,7 +33,7 @@ import torch
 
 from dtl.config import Config
 from dtl.data.images import IMG_EXTENSIONS, decode, scan, walk_images
-from dtl.data.splits import Splits, stream_seed, subset_indices
+from dtl.data.splits import Splits, apply_subsets, stream_seed, subset_indices
 from dtl.errors import UserError
 from dtl.files import write_json
 
@@ -108,8 +108,9 @@ class FolderSplit:
         return torch.bincount(self.labels, minlength=len(self.classes)).tolist()
 
     def subset(self, n: int | None, order: str = "first", seed: int = 0) -> FolderSplit:
-        """The first n images, or a seeded random n (kept in file order); see `dtl.splits.subset_indices`."""
-        idx = subset_indices(len(self), n, order, seed)
+        """The first n images, a seeded random n or a stratified n (kept in file order); see
+        `dtl.splits.subset_indices`."""
+        idx = subset_indices(len(self), n, order, seed, self.labels.tolist(), self.classes)
         if idx is None:
             return self
         labels = self.labels.tolist()
@@ -373,8 +374,8 @@ def _finish(cfg: Config, train: FolderSplit, test: FolderSplit, with_train: bool
                         "for --val-split, or put images in val/<class>/)")
     log.info("image folder %s: %d train / %d held-out images, %d classes", cfg.data.data_dir, len(train),
              len(test), len(train.classes))
-    return Splits(train.subset(cfg.data.train_subset, cfg.data.subset_order, cfg.run.seed),
-                  test.subset(cfg.data.eval_subset, cfg.data.subset_order, cfg.run.seed + 1))
+    return apply_subsets(train, test, cfg.data.train_subset, cfg.data.eval_subset, cfg.data.subset_order,
+                         cfg.run.seed)
 
 
 def eval_root(data_dir: Path) -> Path:

@@ -29,7 +29,7 @@ from dtl.data.cifar import load_cifar, make_synthetic
 from dtl.data.folder import load_folder_splits
 from dtl.data.preprocessing import IMAGENET, Preprocessing, eval_transform, v2_interpolation
 from dtl.data.samplers import EvalShardSampler, sampler_for
-from dtl.data.splits import DatasetSplit, Split, Splits, stream_seed
+from dtl.data.splits import DatasetSplit, Split, Splits, apply_subsets, stream_seed
 from dtl.dist import DistEnv, main_first
 
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2000, 500
@@ -63,8 +63,8 @@ def load_splits(cfg: Config, allow_download: bool, split_file: Path | None = Non
         train, test = load_cifar(d.data_dir, d.dataset, allow_download and d.download, d.coarse_labels)
     else:
         return load_folder_splits(cfg, split_file, is_main=is_main)  # decoded lazily by workers
-    return Splits(train.subset(cfg.data.train_subset, cfg.data.subset_order, cfg.run.seed),
-                  test.subset(cfg.data.eval_subset, cfg.data.subset_order, cfg.run.seed + 1))
+    return apply_subsets(train, test, cfg.data.train_subset, cfg.data.eval_subset, cfg.data.subset_order,
+                         cfg.run.seed)
 
 
 def load_splits_once(cfg: Config, env: DistEnv, split_file: Path | None = None) -> Splits:

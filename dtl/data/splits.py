@@ -10,11 +10,14 @@ A leaf module: it imports torch and the standard library only, so `dtl.cifar`, `
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+log = logging.getLogger("dtl")
 
 
 def stream_seed(*parts: int | str) -> int:
@@ -25,16 +28,44 @@ def stream_seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def subset_indices(total: int, n: int | None, order: str = "first", seed: int = 0) -> list[int] | None:
-    """Which of `total` items a subset of `n` keeps, in their original order: the first n (`order="first"`)
-    or a random n drawn by a generator seeded with `seed`. None when the subset is the whole split
-    (`n` is None or at least `total`), so callers can return the split itself."""
+def subset_indices(total: int, n: int | None, order: str = "first", seed: int = 0,
+                   labels: Sequence[int] | None = None, classes: Sequence[str] | None = None) -> list[int] | None:
+    """Which of `total` items a subset of `n` keeps, in their original order: the first n (`order="first"`),
+    a random n drawn by a generator seeded with `seed` (`"random"`), or a stratified n (`"stratified"`: each
+    class keeps its share of n, see `stratified_indices`; needs `labels`). None when the subset is the whole
+    split (`n` is None or at least `total`), so callers can return the split itself."""
     if n is None or n >= total:
         return None
     if order == "first":
         return list(range(n))
+    if order == "stratified":
+        if labels is None:
+            raise ValueError("a stratified subset needs the labels")
+        return stratified_indices(labels, n, seed, classes)
     picked = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
     return picked.sort().values.tolist()
+
+
+def stratified_indices(labels: Sequence[int], n: int, seed: int, classes: Sequence[str] | None = None) -> list[int]:
+    """n indices, sorted, with every class represented in proportion to its size: class c keeps
+    floor(n x n_c / N) images, and the remaining images go to the classes with the largest remainders (ties:
+    the lower class index). Each class's images are picked by a generator seeded from (seed, class name), so
+    an image added to one class does not reshuffle the others (as `dtl.folder.stratified_split`)."""
+    by_class: dict[int, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_class.setdefault(int(lab), []).append(i)
+    total = len(labels)
+    quota = {c: n * len(idx) // total for c, idx in by_class.items()}
+    rest = sorted(by_class, key=lambda c: (-(n * len(by_class[c]) % total), c))
+    for c in rest[:n - sum(quota.values())]:
+        quota[c] += 1
+    picked: list[int] = []
+    for c, idx in by_class.items():
+        name = classes[c] if classes is not None and c < len(classes) else str(c)
+        gen = torch.Generator().manual_seed(stream_seed(seed, "subset", name))
+        order = torch.randperm(len(idx), generator=gen)[:quota[c]].tolist()
+        picked.extend(idx[k] for k in order)
+    return sorted(picked)
 
 
 class DatasetSplit(Protocol):
@@ -64,8 +95,8 @@ class Split:
         return int(self.labels.shape[0])
 
     def subset(self, n: int | None, order: str = "first", seed: int = 0) -> Split:
-        """The first n images, or a seeded random n (kept in split order); see `subset_indices`."""
-        idx = subset_indices(len(self), n, order, seed)
+        """The first n images, a seeded random n or a stratified n (kept in split order); see `subset_indices`."""
+        idx = subset_indices(len(self), n, order, seed, self.labels.tolist(), self.classes)
         if idx is None:
             return self
         rows = torch.tensor(idx, dtype=torch.int64)
@@ -82,3 +113,18 @@ class Splits:
     @property
     def classes(self) -> list[str]:
         return self.train.classes
+
+
+def apply_subsets(train: DatasetSplit, test: DatasetSplit, train_n: int | None, eval_n: int | None, order: str,
+                  seed: int) -> Splits:
+    """`--train-subset`/`--eval-subset` (`order`: first | random | stratified; the eval subset draws with
+    seed + 1), logging which images each kept."""
+    how = {"first": "the first {n}", "random": "a random {n} (seed {seed})",
+           "stratified": "a stratified {n} (each class in proportion, seed {seed})"}[order]
+    out = []
+    for name, split, n, s in (("train", train, train_n, seed), ("eval", test, eval_n, seed + 1)):
+        sub = split.subset(n, order, s)
+        if sub is not split:
+            log.info("--%s-subset: %s of %d images", name, how.format(n=len(sub), seed=s), len(split))
+        out.append(sub)
+    return Splits(out[0], out[1])

@@ -184,6 +184,20 @@ def test_subset_matches_split_subset_semantics(image_dir):
     assert full.train.subset(3).files == full.train.files[:3]
 
 
+def test_folder_subsets_are_stratified_by_default_and_say_so(image_dir):
+    root, _ = image_dir
+    cfg = cfg_for(root, val_split=0.25, train_subset=6, eval_subset=3)
+    assert cfg.data.subset_order == "stratified" and Config(train_subset=6).data.subset_order == "first"
+    with dtl_log() as records:
+        splits = folder.load_folder_splits(cfg)
+    # the files are sorted by class: the first 6 would all be class 0
+    assert splits.train.counts() == [2, 2, 2] and splits.test.counts() == [1, 1, 1]
+    assert any("--train-subset: a stratified 6" in r.getMessage() for r in records)
+    assert any("--eval-subset: a stratified 3" in r.getMessage() for r in records)
+    full = folder.load_folder_splits(cfg_for(root, val_split=0.25))
+    assert splits.train.files == full.train.subset(6, "stratified", 0).files
+
+
 # ---- lazy decoding -----------------------------------------------------------------------------------
 
 def test_images_decode_lazily_to_uint8_and_resize_to_one_size(image_dir):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dtl.data.folder import FolderSplit
-from dtl.data.splits import Split, Splits, stream_seed, subset_indices
+from dtl.data.splits import Split, Splits, stratified_indices, stream_seed, subset_indices
 
 
 def test_stream_seed_is_stable_and_keeps_streams_apart():
@@ -34,6 +34,24 @@ def test_subset_indices_first_random_and_whole():
         idx = subset_indices(50, 12, "random", seed)
         assert idx == _old_random_subset(50, 12, seed) and idx == sorted(set(idx))
     assert subset_indices(50, 12, "random", 0) != subset_indices(50, 12, "random", 1)
+
+
+def test_stratified_subset_keeps_every_class_in_proportion():
+    labels = [0] * 50 + [1] * 30 + [2] * 20  # sorted by class, as a folder's files are
+    idx = subset_indices(100, 10, "stratified", 3, labels)
+    assert idx == sorted(set(idx)) and len(idx) == 10
+    assert [sum(labels[i] == c for i in idx) for c in range(3)] == [5, 3, 2]  # not the first 10 (all class 0)
+    assert idx == subset_indices(100, 10, "stratified", 3, labels)  # seeded
+    assert idx != subset_indices(100, 10, "stratified", 4, labels)
+    # largest remainders: 7 of (5, 3, 2) -> 3.5, 2.1, 1.4 -> 3 + 2 + 1, the spare one to class 0 (remainder .5)
+    assert [sum(labels[i] == c for i in stratified_indices(labels, 7, 0)) for c in range(3)] == [4, 2, 1]
+    # a class's picks depend on (seed, its name) only: growing another class does not reshuffle it
+    grown = labels + [1] * 30
+    a = [i for i in stratified_indices(labels, 10, 0, ["a", "b", "c"]) if labels[i] == 0]
+    b = [i for i in stratified_indices(grown, 13, 0, ["a", "b", "c"]) if grown[i] == 0]
+    assert len(a) == len(b) == 5 and a == b
+    with pytest.raises(ValueError, match="labels"):
+        subset_indices(100, 10, "stratified", 0)
 
 
 def _splits(total: int) -> tuple[Split, FolderSplit]:
