@@ -9,8 +9,11 @@ would otherwise crash a DataLoader worker hours into a run.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,22 +31,78 @@ _SCAN_CHUNK = 256
 
 # ---- decoding ------------------------------------------------------------------------------------
 
-def decode(path: str | Path) -> torch.Tensor:
-    """An image file as a uint8 RGB tensor (3, H, W): torchvision.io for JPEG/PNG/WebP/GIF, PIL for the rest
-    (BMP, TIFF, PPM/PGM) and as a fallback. Grey, palette and RGBA images become RGB; 16-bit PNGs are scaled
-    to 8 bits; animated images give their first frame; EXIF orientation is not applied (as ImageFolder)."""
-    # torchvision.io, its transforms and PIL are imported when first used: importing dtl stays fast.
+#: The libraries `decode` can use (`--image-decoder`): TorchCodec where installed (the extra
+#: ``pip install 'dtl[torchcodec]'``), else torchvision.io (deprecated since torchvision 0.29 in favour of
+#: TorchCodec, kept as the fallback for installs without it).
+DECODERS = ("auto", "torchcodec", "torchvision")
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+@functools.cache
+def torchcodec_available() -> bool:
+    try:
+        from torchcodec.decoders import decode_jpeg  # noqa: F401
+    except Exception:  # noqa: BLE001 - missing, or a build that cannot load its libraries: not usable
+        return False
+    return True
+
+
+def resolve_decoder(name: str = "auto") -> str:
+    """torchcodec | torchvision: `auto` takes TorchCodec where it is installed."""
+    if name == "auto":
+        return "torchcodec" if torchcodec_available() else "torchvision"
+    if name == "torchcodec" and not torchcodec_available():
+        raise UserError("--image-decoder torchcodec: TorchCodec is not installed (pip install 'dtl[torchcodec]'); "
+                        "or use --image-decoder torchvision")
+    return name
+
+
+@contextlib.contextmanager
+def _quiet_torchvision_io() -> Iterator[None]:
+    """torchvision.io warns on every decode since 0.29 (DeprecationWarning: TorchCodec supersedes it). dtl uses
+    it only as the fallback where TorchCodec is missing, knowingly: the warning would repeat per image."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
+        yield
+
+
+def decode(path: str | Path, decoder: str = "auto") -> torch.Tensor:
+    """An image file as a uint8 RGB tensor (3, H, W) on the CPU: TorchCodec or torchvision.io (`decoder`, see
+    `resolve_decoder`) for JPEG/PNG/WebP/GIF, PIL for the rest (BMP, TIFF, PPM/PGM) and as a fallback. Grey,
+    palette and RGBA images become RGB; 16-bit PNGs are scaled to 8 bits; animated images give their first
+    frame; EXIF orientation is not applied (as ImageFolder)."""
+    # torchvision.io, torchcodec, their transforms and PIL are imported when first used: importing dtl stays fast.
     path = str(path)
     img = None
     if path.lower().endswith(_TV_EXTENSIONS):
-        from torchvision.io import ImageReadMode, decode_image
-
         try:
-            img = decode_image(path, mode=ImageReadMode.RGB)
+            img = _library_decode(path, resolve_decoder(decoder))
         except RuntimeError:
             img = None  # let PIL try: it reads some variants libjpeg/libpng builds refuse
     if img is None:
         img = _pil_decode(path)
+    return _rgb8(img)
+
+
+def _library_decode(source: str | torch.Tensor, decoder: str) -> torch.Tensor:
+    if decoder == "torchcodec":
+        from torchcodec.decoders import decode_image as tc_decode
+
+        try:
+            return tc_decode(source, mode="RGB")
+        except (ValueError, OSError) as err:  # TorchCodec's "cannot decode": let PIL try, as with torchvision
+            raise RuntimeError(str(err)) from None
+    from torchvision.io import ImageReadMode, decode_image
+
+    with _quiet_torchvision_io():
+        if isinstance(source, str):
+            from torchvision.io import read_file
+
+            source = read_file(source)
+        return decode_image(source, mode=ImageReadMode.RGB)
+
+
+def _rgb8(img: torch.Tensor) -> torch.Tensor:
     if img.ndim == 4:
         img = img[0]
     if img.dtype != torch.uint8:
@@ -51,6 +110,59 @@ def decode(path: str | Path) -> torch.Tensor:
 
         img = F.to_dtype(img, torch.uint8, scale=True)
     return img.contiguous()
+
+
+def is_jpeg(data: bytes | torch.Tensor) -> bool:
+    head = bytes(data[:3].tolist()) if isinstance(data, torch.Tensor) else bytes(data[:3])
+    return head == _JPEG_MAGIC
+
+
+def read_bytes(path: str | Path) -> torch.Tensor:
+    """A file's encoded bytes as a 1-D uint8 CPU tensor (what the batched decoders take)."""
+    with open(path, "rb") as f:
+        return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+
+
+def decode_batch(paths: Sequence[str | Path], device: torch.device | str = "cpu", decoder: str = "auto",
+                 encoded: Sequence[torch.Tensor] | None = None, batched: bool | None = None) -> list[torch.Tensor]:
+    """Images as uint8 RGB (3, H, W) tensors on `device`. On a CUDA device the JPEG files are decoded in one
+    batched nvJPEG call (the decoder's ``device="cuda"``); the other formats, and any JPEG nvJPEG refuses (the
+    batch is then retried one image at a time), are decoded on the CPU by `decode` and copied. On the CPU each
+    file goes through `decode` (a batch is not faster there) unless `batched` asks for the batched path (tests
+    run it on the CPU). `encoded`: the files' bytes, when a worker already read them (`read_bytes`)."""
+    device = torch.device(device)
+    if not (device.type == "cuda" if batched is None else batched):
+        return [decode(p, decoder) for p in paths]
+    data = list(encoded) if encoded is not None else [read_bytes(p) for p in paths]
+    out: list[torch.Tensor | None] = [None] * len(paths)
+    jpegs = [i for i, d in enumerate(data) if is_jpeg(d)]
+    if jpegs:
+        lib = resolve_decoder(decoder)
+        try:
+            for i, img in zip(jpegs, _gpu_jpegs([data[i] for i in jpegs], device, lib), strict=True):
+                out[i] = img
+        except RuntimeError:  # one bad file fails the whole batch: find it one by one
+            for i in jpegs:
+                try:
+                    out[i] = _gpu_jpegs([data[i]], device, lib)[0]
+                except RuntimeError:
+                    out[i] = None
+    return [img if img is not None else decode(paths[i], decoder).to(device, non_blocking=True)
+            for i, img in enumerate(out)]
+
+
+def _gpu_jpegs(data: list[torch.Tensor], device: torch.device, decoder: str) -> list[torch.Tensor]:
+    if decoder == "torchcodec":
+        from torchcodec.decoders import decode_jpeg as tc_jpeg
+
+        try:
+            return [_rgb8(t) for t in tc_jpeg(data, mode="RGB", device=device)]
+        except (ValueError, OSError) as err:
+            raise RuntimeError(str(err)) from None
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with _quiet_torchvision_io():
+        return [_rgb8(t) for t in decode_jpeg(data, mode=ImageReadMode.RGB, device=device)]
 
 
 def _pil_decode(path: str) -> torch.Tensor:

@@ -63,3 +63,61 @@ def test_decode_gives_uint8_rgb(tmp_path, name, mode):
     _save(tmp_path / name, size=(7, 5), mode=mode)
     img = images.decode(tmp_path / name)
     assert img.dtype == torch.uint8 and img.shape == (3, 5, 7) and img.is_contiguous()
+
+
+def _photo(path, size=(40, 30), seed=0) -> torch.Tensor:
+    """A JPEG or PNG of a synthetic image; returns what PIL decodes from the file."""
+    arr = make_synthetic(1, size=48, seed=seed).images[0].permute(1, 2, 0).numpy()
+    Image.fromarray(arr).resize(size).save(path, quality=90)
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("decoder", ["torchvision", "torchcodec"])
+def test_both_decoders_decode_jpeg_and_png_like_pil_without_deprecation_warnings(tmp_path, decoder, recwarn):
+    if decoder == "torchcodec" and not images.torchcodec_available():
+        pytest.skip("TorchCodec is not installed (the optional extra dtl[torchcodec])")
+    for name in ("a.jpg", "b.png"):
+        want = _photo(tmp_path / name)
+        got = images.decode(tmp_path / name, decoder)
+        assert got.dtype == torch.uint8 and got.shape == want.shape
+        # libjpeg-turbo in all three; PNG is lossless
+        assert (got.int() - want.int()).abs().max() <= (0 if name.endswith("png") else 1)
+    assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning)]
+    assert images.resolve_decoder(decoder) == decoder
+
+
+def test_auto_decoder_prefers_torchcodec_and_a_missing_one_is_a_clear_error(monkeypatch):
+    assert images.resolve_decoder("auto") == ("torchcodec" if images.torchcodec_available() else "torchvision")
+    monkeypatch.setattr(images, "torchcodec_available", lambda: False)
+    assert images.resolve_decoder("auto") == "torchvision"
+    with pytest.raises(UserError, match=r"dtl\[torchcodec\]"):
+        images.resolve_decoder("torchcodec")
+
+
+@pytest.mark.parametrize("decoder", ["torchvision", "torchcodec"])
+def test_batched_decode_falls_back_per_image_for_non_jpeg_and_refused_files(tmp_path, decoder, monkeypatch):
+    """The nvJPEG path's logic, run on the CPU (the decoders take device="cpu" too): one batched call for the
+    JPEGs; a PNG, and a JPEG the batched decoder refuses (nvJPEG refuses some that libjpeg reads, e.g. unusual
+    subsamplings: simulated here), are decoded by `decode`, the others keep their batched result."""
+    if decoder == "torchcodec" and not images.torchcodec_available():
+        pytest.skip("TorchCodec is not installed")
+    paths = [tmp_path / "a.jpg", tmp_path / "b.png", tmp_path / "c.jpg", tmp_path / "d.jpg"]
+    for i, p in enumerate(paths):
+        _photo(p, seed=i)
+    refused = images.read_bytes(paths[3])
+    real, calls = images._gpu_jpegs, []
+
+    def picky(data, device, lib):
+        calls.append(len(data))
+        if any(torch.equal(d, refused) for d in data):
+            raise RuntimeError("nvjpeg: unsupported")
+        return real(data, device, lib)
+
+    monkeypatch.setattr(images, "_gpu_jpegs", picky)
+    got = images.decode_batch(paths, "cpu", decoder, batched=True)
+    assert calls == [3, 1, 1, 1]  # the batch of 3 JPEGs, then each alone
+    assert [tuple(g.shape) for g in got] == [(3, 30, 40)] * 4
+    for p, g in zip(paths, got):
+        assert torch.equal(g, images.decode(p, decoder))
+    assert images.is_jpeg(images.read_bytes(paths[0])) and not images.is_jpeg(images.read_bytes(paths[1]))
