@@ -96,6 +96,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 kinds = typing.get_args(hint)
                 group.add_argument(flag, type=kinds[0], nargs=len(kinds), default=None,
                                    metavar=("MIN", "MAX") if len(kinds) == 2 else None, help=help_text)
+            elif "bare" in f.metadata:  # --cache-images alone, or --cache-images DIR
+                group.add_argument(flag, type=base, nargs="?", const=f.metadata["bare"], default=None,
+                                   metavar=f.name.upper(), help=help_text)
             else:
                 group.add_argument(flag, type=base, default=None, choices=choices_of(hint) or None,
                                    metavar=None if choices_of(hint) else f.name.upper(), help=help_text)

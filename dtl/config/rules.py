@@ -16,6 +16,12 @@ def rule(check: Callable[[Any], bool], message: str) -> dict[str, Any]:
     return {"rule": (check, message)}
 
 
+def bare_flag(value: str) -> dict[str, Any]:
+    """Field metadata: the flag may be given without a value (``--cache-images`` alone), meaning `value`;
+    ``--cache-images DIR`` gives DIR. Combine with a rule by merging: ``{**rule(...), **bare_flag(...)}``."""
+    return {"bare": value}
+
+
 POSITIVE = rule(lambda v: v > 0, "must be > 0")
 POSITIVE_IF_GIVEN = rule(lambda v: v is None or v > 0, "must be > 0 when given")
 NON_NEGATIVE = rule(lambda v: v >= 0, "must be >= 0")

@@ -23,6 +23,7 @@ from dtl.config.rules import (
     POSITIVE,
     POSITIVE_IF_GIVEN,
     PROBABILITY,
+    bare_flag,
     choices_of,
     rule,
     validate_section,
@@ -87,9 +88,32 @@ class DataConfig:
     augment: bool = True
     """Training augmentation: --crop (RandomResizedCrop, scale 0.5-1) + horizontal flip, and --auto-augment,
     --random-erasing when given. --no-augment: the eval transform."""
-    data_pipeline: Literal["auto", "device", "workers"] = "auto"
-    """device: the split lives on the device as one uint8 tensor and is augmented in batches; workers: a
-    DataLoader with worker processes and per-image transforms. auto: device for in-memory data sets."""
+    data_pipeline: Literal["auto", "device", "workers", "decode"] = "auto"
+    """device: the split lives on the device as one uint8 tensor and is augmented in batches (CIFAR, synthetic,
+    and image folders with --cache-images); workers: a DataLoader with worker processes and per-image transforms;
+    decode (image folders): workers read the files' bytes, each batch is decoded on the device (nvJPEG on a GPU,
+    the CPU decoder otherwise), resized to --cache-size squares and augmented in batches as by device -- for
+    folders too large to cache. auto: device for in-memory data sets and cached folders, decode for folders
+    on a GPU, workers for folders on a CPU (the log says which)."""
+    image_decoder: Literal["auto", "torchcodec", "torchvision"] = "auto"
+    """folder data sets: the library that decodes JPEG/PNG/WebP (on the CPU, and nvJPEG on a GPU): torchcodec
+    (pip install 'dtl[torchcodec]'), torchvision (torchvision.io, deprecated since torchvision 0.29); auto:
+    torchcodec when installed. Other formats (BMP, TIFF, ...) go through PIL."""
+    cache_images: str | None = field(default=None, metadata=bare_flag("auto"))
+    """folder data sets: decode every image once into a uint8 cache (one memory-mapped file per split, images
+    resized to --cache-size squares), then train and evaluate from it with the device pipeline. --cache-images
+    alone: in image-cache/ beside the run folder (OUTDIR/../image-cache, e.g. runs/image-cache, so the runs
+    under runs/ share it); --cache-images DIR: in DIR. Rebuilt, with a message, when the split's files changed
+    (list, sizes, modification times) or the cache is damaged."""
+    cache_size: int | None = field(default=None, metadata=POSITIVE_IF_GIVEN)
+    """--cache-images (and --data-pipeline decode): each image is resized so its shorter side is this many
+    pixels, then centre-cropped to a square. Default: --image-size, so evaluation sees exactly the pixels of
+    the file pipeline's Resize + CenterCrop; a larger size (e.g. 256 for 224) keeps more detail for the random
+    crops, at (256/224)^2 = 1.3x the disk and memory."""
+    eval_memory_mib: float = field(default=1024.0, metadata=NON_NEGATIVE)
+    """folder data sets without --cache-images: keep the evaluation split's decoded, resized uint8 images (on
+    the device) after the first evaluation when this rank's share fits in this many MiB, so later evaluations
+    do not decode again (3 x image-size^2 bytes per image: 1,000 images at 224 px take 147 MiB); 0: off."""
     num_workers: int = field(default=2, metadata=NON_NEGATIVE)
     """DataLoader worker processes per rank (workers pipeline only)."""
     train_subset: int | None = field(default=None, metadata=POSITIVE_IF_GIVEN)
@@ -377,6 +401,15 @@ class Config:
         if d.cache_features and (o.mixup > 0 or o.cutmix > 0):
             raise ValueError(f"mixup={o.mixup}/cutmix={o.cutmix} mix the images, but cache_features=True trains on "
                              "features computed once from unmixed images: drop --cache-features, or the mixing")
+        if d.cache_images is not None and d.dataset != "folder":
+            raise ValueError(f"cache_images={d.cache_images!r} caches the decoded images of a folder data set; "
+                             f"dataset={d.dataset!r} is held in memory already: drop --cache-images")
+        if d.data_pipeline == "decode" and d.dataset != "folder":
+            raise ValueError(f"data_pipeline='decode' decodes image files; dataset={d.dataset!r} has none: use "
+                             "--data-pipeline device (or auto)")
+        if d.data_pipeline == "decode" and d.cache_images is not None:
+            raise ValueError("data_pipeline='decode' decodes the files every epoch, cache_images reads them from "
+                             "the cache: drop one (--data-pipeline auto serves a cache with the device pipeline)")
         if d.coarse_labels and d.dataset != "cifar100":
             raise ValueError(f"coarse_labels=True only applies to --dataset cifar100, got {d.dataset!r}")
 

@@ -51,8 +51,9 @@ SPLIT_VERSION = 1
 class LazyImages(Sequence):
     """`images[i]` decodes file i (uint8 RGB, 3 x H x W) when asked, in whichever process asks."""
 
-    def __init__(self, root: Path, files: list[str], labels: list[int]) -> None:
+    def __init__(self, root: Path, files: list[str], labels: list[int], decoder: str = "auto") -> None:
         self.root, self.files, self._labels = root, files, labels
+        self.decoder = decoder  # --image-decoder
         self._warned: set[int] = set()
 
     def __len__(self) -> int:
@@ -74,7 +75,7 @@ class LazyImages(Sequence):
             if self._labels[j] != label:
                 continue
             try:
-                return decode(self.path(j))
+                return decode(self.path(j), self.decoder)
             except Exception as err:  # noqa: BLE001 - any decode failure is handled the same way
                 if j not in self._warned:
                     self._warned.add(j)
@@ -86,15 +87,18 @@ class LazyImages(Sequence):
 
 class FolderSplit:
     """One split of an image folder: lazy `.images`, int64 `.labels`, `.classes`, `.files` relative to
-    `.root` (each `<class>/...`). Works with `dtl.data.WorkerLoader` like an in-memory `dtl.splits.Split`."""
+    `.root` (each `<class>/...`). Works with `dtl.data.WorkerLoader` like an in-memory `dtl.splits.Split`.
+    Served from its decoded-image cache (`with_images`, see `dtl.data.image_cache`), `.images` is one
+    (N, 3, S, S) uint8 tensor instead, which the device pipeline takes as it takes CIFAR's."""
 
     def __init__(self, root: Path, files: list[str], labels: list[int], classes: list[str],
-                 source: dict[str, Any] | None = None) -> None:
+                 source: dict[str, Any] | None = None, images: torch.Tensor | None = None) -> None:
         self.root = Path(root)
         self.files = list(files)
         self.classes = list(classes)
         self.labels = torch.tensor(labels, dtype=torch.int64)
-        self.images = LazyImages(self.root, self.files, list(labels))
+        self.images: LazyImages | torch.Tensor = (LazyImages(self.root, self.files, list(labels)) if images is None
+                                                  else images)
         #: how the split was made (data_dir, layout, seed, val_split, skipped files), for `save_split`
         self.source = source if source is not None else {}
 
@@ -114,8 +118,15 @@ class FolderSplit:
         if idx is None:
             return self
         labels = self.labels.tolist()
+        rows = self.images[torch.tensor(idx, dtype=torch.int64)] if isinstance(self.images, torch.Tensor) else None
         return FolderSplit(self.root, [self.files[i] for i in idx], [labels[i] for i in idx], self.classes,
-                           self.source)
+                           self.source, rows)
+
+    def with_images(self, images: torch.Tensor) -> FolderSplit:
+        """The same split served from decoded images (row i: file i), e.g. its cache."""
+        if images.shape[0] != len(self):
+            raise ValueError(f"{images.shape[0]} images for a split of {len(self)} files")
+        return FolderSplit(self.root, self.files, self.labels.tolist(), self.classes, self.source, images)
 
     def with_classes(self, classes: list[str]) -> FolderSplit:
         """The same images labelled by their index in `classes` (e.g. a checkpoint's class list)."""
@@ -126,7 +137,7 @@ class FolderSplit:
                             f"it knows {', '.join(classes[:20])}{' ...' if len(classes) > 20 else ''}")
         remap = [classes.index(c) for c in self.classes]
         return FolderSplit(self.root, self.files, [remap[lab] for lab in self.labels.tolist()], classes,
-                           self.source)
+                           self.source, self.images if isinstance(self.images, torch.Tensor) else None)
 
     def __repr__(self) -> str:
         return f"FolderSplit({self.root}, {len(self)} images, {len(self.classes)} classes)"
@@ -281,9 +292,10 @@ def load_folder_splits(cfg: Config, split_file: Path | None = None, *, with_trai
     OUTDIR/split.json, resolved by the caller); None, or a file that does not exist, splits anew.
     `with_train=False` (evaluation) leaves the train split empty and unscanned. `is_main`: whether this
     process logs the warnings (the others log them at debug level)."""
-    if cfg.data.data_pipeline == "device":
+    if cfg.data.data_pipeline == "device" and cfg.data.cache_images is None:
         raise UserError("--data-pipeline device holds a whole split in memory as one tensor, which image "
-                        "folders (files of any size) cannot be; use --data-pipeline workers (or auto)")
+                        "folders (files of any size) are only once decoded: add --cache-images, or use "
+                        "--data-pipeline workers/decode (or auto)")
     data_dir = Path(cfg.data.data_dir)
     if not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir} is not a folder: --dataset folder expects "
@@ -374,8 +386,11 @@ def _finish(cfg: Config, train: FolderSplit, test: FolderSplit, with_train: bool
                         "for --val-split, or put images in val/<class>/)")
     log.info("image folder %s: %d train / %d held-out images, %d classes", cfg.data.data_dir, len(train),
              len(test), len(train.classes))
-    return apply_subsets(train, test, cfg.data.train_subset, cfg.data.eval_subset, cfg.data.subset_order,
-                         cfg.run.seed)
+    splits = apply_subsets(train, test, cfg.data.train_subset, cfg.data.eval_subset, cfg.data.subset_order,
+                           cfg.run.seed)
+    for split in (splits.train, splits.test):
+        split.images.decoder = cfg.data.image_decoder  # type: ignore[union-attr] - LazyImages here
+    return splits
 
 
 def eval_root(data_dir: Path) -> Path:

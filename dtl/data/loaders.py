@@ -1,10 +1,14 @@
 """Data for a run: which splits, how they are sharded across ranks, and how batches are produced.
 
-Two pipelines produce identical-in-distribution batches:
-- `device`: the whole split sits on the device as one uint8 tensor; each step gathers its indices and runs
-  the batched, exact transforms of `dtl.augment` (no per-image Python, no worker processes);
+Three pipelines produce identical-in-distribution batches:
+- `device`: the whole split sits on the device as one uint8 tensor (CIFAR, synthetic, an image folder's
+  decoded-image cache: `dtl.data.image_cache`); each step gathers its indices and runs the batched, exact
+  transforms of `dtl.augment` (no per-image Python, no worker processes);
+- `decode` (image folders): DataLoader workers read the files (and on a CPU decode them and resize them to the
+  cache size's squares); each batch is decoded on the GPU (nvJPEG, batched), then transformed as by `device`;
 - `workers`: a DataLoader with worker processes and torchvision v2 per-image transforms (image folders,
-  and a fallback).
+  and a fallback). Its evaluation keeps the decoded images after the first pass when they fit
+  `--eval-memory-mib` (`KeptEvalLoader`).
 Training indices come from `dtl.samplers` (disjoint shards, reshuffled by `set_epoch`); evaluation
 uses contiguous shards without padding, so every test image is counted exactly once at any world size.
 Both loaders (and `dtl.features.FeatureLoader`) are `BatchLoader`s: what the training loop may rely on.
@@ -12,9 +16,10 @@ Both loaders (and `dtl.features.FeatureLoader`) are `BatchLoader`s: what the tra
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -26,11 +31,15 @@ from dtl.data.augment.autoaugment import AutoAugment
 from dtl.data.augment.chain import AugmentChain
 from dtl.data.augment.transform import BatchTransform
 from dtl.data.cifar import load_cifar, make_synthetic
-from dtl.data.folder import load_folder_splits
+from dtl.data.folder import FolderSplit, load_folder_splits
+from dtl.data.image_cache import square
+from dtl.data.images import decode_batch, read_bytes
 from dtl.data.preprocessing import IMAGENET, Preprocessing, eval_transform, v2_interpolation
 from dtl.data.samplers import EvalShardSampler, sampler_for
 from dtl.data.splits import DatasetSplit, Split, Splits, apply_subsets, stream_seed
 from dtl.dist import DistEnv, main_first
+
+log = logging.getLogger("dtl")
 
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2000, 500
 _CHUNK_PIXELS = 512 * 32 * 32  # output pixels per batched-transform call (see DeviceLoader.chunk_batches)
@@ -85,7 +94,7 @@ class DeviceLoader:
 
     def __init__(self, split: Split, sampler: Sampler[int], batch_size: int, transform: BatchTransform | AugmentChain,
                  device: torch.device, seed: int, rank: int) -> None:
-        self.images = split.images.to(device)
+        self.images = _placed(split.images, device)
         self.labels = split.labels.to(device)
         self.sampler, self.batch_size, self.transform = sampler, batch_size, transform
         self.device, self.seed, self.rank = device, seed, rank
@@ -116,10 +125,124 @@ class DeviceLoader:
             if last <= self.start_batch:  # before the resume point: same draws, no pixels
                 self.transform.skip(len(idx), self.images.shape[-2:], gen)
                 continue
-            images, labels = self.transform(self.images[idx], gen), self.labels[idx]
+            rows = (self.images[idx] if self.images.device == idx.device
+                    else self.images[idx.cpu()].to(self.device, non_blocking=True))
+            images, labels = self.transform(rows, gen), self.labels[idx]
             for b in range(max(first, self.start_batch), last):
                 lo = (b - first) * bs
                 yield images[lo:lo + bs], labels[lo:lo + bs]
+
+
+def _placed(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The split on the device when it takes at most half of the device's free memory; else it stays in host
+    memory (e.g. a large memory-mapped image cache) and each chunk of batches is gathered there and copied."""
+    if device.type != "cuda" or images.device == device:
+        return images.to(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    if images.nbytes <= free // 2:
+        return images.to(device)
+    log.info("the %.1f GiB of images stay in host memory (the device has %.1f GiB free): batches are gathered "
+             "there and copied", images.nbytes / 2**30, free / 2**30)
+    return images
+
+
+class _Files(Dataset):
+    """The `decode` pipeline's worker side: image i's encoded bytes (decoded on the GPU by the main process), or
+    on a CPU its decoded square (`image_cache.square`) -- the per-image work that parallelises over workers."""
+
+    def __init__(self, split: FolderSplit, size: int, decode_here: bool) -> None:
+        self.split, self.size, self.decode_here = split, size, decode_here
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self.decode_here:  # LazyImages: --image-decoder, and a file that fails now is replaced, logged
+            return square(self.split.images[i], self.size), int(self.split.labels[i])
+        return read_bytes(self.split.root / self.split.files[i]), int(self.split.labels[i])
+
+
+def _collate_bytes(items: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    return [b for b, _ in items], torch.tensor([lab for _, lab in items], dtype=torch.int64)
+
+
+class DecodeLoader:
+    """Batches decoded from an image folder's files every pass (`--data-pipeline decode`), augmented as by
+    `DeviceLoader` (the same batched transforms, a generator per (seed, epoch, rank); a resume replays the
+    skipped batches' draws). On a GPU the workers only read bytes and each batch's JPEGs are decoded in one
+    nvJPEG call (`images.decode_batch`), then resized to squares on the GPU; on a CPU the workers decode and
+    resize. `transform` None: the uint8 squares themselves (what `KeptEvalLoader` keeps)."""
+
+    def __init__(self, split: FolderSplit, sampler: Sampler[int], batch_size: int,
+                 transform: BatchTransform | AugmentChain | None, size: int, num_workers: int, device: torch.device,
+                 seed: int, rank: int, decoder: str = "auto") -> None:
+        self.split, self.sampler, self.batch_size, self.transform = split, sampler, batch_size, transform
+        self.size, self.num_workers, self.device, self.seed, self.rank = size, num_workers, device, seed, rank
+        self.decoder, self.on_device = decoder, device.type == "cuda"
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def _squares(self, batch: list[torch.Tensor] | torch.Tensor, idx: list[int]) -> torch.Tensor:
+        if not self.on_device:
+            return batch.to(self.device)  # type: ignore[union-attr] - decoded by the workers
+        paths = [self.split.root / self.split.files[i] for i in idx]
+        try:
+            decoded = decode_batch(paths, self.device, self.decoder, encoded=batch)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - a file the CPU cannot decode either: LazyImages replaces and logs it
+            decoded = [self.split.images[i].to(self.device) for i in idx]
+        return torch.stack([square(img, self.size) for img in decoded])
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator(device=self.device).manual_seed(stream_seed(self.seed, self.epoch, self.rank))
+        order, bs = list(self.sampler), self.batch_size
+        if self.transform is not None:
+            for b in range(self.start_batch):  # before the resume point: same draws, no pixels
+                self.transform.skip(len(order[b * bs:(b + 1) * bs]), (self.size, self.size), gen)
+        indices = order[self.start_batch * bs:]
+        dataset = _Files(self.split, self.size, decode_here=not self.on_device)
+        loader = DataLoader(dataset, batch_size=bs, sampler=indices, num_workers=self.num_workers,
+                            pin_memory=self.on_device, collate_fn=_collate_bytes if self.on_device else None,
+                            worker_init_fn=_ignore_stop_signals if self.num_workers else None)
+        for k, (batch, labels) in enumerate(loader):
+            squares = self._squares(batch, indices[k * bs:(k + 1) * bs])
+            images = squares if self.transform is None else self.transform(squares, gen)
+            yield images, labels.to(self.device, non_blocking=True)
+
+
+class KeptEvalLoader:
+    """Evaluation that decodes once: the first complete pass takes `inner`'s uint8 batches (decoded and resized,
+    not yet normalised) and keeps them where they are (the device); every pass yields `finish(batch)`. Later
+    passes read the kept batches instead of the files (`--eval-memory-mib` decides whether they fit)."""
+
+    def __init__(self, inner: BatchLoader, finish: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.inner, self.finish = inner, finish
+        self.kept: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.start_batch = start_batch
+        self.inner.set_epoch(epoch, start_batch)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.kept is not None:
+            for images, labels in self.kept[getattr(self, "start_batch", 0):]:
+                yield self.finish(images), labels
+            return
+        kept = []
+        for images, labels in self.inner:
+            kept.append((images, labels))
+            yield self.finish(images), labels
+        if not getattr(self, "start_batch", 0):
+            self.kept = kept  # a whole pass: from now on the files are not read again
 
 
 class _BatchOfOne:
@@ -213,22 +336,64 @@ def augment_chain(cfg: Config, prep: Preprocessing = IMAGENET, dtype: torch.dtyp
                         mean=prep.mean, std=prep.std, dtype=dtype, channels_last=channels_last)
 
 
-def resolve_pipeline(cfg: Config) -> str:
-    if cfg.data.data_pipeline != "auto":
-        return cfg.data.data_pipeline
-    return "workers" if cfg.data.dataset == "folder" else "device"
+def resolve_pipeline(cfg: Config, device: torch.device | str | None = None) -> str:
+    """The pipeline `--data-pipeline` names; auto: device for in-memory data sets and cached image folders
+    (--cache-images), decode for other folders on a GPU (nvJPEG), workers on a CPU. `device`: the run's (None:
+    what --device auto would pick)."""
+    d = cfg.data
+    if d.data_pipeline != "auto":
+        return d.data_pipeline
+    if d.dataset != "folder" or d.cache_images is not None:
+        return "device"
+    if device is None:
+        on_gpu = cfg.dist.device == "cuda" or (cfg.dist.device == "auto" and torch.cuda.is_available())
+    else:
+        on_gpu = torch.device(device).type == "cuda"
+    return "decode" if on_gpu else "workers"
+
+
+def _normalise(prep: Preprocessing, dtype: torch.dtype,
+               memory_format: torch.memory_format) -> Callable[[torch.Tensor], torch.Tensor]:
+    """v2's ToDtype(float32, scale=True) + Normalize on a batch (the same element-wise ops, so the same numbers
+    as per image), then the compute dtype and memory format."""
+    def finish(images: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as F
+
+        out = F.normalize(F.to_dtype(images, torch.float32, scale=True), list(prep.mean), list(prep.std))
+        return out.to(dtype).contiguous(memory_format=memory_format)
+    return finish
 
 
 def eval_loader(cfg: Config, split: DatasetSplit, env: DistEnv, device: torch.device,
                 compute_dtype: torch.dtype = torch.float32, channels_last: bool = True,
                 prep: Preprocessing = IMAGENET) -> BatchLoader:
-    """This rank's contiguous shard of a split with the eval transform (`prep`: the model's normalisation)."""
+    """This rank's contiguous shard of a split with the eval transform (`prep`: the model's normalisation).
+    Image folders decoded from files keep their decoded images after the first pass when this rank's share fits
+    `--eval-memory-mib` (`KeptEvalLoader`): later evaluations do not decode again."""
     sampler = EvalShardSampler(len(split), env.rank, env.world_size)
-    if resolve_pipeline(cfg) == "device" and isinstance(getattr(split, "images", None), torch.Tensor):
-        transform = BatchTransform(train=False, size=cfg.data.image_size, mean=prep.mean, std=prep.std,
-                                   dtype=compute_dtype, channels_last=channels_last)
-        return DeviceLoader(split, sampler, cfg.optim.batch_size, transform, device, cfg.run.seed, env.rank)
-    return WorkerLoader(split, sampler, cfg.optim.batch_size, v2_transform(False, cfg.data.image_size, False, prep),
+    pipeline, size = resolve_pipeline(cfg, device), cfg.data.image_size
+    batch = BatchTransform(train=False, size=size, mean=prep.mean, std=prep.std, dtype=compute_dtype,
+                           channels_last=channels_last)
+    if pipeline == "device" and isinstance(getattr(split, "images", None), torch.Tensor):
+        return DeviceLoader(split, sampler, cfg.optim.batch_size, batch, device, cfg.run.seed, env.rank)
+    square_size = cfg.data.cache_size or size
+    keep = isinstance(split, FolderSplit) and (
+        len(sampler) * 3 * max(size, square_size if pipeline == "decode" else size) ** 2
+        <= cfg.data.eval_memory_mib * 2**20)
+    if pipeline == "decode" and isinstance(split, FolderSplit):
+        inner = DecodeLoader(split, sampler, cfg.optim.batch_size, None if keep else batch, square_size,
+                             cfg.data.num_workers, device, cfg.run.seed, env.rank, cfg.data.image_decoder)
+        return KeptEvalLoader(inner, lambda images: batch(images)) if keep else inner
+    if keep:
+        from torchvision.transforms import v2
+
+        resize = v2.Compose([v2.Resize(size, interpolation=v2_interpolation(prep.interpolation), antialias=True),
+                             v2.CenterCrop(size)])
+        inner = WorkerLoader(split, sampler, cfg.optim.batch_size, resize, cfg.data.num_workers, device,
+                             cfg.run.seed, channels_last=False)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        return KeptEvalLoader(inner, _normalise(prep, torch.float32, memory_format))
+    return WorkerLoader(split, sampler, cfg.optim.batch_size, v2_transform(False, size, False, prep),
                         cfg.data.num_workers, device, cfg.run.seed, channels_last)
 
 
@@ -236,11 +401,18 @@ def build_loaders(cfg: Config, splits: Splits, env: DistEnv, device: torch.devic
                   channels_last: bool = True, prep: Preprocessing = IMAGENET) -> tuple[BatchLoader, BatchLoader]:
     """Train and eval loaders for this rank (`prep`: the model's normalisation and resampling)."""
     tsampler = sampler_for(splits.train.labels, env, cfg.run.seed, cfg.data.class_balance, cfg.optim.batch_size)
-    if resolve_pipeline(cfg) == "device" and isinstance(getattr(splits.train, "images", None), torch.Tensor):
-        ttrans = augment_chain(cfg, prep, compute_dtype, channels_last) or BatchTransform(
-            train=cfg.data.augment, size=cfg.data.image_size, scale=cfg.data.crop_scale, mean=prep.mean,
-            std=prep.std, dtype=compute_dtype, channels_last=channels_last)
-        train = DeviceLoader(splits.train, tsampler, cfg.optim.batch_size, ttrans, device, cfg.run.seed, env.rank)
+    pipeline = resolve_pipeline(cfg, device)
+    if cfg.data.dataset == "folder" and env.is_main:
+        log.info("data pipeline: %s%s", pipeline, " (--data-pipeline auto)" if cfg.data.data_pipeline == "auto" else "")
+    batched = augment_chain(cfg, prep, compute_dtype, channels_last) or BatchTransform(
+        train=cfg.data.augment, size=cfg.data.image_size, scale=cfg.data.crop_scale, mean=prep.mean,
+        std=prep.std, dtype=compute_dtype, channels_last=channels_last)
+    if pipeline == "device" and isinstance(getattr(splits.train, "images", None), torch.Tensor):
+        train = DeviceLoader(splits.train, tsampler, cfg.optim.batch_size, batched, device, cfg.run.seed, env.rank)
+    elif pipeline == "decode" and isinstance(splits.train, FolderSplit):
+        train = DecodeLoader(splits.train, tsampler, cfg.optim.batch_size, batched,
+                             cfg.data.cache_size or cfg.data.image_size, cfg.data.num_workers, device, cfg.run.seed,
+                             env.rank, cfg.data.image_decoder)
     else:
         chain = augment_chain(cfg, prep, channels_last=False)
         transform = (_BatchOfOne(chain) if chain else

@@ -41,9 +41,9 @@ class Preprocessing:
                    str(values.get("interpolation", "bilinear")))
 
     def for_pipeline(self, pipeline: str) -> Preprocessing:
-        """What a data pipeline actually applies: the device pipeline resamples bilinearly whatever the model
-        prefers (the run records that, so evaluation and export resample the same way)."""
-        if pipeline == "device" and self.interpolation != DEVICE_INTERPOLATION:
+        """What a data pipeline actually applies: the device and decode pipelines resample bilinearly whatever
+        the model prefers (the run records that, so evaluation and export resample the same way)."""
+        if pipeline in ("device", "decode") and self.interpolation != DEVICE_INTERPOLATION:
             return Preprocessing(self.mean, self.std, DEVICE_INTERPOLATION)
         return self
 

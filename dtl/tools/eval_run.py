@@ -90,8 +90,10 @@ def load_model(path: str | Path, device: torch.device) -> Loaded:
 def _eval_config(args: argparse.Namespace, loaded: Loaded) -> Config:
     """The run's config with the eval flags applied (and the run-only settings cleared)."""
     cfg = loaded.config
+    # image folders are read from their files, not the training run's image cache (which a later change to the
+    # folder would make stale mid-evaluation, and which may live on another machine)
     changes: dict[str, Any] = {"resume": None, "output_dir": None, "overwrite": False, "debug": False,
-                               "device": args.device}
+                               "device": args.device, "cache_images": None}
     if args.dataset is not None:
         changes["dataset"] = args.dataset
         if args.dataset != "cifar100":

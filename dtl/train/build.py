@@ -13,7 +13,7 @@ from torch import nn
 import dtl
 from dtl import models
 from dtl.config import Config
-from dtl.data import features, loaders, samplers
+from dtl.data import features, image_cache, loaders, samplers
 from dtl.data.augment import mix
 from dtl.data.loaders import BatchLoader
 from dtl.data.preprocessing import Preprocessing
@@ -45,9 +45,9 @@ def run_info(cfg: Config, env: DistEnv, device: torch.device, precision: Precisi
                    preprocessing=prep.to_dict())
 
 
-def preprocessing_of(cfg: Config) -> Preprocessing:
+def preprocessing_of(cfg: Config, device: torch.device | None = None) -> Preprocessing:
     """The backbone's normalisation, with the resampling the run's data pipeline applies."""
-    return models.preprocessing(cfg.backbone.model).for_pipeline(loaders.resolve_pipeline(cfg))
+    return models.preprocessing(cfg.backbone.model).for_pipeline(loaders.resolve_pipeline(cfg, device))
 
 
 def build_model(cfg: Config, device: torch.device, num_classes: int) -> tuple[nn.Module, list[str]]:
@@ -77,6 +77,11 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> tuple[RunParts, 
     configure_backends(cfg.run.deterministic, precision)
     plan = run_folder.plan(cfg, env, device)
     splits = loaders.load_splits_once(cfg, env, plan.split_file)
+    if cfg.data.cache_images is not None:  # decoded once per node (its first process), read by every rank
+        d = cfg.data
+        folder = image_cache.cache_folder(d.cache_images, plan.outdir)
+        splits = main_first(env, lambda first: image_cache.cache_splits(
+            splits, folder, d.cache_size or d.image_size, first, d.image_decoder, device))
     if len(splits.classes) < 2:
         raise UserError(f"{cfg.data.data_dir} has {len(splits.classes)} class ({', '.join(splits.classes)}): a "
                         "classifier needs at least two (one class folder per class) -- it would reach a "
@@ -89,7 +94,7 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> tuple[RunParts, 
     scaler = precision.grad_scaler()
     weights = (samplers.class_weights(splits.train.labels, len(splits.classes))
                if cfg.data.class_balance == "loss" else None)
-    prep = preprocessing_of(cfg)  # the backbone's normalisation: loaders, cached features, config.json
+    prep = preprocessing_of(cfg, device)  # the backbone's normalisation: loaders, cached features, config.json
     info = run_info(cfg, env, device, precision, splits.classes, optim.table(group_rows), prep)
     if weights is not None:
         info = replace(info, class_weights=weights.tolist())
