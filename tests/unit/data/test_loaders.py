@@ -104,3 +104,78 @@ def test_workers_path_is_the_chain_on_a_batch_of_one_seeded_per_image():
     for i in range(len(split)):
         gen = torch.Generator().manual_seed(stream_seed(4, 2, i))
         assert torch.equal(dataset[i][0], chain(split.images[i:i + 1], gen)[0]), i
+
+
+# ---- image folders: the decode pipeline and the kept evaluation --------------------------------------------
+
+def _folder(tmp_path, per_class: int = 6):  # noqa: ANN202
+    from dtl.data import folder
+    from tests.unit.data.test_folder import write_folder
+
+    write_folder(tmp_path / "images", per_class=per_class, bad=False)
+    return folder.load_image_folder(tmp_path / "images")
+
+
+def test_decode_pipeline_is_the_cached_device_pipeline_without_the_cache(tmp_path):
+    """--data-pipeline decode: the same squares as the cache (workers decode and resize on a CPU) through the same
+    batched transforms as the device pipeline over the cache; its random stream is per (seed, epoch, rank) and
+    a resume replays the skipped batches' draws."""
+    from dtl.data import image_cache
+    from dtl.data.loaders import DecodeLoader
+
+    split = _folder(tmp_path)
+    cached = image_cache.cached_split(split, "train", tmp_path / "cache", 32, True)
+    sampler = EvalShardSampler(len(split), 0, 1)
+    device = DeviceLoader(cached, sampler, 4, BatchTransform(False, 24), torch.device("cpu"), seed=2, rank=0)
+    decode = DecodeLoader(split, sampler, 4, BatchTransform(False, 24), 32, 1, torch.device("cpu"), seed=2, rank=0)
+    for (x, y), (xd, yd) in zip(decode, device, strict=True):
+        assert torch.equal(x, xd) and torch.equal(y, yd) and x.shape[1:] == (3, 24, 24)
+    train = DecodeLoader(split, train_sampler(len(split), DistEnv(), seed=2), 4, BatchTransform(True, 24), 32, 0,
+                         torch.device("cpu"), seed=2, rank=0)
+    train.set_epoch(1)
+    full = list(train)
+    train.set_epoch(1, start_batch=3)
+    resumed = list(train)
+    assert len(full) == 5 and len(resumed) == 2
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(resumed, full[3:]))
+    train.set_epoch(2)
+    assert not torch.equal(next(iter(train))[0], full[0][0])  # reshuffled and redrawn per epoch
+    assert isinstance(train, BatchLoader)
+
+
+def test_folder_evaluation_decodes_once_and_gives_the_files_numbers(tmp_path, monkeypatch):
+    """Without a cache, the evaluation split's decoded images are kept after the first pass (within
+    --eval-memory-mib): the second pass reads no file, and both are bitwise the per-image eval transform's."""
+    from dtl.data import folder, loaders
+
+    split = _folder(tmp_path)
+    cfg = Config(dataset="folder", data_dir=str(tmp_path / "images"), image_size=24, batch_size=5, num_workers=0,
+                 mode="scratch")
+    reads = []
+    real = folder.decode
+    monkeypatch.setattr(folder, "decode", lambda path, decoder="auto": reads.append(path) or real(path, decoder))
+    kept = loaders.eval_loader(cfg, split, DistEnv(), torch.device("cpu"))
+    assert isinstance(kept, loaders.KeptEvalLoader)
+    plain = loaders.eval_loader(cfg.replace(eval_memory_mib=0), split, DistEnv(), torch.device("cpu"))
+    assert isinstance(plain, WorkerLoader)
+    want = list(plain)
+    reads.clear()
+    for n_reads in (len(split), 0):  # the first pass decodes every file, the second none
+        kept.set_epoch(0)
+        got = list(kept)
+        assert len(reads) == n_reads
+        reads.clear()
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want, strict=True))
+        assert got[0][0].is_contiguous(memory_format=torch.channels_last)
+    tiny = cfg.replace(eval_memory_mib=len(split) * 3 * 24 * 24 / 2**20 * 0.99)  # just does not fit
+    assert isinstance(loaders.eval_loader(tiny, split, DistEnv(), torch.device("cpu")), WorkerLoader)
+
+
+def test_auto_pipeline_for_folders_says_which():
+    from dtl.data.loaders import resolve_pipeline
+
+    folder_cfg = Config(dataset="folder", mode="scratch")
+    assert resolve_pipeline(folder_cfg, "cpu") == "workers" and resolve_pipeline(folder_cfg, "cuda") == "decode"
+    assert resolve_pipeline(folder_cfg.replace(cache_images="auto"), "cuda") == "device"
+    assert resolve_pipeline(Config(), "cuda") == "device"
+    assert resolve_pipeline(folder_cfg.replace(data_pipeline="decode"), "cpu") == "decode"
