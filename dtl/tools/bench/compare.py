@@ -59,6 +59,7 @@ from dtl.data.augment import mix
 from dtl.dist import DistEnv, pick_device
 from dtl.errors import UserError
 from dtl.tools.bench.article_loop import ReferenceLoop, endless
+from dtl.tools.bench.folder_input import run_folder_bench
 from dtl.tools.bench.input_phases import extra_phases, reference_runner
 from dtl.tools.bench.report import PHASES, SIDES, Options, assemble, format_table
 from dtl.tools.bench.strong_loop import StrongLoop
@@ -125,9 +126,8 @@ def bench_config(args: argparse.Namespace, device: torch.device | None = None) -
     if args.dataset is None and "dataset" not in toml:
         args.dataset = "cifar10" if (args.data_dir or "data_dir" in toml) else "synthetic"
     cfg = config_from_args(args)
-    if cfg.data.dataset not in ("synthetic", "cifar10", "cifar100"):
-        raise UserError(f"dtl bench compares CIFAR-format data only (synthetic, cifar10, cifar100), got "
-                        f"--dataset {cfg.data.dataset}")
+    if cfg.data.dataset == "folder":  # the folder input phase (`dtl.tools.bench.folder_input`)
+        return cfg
     device = device or pick_device(DistEnv(), cfg.dist.device)
     if cfg.data.dataset == "synthetic":
         n_train, n_test = SYNTHETIC_COUNTS["cuda" if device.type == "cuda" else "cpu"]
@@ -462,6 +462,10 @@ def run(args: argparse.Namespace, command: str) -> int:
         spec = json.loads(Path(args.probe).read_text())
         Path(spec["out"]).write_text(json.dumps(probe(spec)))
         return 0
-    run_bench(bench_config(args), options_from_args(args, command))
+    cfg = bench_config(args)
+    if cfg.data.dataset == "folder":
+        run_folder_bench(cfg, options_from_args(args, command))
+    else:
+        run_bench(cfg, options_from_args(args, command))
     return 0
 

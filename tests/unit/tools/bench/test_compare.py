@@ -121,7 +121,7 @@ def test_bench_flags_are_trains_plus_its_own() -> None:
     args = bench_args(["--steps", "0"])
     with pytest.raises(UserError, match="--steps"):
         compare.options_from_args(args, "x")
-    assert bench_main(["--dataset", "folder", "--device", "cpu"]) == 2
+    assert bench_main(["--dataset", "folder", "--data-dir", "/nonexistent/dtl-bench", "--device", "cpu"]) == 2
 
 
 def bench_with_input_augment(tmp_path: Path, *flags: str) -> dict[str, Any]:
