@@ -139,3 +139,33 @@ def test_training_from_the_cache_resumes_bitwise_and_eval_reads_the_files(photos
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["count"] == 6 and summary["top1"] == pytest.approx(row["test_acc"], abs=1 / 6 + 1e-9)
     assert summary["loss"] == pytest.approx(row["test_loss"], rel=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("decoder", ["torchvision", "torchcodec"])
+def test_cuda_decoding_and_cache_match_the_cpu(photos, tmp_path, decoder):
+    """nvJPEG (one batched call; the PNGs on the CPU) gives the CPU decoder's pixels within a few grey levels
+    (its IDCT and upsampling differ slightly from libjpeg-turbo's); a cache built on the GPU, and the decode
+    pipeline's batches on the GPU, match the CPU's within the same tolerance."""
+    from dtl.data import images
+    from dtl.data.augment.transform import BatchTransform
+    from dtl.data.loaders import DecodeLoader
+    from dtl.data.samplers import EvalShardSampler
+
+    if decoder == "torchcodec" and not images.torchcodec_available():
+        pytest.skip("TorchCodec is not installed")
+    split = folder.load_image_folder(photos)
+    gpu = images.decode_batch(split.paths(), "cuda", decoder)
+    cpu = [images.decode(p, decoder) for p in split.paths()]
+    for g, c in zip(gpu, cpu, strict=True):
+        assert g.device.type == "cuda" and g.shape == c.shape
+        assert (g.cpu().int() - c.int()).abs().float().mean() < 2
+    on_gpu = image_cache.cached_split(split, "train", tmp_path / "g", 32, True, decoder, "cuda")
+    on_cpu = image_cache.cached_split(split, "train", tmp_path / "c", 32, True, decoder, "cpu")
+    assert (on_gpu.images.int() - on_cpu.images.int()).abs().float().mean() < 2
+    loader = DecodeLoader(split, EvalShardSampler(len(split), 0, 1), 8, BatchTransform(False, 24), 32, 1,
+                          torch.device("cuda"), seed=0, rank=0, decoder=decoder)
+    batches = list(loader)
+    assert all(x.device.type == "cuda" and x.shape[1:] == (3, 24, 24) for x, _ in batches)
+    assert torch.cat([y for _, y in batches]).cpu().tolist() == split.labels.tolist()
