@@ -185,6 +185,10 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=("none", "flip"), default=None,
                    help="test-time augmentation: flip = the mean of the logits of each image and its mirror; "
                         "both the plain and the TTA numbers are printed (default: the run's --tta)")
+    p.add_argument("--cache-images", nargs="?", const="auto", default=None, metavar="DIR",
+                   help="image folders: evaluate from the decoded-image cache (alone: image-cache/ beside the "
+                        "run folder, where the training run's --cache-images put it; or DIR), checked against "
+                        "the files and rebuilt if stale, at the run's --cache-size. Default: read the files")
     p.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="seconds a collective may wait before the job is declared dead")
     return p

@@ -25,9 +25,9 @@ import torch
 
 from dtl import files, models
 from dtl.config import Config
-from dtl.data import folder, loaders
+from dtl.data import folder, image_cache, loaders
 from dtl.data.preprocessing import IMAGENET, Preprocessing
-from dtl.dist import DistEnv
+from dtl.dist import DistEnv, main_first
 from dtl.errors import EXIT_OK, UserError
 from dtl.train import checkpoint_format as ckpt
 from dtl.train.evaluate import evaluate
@@ -104,12 +104,15 @@ def _eval_config(args: argparse.Namespace, loaded: Loaded) -> Config:
         if args.eval_subset < 0:
             raise UserError(f"--eval-subset must be >= 0 (0: all images), got {args.eval_subset}")
         changes["eval_subset"] = args.eval_subset or None
-    for name in ("batch_size", "num_workers", "precision", "strict_images", "tta"):
+    for name in ("batch_size", "num_workers", "precision", "strict_images", "tta", "cache_images"):
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value
-    if changes.get("dataset", cfg.data.dataset) == "folder" and cfg.data.data_pipeline == "device":
+    if changes.get("dataset", cfg.data.dataset) == "folder" and cfg.data.data_pipeline == "device" \
+            and changes["cache_images"] is None:
         changes["data_pipeline"] = "workers"
+    if changes["cache_images"] is not None and cfg.data.data_pipeline == "decode":
+        changes["data_pipeline"] = "auto"
     try:
         return cfg.replace(**changes)
     except (TypeError, ValueError) as err:
@@ -178,6 +181,11 @@ def evaluate_checkpoint(args: argparse.Namespace, env: DistEnv, device: torch.de
     if cfg.dist.device == "auto":
         cfg = cfg.replace(device=device.type)
     test = _test_split(cfg, loaded, env)
+    if cfg.data.cache_images is not None and isinstance(test, folder.FolderSplit):
+        where = image_cache.cache_folder(cfg.data.cache_images, loaded.run_dir or Path("runs") / "eval")
+        size = cfg.data.cache_size or cfg.data.image_size
+        test = main_first(env, lambda first: image_cache.cached_split(test, "val", where, size, first,
+                                                                       cfg.data.image_decoder, device))
     fmt = models.memory_format(device.type, loaded.config.backbone.mode)
     loader = loaders.eval_loader(cfg, test, env, device, channels_last=fmt == torch.channels_last,
                               prep=loaded.preprocessing)

@@ -116,7 +116,8 @@ def test_a_process_that_is_not_first_only_reads(photos, tmp_path):
 def test_training_from_the_cache_resumes_bitwise_and_eval_reads_the_files(photos, tmp_path, capsys):
     """--cache-images with --val-split, a stratified subset and --class-balance: the device pipeline serves both
     splits, the cache lives in image-cache/ beside the run folders and is shared by them; 2 epochs equal 1 +
-    a resumed 1; `dtl eval` reads the files (the same accuracy, up to float rounding of the two transforms)."""
+    a resumed 1; `dtl eval` reads the files (the same accuracy, up to float rounding of the two transforms), or
+    with --cache-images the run's cache."""
     from dtl import cli
 
     common = ["--dataset", "folder", "--data-dir", str(photos), "--val-split", "0.25", "--train-subset", "12",
@@ -139,6 +140,13 @@ def test_training_from_the_cache_resumes_bitwise_and_eval_reads_the_files(photos
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["count"] == 6 and summary["top1"] == pytest.approx(row["test_acc"], abs=1 / 6 + 1e-9)
     assert summary["loss"] == pytest.approx(row["test_loss"], rel=1e-3)
+    capsys.readouterr()
+    # told to, it evaluates from the run's cache (found up to date): the run's own numbers
+    assert cli.main(["eval", "--checkpoint", str(full), "--device", "cpu", "--cache-images",
+                     "--output-dir", str(tmp_path / "ev2")]) == 0
+    assert "up to date" in capsys.readouterr().err
+    cached = json.loads((tmp_path / "ev2" / "summary.json").read_text())
+    assert cached["top1"] == row["test_acc"] and cached["loss"] == pytest.approx(row["test_loss"], rel=1e-6)
 
 
 @pytest.mark.cuda
