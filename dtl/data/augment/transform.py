@@ -47,6 +47,12 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 # torchvision's RandomResizedCrop tries this many random boxes before falling back to a central crop.
 _NUM_ATTEMPTS = 10
+#: On a CPU, sources at least this many pixels on their shorter side are resampled by torch's native antialiased
+#: kernel (``F.interpolate(mode="bilinear", antialias=True)``: the same weights, computed per output pixel),
+#: per image for crops: the batched matmuls cost O(H x W x size) per image -- about 135 MFLOP for a 224 px
+#: source and output, 5-8 ms on one core against ~1.2 ms -- while on small sources such as CIFAR's 32 px
+#: they win (one call for the batch instead of one per image).
+NATIVE_MIN_SIDE = 64
 
 
 def _devices(
@@ -288,6 +294,8 @@ def resized_crop(
     bsz, _, height, width = x.shape
     if boxes.shape != (bsz, 4):
         raise ValueError(f"expected boxes of shape ({bsz}, 4), got {tuple(boxes.shape)}")
+    if x.device.type == "cpu" and min(height, width) >= NATIVE_MIN_SIDE:
+        return _native_resized_crop(x, boxes, size, flips, dtype, channels_last)
     top, left, h, w = boxes.to(device=x.device).unbind(dim=1)
     ry = _aa_weights(top, h, size, height, x.device)  # (B, size, H)
     rx = _aa_weights(left, w, size, width, x.device)  # (B, size, W)
@@ -296,6 +304,22 @@ def resized_crop(
         flips = flips.to(device=x.device, dtype=torch.bool).view(-1, 1, 1)
         rx = torch.where(flips, rx.flip(1), rx)
     return _separable_resample(x, ry, rx, dtype, channels_last)
+
+
+def _native_resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int, flips: torch.Tensor | None,
+                         dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """`resized_crop`'s resampling on a CPU for large sources (see `NATIVE_MIN_SIDE`): each normalised crop
+    through the native kernel, flipped after (the filter is symmetric), written into the output's format."""
+    import torch.nn.functional as F
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty((x.shape[0], x.shape[1], size, size), dtype=dtype, memory_format=fmt)
+    flipped = flips.tolist() if flips is not None else [False] * x.shape[0]
+    for i, (top, left, h, w) in enumerate(boxes.tolist()):
+        y = F.interpolate(x[i:i + 1, :, top:top + h, left:left + w], size=(size, size), mode="bilinear",
+                          antialias=True, align_corners=False)
+        out[i:i + 1] = y.flip(-1) if flipped[i] else y
+    return out
 
 
 def _resize_output_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -327,6 +351,14 @@ def resize(
     x = _normalized_input(images, mean, std)
     bsz, _, height, width = x.shape
     out_h, out_w = _resize_output_size(height, width, size)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if (out_h, out_w) == (height, width):  # the weights are the identity then (scale 1: one tap of weight 1)
+        return x.to(dtype).contiguous(memory_format=fmt)
+    if x.device.type == "cpu" and min(height, width) >= NATIVE_MIN_SIDE:
+        import torch.nn.functional as F
+
+        y = F.interpolate(x, size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
+        return y.to(dtype).contiguous(memory_format=fmt)
     # All images share the same weights: build them once (filled on the device, so no host copy) and
     # broadcast over the batch.
     zero = torch.zeros(1, dtype=torch.int64, device=x.device)

@@ -216,6 +216,8 @@ CROP_CASES = [
     # Non-square source.
     (24, 40, 32, [(0, 0, 24, 40), (2, 5, 20, 30), (0, 39, 24, 1), (23, 0, 1, 40)]),
     (24, 40, 224, [(0, 0, 24, 40), (2, 5, 20, 30)]),
+    # A large source (an image folder's cache at 224 px; on a CPU the native-kernel path, NATIVE_MIN_SIDE).
+    (120, 100, 112, [(0, 0, 120, 100), (10, 7, 70, 90), (0, 99, 120, 1), (119, 0, 1, 100)]),
 ]
 
 
@@ -230,6 +232,27 @@ def test_resized_crop_matches_torchvision(height, width, size, box_list) -> None
     for i in range(n):
         ref = reference_crop(images[i], boxes[i].tolist(), size, bool(flips[i]))
         assert_matches(out[i], ref, f"image {i}, box {boxes[i].tolist()}, flip {bool(flips[i])}")
+
+
+def test_large_sources_on_a_cpu_take_the_native_kernel_with_the_matmuls_results(monkeypatch) -> None:
+    """Sources of NATIVE_MIN_SIDE px or more are resampled per image by F.interpolate on a CPU (5x faster at
+    224 px); it computes the same weights, so the results agree with the batched matmuls to float rounding."""
+    from dtl.data.augment import transform
+
+    g = torch.Generator().manual_seed(3)
+    images = random_images(12, 96, 120, seed=3)
+    boxes, flips = sample_crop_boxes(12, 96, 120, generator=g), sample_flips(12, generator=g)
+    native, native_resize = resized_crop(images, boxes, 80, flips), resize(images, 80)
+    monkeypatch.setattr(transform, "NATIVE_MIN_SIDE", 10**9)
+    matmul, matmul_resize = resized_crop(images, boxes, 80, flips), resize(images, 80)
+    torch.testing.assert_close(native, matmul, atol=1e-5, rtol=0)
+    torch.testing.assert_close(native_resize, matmul_resize, atol=1e-5, rtol=0)
+    assert native.is_contiguous(memory_format=torch.channels_last)
+    # an image already at the size is returned normalised as is (the identity weights), by both paths
+    square = random_images(2, 40, 40, seed=4)
+    shortcut = resize(square, 40, channels_last=False)
+    want = F.normalize(F.to_dtype(square, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
+    torch.testing.assert_close(shortcut, want, atol=1e-6, rtol=0)
 
 
 def test_resized_crop_random_batch_matches_torchvision() -> None:
