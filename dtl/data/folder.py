@@ -92,13 +92,16 @@ class FolderSplit:
     (N, 3, S, S) uint8 tensor instead, which the device pipeline takes as it takes CIFAR's."""
 
     def __init__(self, root: Path, files: list[str], labels: list[int], classes: list[str],
-                 source: dict[str, Any] | None = None, images: torch.Tensor | None = None) -> None:
+                 source: dict[str, Any] | None = None, images: torch.Tensor | None = None,
+                 decoder: str = "auto") -> None:
         self.root = Path(root)
         self.files = list(files)
         self.classes = list(classes)
         self.labels = torch.tensor(labels, dtype=torch.int64)
-        self.images: LazyImages | torch.Tensor = (LazyImages(self.root, self.files, list(labels)) if images is None
-                                                  else images)
+        #: --image-decoder, for the files (LazyImages, the decode pipeline, the cache's first build)
+        self.decoder = decoder
+        self.images: LazyImages | torch.Tensor = (LazyImages(self.root, self.files, list(labels), decoder)
+                                                  if images is None else images)
         #: how the split was made (data_dir, layout, seed, val_split, skipped files), for `save_split`
         self.source = source if source is not None else {}
 
@@ -120,13 +123,19 @@ class FolderSplit:
         labels = self.labels.tolist()
         rows = self.images[torch.tensor(idx, dtype=torch.int64)] if isinstance(self.images, torch.Tensor) else None
         return FolderSplit(self.root, [self.files[i] for i in idx], [labels[i] for i in idx], self.classes,
-                           self.source, rows)
+                           self.source, rows, self.decoder)
+
+    def with_decoder(self, decoder: str) -> FolderSplit:
+        """The same split decoded by `decoder` (--image-decoder)."""
+        images = self.images if isinstance(self.images, torch.Tensor) else None
+        return FolderSplit(self.root, self.files, self.labels.tolist(), self.classes, self.source, images, decoder)
 
     def with_images(self, images: torch.Tensor) -> FolderSplit:
         """The same split served from decoded images (row i: file i), e.g. its cache."""
         if images.shape[0] != len(self):
             raise ValueError(f"{images.shape[0]} images for a split of {len(self)} files")
-        return FolderSplit(self.root, self.files, self.labels.tolist(), self.classes, self.source, images)
+        return FolderSplit(self.root, self.files, self.labels.tolist(), self.classes, self.source, images,
+                           self.decoder)
 
     def with_classes(self, classes: list[str]) -> FolderSplit:
         """The same images labelled by their index in `classes` (e.g. a checkpoint's class list)."""
@@ -137,7 +146,7 @@ class FolderSplit:
                             f"it knows {', '.join(classes[:20])}{' ...' if len(classes) > 20 else ''}")
         remap = [classes.index(c) for c in self.classes]
         return FolderSplit(self.root, self.files, [remap[lab] for lab in self.labels.tolist()], classes,
-                           self.source, self.images if isinstance(self.images, torch.Tensor) else None)
+                           self.source, self.images if isinstance(self.images, torch.Tensor) else None, self.decoder)
 
     def __repr__(self) -> str:
         return f"FolderSplit({self.root}, {len(self)} images, {len(self.classes)} classes)"
@@ -386,11 +395,9 @@ def _finish(cfg: Config, train: FolderSplit, test: FolderSplit, with_train: bool
                         "for --val-split, or put images in val/<class>/)")
     log.info("image folder %s: %d train / %d held-out images, %d classes", cfg.data.data_dir, len(train),
              len(test), len(train.classes))
-    splits = apply_subsets(train, test, cfg.data.train_subset, cfg.data.eval_subset, cfg.data.subset_order,
-                           cfg.run.seed)
-    for split in (splits.train, splits.test):
-        split.images.decoder = cfg.data.image_decoder  # type: ignore[union-attr] - LazyImages here
-    return splits
+    decoder = cfg.data.image_decoder
+    return apply_subsets(train.with_decoder(decoder), test.with_decoder(decoder), cfg.data.train_subset,
+                         cfg.data.eval_subset, cfg.data.subset_order, cfg.run.seed)
 
 
 def eval_root(data_dir: Path) -> Path:

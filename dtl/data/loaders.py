@@ -224,6 +224,7 @@ class KeptEvalLoader:
     def __init__(self, inner: BatchLoader, finish: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.inner, self.finish = inner, finish
         self.kept: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.start_batch = 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.start_batch = start_batch
@@ -234,14 +235,14 @@ class KeptEvalLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.kept is not None:
-            for images, labels in self.kept[getattr(self, "start_batch", 0):]:
+            for images, labels in self.kept[self.start_batch:]:
                 yield self.finish(images), labels
             return
         kept = []
         for images, labels in self.inner:
             kept.append((images, labels))
             yield self.finish(images), labels
-        if not getattr(self, "start_batch", 0):
+        if not self.start_batch:
             self.kept = kept  # a whole pass: from now on the files are not read again
 
 

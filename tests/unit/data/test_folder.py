@@ -196,6 +196,9 @@ def test_folder_subsets_are_stratified_by_default_and_say_so(image_dir):
     assert any("--eval-subset: a stratified 3" in r.getMessage() for r in records)
     full = folder.load_folder_splits(cfg_for(root, val_split=0.25))
     assert splits.train.files == full.train.subset(6, "stratified", 0).files
+    # --image-decoder reaches the files' decoding through subsets and relabelling
+    tv = folder.load_folder_splits(cfg_for(root, val_split=0.25, train_subset=6, image_decoder="torchvision"))
+    assert tv.train.images.decoder == "torchvision" == tv.test.with_classes(tv.test.classes).images.decoder
 
 
 # ---- lazy decoding -----------------------------------------------------------------------------------
