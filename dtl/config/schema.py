@@ -93,8 +93,9 @@ class DataConfig:
     and image folders with --cache-images); workers: a DataLoader with worker processes and per-image transforms;
     decode (image folders): workers read the files' bytes, each batch is decoded on the device (nvJPEG on a GPU,
     the CPU decoder otherwise), resized to --cache-size squares and augmented in batches as by device -- for
-    folders too large to cache. auto: device for in-memory data sets and cached folders, decode for folders
-    on a GPU, workers for folders on a CPU (the log says which)."""
+    folders too large to cache. auto: device for in-memory data sets and cached folders, decode for other
+    folders (the log says which). workers keeps torchvision's per-image semantics: crops of the whole image, the
+    model's own resampling (bicubic for some timm models)."""
     image_decoder: Literal["auto", "torchcodec", "torchvision"] = "auto"
     """folder data sets: the library that decodes JPEG/PNG/WebP (on the CPU, and nvJPEG on a GPU): torchcodec
     (pip install 'dtl[torchcodec]'), torchvision (torchvision.io, deprecated since torchvision 0.29); auto:

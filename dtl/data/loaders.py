@@ -337,20 +337,14 @@ def augment_chain(cfg: Config, prep: Preprocessing = IMAGENET, dtype: torch.dtyp
                         mean=prep.mean, std=prep.std, dtype=dtype, channels_last=channels_last)
 
 
-def resolve_pipeline(cfg: Config, device: torch.device | str | None = None) -> str:
+def resolve_pipeline(cfg: Config) -> str:
     """The pipeline `--data-pipeline` names; auto: device for in-memory data sets and cached image folders
-    (--cache-images), decode for other folders on a GPU (nvJPEG), workers on a CPU. `device`: the run's (None:
-    what --device auto would pick)."""
+    (--cache-images), decode for other folders (measured faster than workers on CPUs too: BENCHMARKS.md, "Image
+    folders"; `--data-pipeline workers` keeps whole-image crops and the model's own resampling)."""
     d = cfg.data
     if d.data_pipeline != "auto":
         return d.data_pipeline
-    if d.dataset != "folder" or d.cache_images is not None:
-        return "device"
-    if device is None:
-        on_gpu = cfg.dist.device == "cuda" or (cfg.dist.device == "auto" and torch.cuda.is_available())
-    else:
-        on_gpu = torch.device(device).type == "cuda"
-    return "decode" if on_gpu else "workers"
+    return "device" if d.dataset != "folder" or d.cache_images is not None else "decode"
 
 
 def _normalise(prep: Preprocessing, dtype: torch.dtype,
@@ -372,7 +366,7 @@ def eval_loader(cfg: Config, split: DatasetSplit, env: DistEnv, device: torch.de
     Image folders decoded from files keep their decoded images after the first pass when this rank's share fits
     `--eval-memory-mib` (`KeptEvalLoader`): later evaluations do not decode again."""
     sampler = EvalShardSampler(len(split), env.rank, env.world_size)
-    pipeline, size = resolve_pipeline(cfg, device), cfg.data.image_size
+    pipeline, size = resolve_pipeline(cfg), cfg.data.image_size
     batch = BatchTransform(train=False, size=size, mean=prep.mean, std=prep.std, dtype=compute_dtype,
                            channels_last=channels_last)
     if pipeline == "device" and isinstance(getattr(split, "images", None), torch.Tensor):
@@ -402,7 +396,7 @@ def build_loaders(cfg: Config, splits: Splits, env: DistEnv, device: torch.devic
                   channels_last: bool = True, prep: Preprocessing = IMAGENET) -> tuple[BatchLoader, BatchLoader]:
     """Train and eval loaders for this rank (`prep`: the model's normalisation and resampling)."""
     tsampler = sampler_for(splits.train.labels, env, cfg.run.seed, cfg.data.class_balance, cfg.optim.batch_size)
-    pipeline = resolve_pipeline(cfg, device)
+    pipeline = resolve_pipeline(cfg)
     if cfg.data.dataset == "folder" and env.is_main:
         log.info("data pipeline: %s%s", pipeline, " (--data-pipeline auto)" if cfg.data.data_pipeline == "auto" else "")
     batched = augment_chain(cfg, prep, compute_dtype, channels_last) or BatchTransform(

@@ -45,9 +45,9 @@ def run_info(cfg: Config, env: DistEnv, device: torch.device, precision: Precisi
                    preprocessing=prep.to_dict())
 
 
-def preprocessing_of(cfg: Config, device: torch.device | None = None) -> Preprocessing:
+def preprocessing_of(cfg: Config) -> Preprocessing:
     """The backbone's normalisation, with the resampling the run's data pipeline applies."""
-    return models.preprocessing(cfg.backbone.model).for_pipeline(loaders.resolve_pipeline(cfg, device))
+    return models.preprocessing(cfg.backbone.model).for_pipeline(loaders.resolve_pipeline(cfg))
 
 
 def build_model(cfg: Config, device: torch.device, num_classes: int) -> tuple[nn.Module, list[str]]:
@@ -94,7 +94,7 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> tuple[RunParts, 
     scaler = precision.grad_scaler()
     weights = (samplers.class_weights(splits.train.labels, len(splits.classes))
                if cfg.data.class_balance == "loss" else None)
-    prep = preprocessing_of(cfg, device)  # the backbone's normalisation: loaders, cached features, config.json
+    prep = preprocessing_of(cfg)  # the backbone's normalisation: loaders, cached features, config.json
     info = run_info(cfg, env, device, precision, splits.classes, optim.table(group_rows), prep)
     if weights is not None:
         info = replace(info, class_weights=weights.tolist())

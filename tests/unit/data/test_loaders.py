@@ -150,7 +150,7 @@ def test_folder_evaluation_decodes_once_and_gives_the_files_numbers(tmp_path, mo
 
     split = _folder(tmp_path)
     cfg = Config(dataset="folder", data_dir=str(tmp_path / "images"), image_size=24, batch_size=5, num_workers=0,
-                 mode="scratch")
+                 mode="scratch", data_pipeline="workers")
     reads = []
     real = folder.decode
     monkeypatch.setattr(folder, "decode", lambda path, decoder="auto": reads.append(path) or real(path, decoder))
@@ -169,13 +169,21 @@ def test_folder_evaluation_decodes_once_and_gives_the_files_numbers(tmp_path, mo
         assert got[0][0].is_contiguous(memory_format=torch.channels_last)
     tiny = cfg.replace(eval_memory_mib=len(split) * 3 * 24 * 24 / 2**20 * 0.99)  # just does not fit
     assert isinstance(loaders.eval_loader(tiny, split, DistEnv(), torch.device("cpu")), WorkerLoader)
+    # the decode pipeline keeps its squares the same way (and gives the files' numbers too, to float rounding)
+    decode = loaders.eval_loader(cfg.replace(data_pipeline="decode"), split, DistEnv(), torch.device("cpu"))
+    assert isinstance(decode, loaders.KeptEvalLoader) and isinstance(decode.inner, loaders.DecodeLoader)
+    for _ in range(2):
+        decode.set_epoch(0)
+        got = list(decode)
+        assert all(torch.allclose(a[0], b[0], atol=1e-5) and torch.equal(a[1], b[1])
+                   for a, b in zip(got, want, strict=True))
+    assert len(reads) == len(split)  # decoded by the first pass only
 
 
 def test_auto_pipeline_for_folders_says_which():
     from dtl.data.loaders import resolve_pipeline
 
     folder_cfg = Config(dataset="folder", mode="scratch")
-    assert resolve_pipeline(folder_cfg, "cpu") == "workers" and resolve_pipeline(folder_cfg, "cuda") == "decode"
-    assert resolve_pipeline(folder_cfg.replace(cache_images="auto"), "cuda") == "device"
-    assert resolve_pipeline(Config(), "cuda") == "device"
-    assert resolve_pipeline(folder_cfg.replace(data_pipeline="decode"), "cpu") == "decode"
+    assert resolve_pipeline(folder_cfg) == "decode" and resolve_pipeline(Config()) == "device"
+    assert resolve_pipeline(folder_cfg.replace(cache_images="auto")) == "device"
+    assert resolve_pipeline(folder_cfg.replace(data_pipeline="workers")) == "workers"
