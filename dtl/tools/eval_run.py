@@ -111,8 +111,9 @@ def _eval_config(args: argparse.Namespace, loaded: Loaded) -> Config:
     if changes.get("dataset", cfg.data.dataset) == "folder" and cfg.data.data_pipeline == "device" \
             and changes["cache_images"] is None:
         changes["data_pipeline"] = "workers"
-    if changes["cache_images"] is not None and cfg.data.data_pipeline == "decode":
-        changes["data_pipeline"] = "auto"
+    if cfg.data.data_pipeline == "decode" and (changes["cache_images"] is not None
+                                                or changes.get("dataset", cfg.data.dataset) != "folder"):
+        changes["data_pipeline"] = "auto"  # a cache, or a data set without files: what auto picks for them
     try:
         return cfg.replace(**changes)
     except (TypeError, ValueError) as err:
