@@ -23,8 +23,14 @@ T = TypeVar("T")
 #: the GPU stream and make the host wait for the GPU; on CPU runs it keeps them apart from DDP's traffic.
 _CONTROL_GROUP: tdist.ProcessGroup | None = None
 _CONTROL_TIMEOUT_S = 300.0
-#: Longest a rank waits for rank 0's one-off I/O (a data set download, a multi-GB checkpoint write).
+#: Longest a rank waits for rank 0's one-off I/O (a data set download, a multi-GB checkpoint write, an image
+#: folder's first decode into its cache).
 MAIN_IO_TIMEOUT_S = 3600.0
+#: A gloo group for those waits alone: a gloo collective gives up after its group's timeout whatever timeout its
+#: wait() is given, so on the control group (--dist-timeout, 300 s) a longer rank-0 I/O killed the waiting ranks
+#: ("Timed out waiting 300000ms for send operation"). A crashed rank still ends the wait at once (the
+#: connection closes).
+_IO_GROUP: tdist.ProcessGroup | None = None
 
 
 
@@ -45,9 +51,11 @@ def setup(env: DistEnv, device: torch.device, timeout_s: float) -> None:
     if got != env.world_size or tdist.get_rank() != env.rank:
         raise RuntimeError(f"the launcher promised rank {env.rank} of {env.world_size} but the process group "
                            f"is rank {tdist.get_rank()} of {got}: refusing to train undistributed")
-    global _CONTROL_GROUP, _CONTROL_TIMEOUT_S
+    global _CONTROL_GROUP, _CONTROL_TIMEOUT_S, _IO_GROUP
     _CONTROL_GROUP = tdist.new_group(backend="gloo", timeout=timeout)
     _CONTROL_TIMEOUT_S = timeout_s
+    _IO_GROUP = tdist.new_group(backend="gloo",
+                                timeout=datetime.timedelta(seconds=max(timeout_s, MAIN_IO_TIMEOUT_S)))
 
 
 #: torch's message when --deterministic meets an op without a deterministic kernel (the cli names the op)
@@ -62,8 +70,8 @@ def peer_failure(err: BaseException) -> bool:
 
 
 def teardown() -> None:
-    global _CONTROL_GROUP
-    _CONTROL_GROUP = None
+    global _CONTROL_GROUP, _IO_GROUP
+    _CONTROL_GROUP = _IO_GROUP = None
     if tdist.is_available() and tdist.is_initialized():
         try:
             tdist.destroy_process_group()
@@ -138,8 +146,8 @@ class Agreement:
 def main_first(env: DistEnv, fn: Callable[[bool], T], timeout_s: float = MAIN_IO_TIMEOUT_S) -> T:
     """`fn(first)` once per process, global rank 0 first, then the first process of every other node, then
     the rest; `first` is True for those that may fetch (download, extract) and False for the rest, which only
-    read what is there. The waits run on the CPU control group with `timeout_s` (a download may take longer
-    than a collective should), and a failure of an earlier phase stops every rank: the rank where it happened
+    read what is there. The waits run on a gloo group of their own (`_IO_GROUP`) with `timeout_s` (a download
+    may take longer than a collective should), and a failure of an earlier phase stops every rank: the rank where it happened
     raises its error; the others raise a quiet UserError."""
     if not env.distributed:
         return fn(True)
@@ -161,13 +169,13 @@ def main_first(env: DistEnv, fn: Callable[[bool], T], timeout_s: float = MAIN_IO
 
 def _any_failed(failed: bool, timeout_s: float) -> bool:
     t = torch.tensor([1.0 if failed else 0.0])
-    work = tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=_CONTROL_GROUP, async_op=True)
+    work = tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=_IO_GROUP, async_op=True)
     work.wait(datetime.timedelta(seconds=timeout_s))
     return bool(t.item())
 
 
 def wait_for_main(env: DistEnv, timeout_s: float = MAIN_IO_TIMEOUT_S) -> None:
-    """Everybody waits here (on the CPU control group, up to `timeout_s`) while rank 0 finishes its writes,
+    """Everybody waits here (on the CPU I/O group, up to `timeout_s`) while rank 0 finishes its writes,
     instead of in an NCCL collective whose timeout is meant for a dead peer, not a slow disk."""
     if env.distributed:
         _any_failed(False, timeout_s)

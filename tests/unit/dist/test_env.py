@@ -127,7 +127,8 @@ def _two_ranks(rank: int, port: int, out: str, job: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     env = dist.DistEnv(rank=rank, local_rank=rank, world_size=2, local_world_size=2, launcher="torchrun")
-    dist.setup(env, torch.device("cpu"), timeout_s=20)
+    # "order": rank 0's I/O outlasts --dist-timeout (2 s here), as a large image cache's first decode does
+    dist.setup(env, torch.device("cpu"), timeout_s=2 if job == "order" else 20)
     result: dict = {}
     try:
         if job == "agreement":
@@ -145,7 +146,7 @@ def _two_ranks(rank: int, port: int, out: str, job: str) -> None:
                 if rank == 0:
                     import time
 
-                    time.sleep(1.0)  # slow rank-0 I/O: the other must wait for it, not race it
+                    time.sleep(4.0)  # slow rank-0 I/O: the other must wait for it, not race it nor time out
                     marker.write_text("0")
                 return marker.exists()
 
@@ -188,16 +189,19 @@ def test_main_first_failure_stops_every_rank_without_a_hang(tmp_path):
 
 
 def test_control_group_gets_the_dist_timeout(monkeypatch):
-    seen = {}
+    seen = []
     monkeypatch.setattr(group.tdist, "init_process_group", lambda *a, **k: None)
     monkeypatch.setattr(group.tdist, "get_world_size", lambda: 2)
     monkeypatch.setattr(group.tdist, "get_rank", lambda: 0)
-    monkeypatch.setattr(group.tdist, "new_group", lambda **k: seen.update(k))
+    monkeypatch.setattr(group.tdist, "new_group", lambda **k: seen.append(k))
     try:
         dist.setup(dist.DistEnv(world_size=2, launcher="torchrun"), torch.device("cpu"), 42)
     finally:
-        group._CONTROL_GROUP = None
-    assert seen["backend"] == "gloo" and seen["timeout"].total_seconds() == 42
+        group._CONTROL_GROUP = group._IO_GROUP = None
+    control, io = seen
+    assert control["backend"] == "gloo" and control["timeout"].total_seconds() == 42
+    # the rank-0 I/O waits (main_first, wait_for_main) get their own, longer gloo timeout
+    assert io["backend"] == "gloo" and io["timeout"].total_seconds() == group.MAIN_IO_TIMEOUT_S
 
 
 def test_unwrap_helpers_see_through_compile():
