@@ -268,7 +268,8 @@ def test_a_same_shape_head_is_new_and_the_same_on_both_ranks(tmp_path):
 def test_two_ranks_share_one_image_cache_written_once(tmp_path):
     """--cache-images under torchrun x2 (gloo): local rank 0 decodes each split once under the lock while rank 1
     waits on the CPU group, then both train from the same memory-mapped files (rank 1 never writes: it would
-    stop with "no cache yet" had it come first); a second job finds them up to date."""
+    stop with "no cache yet" had it come first). A later run finding it up to date: tests/unit/data/
+    test_image_cache.py."""
     from tests.unit.data.test_folder import write_folder
 
     write_folder(tmp_path / "images", per_class=8, bad=False)
@@ -280,8 +281,4 @@ def test_two_ranks_share_one_image_cache_written_once(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stderr.count("decoded once") == 2, res.stderr[-3000:]  # train and val, by one process
     assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".json", ".lock", ".lock", ".u8", ".u8"]
-    stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.u8")}
-    res = torchrun(2, *flags, "--output-dir", str(tmp_path / "b"))
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "decoded once" not in res.stderr and res.stderr.count("up to date") >= 2
-    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.u8")} == stamps
+    assert "data pipeline: device" in res.stderr
