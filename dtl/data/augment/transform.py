@@ -212,14 +212,8 @@ def _affine(
     return a.to(device), b.to(device)
 
 
-def _normalized_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``normalize(to_dtype(images, float32, scale=True), mean, std)`` on the *source* pixels.
-
-    Normalising before resampling is exact because it is a per-channel affine map and every row of the
-    resampling matrices sums to one: ``R (a x + b) R'^T = a (R x R'^T) + b``. Doing it on the small
-    source images instead of the (up to 49x larger) output saves a full pass over the output.
-    Floating point images are taken to be in ``[0, 1]`` already (to_dtype(scale=True) leaves them as is).
-    """
+def _input_kind(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> bool:
+    """Checks a batch and its mean/std; True for uint8 images, False for floating point ones in [0, 1]."""
     if images.dim() != 4:
         raise ValueError(f"expected a (B, C, H, W) image batch, got shape {tuple(images.shape)}")
     if images.dtype == torch.uint8:
@@ -230,9 +224,19 @@ def _normalized_input(images: torch.Tensor, mean: Sequence[float], std: Sequence
         raise TypeError(f"expected uint8 or floating point images, got {images.dtype}")
     if len(mean) != images.shape[1] or len(std) != images.shape[1]:
         raise ValueError(f"mean/std need {images.shape[1]} entries, got {len(mean)} and {len(std)}")
-    key_mean = tuple(float(m) for m in mean)
-    key_std = tuple(float(s) for s in std)
-    a, b = _affine(key_mean, key_std, uint8_input, images.device)
+    return uint8_input
+
+
+def _normalized_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``normalize(to_dtype(images, float32, scale=True), mean, std)`` on the *source* pixels.
+
+    Normalising before resampling is exact because it is a per-channel affine map and every row of the
+    resampling matrices sums to one: ``R (a x + b) R'^T = a (R x R'^T) + b``. Doing it on the small
+    source images instead of the (up to 49x larger) output saves a full pass over the output.
+    Floating point images are taken to be in ``[0, 1]`` already (to_dtype(scale=True) leaves them as is).
+    """
+    uint8_input = _input_kind(images, mean, std)
+    a, b = _affine(tuple(float(m) for m in mean), tuple(float(s) for s in std), uint8_input, images.device)
     # uint8 values are exact in float32, so the only rounding is the affine map itself.
     return torch.addcmul(b, images.to(torch.float32), a)
 
@@ -290,12 +294,12 @@ def resized_crop(
     With ``channels_last`` the result is contiguous in ``torch.channels_last`` memory format, otherwise
     it is contiguous NCHW.
     """
-    x = _normalized_input(images, mean, std)
-    bsz, _, height, width = x.shape
+    bsz, _, height, width = images.shape
     if boxes.shape != (bsz, 4):
         raise ValueError(f"expected boxes of shape ({bsz}, 4), got {tuple(boxes.shape)}")
-    if x.device.type == "cpu" and min(height, width) >= NATIVE_MIN_SIDE:
-        return _native_resized_crop(x, boxes, size, flips, dtype, channels_last)
+    if images.device.type == "cpu" and images.dim() == 4 and min(height, width) >= NATIVE_MIN_SIDE:
+        return _native_resized_crop(images, boxes, size, flips, mean, std, dtype, channels_last)
+    x = _normalized_input(images, mean, std)
     top, left, h, w = boxes.to(device=x.device).unbind(dim=1)
     ry = _aa_weights(top, h, size, height, x.device)  # (B, size, H)
     rx = _aa_weights(left, w, size, width, x.device)  # (B, size, W)
@@ -306,20 +310,25 @@ def resized_crop(
     return _separable_resample(x, ry, rx, dtype, channels_last)
 
 
-def _native_resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int, flips: torch.Tensor | None,
-                         dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
-    """`resized_crop`'s resampling on a CPU for large sources (see `NATIVE_MIN_SIDE`): each normalised crop
-    through the native kernel, flipped after (the filter is symmetric), written into the output's format."""
+def _native_resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int, flips: torch.Tensor | None,
+                         mean: Sequence[float], std: Sequence[float], dtype: torch.dtype,
+                         channels_last: bool) -> torch.Tensor:
+    """`resized_crop` on a CPU for large sources (see `NATIVE_MIN_SIDE`): each crop through the native kernel in
+    float32, flipped after (the filter is symmetric), normalised straight into the output's format (after the
+    resampling rather than before: the same map, since every row of weights sums to one; the crop is smaller
+    than the source)."""
     import torch.nn.functional as F
 
+    uint8_input = _input_kind(images, mean, std)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty((x.shape[0], x.shape[1], size, size), dtype=dtype, memory_format=fmt)
-    flipped = flips.tolist() if flips is not None else [False] * x.shape[0]
+    a, b = _affine(tuple(float(m) for m in mean), tuple(float(s) for s in std), uint8_input, images.device)
+    out = torch.empty((images.shape[0], images.shape[1], size, size), dtype=torch.float32, memory_format=fmt)
+    flipped = flips.tolist() if flips is not None else [False] * images.shape[0]
     for i, (top, left, h, w) in enumerate(boxes.tolist()):
-        y = F.interpolate(x[i:i + 1, :, top:top + h, left:left + w], size=(size, size), mode="bilinear",
-                          antialias=True, align_corners=False)
-        out[i:i + 1] = y.flip(-1) if flipped[i] else y
-    return out
+        crop = images[i:i + 1, :, top:top + h, left:left + w].to(torch.float32)
+        y = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        torch.addcmul(b, y.flip(-1) if flipped[i] else y, a, out=out[i:i + 1])
+    return out.to(dtype)
 
 
 def _resize_output_size(height: int, width: int, size: int) -> tuple[int, int]:
