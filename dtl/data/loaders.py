@@ -1,17 +1,18 @@
 """Data for a run: which splits, how they are sharded across ranks, and how batches are produced.
 
-Three pipelines produce identical-in-distribution batches:
+Three pipelines (for an image folder, device and decode crop from each image's centre square at --cache-size,
+workers from the whole image; otherwise the batches are identical in distribution):
 - `device`: the whole split sits on the device as one uint8 tensor (CIFAR, synthetic, an image folder's
   decoded-image cache: `dtl.data.image_cache`); each step gathers its indices and runs the batched, exact
   transforms of `dtl.augment` (no per-image Python, no worker processes);
-- `decode` (image folders): DataLoader workers read the files (and on a CPU decode them and resize them to the
-  cache size's squares); each batch is decoded on the GPU (nvJPEG, batched), then transformed as by `device`;
+- `decode` (image folders): DataLoader workers read the files (on a CPU they also decode them and resize them
+  to squares); on a GPU each batch is decoded there (nvJPEG, batched); then transformed as by `device`;
 - `workers`: a DataLoader with worker processes and torchvision v2 per-image transforms (image folders,
   and a fallback). Its evaluation keeps the decoded images after the first pass when they fit
   `--eval-memory-mib` (`KeptEvalLoader`).
 Training indices come from `dtl.samplers` (disjoint shards, reshuffled by `set_epoch`); evaluation
 uses contiguous shards without padding, so every test image is counted exactly once at any world size.
-Both loaders (and `dtl.features.FeatureLoader`) are `BatchLoader`s: what the training loop may rely on.
+Every loader (and `dtl.features.FeatureLoader`) is a `BatchLoader`: what the training loop may rely on.
 """
 
 from __future__ import annotations
