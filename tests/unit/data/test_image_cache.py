@@ -16,7 +16,7 @@ from PIL import Image
 
 from dtl.data import folder, image_cache
 from dtl.data.preprocessing import eval_transform
-from tests.conftest import assert_same_weights, train_inproc
+from tests.conftest import assert_same_weights, rewind_copy, train_inproc
 from tests.unit.data.test_folder import dtl_log, write_folder
 
 
@@ -115,8 +115,8 @@ def test_a_process_that_is_not_first_only_reads(photos, tmp_path):
 
 def test_training_from_the_cache_resumes_bitwise_and_eval_reads_the_files(photos, tmp_path, capsys):
     """--cache-images with --val-split, a stratified subset and --class-balance: the device pipeline serves both
-    splits, the cache lives in image-cache/ beside the run folders and is shared by them; 2 epochs equal 1 +
-    a resumed 1; `dtl eval` reads the files (the same accuracy, up to float rounding of the two transforms), or
+    splits, the cache lives in image-cache/ beside the run folders and is shared by them; a run resumed in the
+    middle of its second epoch ends bitwise equal to the uninterrupted one; `dtl eval` reads the files (the same accuracy, up to float rounding of the two transforms), or
     with --cache-images the run's cache."""
     from dtl import cli
 
@@ -124,13 +124,18 @@ def test_training_from_the_cache_resumes_bitwise_and_eval_reads_the_files(photos
               "--class-balance", "sampler", "--cache-images", "--model", "squeezenet1_1", "--mode", "scratch",
               "--image-size", "32", "--batch-size", "4", "--lr", "0.01", "--device", "cpu", "--seed", "5"]
     full, part = tmp_path / "runs" / "full", tmp_path / "runs" / "part"
-    assert train_inproc(*common, "--epochs", "2", "--output-dir", str(full)) == 0
+    # 12 images / batch 4: 3 steps an epoch; a checkpoint every 2 steps, so step 4 is in the middle of epoch 2
+    assert train_inproc(*common, "--epochs", "2", "--checkpoint-every-steps", "2", "--keep-last", "5",
+                        "--output-dir", str(full)) == 0
     err = capsys.readouterr().err
     assert "data pipeline: device" in err and "decoded once" in err
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "runs" / "image-cache").glob("*.u8")) == ["train", "val"]
-    assert train_inproc(*common, "--epochs", "1", "--output-dir", str(part)) == 0
-    assert "up to date" in capsys.readouterr().err  # the second run reads the first one's cache
-    assert train_inproc(*common, "--epochs", "2", "--output-dir", str(part), "--resume", "auto") == 0
+    rewind_copy(full, part, 4)
+    assert train_inproc(*common, "--epochs", "2", "--checkpoint-every-steps", "2", "--keep-last", "5",
+                        "--output-dir", str(part), "--resume", "auto") == 0
+    err = capsys.readouterr().err
+    assert "up to date" in err and "decoded once" not in err  # the resumed run reads the cache the first wrote
+    assert "step-00000004" in err  # resumed mid-epoch
     assert_same_weights(full, part)
     row = json.loads((full / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["train_count"] == 12 and row["test_count"] == 6
