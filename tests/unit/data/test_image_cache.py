@@ -116,8 +116,8 @@ def test_a_process_that_is_not_first_only_reads(photos, tmp_path):
 def test_training_from_the_cache_resumes_bitwise_and_eval_reads_the_files(photos, tmp_path, capsys):
     """--cache-images with --val-split, a stratified subset and --class-balance: the device pipeline serves both
     splits, the cache lives in image-cache/ beside the run folders and is shared by them; a run resumed in the
-    middle of its second epoch ends bitwise equal to the uninterrupted one; `dtl eval` reads the files (the same accuracy, up to float rounding of the two transforms), or
-    with --cache-images the run's cache."""
+    middle of its second epoch ends bitwise equal to the uninterrupted one; `dtl eval` reads the files (the
+    same accuracy, up to float rounding of the two transforms), or with --cache-images the run's cache."""
     from dtl import cli
 
     common = ["--dataset", "folder", "--data-dir", str(photos), "--val-split", "0.25", "--train-subset", "12",
