@@ -3,15 +3,12 @@ bucket rebuilds and a resume (in one process: a world of 1 on gloo still runs th
 
 from __future__ import annotations
 
-import pytest
 import torch
-import torch.distributed as tdist
 import torchvision
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dtl.dist.compress import GradCompression, plan_bucket, step_bytes
-from tests.conftest import free_port
 
 
 def test_powersgd_rank_4_sends_under_a_fiftieth_of_vgg16s_gradient_bytes():
@@ -30,13 +27,6 @@ def test_plan_groups_q_matrices_by_shape_as_the_hook_does():
     slots, p_total, q_total = plan_bucket(["a", "b", "c", "d"], [(64, 32), (8,), (16, 8, 3, 3), (64, 32)], rank=4)
     assert [s.q_offset for s in slots] == [0, None, 2 * 32 * 4, 32 * 4]  # a and d (same shape) first, then c
     assert (p_total, q_total) == (4 * (64 + 64 + 16), 4 * (32 + 32 + 72))
-
-
-@pytest.fixture
-def world_of_one():
-    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    tdist.destroy_process_group()
 
 
 def _net() -> nn.Module:
@@ -88,3 +78,15 @@ def test_powersgd_resume_continues_the_error_feedback_bitwise(world_of_one):
         assert torch.equal(a, b)
     forgetful = _resumed(4, 7, restore=False)  # the state matters: without it the run goes elsewhere
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), forgetful.parameters()))
+
+
+def test_bf16_compression_sends_half_and_trains_close_to_fp32(world_of_one):
+    plain_model, model, comp = _net(), _net(), GradCompression("bf16")
+    for net, hook in ((plain_model, None), (model, comp)):
+        ddp = DDP(net) if hook is None else _ddp(net, hook)
+        _train(ddp, torch.optim.SGD(net.parameters(), lr=0.1), range(3))
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    assert comp.take_counts() == (3 * step_bytes(shapes, "none") // 2, 3)
+    for a, b in zip(plain_model.parameters(), model.parameters()):
+        assert not torch.equal(a, b)  # bf16 rounding changed the update...
+        torch.testing.assert_close(b, a, atol=2e-3, rtol=2e-2)  # ...by about bf16's precision
