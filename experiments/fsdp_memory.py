@@ -36,16 +36,25 @@ def local_bytes(tensors) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="vgg16")
-    parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="fsdp")
+    parser.add_argument("--strategy", choices=["ddp", "fsdp", "both"], default="fsdp",
+                        help="both: DDP, then FSDP, in the same processes")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=2)
     args = parser.parse_args()
     tdist.init_process_group("gloo")
+    for strategy in ("ddp", "fsdp") if args.strategy == "both" else (args.strategy,):
+        measure(args, strategy)
+    tdist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def measure(args: argparse.Namespace, strategy: str) -> None:
     rank, world = tdist.get_rank(), tdist.get_world_size()
     torch.manual_seed(0)
     model = models.build_model(args.model, 10, "none", args.image_size)
     largest_block = 0
-    if args.strategy == "fsdp":
+    if strategy == "fsdp":
         blocks = models.backbone_blocks(model, args.model)
         for prefixes in blocks:
             mods = fsdp._block_modules(model, prefixes)
@@ -84,12 +93,9 @@ def main() -> None:
     if rank == 0:
         for r, v in enumerate(rows):
             names = ("params", "grads", "optimizer", "activations", "largest_gathered_block")
-            print(json.dumps({"model": args.model, "strategy": args.strategy, "world": world, "rank": r,
+            print(json.dumps({"model": args.model, "strategy": strategy, "world": world, "rank": r,
                               "image_size": args.image_size, "batch": args.batch_size,
                               **{n: int(b) for n, b in zip(names, v.tolist())}}), flush=True)
-    tdist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import assert_same_weights, main_inproc, rewind_copy
-from tests.e2e.test_launchers import torchrun
+from tests.conftest import PY, assert_same_weights, main_inproc, rewind_copy
+from tests.e2e.test_launchers import launch, torchrun
 
 pytestmark = pytest.mark.slow
 #: 96 images, global batch 24 (2 ranks x 6 x 2 micro-steps, or 3 x 4 x 2): 4 steps per epoch. No augmentation
@@ -78,3 +78,16 @@ def test_fsdp_reshards_two_to_three_and_its_weights_are_plain_timm(fsdp_run, tmp
     assert main_inproc("eval", "--checkpoint", str(fsdp_run), "--device", "cpu") == 0
     summary = json.loads(next((fsdp_run / "eval").glob("*/summary.json")).read_text())
     assert summary["top1"] == pytest.approx(_rows(fsdp_run)[-1]["test_acc"])
+
+
+def test_fsdp_at_four_ranks_holds_a_quarter_of_ddps_state_per_rank():
+    """experiments/fsdp_memory.py (parameters, gradients, AdamW state per rank after one step) at 4 processes."""
+    res = launch([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "experiments/fsdp_memory.py",
+                  "--model", "timm/test_vit", "--image-size", "32", "--strategy", "both"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    state = {(r["strategy"], r["rank"]): r["params"] + r["grads"] + r["optimizer"] for r in rows}
+    assert len(state) == 8
+    for rank in range(4):
+        assert state[("fsdp", rank)] <= 0.3 * state[("ddp", rank)]
+    assert sum(state[("fsdp", r)] for r in range(4)) >= state[("ddp", 0)]  # the shards add up to the model
