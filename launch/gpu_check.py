@@ -18,6 +18,10 @@ into a scratch folder and then runs these steps, one row each in the table print
                       run's worker mid-epoch -> exit 75, status "preempted" -> `--resume auto`; its final
                       model.safetensors must equal the uninterrupted run's tensor by tensor (torch.equal)
   compile_recompiles  ResNet-18 --compile finetune, 2 epochs, TORCH_LOGS=recompiles: at most 2 recompiles
+  fsdp_resume         ResNet-18 --strategy fsdp (FSDP2, bf16 MixedPrecisionPolicy) --deterministic under torchrun
+                      at world size 1 with DTL_FORCE_DISTRIBUTED=1 (NCCL): A trains 2 epochs; B trains 1, writing
+                      a sharded checkpoint (DCP safetensors shards), then `--resume auto --epochs 2`; B's final
+                      model.safetensors must equal A's tensor by tensor
   cache_features      VGG16 --cache-features: computed by a first run, reused by a `--resume auto` second one
   speed               issue #18's table: dtl's `train.py` epoch rate (metrics.jsonl images_per_sec of the 2nd
                       epoch; VGG16 transfer 32 px b256, transfer 224 px b256, finetune 224 px b64 and b256,
@@ -37,7 +41,7 @@ Environment:
   PYTHON                 the interpreter (read by launch/gpu_check.sh; default python3)
   GPU_CHECK_DIR          scratch folder (default: a new temporary folder)
   GPU_CHECK_JSON         the JSON report (default: GPU_CHECK_DIR/gpu_check.json)
-  GPU_CHECK_BUDGET_S     seconds all steps may take together (default 450; 400 for the CPU smoke run)
+  GPU_CHECK_BUDGET_S     seconds all steps may take together (default 450; 480 for the CPU smoke run)
   GPU_CHECK_STEPS        comma-separated step names to run (default: all; the others show SKIP)
   GPU_CHECK_CPU_SMOKE=1  the same flow on the CPU with tiny settings (gloo instead of NCCL, SqueezeNet and
                          ResNet-18, a few hundred images), to test the check itself (tests/test_gpu_check.py)
@@ -100,6 +104,7 @@ class Profile:
     compile: tuple[str, ...] | None
     """None: the step is SKIPped (with `compile_skip` as the reason)."""
     cache: tuple[str, ...]
+    fsdp: tuple[str, ...]
     bench: tuple[tuple[str, tuple[str, ...]], ...]
     bench_common: tuple[str, ...]
     speed: tuple[tuple[str, tuple[str, ...]], ...]
@@ -127,6 +132,8 @@ GPU = Profile(
     # partial last batches in both splits, as with the real CIFAR-10 sizes (50000 % 256, 10000 % 256 != 0)
     compile=("--model", "resnet18", "--batch-size", "256", "--train-subset", "5000", "--eval-subset", "1000"),
     cache=("--model", "vgg16", "--batch-size", "256", "--train-subset", "20000", "--eval-subset", "5000"),
+    fsdp=("--model", "resnet18", "--batch-size", "128", "--train-subset", "2560", "--eval-subset", "512",
+          "--precision", "bf16"),
     bench=(("vgg16_transfer_32px", ("--model", "vgg16", "--mode", "transfer", "--image-size", "32",
                                     "--batch-size", "256")),
            ("vgg16_finetune_224px", ("--model", "vgg16", "--mode", "finetune", "--image-size", "224",
@@ -172,6 +179,7 @@ CPU_SMOKE = Profile(
     compile_skip="CPU smoke: torch.compile (inductor) takes minutes on a small CPU; this step needs the GPU run",
     # not SqueezeNet: --cache-features fails on it (FeatureHead runs the 1x1 head conv without the pooling after it)
     cache=("--model", "resnet18", "--batch-size", "32", "--train-subset", "128", "--eval-subset", "64"),
+    fsdp=(*_TINY, "--train-subset", "64", "--eval-subset", "32"),
     bench=(("squeezenet_transfer_32px", ("--model", "squeezenet1_1", "--mode", "transfer", "--image-size", "32",
                                          "--batch-size", "16")),
            ("squeezenet_finetune_32px", ("--model", "squeezenet1_1", "--mode", "finetune", "--image-size", "32",
@@ -187,7 +195,7 @@ CPU_SMOKE = Profile(
                   "1"),
     speed_cached=("--model", "resnet18", "--mode", "transfer", "--image-size", "32", "--batch-size", "32",
                   "--train-subset", "128"),
-    budget_s=400.0,
+    budget_s=480.0,
 )
 
 
@@ -438,7 +446,7 @@ def step_inputs(ctx: Context, out: Outcome) -> None:
 
     p = ctx.profile
     models = sorted({flags[flags.index("--model") + 1]
-                     for flags in (p.bf16, p.fp16, p.resume, p.cache, *(f for _, f in (*p.bench, *p.speed)),
+                     for flags in (p.bf16, p.fp16, p.resume, p.cache, p.fsdp, *(f for _, f in (*p.bench, *p.speed)),
                                    p.speed_cached, p.compile or ())
                      if "--model" in flags})
     folder = ctx.scratch / "weights"
@@ -633,6 +641,44 @@ def step_cache(ctx: Context, out: Outcome) -> None:
         raise StepFailed(f"metrics.jsonl has {len(rows)} epochs after the second run, expected 2")
 
 
+def step_fsdp(ctx: Context, out: Outcome) -> None:
+    """FSDP at world size 1: A (2 epochs) and B (1 epoch, then --resume auto --epochs 2 from its sharded
+    checkpoint) end with the same weights."""
+    flags = (*ctx.weights_flags(ctx.profile.fsdp), "--mode", "finetune", "--strategy", "fsdp", "--deterministic",
+             "--checkpoint-every-steps", "0")
+    run_a, run_b = ctx.run_dir("fsdp_A"), ctx.run_dir("fsdp_B")
+    code, log = ctx.run("fsdp_resume-A", ctx.train(*flags, "--epochs", "2", "--output-dir", str(run_a),
+                                                    torchrun=True), env=FORCE_DIST)
+    out.log = str(ctx.logs / "fsdp_resume-A.log")
+    require_ok(code, log, "the uninterrupted FSDP run")
+    check_backend(ctx, log, out.figures)
+    sharded = re.search(r"model sharded with FSDP2 \((.*?)\)", log)
+    if not sharded:
+        raise StepFailed("the log has no 'model sharded with FSDP2' line: --strategy fsdp did not shard")
+    out.figures["sharding"] = sharded.group(1)
+    out.log = str(ctx.logs / "fsdp_resume-B1.log")
+    code, log = ctx.run("fsdp_resume-B1", ctx.train(*flags, "--epochs", "1", "--output-dir", str(run_b),
+                                                     torchrun=True), env=FORCE_DIST)
+    require_ok(code, log, "the 1-epoch FSDP run")
+    shards = sorted(p.name for p in (run_b / "checkpoints").glob("step-*/sharded/*.safetensors"))
+    out.figures["shard_files"] = shards
+    if not shards:
+        raise StepFailed(f"no sharded checkpoint files under {run_b / 'checkpoints'}/step-*/sharded/")
+    out.log = str(ctx.logs / "fsdp_resume-B2.log")
+    code, log = ctx.run("fsdp_resume-B2", ctx.train(*flags, "--epochs", "2", "--output-dir", str(run_b),
+                                                     "--resume", "auto", torchrun=True), env=FORCE_DIST)
+    require_ok(code, log, "the --resume auto FSDP run")
+    resumed = re.search(r"resumed from \S+ \((.*?)\)", log)
+    out.figures["resumed_at"] = resumed.group(1) if resumed else "no 'resumed from' line in the log"
+    out.figures |= compare_weights(run_a / "model.safetensors", run_b / "model.safetensors")
+    if out.figures["unequal_tensors"]:
+        raise StepFailed(f"resumed FSDP weights differ from the uninterrupted run's in "
+                         f"{out.figures['unequal_tensors']} of {out.figures['tensors']} tensors (max abs diff "
+                         f"{out.figures['max_abs_diff']:.3g})")
+    if not out.figures["first_unequal"]:
+        del out.figures["first_unequal"]
+
+
 def speed_flags(ctx: Context, label: str, flags: tuple[str, ...]) -> list[str]:
     """dtl's flags for a speed case: on the GPU profile each case's own train subset (about 2 s an epoch)."""
     subset = SPEED_TRAIN_IMAGES.get(label)
@@ -762,6 +808,7 @@ STEPS: tuple[tuple[str, Callable[[Context, Outcome], None], float], ...] = (
     ("preempt_resume", step_resume, 240),
     ("compile_recompiles", step_compile, 240),
     ("cache_features", step_cache, 150),
+    ("fsdp_resume", step_fsdp, 150),
     ("speed", step_speed, 240),
     ("bench", step_bench, 200),
     ("pytest_cuda", step_pytest, 240),

@@ -314,6 +314,34 @@ class DistConfig:
     """auto: cuda:LOCAL_RANK when CUDA is available, else CPU."""
     dist_timeout: float = field(default=300.0, metadata=POSITIVE)
     """Seconds a collective may wait before the job is declared dead (a crashed rank)."""
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """How several processes share the model. ddp: every rank holds the whole model, gradients and optimizer
+    state, gradients are all-reduced. fsdp: PyTorch's FSDP2 (`fully_shard` per backbone block and at the
+    root): parameters, gradients and optimizer state are split across ranks (per-rank bytes / world size),
+    parameters all-gathered per block for forward and backward; checkpoints are sharded (each rank writes its
+    part; --output-dir must be on a filesystem every node sees). auto: fsdp under `accelerate launch` with
+    an FSDP config (distributed_type: FSDP), else ddp."""
+    fsdp_cpu_offload: bool = False
+    """fsdp: keep the sharded parameters, gradients and optimizer state in CPU memory (FSDP2's
+    CPUOffloadPolicy; the optimizer steps on the CPU). Frees GPU memory, costs host-device copies."""
+    fsdp_bf16_reduce: bool = False
+    """fsdp with --precision bf16: reduce-scatter the gradients in bf16 (half the bytes) instead of fp32."""
+    grad_compress: Literal["none", "bf16", "powersgd"] = "none"
+    """ddp only: compress the gradient all-reduce with torch's communication hooks. bf16: gradients sent as
+    bf16 (half the bytes); powersgd: rank-R PowerSGD with error feedback (--powersgd-rank; VGG16 at rank 4
+    sends about 1/200 of the bytes). Bytes per step are logged (comm_bytes_per_step in metrics.jsonl).
+    Ignored, with a warning, in a single process (nothing is all-reduced)."""
+    powersgd_rank: int = field(default=4, metadata=POSITIVE)
+    """--grad-compress powersgd: rank of the low-rank approximation of each gradient matrix (higher: more
+    bytes, closer to the exact gradient)."""
+    powersgd_start_iter: int = field(default=2, metadata=rule(
+        lambda v: v >= 2, "must be >= 2 (DDP rebuilds its buckets after the first step; torch's PowerSGD needs "
+                          "at least two plain steps)"))
+    """--grad-compress powersgd: optimizer steps with a plain all-reduce before compressing (torch's default
+    is 1000; more plain steps at the start can help accuracy)."""
+    powersgd_warm_start: bool = True
+    """--grad-compress powersgd: reuse last step's Q matrices as the starting point of the power iteration
+    (torch's warm start) instead of new random ones each step."""
 
     def __post_init__(self) -> None:
         validate_section(self)
@@ -411,8 +439,33 @@ class Config:
         if d.data_pipeline == "decode" and d.cache_images is not None:
             raise ValueError("data_pipeline='decode' decodes the files every epoch, cache_images reads them from "
                              "the cache: drop one (--data-pipeline auto serves a cache with the device pipeline)")
+        if self.dist.strategy == "fsdp":
+            conflict = self.fsdp_conflict()
+            if conflict:
+                raise ValueError(conflict)
         if d.coarse_labels and d.dataset != "cifar100":
             raise ValueError(f"coarse_labels=True only applies to --dataset cifar100, got {d.dataset!r}")
+
+    def fsdp_conflict(self) -> str | None:
+        """Why this configuration cannot run under --strategy fsdp (None: it can). Checked when the config is
+        built with strategy fsdp, and again when strategy auto resolves to fsdp under `accelerate launch`."""
+        if self.dist.grad_compress != "none":
+            return (f"grad_compress={self.dist.grad_compress!r} with strategy='fsdp': the gradient compression hooks "
+                    "are DDP's (FSDP reduce-scatters gradient shards; use --fsdp-bf16-reduce to halve its bytes); "
+                    "drop --grad-compress or use --strategy ddp")
+        if self.run.compile:
+            return ("compile=True with strategy='fsdp': dtl compiles the DDP model only; drop --compile or use "
+                    "--strategy ddp")
+        if self.data.cache_features:
+            return ("cache_features=True with strategy='fsdp': cached features train the head alone, which needs "
+                    "no sharding; drop --cache-features or use --strategy ddp")
+        if self.run.precision == "fp16":
+            return ("precision='fp16' with strategy='fsdp': the fp16 GradScaler is not wired to sharded gradients; "
+                    "use --precision bf16 (or fp32), or --strategy ddp")
+        if self.backbone.mode == "lp-ft":
+            return ("mode='lp-ft' with strategy='fsdp': lp-ft unfreezes the backbone mid-run, which FSDP2's "
+                    "sharded parameters do not follow; use --mode finetune (or transfer), or --strategy ddp")
+        return None
 
     # ---- flat views ------------------------------------------------------------------------------
     @staticmethod

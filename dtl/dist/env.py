@@ -43,6 +43,8 @@ class DistEnv:
     master_port: int | None = None
     accelerate_mixed_precision: str | None = None
     """The mixed precision exported by `accelerate launch` (ACCELERATE_MIXED_PRECISION)."""
+    accelerate_fsdp: bool = False
+    """`accelerate launch` with an FSDP config (ACCELERATE_USE_FSDP=true): --strategy auto picks fsdp."""
     force_group: bool = False
     """DTL_FORCE_DISTRIBUTED=1: create the process group and wrap in DDP even at world size 1 (to exercise the
     NCCL/DDP path on one GPU)."""
@@ -92,6 +94,7 @@ def detect(debug: bool = False, environ: Mapping[str, str] | None = None) -> Dis
     if debug:
         return DistEnv(launcher="debug", accelerate_mixed_precision=accel_mp)
     common = {"accelerate_mixed_precision": accel_mp,
+              "accelerate_fsdp": env.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"),
               "gpus_per_task": _int(env, "SLURM_GPUS_PER_TASK") if env.get("SLURM_GPUS_PER_TASK") else None}
     if "RANK" in env and "WORLD_SIZE" in env:
         # torchrun, and `accelerate launch` with several processes (it runs torchrun's machinery).

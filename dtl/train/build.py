@@ -18,7 +18,7 @@ from dtl.data.augment import mix
 from dtl.data.loaders import BatchLoader
 from dtl.data.preprocessing import Preprocessing
 from dtl.data.splits import Splits
-from dtl.dist import DistEnv, main_first
+from dtl.dist import DistEnv, GradCompression, fsdp, main_first
 from dtl.errors import UserError
 from dtl.train import optim, run_folder, trackers
 from dtl.train.checkpointer import Checkpointer
@@ -69,6 +69,44 @@ def build_model(cfg: Config, device: torch.device, num_classes: int) -> tuple[nn
     return model.to(device, memory_format=models.memory_format(device.type, cfg.backbone.mode)), trainable
 
 
+def resolve_strategy(cfg: Config, env: DistEnv) -> str:
+    """ddp | fsdp: --strategy, or for auto what `accelerate launch` was configured with; fsdp needs a process
+    group (in one process there is nothing to shard: the run trains unsharded, with a warning)."""
+    strategy = cfg.dist.strategy
+    if strategy == "auto":
+        strategy = "fsdp" if env.accelerate_fsdp else "ddp"
+        conflict = cfg.fsdp_conflict() if strategy == "fsdp" else None
+        if conflict:
+            raise UserError(f"the accelerate config asks for FSDP, but {conflict}")
+    if strategy == "fsdp" and not env.distributed:
+        log.warning("--strategy fsdp in a single process: nothing to shard, the model trains whole")
+        return "ddp"
+    return strategy
+
+
+def grad_compression(cfg: Config, env: DistEnv) -> GradCompression | None:
+    """--grad-compress: the DDP hook, or None (none; or one process, where nothing is all-reduced)."""
+    d = cfg.dist
+    if d.grad_compress == "none":
+        return None
+    if not env.distributed:
+        log.warning("--grad-compress %s in a single process: nothing is all-reduced, nothing to compress",
+                    d.grad_compress)
+        return None
+    return GradCompression(d.grad_compress, d.powersgd_rank, d.powersgd_start_iter, d.powersgd_warm_start)
+
+
+def shard_model(cfg: Config, model: nn.Module, precision: Precision) -> nn.Module:
+    """--strategy fsdp: FSDP2 over the backbone's blocks and the root (before the optimizer is built), with
+    bf16 parameters/compute under --precision bf16 and fp32 gradient reduction unless --fsdp-bf16-reduce."""
+    bf16 = precision.name == "bf16"
+    param_dtype = torch.bfloat16 if bf16 else None
+    reduce_dtype = (torch.bfloat16 if cfg.dist.fsdp_bf16_reduce else torch.float32) if bf16 else None
+    model = model.to(memory_format=torch.contiguous_format)  # shards are split along dim 0 of contiguous tensors
+    return fsdp.shard(model, models.backbone_blocks(model, cfg.backbone.model), param_dtype, reduce_dtype,
+                      cfg.dist.fsdp_cpu_offload)
+
+
 def prepare(cfg: Config, env: DistEnv, device: torch.device) -> tuple[RunParts, TrainState]:
     """Validate and build everything -- the run's parts and where it starts (the resumed checkpoint's
     `TrainState`, or the beginning); nothing is written to the output folder before this returns."""
@@ -89,6 +127,10 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> tuple[RunParts, 
     # the ImageNet weights reach the hub cache once per node (rank 0 first), not once per rank at a time
     main_first(env, lambda first: models.fetch_weights(cfg.backbone.model, cfg.backbone.weights) if first else None)
     model, trainable = build_model(cfg, device, len(splits.classes))
+    sharded = resolve_strategy(cfg, env) == "fsdp"
+    if sharded:
+        model = shard_model(cfg, model, precision)
+    compression = grad_compression(cfg, env)
     optimizer, group_rows = optim.build_optimizer(cfg.optim, model, cfg.backbone.model, device,
                                                   grad_scaler=precision.scales_loss)
     scaler = precision.grad_scaler()
@@ -104,7 +146,8 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> tuple[RunParts, 
     checkpointer = Checkpointer(plan.outdir, env, device, every_steps=saving.checkpoint_every_steps,
                                 every_minutes=saving.checkpoint_every_minutes, keep_last=saving.keep_last,
                                 static_meta={"config": cfg.to_dict(), "num_classes": len(splits.classes),
-                                             "world_size": env.world_size, "run": asdict(info)})
+                                             "world_size": env.world_size, "run": asdict(info)},
+                                sharded=sharded, compression=compression)
     ema = Ema(model, cfg.optim.ema_decay, cfg.optim.ema_every) if cfg.optim.ema_decay else None
     state = TrainState().on(device)
     if plan.resume_from is not None:
@@ -121,8 +164,9 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> tuple[RunParts, 
         model, train_loader, eval_loader, new_features = use_cached_features(cfg, env, device, model, splits,
                                                                              plan, precision, prep)
     mixer = mix.Mixer(cfg.optim, len(splits.classes), cfg.run.seed, env.rank) if mix.enabled(cfg.optim) else None
-    parts = RunParts(cfg, env, device, RunFolder(plan, env), TrainedModel(model, env, device, cfg.run.compile),
-                     optimizer, scaler, precision, train_loader, eval_loader, splits, info, checkpointer,
+    trained = TrainedModel(model, env, device, cfg.run.compile, compression)
+    parts = RunParts(cfg, env, device, RunFolder(plan, env), trained, optimizer, scaler, precision, train_loader,
+                     eval_loader, splits, info, checkpointer,
                      new_features, None if weights is None else weights.float().to(device), ema, mixer,
                      hooks_for(cfg))
     return parts, state

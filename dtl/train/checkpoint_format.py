@@ -9,11 +9,18 @@ Layout of a run folder::
 A checkpoint is written into a hidden temporary folder, every file fsynced, then renamed into place: a
 folder named `step-*` is therefore always complete. Each safetensors file carries the sha256 of its tensor
 bytes in its metadata, so truncation and bit flips are caught on load instead of training on garbage.
-Only rank 0 calls the writers here.
+Only rank 0 calls the writers here, except for per-rank parts: a run that keeps per-rank state (PowerSGD's error
+feedback: `rank-NNNNN.safetensors`) or shards (--strategy fsdp: `sharded/`, torch.distributed.checkpoint's
+safetensors shards, one file per rank; their sha256 are recorded in state.json) has every rank write into the
+same temporary folder (`temp_folder`, made by rank 0 with `begin_checkpoint`) before rank 0 completes and
+renames it. Such a run folder must be on a filesystem every node sees (a shared one across nodes).
+FSDP checkpoints still hold the consolidated weights (model.safetensors, ema.safetensors) for every reader of
+checkpoint folders (`dtl eval`, `predict`, `export`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +40,7 @@ log = logging.getLogger("dtl")
 FORMAT_VERSION = 1
 CKPT_DIR = "checkpoints"
 _PREFIX = "step-"
+SHARDED_DIR = "sharded"
 
 
 # ---- optimizer state <-> tensors + JSON --------------------------------------------------------
@@ -66,20 +74,59 @@ def checkpoint_name(global_step: int) -> str:
     return f"{_PREFIX}{global_step:08d}"
 
 
-def save_checkpoint(outdir: Path, *, model_state: dict[str, torch.Tensor], optim_state: dict[str, Any],
-                    rng: dict[str, torch.Tensor], meta: dict[str, Any], keep_last: int,
-                    is_best: bool = False, ema: dict[str, torch.Tensor] | None = None,
-                    best_source: str = "raw") -> Path:
-    """Write one complete checkpoint folder atomically, then prune older ones (never the best). `ema`: the
-    averaged weights (ema.safetensors); `best_source`: raw or ema, which weights made it the best."""
-    root = outdir / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    name = checkpoint_name(meta["global_step"])
-    tmp = root / f".tmp-{name}-{os.getpid()}"
+def temp_folder(outdir: Path, global_step: int) -> Path:
+    """Where the checkpoint of `global_step` is assembled before it is renamed into place (every rank knows
+    it without being told)."""
+    return outdir / CKPT_DIR / f".tmp-{checkpoint_name(global_step)}"
+
+
+def begin_checkpoint(tmp: Path) -> Path:
+    """Rank 0: an empty temporary folder (a stale one of a killed run is removed first)."""
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    optim_tensors, optim_extra = optimizer_to_tensors(optim_state)
-    parts = [("model", model_state), ("optim", optim_tensors), ("rng", rng)] + ([("ema", ema)] if ema else [])
+    return tmp
+
+
+def rank_file(folder: Path, rank: int) -> Path:
+    return folder / f"rank-{rank:05d}.safetensors"
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file below `folder` (relative name -> hex), to verify files dtl did not write itself."""
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        out[str(path.relative_to(folder))] = digest.hexdigest()
+    return out
+
+
+def verify_digests(folder: Path, expected: dict[str, str]) -> None:
+    found = file_digests(folder)
+    bad = sorted(k for k in expected if found.get(k) != expected[k])
+    if bad:
+        raise UserError(f"{folder} is damaged ({', '.join(bad)} missing or altered): resume from an older "
+                        "checkpoint (--resume PATH)")
+
+
+def save_checkpoint(outdir: Path, *, model_state: dict[str, torch.Tensor], optim_state: dict[str, Any] | None,
+                    rng: dict[str, torch.Tensor], meta: dict[str, Any], keep_last: int,
+                    is_best: bool = False, ema: dict[str, torch.Tensor] | None = None,
+                    best_source: str = "raw", tmp: Path | None = None) -> Path:
+    """Write one complete checkpoint folder atomically, then prune older ones (never the best). `ema`: the
+    averaged weights (ema.safetensors); `best_source`: raw or ema, which weights made it the best. `tmp`: the
+    temporary folder the ranks already wrote their parts into (`begin_checkpoint`); `optim_state` None: the
+    optimizer state is in those parts (sharded)."""
+    root = outdir / CKPT_DIR
+    name = checkpoint_name(meta["global_step"])
+    if tmp is None:
+        tmp = begin_checkpoint(temp_folder(outdir, meta["global_step"]))
+    optim_tensors, optim_extra = optimizer_to_tensors(optim_state) if optim_state is not None else ({}, {})
+    parts = [("model", model_state), ("rng", rng)] + ([("optim", optim_tensors)] if optim_state is not None else [])
+    parts += [("ema", ema)] if ema else []
     for part, tensors in parts:
         write_tensors(tmp / f"{part}.safetensors", tensors)
         if faults.slow_writes():  # testing hook: widen the window in which a kill -9 lands mid-checkpoint
@@ -122,9 +169,8 @@ def _prune(root: Path, keep_last: int) -> None:
     for old in ckpts[:-keep_last]:
         if old.name != best:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-*"):  # left by a killed writer
-        if not stale.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):  # left by a killed writer (the ranks wait while rank 0 prunes)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def latest_checkpoint(outdir: Path) -> Path | None:
@@ -170,10 +216,12 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read and verify a checkpoint folder: {"meta", "model", "optim", "rng"}."""
+    """Read and verify a checkpoint folder: {"meta", "model", "optim", "rng"} (no "optim" in a sharded one:
+    its optimizer state is in `sharded/`)."""
     meta = read_meta(path)
     out = {"meta": meta, "model": read_tensors(path / "model.safetensors")}
-    out["optim"] = optimizer_from_tensors(read_tensors(path / "optim.safetensors"), meta["optimizer"])
+    if (path / "optim.safetensors").is_file():
+        out["optim"] = optimizer_from_tensors(read_tensors(path / "optim.safetensors"), meta["optimizer"])
     out["rng"] = read_tensors(path / "rng.safetensors")
     if (path / "ema.safetensors").is_file():
         out["ema"] = read_tensors(path / "ema.safetensors")

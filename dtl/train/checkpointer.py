@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from dtl import models
-from dtl.dist import DistEnv, all_gather_tensor, unwrap, wait_for_main
+from dtl.dist import DistEnv, GradCompression, all_gather_tensor, fsdp, unwrap, wait_for_main
 from dtl.errors import UserError
+from dtl.files import read_tensors, write_tensors
 from dtl.train import checkpoint_format as ckpt
 from dtl.train.ema import Ema
 from dtl.train.optim import load_optimizer_state
@@ -36,8 +37,14 @@ class Checkpointer:
 
     def __init__(self, outdir: Path, env: DistEnv, device: torch.device, *, every_steps: int,
                  every_minutes: float, keep_last: int, static_meta: dict[str, Any],
-                 last: Path | None = None) -> None:
+                 last: Path | None = None, sharded: bool = False,
+                 compression: GradCompression | None = None) -> None:
         self.outdir, self.env, self.device = outdir, env, device
+        self.sharded = sharded
+        """--strategy fsdp: model, optimizer and EMA state as this rank's shards (DCP), plus consolidated
+        weights."""
+        self.compression = compression
+        """--grad-compress powersgd: its state (error feedback is each rank's own) goes in per-rank files."""
         self.every_steps, self.every_minutes, self.keep_last = every_steps, every_minutes, keep_last
         self.static_meta = static_meta
         """config, num_classes, world_size, run info: the same in every checkpoint of the run."""
@@ -76,23 +83,81 @@ class Checkpointer:
              best_source: str = "raw") -> Path | None:
         """Checkpoint the current position; returns the folder on rank 0 (None elsewhere)."""
         rng = self.gather_rng()
+        own = unwrap(model)
         path = None
+        extra: dict[str, Any] = {}
+        tmp = None
+        keeps_comm = self.compression is not None and self.compression.psgd is not None
+        if self.sharded or keeps_comm:  # every rank writes its part into the folder rank 0 prepares
+            tmp = ckpt.temp_folder(self.outdir, state.global_step)
+            if self.env.is_main:
+                ckpt.begin_checkpoint(tmp)
+            wait_for_main(self.env)
+            if keeps_comm:
+                assert self.compression is not None
+                tensors, extra["comm"] = self.compression.state_tensors()
+                write_tensors(ckpt.rank_file(tmp, self.env.rank), tensors)
+            if self.sharded:
+                ema_part = {f"ema.{k}": v for k, v in ema.state_dict().items()} if ema is not None else {}
+                flat, groups = fsdp.sharded_state(own, optimizer, ema_part)
+                fsdp.save(flat, tmp / ckpt.SHARDED_DIR)
+                extra["sharded"] = {"param_groups": groups, "world_size": self.env.world_size,
+                                    "ema": ema is not None}
+            wait_for_main(self.env)
+        if self.sharded:  # consolidated weights too, for every reader of checkpoint folders (a collective)
+            weights = fsdp.full_state_dict(own)
+            ema_weights = fsdp.full_tensors(ema.state_dict(), keep=self.env.is_main) if ema is not None else None
+        else:
+            weights, ema_weights = own.state_dict(), ema.state_dict() if ema is not None else None
         if self.env.is_main:
-            own = unwrap(model)
+            if self.sharded:
+                assert tmp is not None
+                extra["sharded"]["files"] = ckpt.file_digests(tmp / ckpt.SHARDED_DIR)
             meta = {"progress": state.saved(), **self.static_meta, "scaler": scaler.state_dict(),
                     "trainable": optimized(own, optimizer),
-                    "global_step": state.global_step, "best_acc": state.best_acc}
-            path = ckpt.save_checkpoint(self.outdir, model_state=own.state_dict(),
-                                        optim_state=optimizer.state_dict(), rng=rng, meta=meta,
-                                        keep_last=self.keep_last, is_best=is_best,
-                                        ema=ema.state_dict() if ema is not None else None,
-                                        best_source=best_source)
+                    "global_step": state.global_step, "best_acc": state.best_acc, **extra}
+            path = ckpt.save_checkpoint(self.outdir, model_state=weights,
+                                        optim_state=None if self.sharded else optimizer.state_dict(), rng=rng,
+                                        meta=meta, keep_last=self.keep_last, is_best=is_best, ema=ema_weights,
+                                        best_source=best_source, tmp=tmp)
             self.last = path
         self.last_time = time.monotonic()
         # nobody leaves (or gets killed by the launcher) while rank 0 is still writing; the others wait on the
         # CPU group, not in an NCCL collective whose timeout a 1.6 GB VGG16 + AdamW checkpoint could outlast
         wait_for_main(self.env)
         return path
+
+    def _restore_shards(self, path: Path, meta: dict[str, Any], model: nn.Module,
+                        optimizer: torch.optim.Optimizer, ema: Ema | None) -> None:
+        """Model, optimizer and EMA from the DCP shards, re-sharded to this world size (a collective)."""
+        info = meta["sharded"]
+        ckpt.verify_digests(path / ckpt.SHARDED_DIR, info["files"])
+        has_ema = ema is not None and info.get("ema", False)
+        ema_part = {f"ema.{k}": v for k, v in ema.state_dict().items()} if has_ema and ema is not None else {}
+        flat, _ = fsdp.sharded_state(model, optimizer, ema_part)
+        fsdp.load(flat, path / ckpt.SHARDED_DIR)  # the EMA's shadows are filled in place
+        fsdp.load_sharded_state(model, optimizer, flat, info["param_groups"])
+        if info["world_size"] != self.env.world_size:
+            log.info("re-sharded %s from %d to %d ranks", path, info["world_size"], self.env.world_size)
+        if ema is not None and not has_ema:
+            log.warning("%s holds no EMA of the weights: the average starts from its weights", path)
+            ema.reset()
+
+    def _restore_comm(self, path: Path, meta: dict[str, Any]) -> None:
+        """PowerSGD's state: this rank's own error feedback at the same world size; at another, rank 0's Q
+        matrices and iteration with the error feedback starting from zero (it is per rank)."""
+        if self.compression is None or self.compression.psgd is None:
+            return
+        comm = meta.get("comm")
+        if comm is None or comm.get("kind") != "powersgd":
+            log.info("%s holds no PowerSGD state: compression starts afresh", path)
+            return
+        same_world = meta.get("world_size") == self.env.world_size
+        if not same_world:
+            log.warning("resuming PowerSGD at another world size (%s -> %d): its error feedback is per rank "
+                        "and starts from zero", meta.get("world_size"), self.env.world_size)
+        source = ckpt.rank_file(path, self.env.rank if same_world else 0)
+        self.compression.load_state(read_tensors(source), comm, error_feedback=same_world)
 
     def restore(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler, ema: Ema | None = None) -> TrainState:
@@ -102,18 +167,25 @@ class Checkpointer:
         meta = state["meta"]
         cfg = self.static_meta["config"]
         ckpt.check_compatible(meta, cfg["model"], self.static_meta["num_classes"], path)
-        models.load_into(model, state["model"], f"checkpoint {path}")
+        if ("sharded" in meta) != self.sharded:
+            raise UserError(f"{path} was written by --strategy {'fsdp' if 'sharded' in meta else 'ddp'}; resume "
+                            f"it with that strategy (this run is {'fsdp' if self.sharded else 'ddp'})")
         if meta.get("trainable") != optimized(model, optimizer):
             raise UserError(f"{path} was trained with other trainable parameters (mode "
                             f"{meta['config']['mode']!r}); resume with the same --mode/--finetune-last-n or "
                             "start a new --output-dir")
-        load_optimizer_state(optimizer, state["optim"])
-        if ema is not None:
+        if self.sharded:
+            self._restore_shards(path, meta, model, optimizer, ema)
+        else:
+            models.load_into(model, state["model"], f"checkpoint {path}")
+            load_optimizer_state(optimizer, state["optim"])
+        if ema is not None and not self.sharded:
             if "ema" in state:
                 ema.load(state["ema"], str(path))
             else:
                 log.warning("%s holds no EMA of the weights: the average starts from its weights", path)
                 ema.reset()
+        self._restore_comm(path, meta)
         if meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])
         progress = TrainState.from_saved(meta["progress"], self.device)

@@ -9,9 +9,14 @@ weights go in), so no communication is needed.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 from torch.func import functional_call
+
+from dtl.dist import fsdp
 
 
 class Ema:
@@ -22,6 +27,10 @@ class Ema:
         self.names = list(live)
         self.sources = [t.detach() for t in live.values()]
         self.shadow = [t.detach().clone() for t in self.sources]
+        # Sharded (FSDP) weights average shard by shard: the fused ops run on each rank's own part, in place
+        # (the shadows stay DTensors: what sharded checkpoints save and resume re-shards).
+        self._sources_local = fsdp.local_shards(self.sources)
+        self._shadow_local = fsdp.local_shards(self.shadow)
 
     def decay_at(self, step: int) -> float:
         return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
@@ -29,11 +38,11 @@ class Ema:
     def update(self, step: int) -> None:
         """After optimizer step `step` (0-based): shadow <- d * shadow + (1 - d) * weights, every N steps."""
         if (step + 1) % self.every == 0:
-            torch._foreach_lerp_(self.shadow, self.sources, 1.0 - self.decay_at(step))
+            torch._foreach_lerp_(self._shadow_local, self._sources_local, 1.0 - self.decay_at(step))
 
     def reset(self) -> None:
         """Start the average from the current weights (a resume from a checkpoint without one)."""
-        torch._foreach_copy_(self.shadow, self.sources)
+        torch._foreach_copy_(self._shadow_local, self._sources_local)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.shadow))
@@ -44,6 +53,17 @@ class Ema:
                              "or model?)")
         for shadow, name in zip(self.shadow, self.names):
             shadow.copy_(tensors[name])
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[None]:
+        """The averaged values in the model's own tensors for the duration (then the trained ones back): how a
+        sharded model is evaluated with its EMA (`EmaView` swaps whole tensors, which FSDP does not see)."""
+        trained = [t.clone() for t in self._sources_local]
+        torch._foreach_copy_(self._sources_local, self._shadow_local)
+        try:
+            yield
+        finally:
+            torch._foreach_copy_(self._sources_local, trained)
 
     def full_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The model's state dict with the averaged tensors in place: loads into the torchvision model."""

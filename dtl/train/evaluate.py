@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dtl.dist import DistEnv, all_reduce_sum, local_module
+from dtl.dist import DistEnv, all_reduce_sum, fsdp, local_module
 from dtl.train.precision import Precision
 from dtl.train.progress_bar import Progress
 
@@ -67,20 +67,21 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     classes = torch.arange(num_classes or 0, device=device)
     matrix = torch.zeros(len(classes), len(classes), dtype=torch.int64, device=device)
     bar = Progress(len(batches) if isinstance(batches, Sized) else 0, desc or "", env.is_main and desc is not None)
-    for images, labels in batches:
-        with precision.autocast():
-            plain, logits = tta_logits(model, images, tta)
-        k = min(5, num_classes or logits.shape[1])
-        totals[0, :3] += _sums(logits, labels, k)
-        if tta != "none":
-            totals[1, :3] += _sums(plain, labels, k)
-        totals[:, 3] += labels.shape[0]  # a Python number: a kernel argument, not a host-to-device copy
-        if confusion:
-            # a product of one-hot matrices instead of bincount, whose output size depends on the data (a host
-            # sync per batch); exact in float32 (0/1 inputs, sums below 2**24)
-            pred = logits.argmax(1)
-            matrix += ((labels[:, None] == classes).float().T @ (pred[:, None] == classes).float()).long()
-        bar.tick()
+    with fsdp.gathered(model):  # sharded: the full parameters, so that ranks need not run the same batches
+        for images, labels in batches:
+            with precision.autocast():
+                plain, logits = tta_logits(model, images, tta)
+            k = min(5, num_classes or logits.shape[1])
+            totals[0, :3] += _sums(logits, labels, k)
+            if tta != "none":
+                totals[1, :3] += _sums(plain, labels, k)
+            totals[:, 3] += labels.shape[0]  # a Python number: a kernel argument, not a host-to-device copy
+            if confusion:
+                # a product of one-hot matrices instead of bincount, whose output size depends on the data (a host
+                # sync per batch); exact in float32 (0/1 inputs, sums below 2**24)
+                pred = logits.argmax(1)
+                matrix += ((labels[:, None] == classes).float().T @ (pred[:, None] == classes).float()).long()
+            bar.tick()
     bar.close()
     model.train(was_training)
     all_reduce_sum(totals, env)

@@ -76,6 +76,8 @@ def check_replicas(parts: RunParts) -> None:
     Summed parameter by parameter: one float64 copy of VGG16 at once would be ~4 GB of temporaries."""
     if not parts.env.distributed:
         return
+    if parts.model.sharded:  # each rank holds other shards: nothing to compare (DCP checkpoints carry them all)
+        return
     params = list(parts.model.own().parameters())
     checksum = torch.zeros(2, dtype=torch.float64, device=params[0].device)
     offset = 0
@@ -165,6 +167,9 @@ def end_epoch(parts: RunParts, state: TrainState, epoch: int, train: EpochResult
     if test.confusion is not None:
         counts = test.confusion.sum(1).clamp(min=1)
         row["test_acc_per_class"] = (test.confusion.diagonal() / counts).tolist()
+    if parts.model.compression is not None:
+        sent, steps = parts.model.compression.take_counts()
+        row["comm_bytes_per_step"] = sent / max(steps, 1)
     if parts.cfg.optim.clip_grad_norm is not None:
         row["grad_norm_mean"], row["grad_norm_max"] = train.grad_norm_mean, train.grad_norm_max
     if parts.scaler.is_enabled():
@@ -193,9 +198,9 @@ def fit(parts: RunParts, state: TrainState) -> int:
             return EXIT_PREEMPTED
         end_epoch(parts, state, epoch, result)
     check_replicas(parts)
+    weights = parts.model.full_state()  # sharded: gathered to rank 0, a collective
+    ema = parts.model.full_state(parts.ema) if parts.ema is not None else None
     if parts.env.is_main:
-        own = parts.model.own()
-        ema = parts.ema.full_state(own) if parts.ema is not None else None
-        parts.folder.finish(own.state_dict(), ema, state, parts.cfg.run.early_stop_metric, parts.checkpointer.last)
+        parts.folder.finish(weights, ema, state, parts.cfg.run.early_stop_metric, parts.checkpointer.last)
     barrier(parts.env)
     return EXIT_OK

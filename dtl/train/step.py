@@ -4,7 +4,6 @@ host sync inside a step."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 from dtl import faults
-from dtl.dist import ddp_of
+from dtl.dist import fsdp, no_sync
 from dtl.errors import NonFiniteLossError
 from dtl.train.metrics import Meter
 from dtl.train.optim import lr_at
@@ -42,10 +41,10 @@ def forward_backward(parts: RunParts, state: TrainState, images: torch.Tensor, l
     """One micro-step: forward under autocast, scaled backward (gradient all-reduce only when `sync`),
     device-side metric sums. The loss is taken against `targets` (MixUp/CutMix soft targets) when given, else
     `labels`; accuracy always against `labels`. Returns the loss (detached; `optimizer_step` checks it)."""
-    ddp = ddp_of(parts.model.wrapped)  # also under torch.compile, whose wrapper is not a DDP instance
-    no_sync = ddp.no_sync() if ddp is not None and not sync else contextlib.nullcontext()
     fault = faults.from_env()
-    with no_sync:
+    if parts.model.sharded:
+        fsdp.sync_buffers(parts.model.wrapped)  # what DDP's broadcast_buffers does before each forward
+    with no_sync(parts.model.wrapped, sync):
         with parts.precision.autocast():
             logits = parts.model.wrapped(images)
             loss = criterion(logits, labels if targets is None else targets)
@@ -130,7 +129,13 @@ def optimizer_step(parts: RunParts, state: TrainState, nonfinite: NonFiniteSteps
         grads = [q.grad for g in parts.optimizer.param_groups for q in g["params"] if q.grad is not None]
         # One fused pass (per-tensor norms, then the small result checked): isfinite() on each gradient
         # allocated full-size temporaries, +700 MiB and 1-2 s per step for VGG16 on a CPU.
-        norms = torch._foreach_norm(grads) if grads else []
+        if parts.model.sharded and grads:
+            # sharded gradients (DTensors): their global norm (shard norms, one small all-reduce), and the
+            # local shards to scale in place
+            norms = [fsdp.total_norm(grads)]
+            grads = fsdp.local_shards(grads)
+        else:
+            norms = torch._foreach_norm(grads) if grads else []
     if scaler.is_enabled():
         # fp16: gradients that overflow the loss scale are expected (at the start, after each scale growth);
         # GradScaler skips those steps itself and lowers the scale. Only a non-finite *loss* is an error.

@@ -11,25 +11,43 @@ from torch.utils.hooks import RemovableHandle
 
 from dtl import models
 from dtl.config import BackboneConfig
-from dtl.dist import DistEnv, unwrap, wrap
+from dtl.dist import DistEnv, GradCompression, fsdp, unwrap, wrap
+from dtl.train.ema import Ema
 
 log = logging.getLogger("dtl")
 
 
 class TrainedModel:
     """`module`: the model (its own state-dict keys; a cached-features head stays a head); `wrapped`: what the
-    training step calls. Both change only through `set_phase` (lp-ft's switch)."""
+    training step calls. Both change only through `set_phase` (lp-ft's switch). `compression`: the DDP
+    gradient compression hook (--grad-compress), kept across rewraps. A module sharded by FSDP
+    (`fsdp.shard`, done before the optimizer is built) is `sharded`: its parameters are this rank's shards."""
 
-    def __init__(self, module: nn.Module, env: DistEnv, device: torch.device, compile_model: bool) -> None:
+    def __init__(self, module: nn.Module, env: DistEnv, device: torch.device, compile_model: bool,
+                 compression: GradCompression | None = None) -> None:
         self.module = module
         self._env, self._device, self._compile = env, device, compile_model
-        self.wrapped = wrap(module, env, device, compile_model=compile_model)
+        self.compression = compression
+        self.sharded = fsdp.is_sharded(module)
+        self.wrapped = wrap(module, env, device, compile_model=compile_model, compression=compression)
         self._probing: bool | None = None
         self._prefix_hooks: list[RemovableHandle] = []
 
     def own(self) -> nn.Module:
         """The model itself, with its architecture's state-dict keys (what checkpoints and weight files hold)."""
         return unwrap(self.wrapped)
+
+    def full_state(self, ema: Ema | None = None) -> dict[str, torch.Tensor]:
+        """The weights (or, given `ema`, the averaged weights) as one state dict with the architecture's keys:
+        what model.safetensors holds. Sharded: gathered, a collective every rank calls; rank 0 gets the dict
+        ({} elsewhere)."""
+        own = self.own()
+        if not self.sharded:
+            return ema.full_state(own) if ema is not None else own.state_dict()
+        weights = fsdp.full_state_dict(own)
+        if ema is None:
+            return weights
+        return {**weights, **fsdp.full_tensors(ema.state_dict(), keep=self._env.is_main)}
 
     def set_phase(self, net: BackboneConfig, epoch: int) -> None:
         """lp-ft: the head alone for the first --lp-epochs epochs (backbone frozen and run under no_grad, its
@@ -45,7 +63,8 @@ class TrainedModel:
         for handle in self._prefix_hooks:
             handle.remove()
         self._prefix_hooks = models.run_prefix_without_grad(model, models.head_name(model)) if probing else []
-        self.wrapped = wrap(model, self._env, self._device, compile_model=self._compile)
+        self.wrapped = wrap(model, self._env, self._device, compile_model=self._compile,
+                            compression=self.compression)
         self._probing = probing
         trains = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("lp-ft epoch %d: %s (%d parameters train)", epoch + 1,

@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 
 SCRIPT = ROOT / "launch" / "gpu_check.sh"
 STEPS = ["inputs", "bf16_nccl_transfer", "fp16_overflow", "preempt_resume", "compile_recompiles", "cache_features",
-         "speed", "bench", "pytest_cuda"]
+         "fsdp_resume", "speed", "bench", "pytest_cuda"]
 
 
 def check_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -74,6 +74,9 @@ def test_cpu_smoke_run_passes_every_step_or_says_why_not(tmp_path: Path) -> None
     resume = steps["preempt_resume"]["figures"]
     assert resume["status"] == "preempted" and resume["unequal_tensors"] == 0 and resume["tensors"] > 0
     assert steps["fp16_overflow"]["figures"]["precision"] == "fp16"
+    fsdp = steps["fsdp_resume"]["figures"]
+    assert fsdp["backend"] == "gloo" and fsdp["unequal_tensors"] == 0 and fsdp["tensors"] > 0
+    assert fsdp["shard_files"] == ["shard-00001-model-00001-of-00001.safetensors"]
     assert set(steps["bench"]["figures"]) == {"squeezenet_transfer_32px", "squeezenet_finetune_32px"}
     bench_train = steps["bench"]["figures"]["squeezenet_transfer_32px"]["train_step"]
     assert bench_train["ratio_strong"] == bench_train["dtl_img_s"] / bench_train["strong_img_s"]

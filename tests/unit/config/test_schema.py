@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,21 @@ def test_augmentation_options_need_augment_on():
         Config(augment=False, auto_augment="ta_wide")
     with pytest.raises(ValueError, match="no-augment"):
         Config(augment=False, random_erasing=0.1)
+
+
+@pytest.mark.parametrize("flags, named", [
+    ({"grad_compress": "powersgd"}, "grad_compress='powersgd' with strategy='fsdp'"),
+    ({"compile": True}, "compile=True with strategy='fsdp'"),
+    ({"mode": "transfer", "augment": False, "cache_features": True}, "cache_features=True with strategy='fsdp'"),
+    ({"precision": "fp16"}, "precision='fp16' with strategy='fsdp'"),
+    ({"mode": "lp-ft"}, "mode='lp-ft' with strategy='fsdp'"),
+])
+def test_fsdp_refuses_what_it_cannot_run_naming_the_combination(flags, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        Config(strategy="fsdp", **flags)
+    Config(strategy="ddp", **flags)  # fine under DDP
+
+
+def test_powersgd_needs_two_plain_steps():
+    with pytest.raises(ValueError, match="powersgd_start_iter must be >= 2"):
+        Config(powersgd_start_iter=1)
