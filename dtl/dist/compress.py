@@ -247,5 +247,7 @@ class GradCompression:
             part, name = key.split(".", 1)
             if part == "error" and not error_feedback:
                 continue
+            if part == "q" and meta.get("rank") != state.matrix_approximation_rank:
+                continue  # another --powersgd-rank: Q has other columns; the power iteration starts afresh
             self._pending.setdefault(name, {})[part] = value
         self._layout = {}

@@ -96,9 +96,12 @@ def grad_compression(cfg: Config, env: DistEnv) -> GradCompression | None:
     return GradCompression(d.grad_compress, d.powersgd_rank, d.powersgd_start_iter, d.powersgd_warm_start)
 
 
-def shard_model(cfg: Config, model: nn.Module, precision: Precision) -> nn.Module:
+def shard_model(cfg: Config, model: nn.Module, precision: Precision, device: torch.device) -> nn.Module:
     """--strategy fsdp: FSDP2 over the backbone's blocks and the root (before the optimizer is built), with
     bf16 parameters/compute under --precision bf16 and fp32 gradient reduction unless --fsdp-bf16-reduce."""
+    if cfg.dist.fsdp_cpu_offload and device.type != "cuda":
+        raise UserError("--fsdp-cpu-offload moves a GPU run's shards and optimizer step to the CPU; this run is "
+                        "on the CPU already: drop --fsdp-cpu-offload")
     bf16 = precision.name == "bf16"
     param_dtype = torch.bfloat16 if bf16 else None
     reduce_dtype = (torch.bfloat16 if cfg.dist.fsdp_bf16_reduce else torch.float32) if bf16 else None
@@ -129,7 +132,7 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> tuple[RunParts, 
     model, trainable = build_model(cfg, device, len(splits.classes))
     sharded = resolve_strategy(cfg, env) == "fsdp"
     if sharded:
-        model = shard_model(cfg, model, precision)
+        model = shard_model(cfg, model, precision, device)
     compression = grad_compression(cfg, env)
     optimizer, group_rows = optim.build_optimizer(cfg.optim, model, cfg.backbone.model, device,
                                                   grad_scaler=precision.scales_loss)

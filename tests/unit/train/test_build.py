@@ -4,11 +4,13 @@ config) and whether gradient compression applies."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dtl.config import Config
 from dtl.dist import DistEnv, detect
 from dtl.errors import UserError
-from dtl.train.build import grad_compression, resolve_strategy
+from dtl.train.build import grad_compression, resolve_strategy, shard_model
+from dtl.train.precision import Precision
 
 TWO = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "ACCELERATE_MIXED_PRECISION": "no"}
 
@@ -30,3 +32,11 @@ def test_one_process_neither_shards_nor_compresses():
     made = grad_compression(Config(grad_compress="powersgd", powersgd_rank=2, powersgd_start_iter=5), two)
     assert made is not None and made.psgd is not None
     assert (made.psgd.matrix_approximation_rank, made.psgd.start_powerSGD_iter) == (2, 5)
+
+
+def test_cpu_offload_is_refused_on_a_cpu_run():
+    """FSDP2's CPUOffloadPolicy pins host memory, which needs CUDA ("Found no NVIDIA driver"), and a CPU run
+    has nothing to offload."""
+    with pytest.raises(UserError, match="drop --fsdp-cpu-offload"):
+        shard_model(Config(strategy="fsdp", fsdp_cpu_offload=True), torch.nn.Linear(2, 2),
+                    Precision("fp32", torch.device("cpu")), torch.device("cpu"))
