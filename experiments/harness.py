@@ -173,6 +173,8 @@ def add_grid_args(parser: argparse.ArgumentParser, *, ft_epochs: int, batch_size
     parser.add_argument("--eval-on", choices=("test", "probe"), default="test",
                         help="test: the held-out evaluation images of the tables; probe: other labelled images "
                         "of the same classes, disjoint from train and test, for choosing settings")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: table the runs that completed with these arguments (missing: -)")
     parser.add_argument("--configs", nargs="+", choices=list(configs),
                         default=[*RECIPE_STUDY, *ablations(), *ADDED_BACK], metavar="CONFIG",
                         help=f"subset of: {', '.join(configs)}")
@@ -183,14 +185,14 @@ def all_configs(extra: dict[str, list[str]] | None = None) -> dict[str, list[str
 
 
 def run_grid(args: argparse.Namespace, out: Path, counts: dict[str, Any], pre_extra: list[str],
-             extra_configs: dict[str, list[str]] | None = None) -> dict[str, list[dict[str, Any]]]:
+             extra_configs: dict[str, list[str]] | None = None) -> dict[str, list[dict[str, Any] | None]]:
     """Pretrain once, fine-tune every config for every seed (args.jobs at a time), write results.json/md."""
     t0 = time.monotonic()
     configs = all_configs(extra_configs)
     print(f"data: {json.dumps(counts)}", flush=True)
     pre_run = out / "runs" / "pretrain"
     pre_args = pretrain_args(args.model, out / "data" / "pre", pre_extra)
-    secs = train(pre_args, pre_run, out / "logs" / "pretrain.log")
+    secs = 0.0 if args.report_only else train(pre_args, pre_run, out / "logs" / "pretrain.log")
     pre = read_metrics(pre_run)
     print(f"pretrain: {secs:.0f}s, test_acc {pre['final']:.4f} (best {pre['best']:.4f})", flush=True)
     data = out / "data" / ("ft" if args.eval_on == "test" else "ft-probe")
@@ -209,12 +211,14 @@ def run_grid(args: argparse.Namespace, out: Path, counts: dict[str, Any], pre_ex
         return name, seed, train(run_args, outdir, out / "logs" / f"{runs.name}-{slug(name)}-seed{seed}.log"), outdir
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for name, seed, secs, outdir in pool.map(one, jobs):
+        for name, seed, secs, outdir in pool.map(one, [] if args.report_only else jobs):
             m = read_metrics(outdir)
             print(f"{name} seed {seed}: {secs:.0f}s, final {m['final']:.4f} best {m['best']:.4f}"
                   + (f" ema {m['final_ema']:.4f}" if m["final_ema"] is not None else ""), flush=True)
 
-    results = {name: [read_metrics(runs / slug(name) / f"seed{s}") for s in args.seeds] for name in args.configs}
+    results: dict[str, list[dict[str, Any] | None]] = {name: [] for name in args.configs}
+    for name, _, run_args, outdir in jobs:
+        results[name].append(read_metrics(outdir) if completed(outdir, run_args) else None)
     commands = {"pretrain": shlex.join(["python", "train.py", *pre_args, "--output-dir", str(pre_run)])}
     commands.update({f"{name} seed {seed}": shlex.join(["python", "train.py", *run_args, "--output-dir", str(d)])
                      for name, seed, run_args, d in jobs})
@@ -238,28 +242,33 @@ def pct(values: list[float]) -> str:
     return f"{mean:.1f} ± {std:.1f}"
 
 
-def table(results: dict[str, list[dict[str, Any]]], seeds: list[int]) -> str:
+def table(results: dict[str, list[dict[str, Any] | None]], seeds: list[int]) -> str:
     """Mean ± std over the seeds; the difference to `plain`, and on how many seeds the config beat it."""
     lines = ["| config | final test acc % | best test acc % | EMA final % | vs plain (final) | seeds above plain |",
              "|---|---|---|---|---|---|"]
-    plain = [r["final"] for r in results["plain"]] if "plain" in results else None
-    for name, runs in results.items():
+    plain = results.get("plain")
+    for name, all_runs in results.items():
+        runs = [r for r in all_runs if r is not None]
+        if not runs:
+            continue
         finals = [r["final"] for r in runs]
         emas = [r["final_ema"] for r in runs if r["final_ema"] is not None]
         delta = above = ""
         if plain is not None and name != "plain":
-            delta = f"{100 * (statistics.fmean(finals) - statistics.fmean(plain)):+.1f}"
-            above = f"{sum(f > p for f, p in zip(finals, plain))}/{len(seeds)}"
-        lines.append(f"| {name} | {pct(finals)} | {pct([r['best'] for r in runs])} | {pct(emas) if emas else ''} "
-                     f"| {delta} | {above} |")
+            pairs = [(r["final"], p["final"]) for r, p in zip(all_runs, plain) if r is not None and p is not None]
+            delta = f"{100 * (statistics.fmean(finals) - statistics.fmean(r['final'] for r in plain if r)):+.1f}"
+            above = f"{sum(f > p for f, p in pairs)}/{len(pairs)}"
+        n = "" if len(runs) == len(seeds) else f" (n={len(runs)})"
+        lines.append(f"| {name} | {pct(finals)}{n} | {pct([r['best'] for r in runs])} "
+                     f"| {pct(emas) if emas else ''} | {delta} | {above} |")
     return "\n".join(lines) + "\n"
 
 
-def per_seed_table(results: dict[str, list[dict[str, Any]]], seeds: list[int]) -> str:
+def per_seed_table(results: dict[str, list[dict[str, Any] | None]], seeds: list[int]) -> str:
     lines = [f"| config | final, seeds {' / '.join(map(str, seeds))} | EMA final |", "|---|---|---|"]
     for name, runs in results.items():
-        emas = [r["final_ema"] for r in runs if r["final_ema"] is not None]
-        finals = " / ".join(f"{100 * r['final']:.1f}" for r in runs)
+        emas = [r["final_ema"] for r in runs if r is not None and r["final_ema"] is not None]
+        finals = " / ".join("-" if r is None else f"{100 * r['final']:.1f}" for r in runs)
         lines.append(f"| {name} | {finals} "
                      f"| {' / '.join(f'{100 * e:.1f}' for e in emas)} |")
     return "\n".join(lines) + "\n"
