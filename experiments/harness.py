@@ -40,11 +40,13 @@ RECIPE_STUDY: dict[str, list[str]] = {
     "strong": [*FT, "--recipe", "strong"],
     "strong, lp-ft": ["--mode", "lp-ft", "--lp-epochs", "2", "--recipe", "strong"],
 }
+WD = ["--weight-decay", "0.05"]
 ADDED_BACK: dict[str, list[str]] = {
-    "strong +cosine+warmup": [*FT, "--recipe", "strong", "--lr-schedule", "cosine", "--warmup-epochs", "1"],
-    "strong +label-smoothing 0.1": [*FT, "--recipe", "strong", "--label-smoothing", "0.1"],
-    "strong +cosine+warmup +label-smoothing 0.1": [*FT, "--recipe", "strong", "--lr-schedule", "cosine",
-                                                   "--warmup-epochs", "1", "--label-smoothing", "0.1"],
+    "strong +weight-decay 0.05": [*FT, "--recipe", "strong", *WD],
+    "strong +wd +cosine+warmup": [*FT, "--recipe", "strong", *WD, "--lr-schedule", "cosine", "--warmup-epochs", "1"],
+    "strong +wd +label-smoothing 0.1": [*FT, "--recipe", "strong", *WD, "--label-smoothing", "0.1"],
+    "strong +wd +cosine+warmup +label-smoothing 0.1": [*FT, "--recipe", "strong", *WD, "--lr-schedule", "cosine",
+                                                       "--warmup-epochs", "1", "--label-smoothing", "0.1"],
 }
 #: the recipe's components, as removed one at a time by the ablation rows (keys of RECIPES["strong"]); a row
 #: that would remove all of the recipe is `plain` and is not made
@@ -69,8 +71,8 @@ CANDIDATES: dict[str, list[str]] = {
     "cand +layer-decay 0.75": [*FT, *CANDIDATE, "--layer-decay", "0.75"],
     "cand lr 1e-3": [*FT, *CANDIDATE, "--lr", "1e-3"],
     "cand +ema 0.99": [*FT, *CANDIDATE, "--ema-decay", "0.99"],
-    # AdamW alone, which the ablation of the first candidate (`strong +cosine+warmup +label-smoothing 0.1`)
-    # left: what `strong` became
+    # AdamW + weight decay, which the first round of the ablation of the first candidate left (the second
+    # round dropped the weight decay too: `strong` is AdamW lr 1e-3)
     "cand adamw 1e-3 alone": [*FT, "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "0.05"],
 }
 
