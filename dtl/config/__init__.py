@@ -17,9 +17,10 @@ from dtl.config.schema import (
     DistConfig,
     OptimConfig,
     RunConfig,
+    recipe_line,
 )
 
 __all__ = [
     "DEVICES", "PRECISIONS", "RECIPES", "SECTIONS", "SECTION_OF", "BackboneConfig", "CheckpointConfig", "Config",
-    "DataConfig", "DistConfig", "OptimConfig", "RunConfig", "choices_of",
+    "DataConfig", "DistConfig", "OptimConfig", "RunConfig", "choices_of", "recipe_line",
 ]

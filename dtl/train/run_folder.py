@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from dtl import files
-from dtl.config import Config
+from dtl.config import Config, recipe_line
 from dtl.data.folder import SPLIT_FILE, save_split
 from dtl.data.splits import Splits
 from dtl.dist import DistEnv, barrier, broadcast_str
@@ -144,6 +144,8 @@ class RunFolder:
                      info["launcher"], info["world_size"], info["device"], info["precision"],
                      info["precision_source"], info["global_batch"], cfg.optim.batch_size, self.env.world_size,
                      cfg.optim.grad_accum)
+            if (recipe := recipe_line(cfg)) is not None:
+                log.info("%s", recipe)  # flags and TOML win over the recipe: say which did
             log.info("output: %s", outdir)
         barrier(self.env)
 

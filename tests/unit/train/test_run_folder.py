@@ -4,11 +4,12 @@ writes config.json and status.json."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 
-from dtl.config import Config
+from dtl.config import Config, recipe_line
 from dtl.data.splits import Split, Splits
 from dtl.dist import DistEnv
 from dtl.errors import UserError
@@ -79,3 +80,17 @@ def test_start_describes_the_run_and_status_follows_it(tmp_path):
     assert (status["state"], status["exit_code"], status["epoch"], status["global_step"]) == ("preempted", 75, 1, 40)
     run_folder.RunFolder(p, DistEnv(rank=1, world_size=2)).status("failed", 1, TrainState(), None)  # not rank 0
     assert json.loads((p.outdir / "status.json").read_text())["state"] == "preempted"
+
+
+def test_start_logs_what_the_recipe_set_and_what_the_user_overrode(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("dtl"), "propagate", True)
+    cfg = Config(mode="scratch", recipe="strong", lr=0.01, output_dir=str(tmp_path / "run"))
+    splits = Splits(Split(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), ["a", "b"]),
+                    Split(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.tensor([1]), ["a", "b"]))
+    info = {"launcher": "python", "world_size": 1, "device": "cpu", "precision": "fp32",
+            "precision_source": "test", "global_batch": 32}
+    with caplog.at_level(logging.INFO, logger="dtl"):
+        run_folder.RunFolder(run_folder.plan(cfg, DistEnv(), CPU), DistEnv()).start(
+            cfg, info, TrainState(), splits, torch.nn.Linear(2, 2))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("recipe ")]
+    assert lines == [recipe_line(cfg)] and "overridden by you: lr=0.01 (recipe: " in lines[0]

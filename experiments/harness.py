@@ -1,0 +1,276 @@
+"""What the transfer experiments share: running train.py, reading metrics.jsonl, the tables, the configs.
+
+`experiments/digits.py` (scikit-learn's digits) and `experiments/cifar_photos.py` (real CIFAR-10 photos) make
+their data and pretrain once; everything after that -- the fine-tuning grid, the aggregation and the
+results.md/json -- is `run_grid` here, so both tasks are run and tabled the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from dtl.config import RECIPES, OptimConfig  # noqa: E402  (the repository's dtl, not an installed one)
+
+REPO = Path(__file__).resolve().parent.parent
+
+FT = ["--mode", "finetune"]
+#: the `--recipe strong` of issue #12, spelled out (the recipe itself changed in #23)
+OLD_STRONG = ["--optimizer", "adamw", "--lr", "5e-4", "--weight-decay", "0.05", "--lr-schedule", "cosine",
+              "--warmup-epochs", "1", "--layer-decay", "0.75", "--head-lr-mult", "10", "--label-smoothing", "0.1",
+              "--clip-grad-norm", "1.0", "--ema-decay", "0.998"]
+#: issue #23's study: the baselines, the recipe, the recipe under LP-FT, and what was measured and left out of
+#: it (each added back on top of it; the first #23 candidate had all of them)
+RECIPE_STUDY: dict[str, list[str]] = {
+    "plain": [*FT],
+    "transfer (head only)": ["--mode", "transfer"],
+    "lp-ft": ["--mode", "lp-ft", "--lp-epochs", "2"],
+    "strong (#12, old)": [*FT, *OLD_STRONG],
+    "strong": [*FT, "--recipe", "strong"],
+    "strong, lp-ft": ["--mode", "lp-ft", "--lp-epochs", "2", "--recipe", "strong"],
+}
+WD = ["--weight-decay", "0.05"]
+ADDED_BACK: dict[str, list[str]] = {
+    "strong +weight-decay 0.05": [*FT, "--recipe", "strong", *WD],
+    "strong +wd +cosine+warmup": [*FT, "--recipe", "strong", *WD, "--lr-schedule", "cosine", "--warmup-epochs", "1"],
+    "strong +wd +label-smoothing 0.1": [*FT, "--recipe", "strong", *WD, "--label-smoothing", "0.1"],
+    "strong +wd +cosine+warmup +label-smoothing 0.1": [*FT, "--recipe", "strong", *WD, "--lr-schedule", "cosine",
+                                                       "--warmup-epochs", "1", "--label-smoothing", "0.1"],
+}
+#: the recipe's components, as removed one at a time by the ablation rows (keys of RECIPES["strong"]); a row
+#: that would remove all of the recipe is `plain` and is not made
+COMPONENTS: dict[str, tuple[str, ...]] = {
+    "adamw": ("optimizer", "lr", "weight_decay"),
+    "weight-decay": ("weight_decay",),
+    "cosine+warmup": ("lr_schedule", "warmup_epochs"),
+    "layer-decay": ("layer_decay",),
+    "head-lr-mult": ("head_lr_mult",),
+    "label-smoothing": ("label_smoothing",),
+    "ema": ("ema_decay",),
+}  # (--clip-grad-norm has no flag value meaning "off": a recipe that clips needs its own ablation row)
+#: plain's value of each optimizer setting (what an ablation row sets back)
+PLAIN_VALUES: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(OptimConfig)}
+
+#: the candidates for the new `strong`, compared on the probe images (`--eval-on probe`) before any test
+#: table was made: AdamW + cosine (what helped on digits in #12) with label smoothing, then one change each
+CANDIDATE = ["--optimizer", "adamw", "--lr", "5e-4", "--weight-decay", "0.05", "--lr-schedule", "cosine",
+             "--warmup-epochs", "1", "--label-smoothing", "0.1"]
+CANDIDATES: dict[str, list[str]] = {
+    "cand adamw cos ls": [*FT, *CANDIDATE],
+    "cand +layer-decay 0.75": [*FT, *CANDIDATE, "--layer-decay", "0.75"],
+    "cand lr 1e-3": [*FT, *CANDIDATE, "--lr", "1e-3"],
+    "cand +ema 0.99": [*FT, *CANDIDATE, "--ema-decay", "0.99"],
+    # AdamW + weight decay, which the first round of the ablation of the first candidate left (the second
+    # round dropped the weight decay too: `strong` is AdamW lr 1e-3)
+    "cand adamw 1e-3 alone": [*FT, "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "0.05"],
+}
+
+#: configs whose optimizer settings are their own (the plain --lr is not passed to them)
+OWN_LR_PREFIXES = ("strong", "+adamw", "cand")
+
+#: heavy regularisation on top of plain (issue #13's options), for the "when does it pay off" table
+HEAVY: dict[str, list[str]] = {
+    "+auto-augment ta_wide": [*FT, "--auto-augment", "ta_wide"],
+    "+random-erasing 0.25": [*FT, "--random-erasing", "0.25"],
+    "+mixup 0.2 cutmix 1.0": [*FT, "--mixup", "0.2", "--cutmix", "1.0"],
+    "all heavy": [*FT, "--auto-augment", "ta_wide", "--random-erasing", "0.25", "--mixup", "0.2",
+                  "--cutmix", "1.0"],
+}
+
+
+def slug(name: str) -> str:
+    keep = "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
+    return "_".join(part for part in keep.split("_") if part)
+
+
+def run_key(args: list[str]) -> Any:
+    """What a finished run is matched on: its arguments, and what --recipe stood for when it ran."""
+    if "--recipe" not in args:
+        return args
+    return {"args": args, "recipe": RECIPES[args[args.index("--recipe") + 1]]}
+
+
+def completed(outdir: Path, args: list[str] | None = None) -> bool:
+    """The run in `outdir` completed (and, given `args`, was started with those arguments by this harness)."""
+    status, used = outdir / "status.json", outdir / "digits_args.json"
+    if not status.is_file() or json.loads(status.read_text()).get("state") != "completed":
+        return False
+    return args is None or (used.is_file() and json.loads(used.read_text()) == run_key(args))
+
+
+def train(args: list[str], outdir: Path, log: Path) -> float:
+    """Run train.py with `args` into `outdir` (skipped when it already completed); returns seconds taken."""
+    if completed(outdir, args):
+        return 0.0
+    cmd = [sys.executable, "train.py", *args, "--output-dir", str(outdir), "--overwrite"]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    start = time.monotonic()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as fh:
+        fh.write(shlex.join(cmd) + "\n")
+        fh.flush()
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False)
+    if proc.returncode != 0 or not completed(outdir):
+        raise SystemExit(f"train.py failed (exit {proc.returncode}); see {log}")
+    (outdir / "digits_args.json").write_text(json.dumps(run_key(args)) + "\n")
+    return time.monotonic() - start
+
+
+def read_metrics(outdir: Path) -> dict[str, Any]:
+    rows = [json.loads(line) for line in (outdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "test_acc" in r]
+    ema = [r["test_acc_ema"] for r in rows if r.get("test_acc_ema") is not None]
+    return {"first": rows[0]["test_acc"], "final": rows[-1]["test_acc"], "best": max(r["test_acc"] for r in rows),
+            "final_ema": ema[-1] if ema else None, "best_ema": max(ema) if ema else None,
+            "epochs": len(rows)}
+
+
+def common_args(model: str) -> list[str]:
+    return ["--dataset", "folder", "--model", model, "--image-size", "32", "--num-workers", "0", "--device", "cpu"]
+
+
+def pretrain_args(model: str, data: Path, pre_extra: list[str]) -> list[str]:
+    """From scratch on the pretraining classes: SGD, cosine, weight decay 5e-4, seed 0."""
+    return [*common_args(model), "--data-dir", str(data), "--mode", "scratch", "--weights", "none", *pre_extra,
+            "--lr-schedule", "cosine", "--weight-decay", "5e-4", "--seed", "0"]
+
+
+def ablations() -> dict[str, list[str]]:
+    """`--recipe strong` with one of its components set back to plain's values, one row per component."""
+    rows = {}
+    for component, keys in COMPONENTS.items():
+        if not any(key in RECIPES["strong"] for key in keys) or set(RECIPES["strong"]) <= set(keys):
+            continue
+        flags = []
+        for key in keys:
+            value = PLAIN_VALUES[key]
+            flags += ["--" + key.replace("_", "-"), "0" if value is None else str(value)]
+        rows[f"strong -{component}"] = [*FT, "--recipe", "strong", *flags]
+    return rows
+
+
+def add_grid_args(parser: argparse.ArgumentParser, *, ft_epochs: int, batch_size: int,
+                  extra_configs: dict[str, list[str]] | None = None) -> None:
+    """The options every task shares: where, which seeds and configs, the fine-tuning schedule."""
+    configs = all_configs(extra_configs)
+    parser.add_argument("--out", type=Path, required=True, help="output folder (data, runs, results)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of the fine-tunes")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the data selection")
+    parser.add_argument("--model", default="resnet18", help="torchvision model (pretraining and fine-tuning)")
+    parser.add_argument("--ft-epochs", type=int, default=ft_epochs)
+    parser.add_argument("--lr", type=float, default=1e-3, help="plain recipe's lr for the fine-tunes")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="fine-tuning batch size")
+    parser.add_argument("--jobs", type=int, default=1, help="fine-tunes run at the same time")
+    parser.add_argument("--eval-on", choices=("test", "probe"), default="test",
+                        help="test: the held-out evaluation images of the tables; probe: other labelled images "
+                        "of the same classes, disjoint from train and test, for choosing settings")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: table the runs that completed with these arguments (missing: -)")
+    parser.add_argument("--configs", nargs="+", choices=list(configs),
+                        default=[*RECIPE_STUDY, *ablations(), *ADDED_BACK], metavar="CONFIG",
+                        help=f"subset of: {', '.join(configs)}")
+
+
+def all_configs(extra: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    return {**RECIPE_STUDY, **ablations(), **ADDED_BACK, **HEAVY, **CANDIDATES, **(extra or {})}
+
+
+def run_grid(args: argparse.Namespace, out: Path, counts: dict[str, Any], pre_extra: list[str],
+             extra_configs: dict[str, list[str]] | None = None) -> dict[str, list[dict[str, Any] | None]]:
+    """Pretrain once, fine-tune every config for every seed (args.jobs at a time), write results.json/md."""
+    t0 = time.monotonic()
+    configs = all_configs(extra_configs)
+    print(f"data: {json.dumps(counts)}", flush=True)
+    pre_run = out / "runs" / "pretrain"
+    pre_args = pretrain_args(args.model, out / "data" / "pre", pre_extra)
+    secs = 0.0 if args.report_only else train(pre_args, pre_run, out / "logs" / "pretrain.log")
+    pre = read_metrics(pre_run)
+    print(f"pretrain: {secs:.0f}s, test_acc {pre['final']:.4f} (best {pre['best']:.4f})", flush=True)
+    data = out / "data" / ("ft" if args.eval_on == "test" else "ft-probe")
+    runs = out / ("runs" if args.eval_on == "test" else "runs-probe")
+    ft_common = [*common_args(args.model), "--batch-size", str(args.batch_size), "--data-dir", str(data),
+                 "--weights", str(pre_run / "model.safetensors"), "--epochs", str(args.ft_epochs)]
+    jobs = []
+    for name in args.configs:
+        lr = [] if name.startswith(OWN_LR_PREFIXES) else ["--lr", str(args.lr)]
+        for seed in args.seeds:
+            jobs.append((name, seed, [*ft_common, *configs[name], *lr, "--seed", str(seed)],
+                         runs / slug(name) / f"seed{seed}"))
+
+    def one(job: tuple) -> tuple[str, int, float, Path]:
+        name, seed, run_args, outdir = job
+        return name, seed, train(run_args, outdir, out / "logs" / f"{runs.name}-{slug(name)}-seed{seed}.log"), outdir
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for name, seed, secs, outdir in pool.map(one, [] if args.report_only else jobs):
+            m = read_metrics(outdir)
+            print(f"{name} seed {seed}: {secs:.0f}s, final {m['final']:.4f} best {m['best']:.4f}"
+                  + (f" ema {m['final_ema']:.4f}" if m["final_ema"] is not None else ""), flush=True)
+
+    results: dict[str, list[dict[str, Any] | None]] = {name: [] for name in args.configs}
+    for name, _, run_args, outdir in jobs:
+        results[name].append(read_metrics(outdir) if completed(outdir, run_args) else None)
+    commands = {"pretrain": shlex.join(["python", "train.py", *pre_args, "--output-dir", str(pre_run)])}
+    commands.update({f"{name} seed {seed}": shlex.join(["python", "train.py", *run_args, "--output-dir", str(d)])
+                     for name, seed, run_args, d in jobs})
+    invocation = shlex.join(["python", *sys.argv])
+    (out / f"results{'' if args.eval_on == 'test' else '-probe'}.json").write_text(json.dumps(
+        {"invocation": invocation, "data": counts, "pretrain": pre, "results": results, "commands": commands,
+         "args": vars(args) | {"out": str(out)}}, indent=1, default=str) + "\n")
+    text = f"`{invocation}`\n\n{table(results, args.seeds)}\n{per_seed_table(results, args.seeds)}"
+    (out / f"results{'' if args.eval_on == 'test' else '-probe'}.md").write_text(text)
+    print(text)
+    print(f"total {time.monotonic() - t0:.0f}s", flush=True)
+    return results
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def pct(values: list[float]) -> str:
+    mean, std = mean_std([100 * v for v in values])
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def table(results: dict[str, list[dict[str, Any] | None]], seeds: list[int]) -> str:
+    """Mean ± std over the seeds; the difference to `plain`, and on how many seeds the config beat it."""
+    lines = ["| config | final test acc % | best test acc % | EMA final % | vs plain (final) | seeds above plain |",
+             "|---|---|---|---|---|---|"]
+    plain = results.get("plain")
+    for name, all_runs in results.items():
+        runs = [r for r in all_runs if r is not None]
+        if not runs:
+            continue
+        finals = [r["final"] for r in runs]
+        emas = [r["final_ema"] for r in runs if r["final_ema"] is not None]
+        delta = above = ""
+        if plain is not None and name != "plain":
+            pairs = [(r["final"], p["final"]) for r, p in zip(all_runs, plain) if r is not None and p is not None]
+            delta = f"{100 * (statistics.fmean(finals) - statistics.fmean(r['final'] for r in plain if r)):+.1f}"
+            above = f"{sum(f > p for f, p in pairs)}/{len(pairs)}"
+        n = "" if len(runs) == len(seeds) else f" (n={len(runs)})"
+        lines.append(f"| {name} | {pct(finals)}{n} | {pct([r['best'] for r in runs])} "
+                     f"| {pct(emas) if emas else ''} | {delta} | {above} |")
+    return "\n".join(lines) + "\n"
+
+
+def per_seed_table(results: dict[str, list[dict[str, Any] | None]], seeds: list[int]) -> str:
+    lines = [f"| config | final, seeds {' / '.join(map(str, seeds))} | EMA final |", "|---|---|---|"]
+    for name, runs in results.items():
+        emas = [r["final_ema"] for r in runs if r is not None and r["final_ema"] is not None]
+        finals = " / ".join("-" if r is None else f"{100 * r['final']:.1f}" for r in runs)
+        lines.append(f"| {name} | {finals} "
+                     f"| {' / '.join(f'{100 * e:.1f}' for e in emas)} |")
+    return "\n".join(lines) + "\n"
