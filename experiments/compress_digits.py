@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import digits  # noqa: E402  (experiments/digits.py: the data set writer)
+import harness  # noqa: E402  (experiments/harness.py: which runs completed)
 
 from dtl import models  # noqa: E402
 from dtl.dist.compress import step_bytes  # noqa: E402
@@ -33,11 +34,12 @@ KINDS = ("none", "bf16", "powersgd")
 
 def run(out: Path, data: Path, kind: str, seed: int, port: int) -> dict:
     outdir = out / "runs" / kind / f"seed{seed}"
-    if not digits.completed(outdir):
+    if not harness.completed(outdir):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                "train.py", "--dataset", "folder", "--data-dir", str(data), "--model", "resnet18", "--mode", "scratch",
-               "--weights", "none", "--image-size", "32", "--num-workers", "0", "--device", "cpu", "--batch-size",
-               "16", "--epochs", "10", "--lr", "0.05", "--lr-schedule", "cosine", "--weight-decay", "5e-4",
+               "--weights", "none", "--image-size", "32", "--num-workers", "0", "--data-pipeline", "workers",
+               "--device", "cpu", "--batch-size", "16", "--epochs", "10", "--lr", "0.05", "--lr-schedule", "cosine",
+               "--weight-decay", "5e-4",
                "--seed", str(seed), "--grad-compress", kind, "--powersgd-rank", "4", "--output-dir", str(outdir),
                "--overwrite", "--progress-every", "0"]
         start = time.monotonic()
