@@ -82,15 +82,25 @@ def test_start_describes_the_run_and_status_follows_it(tmp_path):
     assert json.loads((p.outdir / "status.json").read_text())["state"] == "preempted"
 
 
-def test_start_logs_what_the_recipe_set_and_what_the_user_overrode(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(logging.getLogger("dtl"), "propagate", True)
+def test_start_logs_what_the_recipe_set_and_what_the_user_overrode(tmp_path):
+    # our own handler on dtl's logger: caplog's depends on propagation, which other tests' setup_logging changes
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    dtl_log = logging.getLogger("dtl")
+    level = dtl_log.level
+    dtl_log.setLevel(logging.INFO)
+    dtl_log.addHandler(handler)
     cfg = Config(mode="scratch", recipe="strong", lr=0.01, output_dir=str(tmp_path / "run"))
     splits = Splits(Split(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), ["a", "b"]),
                     Split(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.tensor([1]), ["a", "b"]))
     info = {"launcher": "python", "world_size": 1, "device": "cpu", "precision": "fp32",
             "precision_source": "test", "global_batch": 32}
-    with caplog.at_level(logging.INFO, logger="dtl"):
+    try:
         run_folder.RunFolder(run_folder.plan(cfg, DistEnv(), CPU), DistEnv()).start(
             cfg, info, TrainState(), splits, torch.nn.Linear(2, 2))
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("recipe ")]
+    finally:
+        dtl_log.removeHandler(handler)
+        dtl_log.setLevel(level)
+    lines = [r.getMessage() for r in records if r.getMessage().startswith("recipe ")]
     assert lines == [recipe_line(cfg)] and "overridden by you: lr=0.01 (recipe: " in lines[0]
