@@ -12,18 +12,16 @@ torch.distributed there is one code path for every launcher, and we can check th
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
-import torch.distributed as tdist
 
 from dtl.errors import UserError
 

@@ -147,8 +147,8 @@ def main_first(env: DistEnv, fn: Callable[[bool], T], timeout_s: float = MAIN_IO
     """`fn(first)` once per process, global rank 0 first, then the first process of every other node, then
     the rest; `first` is True for those that may fetch (download, extract) and False for the rest, which only
     read what is there. The waits run on a gloo group of their own (`_IO_GROUP`) with `timeout_s` (a download
-    may take longer than a collective should), and a failure of an earlier phase stops every rank: the rank where it happened
-    raises its error; the others raise a quiet UserError."""
+    may take longer than a collective should), and a failure of an earlier phase stops every rank: the rank
+    where it happened raises its error; the others raise a quiet UserError."""
     if not env.distributed:
         return fn(True)
     phases = (env.rank == 0, env.local_rank == 0 and env.rank != 0, env.local_rank != 0)

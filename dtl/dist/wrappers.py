@@ -9,7 +9,7 @@ import logging
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dtl.dist import fsdp
+import dtl.dist.fsdp as fsdp
 from dtl.dist.compress import GradCompression
 from dtl.dist.env import DistEnv
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from dtl import dist
-from dtl.dist import group
 from dtl.data.samplers import EvalShardSampler, train_sampler
+from dtl.dist import group
 from dtl.errors import UserError
 from tests.conftest import free_port
 
