@@ -379,7 +379,7 @@ def eval_loader(cfg: Config, split: DatasetSplit, env: DistEnv, device: torch.de
     if pipeline == "decode" and isinstance(split, FolderSplit):
         inner = DecodeLoader(split, sampler, cfg.optim.batch_size, None if keep else batch, square_size,
                              cfg.data.num_workers, device, cfg.run.seed, env.rank, cfg.data.image_decoder)
-        return KeptEvalLoader(inner, lambda images: batch(images)) if keep else inner
+        return KeptEvalLoader(inner, batch) if keep else inner
     if keep:
         from torchvision.transforms import v2
 
