@@ -61,6 +61,14 @@ class BackboneConfig:
     lp_epochs: int = field(default=1, metadata=NON_NEGATIVE)
     """lp-ft mode: epochs that train the head alone (a linear probe, the backbone frozen and its BatchNorm
     statistics fixed) before the backbone (or its last --finetune-last-n blocks) is unfrozen."""
+    lp_lr_mult: float = field(default=1.0, metadata=POSITIVE)
+    """lp-ft mode: the probe epochs learn at this multiple of the schedule's learning rate (only the head
+    trains then, and a linear probe tolerates, and needs, a far higher rate than fine-tuning the backbone)."""
+    freeze_bn_stats: bool = False
+    """Keep every BatchNorm layer's running statistics as loaded and normalise with them in training too (as
+    in evaluation; detectron2's FrozenBN, mmcv's norm_eval), while its affine weights still train. For few-label
+    fine-tuning with small batches, whose batch statistics are noisy and drift the running ones away from what
+    the pretrained weights expect. Needs pretrained weights (not --weights none)."""
     dropout: float | None = field(default=None, metadata=FRACTION_IF_GIVEN)
     """Override the dropout probability of the model's Dropout layers (default: the model's own)."""
     drop_path: float | None = field(default=None, metadata=FRACTION_IF_GIVEN)
@@ -429,6 +437,10 @@ class Config:
                 f"weights='none' with mode={b.mode!r} would train a head on a frozen *random* backbone; "
                 "use --weights imagenet (or a file), or --mode scratch"
             )
+        if b.freeze_bn_stats and b.weights == "none":
+            raise ValueError(f"freeze_bn_stats=True keeps the loaded BatchNorm statistics, but weights={b.weights!r} "
+                             "loads none (random init has no statistics to keep): drop --freeze-bn-stats, or "
+                             "pass --weights imagenet or a file")
         if b.keep_head and b.weights == "none":
             raise ValueError(f"keep_head=True keeps the head of the loaded weights, but weights={b.weights!r} "
                              "loads none: drop --keep-head, or pass --weights FILE")

@@ -30,13 +30,14 @@ def freeze(model: nn.Module, name: str, mode: str, finetune_last_n: int | None) 
     return [k for k, p in model.named_parameters() if p.requires_grad]
 
 
-def freeze_frozen_norms(model: nn.Module) -> None:
+def freeze_frozen_norms(model: nn.Module, all_stats: bool = False) -> None:
     """Put normalisation layers whose parameters are all frozen in eval mode, so a frozen backbone stays
-    frozen (its BatchNorm running statistics do not drift). Dropout keeps the train-mode semantics."""
+    frozen (its BatchNorm running statistics do not drift); with `all_stats` (--freeze-bn-stats) every
+    BatchNorm layer, trained or not. Dropout keeps the train-mode semantics."""
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             params = list(module.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
+            if all_stats or (params and not any(p.requires_grad for p in params)):
                 module.eval()
 
 

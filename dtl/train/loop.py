@@ -107,7 +107,7 @@ def train_one_epoch(parts: RunParts, state: TrainState, epoch: int) -> EpochResu
     if env.is_main:
         meter.load(state.partial_meter)
     parts.model.wrapped.train()
-    models.freeze_frozen_norms(parts.model.wrapped)
+    models.freeze_frozen_norms(parts.model.wrapped, all_stats=cfg.backbone.freeze_bn_stats)
     criterion = mix.criterion_for(cfg.optim, parts.class_weights)
     nonfinite = NonFiniteSteps()
     agreement = Agreement(env)  # stop flag + rank 0's "checkpoint time", without a per-step round trip

@@ -120,6 +120,8 @@ def optimizer_step(parts: RunParts, state: TrainState, nonfinite: NonFiniteSteps
     -> zero_grad."""
     scaler, settings = parts.scaler, parts.cfg.optim
     base = lr_at(settings, state.global_step, parts.steps_per_epoch, parts.env.world_size)
+    if parts.model.probing:
+        base *= parts.cfg.backbone.lp_lr_mult
     for group in parts.optimizer.param_groups:
         group["lr"] = base * group.get("lr_mult", 1.0)
     scaler.unscale_(parts.optimizer)  # a no-op without fp16

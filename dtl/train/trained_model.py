@@ -33,6 +33,11 @@ class TrainedModel:
         self._probing: bool | None = None
         self._prefix_hooks: list[RemovableHandle] = []
 
+    @property
+    def probing(self) -> bool:
+        """lp-ft's probe epochs are running (only the head trains)."""
+        return bool(self._probing)
+
     def own(self) -> nn.Module:
         """The model itself, with its architecture's state-dict keys (what checkpoints and weight files hold)."""
         return unwrap(self.wrapped)

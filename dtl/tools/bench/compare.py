@@ -218,7 +218,7 @@ class DtlLoop:
         # the meter and the non-finite record keep each step's tensors until read; the bench never reads them
         self.meter, self.nonfinite = Meter(self.device), NonFiniteSteps()
         parts.model.wrapped.train()
-        models.freeze_frozen_norms(parts.model.wrapped)
+        models.freeze_frozen_norms(parts.model.wrapped, all_stats=parts.cfg.backbone.freeze_bn_stats)
         return sum(train_step(parts, self.state, [next(self.train_batches) for _ in range(parts.accum)],
                               self.criterion, self.meter, self.nonfinite).images for _ in range(steps))
 

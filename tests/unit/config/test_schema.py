@@ -41,6 +41,12 @@ def test_transfer_with_random_backbone_is_refused():
         Config(mode="transfer", weights="none")
 
 
+def test_frozen_bn_stats_need_loaded_statistics():
+    with pytest.raises(ValueError, match="freeze_bn_stats=True.*weights='none'"):
+        Config(mode="scratch", freeze_bn_stats=True)
+    assert Config(mode="finetune", freeze_bn_stats=True).backbone.freeze_bn_stats
+
+
 def test_cache_features_needs_no_augment():
     with pytest.raises(ValueError, match="augment"):
         Config(cache_features=True)

@@ -3,6 +3,8 @@ BatchNorm statistics bitwise unchanged), everything after; resumes on either sid
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torchvision
@@ -45,3 +47,22 @@ def test_resume_on_either_side_of_the_switch_is_bitwise(tmp_path, weights, keep)
     rewind_copy(full, part, keep)
     assert train_inproc(*flags(weights), "--output-dir", str(part), "--resume", "auto") == 0
     assert_same_weights(full, part)
+
+
+def test_probe_epochs_learn_at_lp_lr_mult_times_the_rate(tmp_path, weights):
+    out = tmp_path / "run"
+    assert train_inproc(*flags(weights), "--lp-lr-mult", "10", "--output-dir", str(out)) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if "test_acc" in r]
+    assert lrs == pytest.approx([0.5, 0.05])  # --lr 0.05: x10 while probing, then the rate itself
+
+
+def test_frozen_bn_stats_keep_every_running_statistic_while_the_weights_train(tmp_path, weights):
+    out = tmp_path / "run"
+    assert train_inproc(*flags(weights), "--freeze-bn-stats", "--output-dir", str(out)) == 0
+    initial = torch.load(weights, weights_only=True)
+    final = load_file(str(out / "model.safetensors"))
+    stats = [k for k in initial if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(final[k], initial[k]) for k in stats)
+    assert not torch.equal(final["layer1.0.bn1.weight"], initial["layer1.0.bn1.weight"])  # affine trains
+    assert not torch.equal(final["conv1.weight"], initial["conv1.weight"])
