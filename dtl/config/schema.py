@@ -64,11 +64,13 @@ class BackboneConfig:
     lp_lr_mult: float = field(default=1.0, metadata=POSITIVE)
     """lp-ft mode: the probe epochs learn at this multiple of the schedule's learning rate (only the head
     trains then, and a linear probe tolerates, and needs, a far higher rate than fine-tuning the backbone)."""
-    freeze_bn_stats: bool = False
+    freeze_bn_stats: bool | None = None
     """Keep every BatchNorm layer's running statistics as loaded and normalise with them in training too (as
-    in evaluation; detectron2's FrozenBN, mmcv's norm_eval), while its affine weights still train. For few-label
-    fine-tuning with small batches, whose batch statistics are noisy and drift the running ones away from what
-    the pretrained weights expect. Needs pretrained weights (not --weights none)."""
+    in evaluation; detectron2's FrozenBN, mmcv's norm_eval), while its affine weights still train: batch
+    statistics of few labelled images in small batches are noisy, and re-estimating the running ones from them
+    moves the features under the head. Needs loaded weights (not --weights none). Default: on for --mode lp-ft
+    (its probe fits the head to the features under the loaded statistics; keeping them is keeping what LP-FT
+    protects), off otherwise."""
     dropout: float | None = field(default=None, metadata=FRACTION_IF_GIVEN)
     """Override the dropout probability of the model's Dropout layers (default: the model's own)."""
     drop_path: float | None = field(default=None, metadata=FRACTION_IF_GIVEN)
@@ -241,7 +243,7 @@ class RunConfig:
     recipe: Literal["plain", "strong"] = "plain"
     """plain: the settings as given (the reference recipe's defaults). strong: the fine-tuning recipe measured
     on few-label real transfer tasks (RESULTS.md) -- AdamW at lr 1e-3 (constant lr, no weight decay, no label
-    smoothing, no heavy augmentation: each measured not to help on both tasks). Settings given explicitly
+    smoothing, BatchNorm statistics updated, no heavy augmentation: each measured not to help on both tasks). Settings given explicitly
     (flags, TOML) still win, and the log says which did."""
     precision: Precision = "auto"
     """auto: the accelerate config's choice under `accelerate launch`, else bf16 on GPUs that support it,
@@ -357,8 +359,9 @@ class DistConfig:
 
 #: --recipe strong: what it sets unless the setting is given explicitly (README: "Fine-tuning knobs"). Kept
 #: only what helped on both real few-label transfer tasks of RESULTS.md (digits, CIFAR-10 photos); weight
-#: decay 0.05, cosine with warm-up, label smoothing, layer decay, a head lr multiplier, gradient clipping and
-#: EMA were measured there and left out.
+#: decay 0.05, cosine with warm-up, label smoothing, frozen BatchNorm statistics, layer decay, a head lr
+#: multiplier, gradient clipping, EMA and heavy augmentation were measured there and left out (RESULTS.md says
+#: at which lengths some of them do help).
 RECIPES: dict[str, dict[str, Any]] = {
     "plain": {},
     "strong": {"optimizer": "adamw", "lr": 1e-3},
@@ -437,6 +440,8 @@ class Config:
                 f"weights='none' with mode={b.mode!r} would train a head on a frozen *random* backbone; "
                 "use --weights imagenet (or a file), or --mode scratch"
             )
+        if b.freeze_bn_stats is None:
+            b.freeze_bn_stats = b.mode == "lp-ft"
         if b.freeze_bn_stats and b.weights == "none":
             raise ValueError(f"freeze_bn_stats=True keeps the loaded BatchNorm statistics, but weights={b.weights!r} "
                              "loads none (random init has no statistics to keep): drop --freeze-bn-stats, or "

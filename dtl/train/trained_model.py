@@ -72,5 +72,6 @@ class TrainedModel:
                             compression=self.compression)
         self._probing = probing
         trains = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("lp-ft epoch %d: %s (%d parameters train)", epoch + 1,
-                 "linear probe, the backbone frozen" if probing else "fine-tuning, the backbone unfrozen", trains)
+        log.info("lp-ft epoch %d: %s (%d parameters train%s)", epoch + 1,
+                 "linear probe, the backbone frozen" if probing else "fine-tuning, the backbone unfrozen", trains,
+                 "; BatchNorm statistics kept as loaded" if net.freeze_bn_stats and not probing else "")

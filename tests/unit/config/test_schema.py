@@ -45,6 +45,9 @@ def test_frozen_bn_stats_need_loaded_statistics():
     with pytest.raises(ValueError, match="freeze_bn_stats=True.*weights='none'"):
         Config(mode="scratch", freeze_bn_stats=True)
     assert Config(mode="finetune", freeze_bn_stats=True).backbone.freeze_bn_stats
+    # default: on for lp-ft only, resolved into the saved config
+    assert [Config(mode=m).backbone.freeze_bn_stats for m in ("transfer", "finetune", "lp-ft")] == [False, False, True]
+    assert not Config(mode="lp-ft", freeze_bn_stats=False).backbone.freeze_bn_stats
 
 
 def test_cache_features_needs_no_augment():
