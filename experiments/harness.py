@@ -247,7 +247,7 @@ def add_grid_args(parser: argparse.ArgumentParser, *, ft_epochs: int, batch_size
                         help="test: the held-out evaluation images of the tables; probe: other labelled images "
                         "of the same classes, disjoint from train and test, for choosing settings")
     parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: table the runs that completed with these arguments (missing: -)")
+                        help="train nothing: table the runs that completed with these settings (missing: -)")
     parser.add_argument("--configs", nargs="+", choices=list(configs),
                         default=[*RECIPE_STUDY, *ablations(), *ADDED_BACK], metavar="CONFIG",
                         help=f"subset of: {', '.join(configs)}")
@@ -292,7 +292,8 @@ def run_grid(args: argparse.Namespace, out: Path, counts: dict[str, Any], pre_ex
 
     results: dict[str, list[dict[str, Any] | None]] = {name: [] for name in args.configs}
     for name, _, run_args, outdir in jobs:
-        results[name].append(read_metrics(outdir) if completed(outdir, run_args) else None)
+        done = completed(outdir, run_args) or reuse(run_args, outdir)  # --report-only: a renamed config's runs too
+        results[name].append(read_metrics(outdir) if done else None)
     commands = {"pretrain": shlex.join(["python", "train.py", *pre_args, "--output-dir", str(pre_run)])}
     commands.update({f"{name} seed {seed}": shlex.join(["python", "train.py", *run_args, "--output-dir", str(d)])
                      for name, seed, run_args, d in jobs})
@@ -300,7 +301,9 @@ def run_grid(args: argparse.Namespace, out: Path, counts: dict[str, Any], pre_ex
     (out / f"results{'' if args.eval_on == 'test' else '-probe'}.json").write_text(json.dumps(
         {"invocation": invocation, "data": counts, "pretrain": pre, "results": results, "commands": commands,
          "args": vars(args) | {"out": str(out)}}, indent=1, default=str) + "\n")
-    text = f"`{invocation}`\n\n{table(results, args.seeds)}\n{per_seed_table(results, args.seeds)}"
+    steps_per_epoch = -(-counts["ft"]["train"] // args.batch_size)
+    text = (f"`{invocation}`\n\n{table(results, args.seeds)}\n{per_seed_table(results, args.seeds)}"
+            f"\n{heavy_table(results, steps_per_epoch)}")
     (out / f"results{'' if args.eval_on == 'test' else '-probe'}.md").write_text(text)
     print(text)
     print(f"total {time.monotonic() - t0:.0f}s", flush=True)
@@ -336,6 +339,34 @@ def table(results: dict[str, list[dict[str, Any] | None]], seeds: list[int]) -> 
         lines.append(f"| {name} | {pct(finals)}{n} | {pct([r['best'] for r in runs])} "
                      f"| {pct(emas) if emas else ''} | {delta} | {above} |")
     return "\n".join(lines) + "\n"
+
+
+def heavy_table(results: dict[str, list[dict[str, Any] | None]], steps_per_epoch: int) -> str:
+    """The heavy_by_length rows as one table: a line per length, a column per heavy option, each cell the mean
+    final accuracy and (after the recipe's own column) the difference to it and on how many seeds it won."""
+    rows = []
+    for n in HEAVY_LENGTHS:
+        base = results.get(f"strong, {n} epochs")
+        cells = []
+        for suffix in HEAVY_OPTIONS:
+            runs = results.get(f"strong{suffix}, {n} epochs")
+            done = [r for r in runs or [] if r is not None]
+            if not done:
+                cells.append("-")
+                continue
+            cell = pct([r["final"] for r in done])
+            if suffix and base and all(b is not None for b in base) and len(done) == len(runs):
+                pairs = [(r["final"], b["final"]) for r, b in zip(runs, base)]
+                delta = 100 * statistics.fmean(r - b for r, b in pairs)
+                cell += f" ({delta:+.1f}, {sum(r > b for r, b in pairs)}/{len(pairs)})"
+            cells.append(cell)
+        if any(c != "-" for c in cells):
+            rows.append(f"| {n} epochs = {n * steps_per_epoch} steps | " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    names = ["strong", *(s.strip() for s in HEAVY_OPTIONS if s)]
+    return ("| fine-tuning length | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
+            + "\n".join(rows) + "\n")
 
 
 def per_seed_table(results: dict[str, list[dict[str, Any] | None]], seeds: list[int]) -> str:
