@@ -243,8 +243,8 @@ class RunConfig:
     recipe: Literal["plain", "strong"] = "plain"
     """plain: the settings as given (the reference recipe's defaults). strong: the fine-tuning recipe measured
     on few-label real transfer tasks (RESULTS.md) -- AdamW at lr 1e-3 (constant lr, no weight decay, no label
-    smoothing, BatchNorm statistics updated, no heavy augmentation: each measured not to help on both tasks). Settings given explicitly
-    (flags, TOML) still win, and the log says which did."""
+    smoothing, BatchNorm statistics updated, no heavy augmentation: each measured not to help on both tasks).
+    Settings given explicitly (flags, TOML) still win, and the log says which did."""
     precision: Precision = "auto"
     """auto: the accelerate config's choice under `accelerate launch`, else bf16 on GPUs that support it,
     fp16 on older GPUs, fp32 on CPU."""
