@@ -43,6 +43,7 @@ RECIPE_STUDY: dict[str, list[str]] = {
     "transfer (head only)": ["--mode", "transfer"],
     "lp-ft": [*LPFT],
     "lp-ft, BN stats updated": [*LPFT, "--no-freeze-bn-stats"],
+    "lp-ft, probe lr x10": [*LPFT, "--lp-lr-mult", "10"],
     "strong (#12, old)": [*FT, *OLD_STRONG],
     "strong": [*FT, "--recipe", "strong"],
     "strong, lp-ft": [*LPFT, "--recipe", "strong"],
@@ -102,7 +103,6 @@ LPFT_CANDIDATES: dict[str, list[str]] = {
     "lp-ft, BN stats updated, probe lr x30": [*LPFT, "--lp-lr-mult", "30", "--no-freeze-bn-stats"],
     "lp-ft, BN stats updated, 5 probe epochs, probe lr x10": ["--mode", "lp-ft", "--lp-epochs", "5",
                                                               "--lp-lr-mult", "10", "--no-freeze-bn-stats"],
-    "lp-ft, probe lr x10": [*LPFT, "--lp-lr-mult", "10"],
 }
 
 #: configs whose optimizer settings are their own (the plain --lr is not passed to them)
