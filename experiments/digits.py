@@ -51,7 +51,8 @@ LEGACY: dict[str, list[str]] = {
     "+clip-grad-norm 1.0": [*FT, "--clip-grad-norm", "1.0"],
     "+adamw cosine": [*FT, "--optimizer", "adamw", "--lr", "5e-4", "--weight-decay", "0.05", "--lr-schedule",
                       "cosine", "--warmup-epochs", "1"],
-    "lp-ft (2 lp epochs)": ["--mode", "lp-ft", "--lp-epochs", "2"],
+    # lp-ft as #12 ran it (its BatchNorm statistics updated after the switch; kept by default since #23)
+    "lp-ft (2 lp epochs)": ["--mode", "lp-ft", "--lp-epochs", "2", "--no-freeze-bn-stats"],
     "+auto-augment randaugment": [*FT, "--auto-augment", "randaugment"],
     "+crop pad": [*FT, "--crop", "pad"],
     "+mixup 0.2": [*FT, "--mixup", "0.2"],
