@@ -191,6 +191,9 @@ def train(args: list[str], outdir: Path, log: Path) -> float:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0 or not completed(outdir):
         raise SystemExit(f"train.py failed (exit {proc.returncode}); see {log}")
+    # the tables read metrics.jsonl and the final weights; a grid's checkpoints (one per epoch and run) filled
+    # tens of GB of /tmp in #23's second round
+    shutil.rmtree(outdir / "checkpoints", ignore_errors=True)
     (outdir / MARKER).write_text(json.dumps({"args": args, "resolved": resolved(args)}) + "\n")
     return time.monotonic() - start
 
