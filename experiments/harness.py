@@ -108,22 +108,19 @@ LPFT_CANDIDATES: dict[str, list[str]] = {
 #: configs whose optimizer settings are their own (the plain --lr is not passed to them)
 OWN_LR_PREFIXES = ("strong", "+adamw", "cand")
 
-#: heavy regularisation on top of plain (issue #13's options), for the "when does it pay off" table
+#: the heavy regularisation options (issue #13's), each on its own and all together
+TA, ERASING, MIXCUT = ["--auto-augment", "ta_wide"], ["--random-erasing", "0.25"], ["--mixup", "0.2", "--cutmix", "1.0"]
+ALL_HEAVY = [*TA, *ERASING, *MIXCUT]
+#: on top of plain, for the first round's "when does it pay off" table
 HEAVY: dict[str, list[str]] = {
-    "+auto-augment ta_wide": [*FT, "--auto-augment", "ta_wide"],
-    "+random-erasing 0.25": [*FT, "--random-erasing", "0.25"],
-    "+mixup 0.2 cutmix 1.0": [*FT, "--mixup", "0.2", "--cutmix", "1.0"],
-    "all heavy": [*FT, "--auto-augment", "ta_wide", "--random-erasing", "0.25", "--mixup", "0.2",
-                  "--cutmix", "1.0"],
+    "+auto-augment ta_wide": [*FT, *TA],
+    "+random-erasing 0.25": [*FT, *ERASING],
+    "+mixup 0.2 cutmix 1.0": [*FT, *MIXCUT],
+    "all heavy": [*FT, *ALL_HEAVY],
 }
-
-#: each heavy option on its own and all together, on top of `--recipe strong` (what a user would add them to)
+#: on top of `--recipe strong` (what a user would add them to), by name suffix
 HEAVY_OPTIONS: dict[str, list[str]] = {
-    "": [],
-    " +ta_wide": ["--auto-augment", "ta_wide"],
-    " +erasing 0.25": ["--random-erasing", "0.25"],
-    " +mixup/cutmix": ["--mixup", "0.2", "--cutmix", "1.0"],
-    " +all heavy": ["--auto-augment", "ta_wide", "--random-erasing", "0.25", "--mixup", "0.2", "--cutmix", "1.0"],
+    "": [], " +ta_wide": TA, " +erasing 0.25": ERASING, " +mixup/cutmix": MIXCUT, " +all heavy": ALL_HEAVY,
 }
 #: fine-tuning lengths of the "when does heavy regularisation pay off" rows (the row's --epochs overrides the
 #: task's --ft-epochs)
@@ -153,18 +150,17 @@ def resolved(args: list[str]) -> dict[str, Any]:
     return json.loads(json.dumps({k: v for k, v in config.to_dict().items() if k not in NOT_COMPUTED}))
 
 
-def completed(outdir: Path, args: list[str] | None = None) -> bool:
-    """The run in `outdir` completed (and, given `args`, computed what `args` resolve to)."""
+def completed(outdir: Path, want: dict[str, Any] | None = None) -> bool:
+    """The run in `outdir` completed (and, given `want`, computed those resolved settings)."""
     status, used = outdir / "status.json", outdir / MARKER
     if not status.is_file() or json.loads(status.read_text()).get("state") != "completed":
         return False
-    return args is None or (used.is_file() and json.loads(used.read_text())["resolved"] == resolved(args))
+    return want is None or (used.is_file() and json.loads(used.read_text())["resolved"] == want)
 
 
-def reuse(args: list[str], outdir: Path) -> bool:
-    """Copy a completed run of the same resolved settings (another config's name, or a recipe that has
+def reuse(args: list[str], want: dict[str, Any], outdir: Path) -> bool:
+    """Copy a completed run of the resolved settings `want` (another config's name, or a recipe that has
     changed since) into `outdir`; True when there was one."""
-    want = resolved(args)
     for marker in outdir.parent.parent.glob(f"*/*/{MARKER}"):
         if marker.parent != outdir and json.loads(marker.read_text())["resolved"] == want \
                 and completed(marker.parent):
@@ -176,10 +172,17 @@ def reuse(args: list[str], outdir: Path) -> bool:
     return False
 
 
+def done(args: list[str], outdir: Path) -> bool:
+    """`outdir` holds a completed run of what `args` compute: its own, or one copied from another config's."""
+    want = resolved(args)
+    return completed(outdir, want) or reuse(args, want, outdir)
+
+
 def train(args: list[str], outdir: Path, log: Path) -> float:
     """Run train.py with `args` into `outdir` (skipped when it, or a run of the same settings, already
     completed); returns seconds taken."""
-    if completed(outdir, args) or reuse(args, outdir):
+    want = resolved(args)
+    if completed(outdir, want) or reuse(args, want, outdir):
         return 0.0
     cmd = [sys.executable, "train.py", *args, "--output-dir", str(outdir), "--overwrite"]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -194,7 +197,7 @@ def train(args: list[str], outdir: Path, log: Path) -> float:
     # the tables read metrics.jsonl and the final weights; a grid's checkpoints (one per epoch and run) filled
     # tens of GB of /tmp in #23's second round
     shutil.rmtree(outdir / "checkpoints", ignore_errors=True)
-    (outdir / MARKER).write_text(json.dumps({"args": args, "resolved": resolved(args)}) + "\n")
+    (outdir / MARKER).write_text(json.dumps({"args": args, "resolved": want}) + "\n")
     return time.monotonic() - start
 
 
@@ -295,8 +298,8 @@ def run_grid(args: argparse.Namespace, out: Path, counts: dict[str, Any], pre_ex
 
     results: dict[str, list[dict[str, Any] | None]] = {name: [] for name in args.configs}
     for name, _, run_args, outdir in jobs:
-        done = completed(outdir, run_args) or reuse(run_args, outdir)  # --report-only: a renamed config's runs too
-        results[name].append(read_metrics(outdir) if done else None)
+        # with --report-only too: a renamed config tables the runs of the same settings
+        results[name].append(read_metrics(outdir) if done(run_args, outdir) else None)
     commands = {"pretrain": shlex.join(["python", "train.py", *pre_args, "--output-dir", str(pre_run)])}
     commands.update({f"{name} seed {seed}": shlex.join(["python", "train.py", *run_args, "--output-dir", str(d)])
                      for name, seed, run_args, d in jobs})

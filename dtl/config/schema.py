@@ -443,9 +443,9 @@ class Config:
         if b.freeze_bn_stats is None:
             b.freeze_bn_stats = b.mode == "lp-ft"
         if b.freeze_bn_stats and b.weights == "none":
-            raise ValueError(f"freeze_bn_stats=True keeps the loaded BatchNorm statistics, but weights={b.weights!r} "
-                             "loads none (random init has no statistics to keep): drop --freeze-bn-stats, or "
-                             "pass --weights imagenet or a file")
+            raise ValueError(f"freeze_bn_stats=True keeps the loaded BatchNorm statistics, but "
+                             f"weights={b.weights!r} loads none (random init has no statistics to keep): drop "
+                             "--freeze-bn-stats, or pass --weights imagenet or a file")
         if b.keep_head and b.weights == "none":
             raise ValueError(f"keep_head=True keeps the head of the loaded weights, but weights={b.weights!r} "
                              "loads none: drop --keep-head, or pass --weights FILE")

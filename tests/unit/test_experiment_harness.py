@@ -35,12 +35,13 @@ def test_a_renamed_config_reuses_the_run_of_the_same_settings(tmp_path):
     args = [*BASE, "--mode", "lp-ft", "--freeze-bn-stats", "--seed", "1"]
     completed_run(tmp_path / "runs" / "old_name" / "seed1", args, 0.5)
     new = tmp_path / "runs" / "lp-ft" / "seed1"
-    assert not harness.completed(new, [*BASE, "--mode", "lp-ft", "--seed", "1"])
-    assert harness.reuse([*BASE, "--mode", "lp-ft", "--seed", "1"], new)
-    assert harness.completed(new, [*BASE, "--mode", "lp-ft", "--seed", "1"])
+    lp_ft = [*BASE, "--mode", "lp-ft", "--seed", "1"]
+    assert not harness.completed(new, harness.resolved(lp_ft))
+    assert harness.reuse(lp_ft, harness.resolved(lp_ft), new)
+    assert harness.completed(new, harness.resolved(lp_ft)) and harness.done(lp_ft, new)
     assert harness.read_metrics(new)["final"] == 0.5
     # other settings (another seed) find nothing
-    assert not harness.reuse([*BASE, "--mode", "lp-ft", "--seed", "2"], tmp_path / "runs" / "lp-ft" / "seed2")
+    assert not harness.done([*BASE, "--mode", "lp-ft", "--seed", "2"], tmp_path / "runs" / "lp-ft" / "seed2")
 
 
 def test_heavy_table_one_line_per_length_with_the_difference_to_the_recipe():

@@ -46,7 +46,8 @@ def test_frozen_bn_stats_need_loaded_statistics():
         Config(mode="scratch", freeze_bn_stats=True)
     assert Config(mode="finetune", freeze_bn_stats=True).backbone.freeze_bn_stats
     # default: on for lp-ft only, resolved into the saved config
-    assert [Config(mode=m).backbone.freeze_bn_stats for m in ("transfer", "finetune", "lp-ft")] == [False, False, True]
+    modes = ("transfer", "finetune", "lp-ft")
+    assert [Config(mode=m).backbone.freeze_bn_stats for m in modes] == [False, False, True]
     assert not Config(mode="lp-ft", freeze_bn_stats=False).backbone.freeze_bn_stats
 
 
