@@ -4,7 +4,7 @@
     dtl eval | predict | bench | data | models | plot | doctor ...
 
 `main(argv)` returns the exit code; the console script and `train.py` leave through `dtl.__main__`, which
-exits the way multi-process runs need (`dist.exit_process`). Error policy, in one place (`guarded`): a
+exits the way multi-process runs need (`distributed.exit_process`). Error policy, in one place (`guarded`): a
 `UserError` (bad flag, missing data, wrong checkpoint) is one line on rank 0 and exit code 2; a non-finite
 loss under `--nan-policy abort` is one line and exit 1; a collective that failed because another rank died is
 one line (exit 1) instead of a second traceback; anything else is a traceback from the rank where it
@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from dtl import dist
+from dtl import distributed
 from dtl.config import DEVICES, PRECISIONS
 from dtl.config.loading import add_config_arguments, config_from_args
 from dtl.data import cifar
-from dtl.dist import signals
+from dtl.distributed import signals
 from dtl.errors import EXIT_FAILURE, EXIT_USAGE, NonFiniteLossError, UserError
 from dtl.models import classification_models, timm_backbones
 from dtl.tools import doctor, eval_run, export, predict
@@ -275,7 +275,7 @@ def run_plot(args: argparse.Namespace) -> int:
 
 # ---- the one error policy and the one distributed entry -------------------------------------------
 
-def guarded(env: dist.DistEnv, body: Callable[[], int]) -> int:
+def guarded(env: distributed.DistEnv, body: Callable[[], int]) -> int:
     """Run a command's body; turn the errors people can act on into one message and an exit code."""
     try:
         return body()
@@ -288,13 +288,13 @@ def guarded(env: dist.DistEnv, body: Callable[[], int]) -> int:
             log.error("error: %s", err)
         return EXIT_FAILURE
     except RuntimeError as err:
-        if dist.DETERMINISM_HINT in str(err):
+        if distributed.DETERMINISM_HINT in str(err):
             if env.is_main:
                 log.error("error: --deterministic: %s. This model needs an operation that has no deterministic "
                           "kernel on this device; run without --deterministic (README: GPUs)",
                           str(err).splitlines()[0].split(", but you set")[0])
             return EXIT_USAGE
-        if not (env.distributed and dist.peer_failure(err)):
+        if not (env.distributed and distributed.peer_failure(err)):
             raise
         log.error("stopping: a collective failed because another rank died (%s)",
                   str(err).splitlines()[0][:200])
@@ -302,30 +302,30 @@ def guarded(env: dist.DistEnv, body: Callable[[], int]) -> int:
 
 
 @record  # only what `guarded` lets through (a bug's traceback) reaches torchrun's error file and summary
-def run_guarded(env: dist.DistEnv, body: Callable[[], int]) -> int:
+def run_guarded(env: distributed.DistEnv, body: Callable[[], int]) -> int:
     return guarded(env, body)
 
 
-def in_process_group(env: dist.DistEnv, device_preference: str, timeout_s: float,
+def in_process_group(env: distributed.DistEnv, device_preference: str, timeout_s: float,
                      body: Callable[[torch.device], int]) -> int:
     """Pick this process's device, create the process group, run `body(device)` (train, eval)."""
-    device = dist.pick_device(env, device_preference)
-    dist.setup(env, device, timeout_s)
+    device = distributed.pick_device(env, device_preference)
+    distributed.setup(env, device, timeout_s)
     return body(device)
 
 
 # ---- commands ----------------------------------------------------------------------------------
 
-def run_train(args: argparse.Namespace, env: dist.DistEnv) -> int:
+def run_train(args: argparse.Namespace, env: distributed.DistEnv) -> int:
     cfg = config_from_args(args)
     signals.install()
     if cfg.run.deterministic:
-        dist.prepare_determinism()
+        distributed.prepare_determinism()
     return in_process_group(env, cfg.dist.device, cfg.dist.dist_timeout,
                             lambda device: trainer.train(cfg, env, device))
 
 
-def run_eval(args: argparse.Namespace, env: dist.DistEnv) -> int:
+def run_eval(args: argparse.Namespace, env: distributed.DistEnv) -> int:
     return in_process_group(env, args.device, args.dist_timeout,
                             lambda device: eval_run.evaluate_checkpoint(args, env, device))
 
@@ -334,16 +334,16 @@ def run_eval(args: argparse.Namespace, env: dist.DistEnv) -> int:
 DISTRIBUTED = ("train", "eval", "doctor")
 
 
-def execute(argv: list[str] | None = None) -> tuple[int, dist.DistEnv]:
+def execute(argv: list[str] | None = None) -> tuple[int, distributed.DistEnv]:
     """Parse and run one `dtl` command: (exit code, the process's place in the job). The launcher's
     environment is read here, once, and handed to the command."""
     args = build_parser().parse_args(argv)
     if args.command in DISTRIBUTED:
-        env = dist.detect(debug=bool(getattr(args, "debug", False)))
+        env = distributed.detect(debug=bool(getattr(args, "debug", False)))
     else:
-        env = dist.DistEnv()  # one process, whatever launched it
-    dist.setup_logging(env)
-    handlers: dict[str, Callable[[argparse.Namespace, dist.DistEnv], int]] = {
+        env = distributed.DistEnv()  # one process, whatever launched it
+    distributed.setup_logging(env)
+    handlers: dict[str, Callable[[argparse.Namespace, distributed.DistEnv], int]] = {
         "train": run_train,
         "eval": run_eval,
         "doctor": doctor.run,
@@ -363,4 +363,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # `python -m dtl.cli ...` (torchrun -m): exits as dtl/__main__.py does
-    dist.exit_process(*execute())
+    distributed.exit_process(*execute())

@@ -26,7 +26,7 @@ import digits  # noqa: E402  (experiments/digits.py: the data set writer)
 import harness  # noqa: E402  (experiments/harness.py: which runs completed)
 
 from dtl import models  # noqa: E402
-from dtl.dist.compress import step_bytes  # noqa: E402
+from dtl.distributed.compress import step_bytes  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = ("none", "bf16", "powersgd")

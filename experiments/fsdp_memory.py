@@ -1,4 +1,4 @@
-"""Per-rank memory of DDP vs FSDP (dtl's sharding: `dtl.dist.fsdp.shard`, per backbone block + root), measured
+"""Per-rank memory of DDP vs FSDP (dtl's sharding: `dtl.distributed.fsdp.shard`, per backbone block + root), measured
 after one AdamW step on random images. Run under torchrun (gloo on CPUs, NCCL on GPUs works the same):
 
     OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node 4 \
@@ -19,14 +19,14 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dtl import models  # noqa: E402
-from dtl.dist import fsdp  # noqa: E402
+from dtl.distributed import fsdp  # noqa: E402
 
 
 def local_bytes(tensors) -> int:
@@ -41,16 +41,16 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=2)
     args = parser.parse_args()
-    tdist.init_process_group("gloo")
+    dist.init_process_group("gloo")
     for strategy in ("ddp", "fsdp") if args.strategy == "both" else (args.strategy,):
         measure(args, strategy)
-    tdist.destroy_process_group()
+    dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)
 
 
 def measure(args: argparse.Namespace, strategy: str) -> None:
-    rank, world = tdist.get_rank(), tdist.get_world_size()
+    rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model = models.build_model(args.model, 10, "none", args.image_size)
     largest_block = 0
@@ -89,7 +89,7 @@ def measure(args: argparse.Namespace, strategy: str) -> None:
     row = torch.tensor([local_bytes(params), local_bytes([p.grad for p in params if p.grad is not None]),
                         local_bytes(state), sum(seen.values()), largest_block], dtype=torch.float64)
     rows = [torch.zeros_like(row) for _ in range(world)]
-    tdist.all_gather(rows, row)
+    dist.all_gather(rows, row)
     if rank == 0:
         for r, v in enumerate(rows):
             names = ("params", "grads", "optimizer", "activations", "largest_gathered_block")

@@ -1,7 +1,7 @@
 """A scaling model for data-parallel training: time per step from compute time, bytes per step and link
 bandwidths, for 1 -> 8 GPUs in a node and 1 -> 8 nodes, with and without gradient compression and under FSDP.
 Every input is a flag (defaults: the H200 numbers measured in this repository and a 25 GB/s-per-node network);
-the bytes come from the model's gradient shapes (`dtl.dist.compress.step_bytes`), so anyone can redo it for
+the bytes come from the model's gradient shapes (`dtl.distributed.compress.step_bytes`), so anyone can redo it for
 their model and cluster:
 
     python experiments/scaling_model.py --model vgg16 --compute-ms 19.9 --intra-gbs 400 --inter-gbs 25
@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dtl import models  # noqa: E402
-from dtl.dist.compress import step_bytes  # noqa: E402
+from dtl.distributed.compress import step_bytes  # noqa: E402
 
 
 def comm_seconds(payload: float, gpus: int, nodes: int, intra: float, inter: float, factor: float = 2.0) -> float:

@@ -389,8 +389,8 @@ def check_backend(ctx: Context, log: str, figures: dict[str, Any]) -> None:
     figures["backend"] = backend_of(log) or "none"
     if figures["backend"] != ctx.profile.backend:
         raise StepFailed(f"expected a {ctx.profile.backend} process group at world size 1 with "
-                         f"DTL_FORCE_DISTRIBUTED=1, the log names {figures['backend']} (dtl/dist/env.py not honouring "
-                         "DTL_FORCE_DISTRIBUTED?)")
+                         f"DTL_FORCE_DISTRIBUTED=1, the log names {figures['backend']} (dtl/distributed/env.py not "
+                         "honouring DTL_FORCE_DISTRIBUTED?)")
 
 
 def last_epoch_figures(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:

@@ -76,7 +76,7 @@ def train_inproc(*flags: str, env: dict[str, str] | None = None) -> int:
     """Run `dtl train` in this process (no interpreter start-up); returns the exit code. `env`: extra
     environment variables for this run only (e.g. `fault_env(...)`)."""
     from dtl import cli, faults
-    from dtl.dist import signals
+    from dtl.distributed import signals
 
     saved = {s: signal.getsignal(s) for s in signals.HANDLED}
     saved_env = {k: os.environ.get(k) for k in (env or {})}

@@ -23,14 +23,14 @@ from torch.utils.data import Sampler
 
 from dtl import files
 from dtl.config import Config
-from dtl.dist import DistEnv, all_gather_tensor
+from dtl.distributed import DistEnv, all_gather_tensor
 
 log = logging.getLogger("dtl")
 
 
 class FeatureHead(nn.Module):
     """What trains on cached features: the head alone. Holds the whole model so that checkpoints keep
-    torchvision's key names (`dist.unwrap` returns `wrapped_model`)."""
+    torchvision's key names (`distributed.unwrap` returns `wrapped_model`)."""
 
     def __init__(self, model: nn.Module, head: str) -> None:
         super().__init__()

@@ -38,7 +38,7 @@ from dtl.data.images import decode_batch, read_bytes
 from dtl.data.preprocessing import IMAGENET, Preprocessing, eval_transform, v2_interpolation
 from dtl.data.samplers import EvalShardSampler, sampler_for
 from dtl.data.splits import DatasetSplit, Split, Splits, apply_subsets, stream_seed
-from dtl.dist import DistEnv, main_first
+from dtl.distributed import DistEnv, main_first
 
 log = logging.getLogger("dtl")
 

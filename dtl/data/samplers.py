@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DistributedSampler, Sampler
 
 from dtl.data.splits import stream_seed
-from dtl.dist import DistEnv
+from dtl.distributed import DistEnv
 
 
 class EvalShardSampler(Sampler[int]):

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 
 import dtl
-from dtl import dist
+from dtl import distributed
 from dtl.config import DEVICES
-from dtl.dist import DistEnv
+from dtl.distributed import DistEnv
 
 log = logging.getLogger("dtl")
 EXAMPLE = "torchrun --standalone --nproc_per_node=4 -m dtl.cli doctor      (or: DTL_PREFLIGHT=1 sbatch slurm/...)"
@@ -138,7 +138,7 @@ def interfaces(net: dict[str, str]) -> dict[str, str]:
 def local_report(env: DistEnv, device: torch.device) -> dict[str, Any]:
     cuda = device.type == "cuda"
     props = torch.cuda.get_device_properties(device) if cuda else None
-    net = dist.network_env()
+    net = distributed.network_env()
     return {"rank": env.rank, "local_rank": env.local_rank, "world_size": env.world_size,
             "host": socket.gethostname(), "device": str(device),
             "device_name": props.name if props else platform.processor() or platform.machine(),
@@ -169,16 +169,16 @@ def time_all_reduce(env: DistEnv, device: torch.device, sizes_mb: list[float], i
         numel = max(1, int(mb * 2**20) // 4)
         x = torch.ones(numel, dtype=torch.float32, device=device)
         for _ in range(WARMUP_ITERS):  # NCCL builds its rings and gloo its buffers here
-            dist.all_reduce_sum(x.fill_(1.0), env)
+            distributed.all_reduce_sum(x.fill_(1.0), env)
         wrong = int(not bool((x == n).all()))
         times = []
         for _ in range(iters):
             x.fill_(1.0)
             _sync(device)
-            dist.barrier(env)
+            distributed.barrier(env)
             _sync(device)
             t0 = time.perf_counter()
-            dist.all_reduce_sum(x, env)
+            distributed.all_reduce_sum(x, env)
             _sync(device)
             times.append(time.perf_counter() - t0)
             wrong += int(not bool((x == n).all()))
@@ -208,9 +208,10 @@ def gather_reports(report: dict[str, Any], env: DistEnv, device: torch.device) -
     raw = json.dumps(brief).encode()[:REPORT_BYTES]
     buf = torch.zeros(REPORT_BYTES, dtype=torch.uint8)
     buf[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    reports = [json.loads(bytes(t.cpu().tolist()).rstrip(b"\0")) for t in dist.all_gather_tensor(buf.to(device), env)]
+    gathered = distributed.all_gather_tensor(buf.to(device), env)
+    reports = [json.loads(bytes(t.cpu().tolist()).rstrip(b"\0")) for t in gathered]
     if rows:
-        for r, t in zip(reports, dist.all_gather_tensor(times.to(device), env)):
+        for r, t in zip(reports, distributed.all_gather_tensor(times.to(device), env)):
             for row, seconds in zip(r["bandwidth"], t.cpu().tolist()):
                 row["times"] = seconds
     return reports
@@ -346,13 +347,13 @@ def table(reports: list[dict[str, Any]], fraction: float = SLOW_FRACTION, action
 
 def run(args: argparse.Namespace, env: DistEnv) -> int:
     """Every rank: describe, form the group (bounded by --timeout), measure, barrier; rank 0: table + verdict."""
-    device = dist.pick_device(env, args.device)
+    device = distributed.pick_device(env, args.device)
     sizes = [float(s) for s in (args.sizes_mb or ("1,4,16,64,256" if device.type == "cuda" else "1,4,16")).split(",")]
     report = local_report(env, device)
     where = f"{env.master_addr}:{env.master_port}" if env.master_addr else "the launcher's rendezvous"
     t0 = time.perf_counter()
     try:
-        dist.setup(env, device, args.timeout)
+        distributed.setup(env, device, args.timeout)
     except Exception as err:  # noqa: BLE001 - any failure to form the group is the verdict
         print(f"doctor: FAIL rank {env.rank} on {report['host']}: the process group of {env.world_size} ranks did "
               f"not form within {time.perf_counter() - t0:.0f} s at {where} ({_first_line(err)}): a rank that "
@@ -362,7 +363,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     try:
         report["bandwidth"] = time_all_reduce(env, device, sizes, args.iters) if env.distributed else []
         reports = gather_reports(report, env, device)
-        dist.monitored_barrier(env, args.timeout)
+        distributed.monitored_barrier(env, args.timeout)
     except Exception as err:  # noqa: BLE001 - a rank that died or hangs after joining
         print(f"doctor: FAIL rank {env.rank}: a collective failed or timed out after {args.timeout:.0f} s "
               f"({_first_line(err)})", flush=True)

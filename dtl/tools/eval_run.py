@@ -27,7 +27,7 @@ from dtl import files, models
 from dtl.config import Config
 from dtl.data import folder, image_cache, loaders
 from dtl.data.preprocessing import IMAGENET, Preprocessing
-from dtl.dist import DistEnv, main_first
+from dtl.distributed import DistEnv, main_first
 from dtl.errors import EXIT_OK, UserError
 from dtl.train import checkpoint_format as ckpt
 from dtl.train.evaluate import evaluate

@@ -39,7 +39,7 @@ from dtl import files, models
 from dtl.config import Config
 from dtl.data import folder, loaders
 from dtl.data.preprocessing import eval_transform
-from dtl.dist import DistEnv
+from dtl.distributed import DistEnv
 from dtl.errors import EXIT_FAILURE, EXIT_OK, UserError
 from dtl.tools.eval_run import Loaded, load_model
 from dtl.train import checkpoint_format as ckpt

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dtl import dist, models
+from dtl import distributed, models
 from dtl.data.images import decode, find_images
 from dtl.data.preprocessing import Preprocessing, eval_transform
 from dtl.errors import EXIT_OK, UserError
@@ -112,11 +112,11 @@ def run_predict(args: argparse.Namespace) -> int:
         raise UserError(f"--num-workers must be >= 0, got {args.num_workers}")
     if args.output is not None and args.output.suffix.lower() not in (".csv", ".jsonl"):
         raise UserError(f"--output {args.output}: use a .csv or .jsonl file name")
-    env = dist.DistEnv()  # one process, whatever launched it
+    env = distributed.DistEnv()  # one process, whatever launched it
     paths = find_images(args.inputs)
     if not paths:
         raise UserError(f"no image files in {' '.join(map(str, args.inputs))}")
-    device = dist.pick_device(env, args.device)
+    device = distributed.pick_device(env, args.device)
     loaded = load_model(args.checkpoint, device)
     if args.top_k > len(loaded.classes):
         log.warning("--top-k %d is more than the model's %d classes: giving all of them", args.top_k,

@@ -18,7 +18,7 @@ from dtl.data.augment import mix
 from dtl.data.loaders import BatchLoader
 from dtl.data.preprocessing import Preprocessing
 from dtl.data.splits import Splits
-from dtl.dist import DistEnv, GradCompression, fsdp, main_first
+from dtl.distributed import DistEnv, GradCompression, fsdp, main_first
 from dtl.errors import UserError
 from dtl.train import optim, run_folder, trackers
 from dtl.train.checkpointer import Checkpointer

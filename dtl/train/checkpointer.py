@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dtl import models
-from dtl.dist import DistEnv, GradCompression, all_gather_tensor, fsdp, unwrap, wait_for_main
+from dtl.distributed import DistEnv, GradCompression, all_gather_tensor, fsdp, unwrap, wait_for_main
 from dtl.errors import UserError
 from dtl.files import read_tensors, write_tensors
 from dtl.train import checkpoint_format as ckpt

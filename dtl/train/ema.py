@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from dtl.dist import fsdp
+from dtl.distributed import fsdp
 
 
 class Ema:

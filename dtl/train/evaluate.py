@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dtl.dist import DistEnv, all_reduce_sum, fsdp, local_module
+from dtl.distributed import DistEnv, all_reduce_sum, fsdp, local_module
 from dtl.train.precision import Precision
 from dtl.train.progress_bar import Progress
 
@@ -57,7 +57,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
              env: DistEnv, precision: Precision, num_classes: int | None = None, confusion: bool = False,
              desc: str | None = "eval", tta: str = "none") -> EvalResult:
     """Evaluate `model` on this rank's `batches` and sum over ranks. Runs without the DDP/compile wrappers
-    (`dist.local_module`): a DDP forward would start buffer broadcasts that a rank without an eval batch
+    (`distributed.local_module`): a DDP forward would start buffer broadcasts that a rank without an eval batch
     never joins. `num_classes` is needed for top-5 (when fewer than 5) and the confusion matrix; `desc`: the
     progress bar's label on rank 0 (None: no bar); `tta`: none | flip (see `tta_logits`)."""
     model = local_module(model)

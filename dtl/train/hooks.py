@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dtl.config import Config
-from dtl.dist import local_module
+from dtl.distributed import local_module
 from dtl.train.ema import EmaView
 from dtl.train.evaluate import evaluate
 from dtl.train.parts import RunParts

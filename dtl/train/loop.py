@@ -14,7 +14,7 @@ import torch
 from dtl import models
 from dtl.data.augment import mix
 from dtl.data.splits import stream_seed
-from dtl.dist import Agreement, all_gather_tensor, barrier, signals
+from dtl.distributed import Agreement, all_gather_tensor, barrier, signals
 from dtl.errors import EXIT_OK, EXIT_PREEMPTED, NonFiniteLossError
 from dtl.train.evaluate import evaluate
 from dtl.train.hooks import EpochEnd

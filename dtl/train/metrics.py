@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from dtl.dist import DistEnv, all_reduce_sum
+from dtl.distributed import DistEnv, all_reduce_sum
 from dtl.train.trackers import Tracker, scalars
 
 METRICS_FILE = "metrics.jsonl"

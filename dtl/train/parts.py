@@ -13,7 +13,7 @@ from dtl.config import Config
 from dtl.data.augment.mix import Mixer
 from dtl.data.loaders import BatchLoader
 from dtl.data.splits import Splits
-from dtl.dist import DistEnv
+from dtl.distributed import DistEnv
 from dtl.train.checkpointer import Checkpointer
 from dtl.train.ema import Ema
 from dtl.train.precision import Precision

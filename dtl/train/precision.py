@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dtl.dist import DistEnv
+from dtl.distributed import DistEnv
 
 log = logging.getLogger("dtl")
 

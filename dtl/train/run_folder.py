@@ -17,7 +17,7 @@ from dtl import files
 from dtl.config import Config, recipe_line
 from dtl.data.folder import SPLIT_FILE, save_split
 from dtl.data.splits import Splits
-from dtl.dist import DistEnv, barrier, broadcast_str
+from dtl.distributed import DistEnv, barrier, broadcast_str
 from dtl.errors import EXIT_OK, UserError
 from dtl.train import checkpoint_format as ckpt
 from dtl.train.metrics import METRICS_FILE, MetricsLog, plot_runs, truncate_metrics

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dtl import faults
-from dtl.dist import fsdp, no_sync
+from dtl.distributed import fsdp, no_sync
 from dtl.errors import NonFiniteLossError
 from dtl.train.metrics import Meter
 from dtl.train.optim import lr_at

@@ -129,7 +129,7 @@ class WandbTracker:
 
         self.run.finish(exit_code=ENDINGS[state][0])
         # wait for W&B's service process to write everything: multi-process runs leave with os._exit
-        # (dist.exit_process), which skips W&B's own exit hook
+        # (distributed.exit_process), which skips W&B's own exit hook
         wandb.teardown()
 
 

@@ -11,7 +11,7 @@ from torch.utils.hooks import RemovableHandle
 
 from dtl import models
 from dtl.config import BackboneConfig
-from dtl.dist import DistEnv, GradCompression, fsdp, unwrap, wrap
+from dtl.distributed import DistEnv, GradCompression, fsdp, unwrap, wrap
 from dtl.train.ema import Ema
 
 log = logging.getLogger("dtl")

@@ -14,7 +14,7 @@ import torch
 
 from dtl.config import Config
 from dtl.data import features
-from dtl.dist import DistEnv, wait_for_main
+from dtl.distributed import DistEnv, wait_for_main
 from dtl.errors import EXIT_PREEMPTED
 from dtl.train import loop
 from dtl.train.build import prepare

@@ -1,5 +1,5 @@
 """--grad-compress under torchrun (2 processes, gloo): PowerSGD's bytes per step logged, and a mid-epoch resume
-that continues its error feedback and ends bitwise equal to the uninterrupted run (bf16: tests/unit/dist)."""
+that continues its error feedback and ends bitwise equal to the uninterrupted run (bf16: tests/unit/distributed)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from dtl import models
-from dtl.dist.compress import step_bytes
+from dtl.distributed.compress import step_bytes
 from tests.conftest import TINY, assert_same_weights, rewind_copy
 from tests.e2e.test_launchers import torchrun
 

@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import pytest
 
-from dtl import cli, dist
+from dtl import cli, distributed
 from tests.conftest import TINY, main_inproc, train_inproc
 
 
@@ -56,10 +56,10 @@ def test_an_op_without_deterministic_kernel_is_one_clear_message(caplog):
         raise RuntimeError("adaptive_avg_pool2d_backward_cuda does not have a deterministic implementation, but "
                            "you set 'torch.use_deterministic_algorithms(True)'. You can turn off determinism ...")
 
-    dist.setup_logging(dist.DistEnv())
+    distributed.setup_logging(distributed.DistEnv())
     logging.getLogger("dtl").propagate = True
     with caplog.at_level(logging.ERROR, logger="dtl"):
-        code = cli.guarded(dist.DistEnv(), lambda: cli.in_process_group(dist.DistEnv(), "cpu", 10, body))
+        code = cli.guarded(distributed.DistEnv(), lambda: cli.in_process_group(distributed.DistEnv(), "cpu", 10, body))
     assert code == 2
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1 and "adaptive_avg_pool2d_backward_cuda" in messages[0]

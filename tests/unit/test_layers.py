@@ -1,5 +1,5 @@
 """The package map of ARCHITECTURE.md, enforced: every dtl module belongs to a package, a package imports only
-from packages ranked below it (data flows downhill: entry -> tools -> train -> models -> data -> dist ->
+from packages ranked below it (data flows downhill: entry -> tools -> train -> models -> data -> distributed ->
 config -> foundation), the module import graph has no cycle, and no dtl import hides inside a function."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ DTL = Path(__file__).resolve().parents[2] / "dtl"
 PACKAGES: tuple[tuple[str, ...], ...] = (
     ("__init__", "errors", "faults", "files"),
     ("config",),
-    ("dist",),
+    ("distributed",),
     ("data",),
     ("models",),
     ("train",),

@@ -56,7 +56,7 @@ from dtl import models
 from dtl.config import Config
 from dtl.config.loading import add_config_arguments, config_from_args, load_toml
 from dtl.data.augment import mix
-from dtl.dist import DistEnv, pick_device
+from dtl.distributed import DistEnv, pick_device
 from dtl.errors import UserError
 from dtl.tools.bench.article_loop import ReferenceLoop, endless
 from dtl.tools.bench.folder_input import run_folder_bench

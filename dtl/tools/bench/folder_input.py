@@ -39,7 +39,7 @@ from dtl.data import image_cache, images, loaders
 from dtl.data.augment.transform import IMAGENET_MEAN, IMAGENET_STD
 from dtl.data.folder import FolderSplit, load_folder_splits
 from dtl.data.splits import Splits
-from dtl.dist import DistEnv, pick_device
+from dtl.distributed import DistEnv, pick_device
 from dtl.errors import UserError
 from dtl.tools.bench.report import Options, device_name
 

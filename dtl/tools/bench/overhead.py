@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from dtl.config.loading import config_from_flags
-from dtl.dist import DistEnv, pick_device
+from dtl.distributed import DistEnv, pick_device
 from dtl.train import loop
 from dtl.train.build import prepare
 from dtl.train.parts import RunParts

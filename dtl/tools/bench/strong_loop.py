@@ -26,7 +26,7 @@ from torch import nn
 
 from dtl import models
 from dtl.config import Config
-from dtl.dist import DistEnv
+from dtl.distributed import DistEnv
 from dtl.tools.bench.article_loop import task_model
 from dtl.train.precision import resolve
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from dtl.config import Config
-from dtl.dist import DistEnv, pick_device
+from dtl.distributed import DistEnv, pick_device
 from dtl.tools.bench import compare
 from dtl.tools.bench.strong_loop import StrongLoop
 

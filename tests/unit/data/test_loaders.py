@@ -13,7 +13,7 @@ from dtl.data.features import FeatureLoader
 from dtl.data.loaders import BatchLoader, DeviceLoader, WorkerLoader, augment_chain, build_loaders, v2_transform
 from dtl.data.samplers import EvalShardSampler, train_sampler
 from dtl.data.splits import Splits, stream_seed
-from dtl.dist import DistEnv
+from dtl.distributed import DistEnv
 
 
 def batches(start_batch: int, size: int = 32, batch: int = 8, transform=None):  # noqa: ANN001

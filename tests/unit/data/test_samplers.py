@@ -10,7 +10,7 @@ import torch
 from dtl.data import cifar
 from dtl.data.samplers import ClassBalancedSampler, class_weights
 from dtl.data.splits import Split
-from dtl.dist import DistEnv
+from dtl.distributed import DistEnv
 from tests.conftest import assert_same_weights, rewind_copy, train_inproc
 
 IMBALANCED = torch.tensor([0] * 1000 + [1] * 100)  # 10:1

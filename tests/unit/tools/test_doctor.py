@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from dtl import dist
+from dtl import distributed
 from dtl.tools import doctor
 from tests.conftest import main_inproc
 
@@ -111,7 +111,8 @@ def test_the_world_figure_is_the_slowest_rank_per_iteration_median_over_iteratio
 def test_network_env_keeps_the_variables_that_steer_the_network():
     env = {"NCCL_SOCKET_IFNAME": "ib0", "NCCL_IB_HCA": "mlx5_0", "GLOO_SOCKET_IFNAME": "eth0", "MASTER_PORT": "1",
            "HOME": "/root", "NCCL_IBEXT": "x"}
-    assert list(dist.network_env(env)) == ["GLOO_SOCKET_IFNAME", "MASTER_PORT", "NCCL_IB_HCA", "NCCL_SOCKET_IFNAME"]
+    assert list(distributed.network_env(env)) == ["GLOO_SOCKET_IFNAME", "MASTER_PORT", "NCCL_IB_HCA",
+                                                  "NCCL_SOCKET_IFNAME"]
 
 
 def test_one_process_prints_a_table_and_ok(capsys):

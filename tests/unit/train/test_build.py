@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dtl.config import Config
-from dtl.dist import DistEnv, detect
+from dtl.distributed import DistEnv, detect
 from dtl.errors import UserError
 from dtl.train.build import grad_compression, resolve_strategy, shard_model
 from dtl.train.precision import Precision

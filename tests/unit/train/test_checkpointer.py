@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dtl.dist import DistEnv
+from dtl.distributed import DistEnv
 from dtl.errors import UserError
 from dtl.train.checkpointer import Checkpointer
 from dtl.train.train_state import TrainState

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from dtl import dist
-from dtl.dist import DistEnv
+from dtl import distributed
+from dtl.distributed import DistEnv
 from dtl.train.evaluate import evaluate, tta_logits
 from dtl.train.precision import Precision
 
@@ -99,5 +99,5 @@ def test_cuda_confusion_matrix_needs_no_host_sync():
                 ((y[:, None] == classes).float().T @ (pred[:, None] == classes).float()).long()
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    result = evaluate(totals_model, batches, torch.device("cuda"), dist.DistEnv(), FP32, 10, confusion=True)
+    result = evaluate(totals_model, batches, torch.device("cuda"), distributed.DistEnv(), FP32, 10, confusion=True)
     assert result.count == 64 and int(result.confusion.sum()) == 64

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from dtl import dist
+from dtl import distributed
 from dtl.train import loop
 from dtl.train.trained_model import TrainedModel
 from tests.conftest import TINY, assert_same_weights, rewind_copy, train_inproc
@@ -24,8 +24,8 @@ def test_replica_check_sums_per_parameter_without_a_full_float64_copy():
     seen = {}
 
     class FakeParts:
-        env = dist.DistEnv(world_size=2)
-        model = TrainedModel(net, dist.DistEnv(), torch.device("cpu"), compile_model=False)
+        env = distributed.DistEnv(world_size=2)
+        model = TrainedModel(net, distributed.DistEnv(), torch.device("cpu"), compile_model=False)
 
     def gather(t, env):
         seen["t"] = t

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import torch
 
-from dtl.dist import DistEnv
+from dtl.distributed import DistEnv
 from dtl.train.metrics import Meter, append_metrics, plot_runs, read_metrics, truncate_metrics
 
 

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from dtl import dist
+from dtl import distributed
 from dtl.train import precision
 from tests.conftest import TINY, train_inproc
 
@@ -18,17 +18,17 @@ def test_auto_precision_ignores_emulated_bf16(monkeypatch, hardware_bf16, expect
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: including_emulation or hardware_bf16)
     cuda = torch.device("cuda", 0)
-    assert precision.resolve("auto", dist.DistEnv(), cuda).name == expected
+    assert precision.resolve("auto", distributed.DistEnv(), cuda).name == expected
 
 
 def test_accelerate_default_no_is_auto_and_explicit_choices_win(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    no = dist.DistEnv(accelerate_mixed_precision="no")
+    no = distributed.DistEnv(accelerate_mixed_precision="no")
     chosen = precision.resolve("auto", no, cuda)
     assert chosen.name == "bf16" and "not a choice" in chosen.source, chosen.source
     assert precision.resolve("auto", no, cpu).name == "fp32"
-    fp16 = dist.DistEnv(accelerate_mixed_precision="fp16")
+    fp16 = distributed.DistEnv(accelerate_mixed_precision="fp16")
     assert precision.resolve("auto", fp16, cuda).name == "fp16"
     chosen = precision.resolve("fp32", fp16, cuda)
     assert (chosen.name, chosen.source) == ("fp32", "--precision flag")

@@ -11,7 +11,7 @@ import torch
 
 from dtl.config import Config, recipe_line
 from dtl.data.splits import Split, Splits
-from dtl.dist import DistEnv
+from dtl.distributed import DistEnv
 from dtl.errors import UserError
 from dtl.train import checkpoint_format as ckpt
 from dtl.train import run_folder

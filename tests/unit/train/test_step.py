@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from dtl import dist
+from dtl import distributed
 from dtl.config.loading import config_from_flags
 from dtl.data.augment import mix
-from dtl.dist import DistEnv
+from dtl.distributed import DistEnv
 from dtl.errors import NonFiniteLossError
 from dtl.train import loop, step
 from dtl.train.build import prepare
@@ -121,7 +121,7 @@ def test_compiled_ddp_skips_the_all_reduce_on_accumulation_micro_steps(tmp_path,
 
     def recording_fb(parts, state, images, labels, criterion, meter, sync=True, **kwargs):
         before = len(calls)
-        assert dist.ddp_of(parts.model.wrapped) is not None, "the model should be DDP under compile"
+        assert distributed.ddp_of(parts.model.wrapped) is not None, "the model should be DDP under compile"
         loss = original_fb(parts, state, images, labels, criterion, meter, sync=sync, **kwargs)
         per_micro_step.append((sync, len(calls) - before))
         return loss
@@ -132,7 +132,7 @@ def test_compiled_ddp_skips_the_all_reduce_on_accumulation_micro_steps(tmp_path,
         code = train_inproc(*TINY, "--compile", "--grad-accum", "4", "--train-subset", "128", "--eval-subset",
                             "32", "--epochs", "1", "--output-dir", str(tmp_path / "run"))
     finally:
-        dist.teardown()
+        distributed.teardown()
     assert code == 0
     assert [s for s, _ in per_micro_step] == [False, False, False, True] * 2
     assert all(n == 0 for s, n in per_micro_step if not s)  # accumulation: no all-reduce

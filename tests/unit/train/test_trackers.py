@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dtl.dist import signals
+from dtl.distributed import signals
 from dtl.train import trackers
 from tests.conftest import TINY, train_inproc
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as tdist
+import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
@@ -117,7 +117,7 @@ class GradCompression:
         """Install on a (new) DDP wrapper; PowerSGD state held so far is kept and re-keyed to its buckets."""
         self._flush()
         self.names = {id(p): n for n, p in ddp.module.named_parameters()}
-        self._serial = tdist.get_backend(ddp.process_group) == "gloo"
+        self._serial = dist.get_backend(ddp.process_group) == "gloo"
         ddp.register_comm_hook(self, GradCompression._hook)
 
     def take_counts(self) -> tuple[int, int]:
@@ -158,7 +158,7 @@ class GradCompression:
             future.wait()
         return future
 
-    def _slots(self, bucket: tdist.GradBucket) -> list[Slot]:
+    def _slots(self, bucket: dist.GradBucket) -> list[Slot]:
         state = self.psgd
         assert state is not None
         names = [self.names[id(p)] for p in bucket.parameters()]

@@ -9,9 +9,9 @@ import logging
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import dtl.dist.fsdp as fsdp
-from dtl.dist.compress import GradCompression
-from dtl.dist.env import DistEnv
+import dtl.distributed.fsdp as fsdp
+from dtl.distributed.compress import GradCompression
+from dtl.distributed.env import DistEnv
 
 log = logging.getLogger("dtl")
 

@@ -1,9 +1,9 @@
 """Distribution: who this process is (`env`), the process group and its collectives (`group`), the model
 wrappers (`wrappers`) and stop signals (`signals`). The package exports what the rest of dtl calls."""
 
-from dtl.dist import fsdp
-from dtl.dist.compress import GradCompression
-from dtl.dist.env import (
+from dtl.distributed import fsdp
+from dtl.distributed.compress import GradCompression
+from dtl.distributed.env import (
     NETWORK_VARS,
     DistEnv,
     detect,
@@ -15,7 +15,7 @@ from dtl.dist.env import (
     setup_logging,
     slurm_port,
 )
-from dtl.dist.group import (
+from dtl.distributed.group import (
     DETERMINISM_HINT,
     MAIN_IO_TIMEOUT_S,
     Agreement,
@@ -31,7 +31,7 @@ from dtl.dist.group import (
     teardown,
     wait_for_main,
 )
-from dtl.dist.wrappers import ddp_of, local_module, no_sync, unwrap, wrap
+from dtl.distributed.wrappers import ddp_of, local_module, no_sync, unwrap, wrap
 
 __all__ = [
     "Agreement", "all_gather_tensor", "all_reduce_sum", "barrier", "broadcast_str", "ddp_of", "detect",

@@ -12,16 +12,16 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
-import torch.distributed as tdist
+import torch.distributed as dist
 
-from dtl.dist.env import DistEnv
+from dtl.distributed.env import DistEnv
 from dtl.errors import UserError
 
 log = logging.getLogger("dtl")
 T = TypeVar("T")
 #: A gloo group on the CPU for small agreements (stop flag, rank-0 I/O waits): with NCCL they would run on
 #: the GPU stream and make the host wait for the GPU; on CPU runs it keeps them apart from DDP's traffic.
-_CONTROL_GROUP: tdist.ProcessGroup | None = None
+_CONTROL_GROUP: dist.ProcessGroup | None = None
 _CONTROL_TIMEOUT_S = 300.0
 #: Longest a rank waits for rank 0's one-off I/O (a data set download, a multi-GB checkpoint write, an image
 #: folder's first decode into its cache).
@@ -30,7 +30,7 @@ MAIN_IO_TIMEOUT_S = 3600.0
 #: wait() is given, so on the control group (--dist-timeout, 300 s) a longer rank-0 I/O killed the waiting ranks
 #: ("Timed out waiting 300000ms for send operation"). A crashed rank still ends the wait at once (the
 #: connection closes).
-_IO_GROUP: tdist.ProcessGroup | None = None
+_IO_GROUP: dist.ProcessGroup | None = None
 
 
 
@@ -46,15 +46,15 @@ def setup(env: DistEnv, device: torch.device, timeout_s: float) -> None:
     if env.launcher == "srun":
         kwargs.update(init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
                       world_size=env.world_size)
-    tdist.init_process_group(backend, timeout=timeout, **kwargs)
-    got = tdist.get_world_size()
-    if got != env.world_size or tdist.get_rank() != env.rank:
+    dist.init_process_group(backend, timeout=timeout, **kwargs)
+    got = dist.get_world_size()
+    if got != env.world_size or dist.get_rank() != env.rank:
         raise RuntimeError(f"the launcher promised rank {env.rank} of {env.world_size} but the process group "
-                           f"is rank {tdist.get_rank()} of {got}: refusing to train undistributed")
+                           f"is rank {dist.get_rank()} of {got}: refusing to train undistributed")
     global _CONTROL_GROUP, _CONTROL_TIMEOUT_S, _IO_GROUP
-    _CONTROL_GROUP = tdist.new_group(backend="gloo", timeout=timeout)
+    _CONTROL_GROUP = dist.new_group(backend="gloo", timeout=timeout)
     _CONTROL_TIMEOUT_S = timeout_s
-    _IO_GROUP = tdist.new_group(backend="gloo",
+    _IO_GROUP = dist.new_group(backend="gloo",
                                 timeout=datetime.timedelta(seconds=max(timeout_s, MAIN_IO_TIMEOUT_S)))
 
 
@@ -66,15 +66,15 @@ _PEER_FAILURE_HINTS = ("Connection closed by peer", "Connection reset by peer", 
 
 def peer_failure(err: BaseException) -> bool:
     """A collective that broke because another rank died (exception, OOM, kill)."""
-    return isinstance(err, tdist.DistBackendError) or any(h in str(err) for h in _PEER_FAILURE_HINTS)
+    return isinstance(err, dist.DistBackendError) or any(h in str(err) for h in _PEER_FAILURE_HINTS)
 
 
 def teardown() -> None:
     global _CONTROL_GROUP, _IO_GROUP
     _CONTROL_GROUP = _IO_GROUP = None
-    if tdist.is_available() and tdist.is_initialized():
+    if dist.is_available() and dist.is_initialized():
         try:
-            tdist.destroy_process_group()
+            dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - tearing down after a failure must not hide the first error
             pass
 
@@ -97,18 +97,18 @@ def exit_process(code: int, env: DistEnv) -> None:
 def monitored_barrier(env: DistEnv, timeout_s: float) -> None:
     """A barrier on the CPU control group that, on rank 0, names the ranks that did not reach it in time."""
     if env.distributed:
-        tdist.monitored_barrier(_CONTROL_GROUP, datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+        dist.monitored_barrier(_CONTROL_GROUP, datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
 
 
 def barrier(env: DistEnv) -> None:
     if env.distributed:
-        tdist.barrier()
+        dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """In-place sum over ranks (no-op in one process); sums and counts, never averages of averages."""
     if env.distributed:
-        tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
@@ -129,7 +129,7 @@ class Agreement:
         if not self.env.distributed:  # no tensor to build in one process (a few microseconds per step)
             return [a or f for a, f in zip(agreed, flags)]
         local = torch.tensor([1.0 if f else 0.0 for f in flags])
-        work = tdist.all_reduce(local, op=tdist.ReduceOp.MAX, group=_CONTROL_GROUP, async_op=True)
+        work = dist.all_reduce(local, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP, async_op=True)
         self._pending = (work, local)
         return agreed
 
@@ -169,7 +169,7 @@ def main_first(env: DistEnv, fn: Callable[[bool], T], timeout_s: float = MAIN_IO
 
 def _any_failed(failed: bool, timeout_s: float) -> bool:
     t = torch.tensor([1.0 if failed else 0.0])
-    work = tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=_IO_GROUP, async_op=True)
+    work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_IO_GROUP, async_op=True)
     work.wait(datetime.timedelta(seconds=timeout_s))
     return bool(t.item())
 
@@ -189,7 +189,7 @@ def broadcast_str(value: str, env: DistEnv, device: torch.device) -> str:
     if env.is_main:
         raw = value.encode()[:1024]
         data[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
-    tdist.broadcast(data, src=0)
+    dist.broadcast(data, src=0)
     return bytes(data.cpu().tolist()).rstrip(b"\0").decode()
 
 
@@ -198,5 +198,5 @@ def all_gather_tensor(tensor: torch.Tensor, env: DistEnv) -> list[torch.Tensor]:
     if not env.distributed:
         return [tensor]
     out = [torch.empty_like(tensor) for _ in range(env.world_size)]
-    tdist.all_gather(out, tensor)
+    dist.all_gather(out, tensor)
     return out

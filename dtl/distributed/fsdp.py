@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as tdist
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
@@ -66,7 +66,7 @@ def shard(model: nn.Module, blocks: list[list[str]], param_dtype: torch.dtype | 
     fully_shard(model, **kwargs)
     log.info("model sharded with FSDP2 (fully_shard: %d modules in blocks + the root, %s backend, %d ranks%s%s)",
              len(done),
-             tdist.get_backend(), tdist.get_world_size(),
+             dist.get_backend(), dist.get_world_size(),
              f", params {param_dtype}, reduce {reduce_dtype}" if param_dtype is not None else "",
              ", CPU offload" if cpu_offload else "")
     return model
@@ -118,7 +118,7 @@ def sync_buffers(model: nn.Module) -> None:
     """Rank 0's buffers (BatchNorm statistics) on every rank, as DDP's broadcast_buffers does before each
     forward: FSDP shards parameters only, so without this each rank's statistics would follow its own data."""
     for buffer in model.buffers():
-        tdist.broadcast(buffer, src=0)
+        dist.broadcast(buffer, src=0)
 
 
 def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:

@@ -8,34 +8,34 @@ import pytest
 import torch
 from torch import nn
 
-from dtl import dist
+from dtl import distributed
 from dtl.data.samplers import EvalShardSampler, train_sampler
-from dtl.dist import group
+from dtl.distributed import group
 from dtl.errors import UserError
 from tests.conftest import free_port
 
 
 def test_plain_python_is_one_process():
-    env = dist.detect(environ={})
+    env = distributed.detect(environ={})
     assert (env.rank, env.world_size, env.launcher) == (0, 1, "python")
 
 
 def test_torchrun_and_accelerate_environments():
     base = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
             "MASTER_ADDR": "node0", "MASTER_PORT": "29400"}
-    env = dist.detect(environ=base)
+    env = distributed.detect(environ=base)
     assert (env.rank, env.local_rank, env.world_size, env.launcher) == (3, 1, 4, "torchrun")
-    env = dist.detect(environ={**base, "ACCELERATE_MIXED_PRECISION": "bf16"})
+    env = distributed.detect(environ={**base, "ACCELERATE_MIXED_PRECISION": "bf16"})
     assert env.launcher == "accelerate" and env.accelerate_mixed_precision == "bf16"
 
 
 def test_debug_forces_one_process_under_a_launcher():
-    env = dist.detect(debug=True, environ={"RANK": "1", "WORLD_SIZE": "2"})
+    env = distributed.detect(debug=True, environ={"RANK": "1", "WORLD_SIZE": "2"})
     assert (env.rank, env.world_size, env.launcher) == (0, 1, "debug")
 
 
 def test_srun_environment():
-    env = dist.detect(environ={"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
+    env = distributed.detect(environ={"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
                                "SLURM_JOB_NODELIST": "gpu[003-004]", "SLURM_JOB_ID": "4242",
                                "SLURM_STEP_TASKS_PER_NODE": "4(x2)"})
     assert (env.rank, env.local_rank, env.world_size, env.local_world_size) == (5, 1, 8, 4)
@@ -45,7 +45,7 @@ def test_srun_environment():
 
 def test_sbatch_script_without_srun_is_one_process():
     # The batch script itself has SLURM_NTASKS but no step: running python there must not wait for peers.
-    env = dist.detect(environ={"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "7"})
+    env = distributed.detect(environ={"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "7"})
     assert env.world_size == 1
 
 
@@ -53,21 +53,21 @@ def test_sbatch_script_without_srun_is_one_process():
                                             ("a[10,12]", "a10"), ("x-1,y", "x-1")])
 def test_first_slurm_host_parser(nodelist, first, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")  # our parser, not scontrol
-    assert dist.first_slurm_host(nodelist) == first
+    assert distributed.first_slurm_host(nodelist) == first
 
 
 def test_bad_rank_variable_is_a_user_error():
     with pytest.raises(UserError, match="RANK"):
-        dist.detect(environ={"RANK": "zero", "WORLD_SIZE": "2"})
+        distributed.detect(environ={"RANK": "zero", "WORLD_SIZE": "2"})
 
 
 def test_a_world_smaller_than_promised_is_refused(monkeypatch):
     # e.g. a runtime that silently stays single-process under a multi-process launcher
-    monkeypatch.setattr(group.tdist, "init_process_group", lambda *a, **k: None)
-    monkeypatch.setattr(group.tdist, "get_world_size", lambda: 1)
-    monkeypatch.setattr(group.tdist, "get_rank", lambda: 0)
+    monkeypatch.setattr(group.dist, "init_process_group", lambda *a, **k: None)
+    monkeypatch.setattr(group.dist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(group.dist, "get_rank", lambda: 0)
     with pytest.raises(RuntimeError, match="refusing to train undistributed"):
-        dist.setup(dist.DistEnv(rank=0, world_size=2, launcher="accelerate"), torch.device("cpu"), 10)
+        distributed.setup(distributed.DistEnv(rank=0, world_size=2, launcher="accelerate"), torch.device("cpu"), 10)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -77,7 +77,7 @@ def test_training_shards_are_disjoint_cover_and_reshuffle(world):
     for epoch in (0, 1):
         per_rank = []
         for rank in range(world):
-            sampler = train_sampler(n, dist.DistEnv(rank=rank, world_size=world), seed=0)
+            sampler = train_sampler(n, distributed.DistEnv(rank=rank, world_size=world), seed=0)
             sampler.set_epoch(epoch)
             per_rank.append(list(sampler))
         flat = [i for shard in per_rank for i in shard]
@@ -103,36 +103,36 @@ def test_eval_shards_count_every_image_once(world):
     (3, 4, 2, 2, 1), (2, 4, 2, 2, 0),            # each task bound to its own pair
 ])
 def test_gpu_index(local_rank, local_world, visible, per_task, expected):
-    env = dist.DistEnv(local_rank=local_rank, local_world_size=local_world, world_size=local_world,
+    env = distributed.DistEnv(local_rank=local_rank, local_world_size=local_world, world_size=local_world,
                        gpus_per_task=per_task)
-    assert dist.gpu_index(env, visible) == expected
+    assert distributed.gpu_index(env, visible) == expected
 
 
 def test_gpu_index_refuses_two_processes_on_one_gpu():
-    env = dist.DistEnv(local_rank=3, local_world_size=4, world_size=4)
+    env = distributed.DistEnv(local_rank=3, local_world_size=4, world_size=4)
     with pytest.raises(UserError, match="local rank 3 has no GPU of its own: this process sees 2 GPU"):
-        dist.gpu_index(env, 2)
+        distributed.gpu_index(env, 2)
 
 
 def test_slurm_gpus_per_task_and_forced_group_are_read():
-    env = dist.detect(environ={"SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "2",
+    env = distributed.detect(environ={"SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "2",
                                "SLURM_JOB_ID": "7", "SLURM_GPUS_PER_TASK": "1", "MASTER_ADDR": "h"})
     assert env.gpus_per_task == 1 and env.master_port == 20007
-    forced = dist.detect(environ={"RANK": "0", "WORLD_SIZE": "1", "DTL_FORCE_DISTRIBUTED": "1"})
+    forced = distributed.detect(environ={"RANK": "0", "WORLD_SIZE": "1", "DTL_FORCE_DISTRIBUTED": "1"})
     assert forced.distributed and forced.world_size == 1
-    assert not dist.detect(environ={"RANK": "0", "WORLD_SIZE": "1"}).distributed
+    assert not distributed.detect(environ={"RANK": "0", "WORLD_SIZE": "1"}).distributed
 
 
 def _two_ranks(rank: int, port: int, out: str, job: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
-    env = dist.DistEnv(rank=rank, local_rank=rank, world_size=2, local_world_size=2, launcher="torchrun")
+    env = distributed.DistEnv(rank=rank, local_rank=rank, world_size=2, local_world_size=2, launcher="torchrun")
     # "order": rank 0's I/O outlasts --dist-timeout (2 s here), as a large image cache's first decode does
-    dist.setup(env, torch.device("cpu"), timeout_s=2 if job == "order" else 20)
+    distributed.setup(env, torch.device("cpu"), timeout_s=2 if job == "order" else 20)
     result: dict = {}
     try:
         if job == "agreement":
-            agreement = dist.Agreement(env)
+            agreement = distributed.Agreement(env)
             for step in range(8):
                 flag = rank == 1 and step >= 3  # rank 1 alone sees the signal, from step 3 on
                 if agreement.step(flag, False)[0]:
@@ -150,18 +150,18 @@ def _two_ranks(rank: int, port: int, out: str, job: str) -> None:
                     marker.write_text("0")
                 return marker.exists()
 
-            result["saw_rank0_result"] = dist.main_first(env, work)
+            result["saw_rank0_result"] = distributed.main_first(env, work)
         elif job == "failure":
             def fail(first: bool) -> None:
                 if rank == 0:
                     raise UserError("no data here")
 
             try:
-                dist.main_first(env, fail, timeout_s=20)
+                distributed.main_first(env, fail, timeout_s=20)
             except UserError as err:
                 result["error"] = str(err)
     finally:
-        dist.teardown()
+        distributed.teardown()
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
 
 
@@ -190,12 +190,12 @@ def test_main_first_failure_stops_every_rank_without_a_hang(tmp_path):
 
 def test_control_group_gets_the_dist_timeout(monkeypatch):
     seen = []
-    monkeypatch.setattr(group.tdist, "init_process_group", lambda *a, **k: None)
-    monkeypatch.setattr(group.tdist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(group.tdist, "get_rank", lambda: 0)
-    monkeypatch.setattr(group.tdist, "new_group", lambda **k: seen.append(k))
+    monkeypatch.setattr(group.dist, "init_process_group", lambda *a, **k: None)
+    monkeypatch.setattr(group.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(group.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(group.dist, "new_group", lambda **k: seen.append(k))
     try:
-        dist.setup(dist.DistEnv(world_size=2, launcher="torchrun"), torch.device("cpu"), 42)
+        distributed.setup(distributed.DistEnv(world_size=2, launcher="torchrun"), torch.device("cpu"), 42)
     finally:
         group._CONTROL_GROUP = group._IO_GROUP = None
     control, io = seen
@@ -207,16 +207,16 @@ def test_control_group_gets_the_dist_timeout(monkeypatch):
 def test_unwrap_helpers_see_through_compile():
     net = nn.Linear(2, 2)
     compiled = torch.compile(net, backend="eager")
-    assert dist.local_module(compiled) is net and dist.unwrap(compiled) is net
-    assert dist.ddp_of(compiled) is None
+    assert distributed.local_module(compiled) is net and distributed.unwrap(compiled) is net
+    assert distributed.ddp_of(compiled) is None
 
 
 def test_exit_after_a_failure_leaves_the_group_alone(monkeypatch):
     torn = []
     monkeypatch.setattr(group, "teardown", lambda: torn.append(1))
     monkeypatch.setattr(group.os, "_exit", lambda code: torn.append(f"exit {code}"))
-    env = dist.DistEnv(world_size=2)
-    dist.exit_process(1, env)
+    env = distributed.DistEnv(world_size=2)
+    distributed.exit_process(1, env)
     assert torn == ["exit 1"]
-    dist.exit_process(0, env)
+    distributed.exit_process(0, env)
     assert torn == ["exit 1", 1, "exit 0"]

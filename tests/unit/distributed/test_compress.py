@@ -1,4 +1,4 @@
-"""dtl.dist.compress: the bytes each --grad-compress choice sends, and PowerSGD's state carried through DDP's
+"""dtl.distributed.compress: the bytes each --grad-compress choice sends, and PowerSGD's state carried through DDP's
 bucket rebuilds and a resume (in one process: a world of 1 on gloo still runs the whole PowerSGD hook)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dtl.dist.compress import GradCompression, plan_bucket, step_bytes
+from dtl.distributed.compress import GradCompression, plan_bucket, step_bytes
 
 
 def test_powersgd_rank_4_sends_under_a_fiftieth_of_vgg16s_gradient_bytes():

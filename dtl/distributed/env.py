@@ -1,7 +1,7 @@
 """Who this process is in the job: the only module that reads the launcher's environment.
 
 Whatever started us (torchrun, `accelerate launch`, `srun`, plain `python`), `detect()` turns the environment
-into a frozen `DistEnv` (`dtl.dist.group.setup` creates the process group from it). Everything else asks the
+into a frozen `DistEnv` (`dtl.distributed.group.setup` creates the process group from it). Everything else asks the
 `DistEnv`.
 
 We use plain torch.distributed rather than accelerate's `Accelerator` as the runtime: on a machine without

@@ -1,4 +1,4 @@
-"""dtl.dist.wrappers: what a training model wears (DDP, torch.compile) and the way back to the model."""
+"""dtl.distributed.wrappers: what a training model wears (DDP, torch.compile) and the way back to the model."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from dtl.dist import DistEnv, unwrap, wrap
+from dtl.distributed import DistEnv, unwrap, wrap
 
 
 def _conv_net() -> nn.Module:

@@ -1,4 +1,4 @@
-"""dtl.dist.signals: stop requests only set a flag; a second Ctrl-C means now."""
+"""dtl.distributed.signals: stop requests only set a flag; a second Ctrl-C means now."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from dtl.dist import signals
+from dtl.distributed import signals
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""dtl.dist.fsdp in a world of one (gloo): which modules a block shards, and the sharded state through
+"""dtl.distributed.fsdp in a world of one (gloo): which modules a block shards, and the sharded state through
 torch.distributed.checkpoint's safetensors files and back."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dtl import models
-from dtl.dist import fsdp
+from dtl.distributed import fsdp
 
 
 def test_a_blocks_parameter_names_shard_their_owning_modules():
