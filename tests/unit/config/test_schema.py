@@ -1,14 +1,18 @@
 """`dtl.config.schema` (the sections: each field's default, documentation and rule) and how `dtl.config.loading`
 fills them from flags and TOML."""
 
+import argparse
+import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from dtl.cli import build_parser
-from dtl.config import Config
-from dtl.config.loading import config_from_args, field_docs
+from dtl.config import SECTIONS, Config
+from dtl.config.loading import add_config_arguments, config_from_args
+from dtl.config.rules import doc, field_doc
 from dtl.errors import UserError
 
 
@@ -23,9 +27,30 @@ def test_defaults_follow_the_reference_recipe():
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.data.image_size) == (1e-3, 0.9, 224)
 
 
-def test_every_field_is_documented():
-    docs = field_docs()
-    assert set(Config.field_names()) <= set(docs)
+def test_every_field_is_documented_and_its_doc_is_the_flags_help(monkeypatch):
+    fields = [f for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
+    assert len(fields) == len(Config.field_names())
+    assert [f.name for f in fields if not field_doc(f).strip()] == []
+    monkeypatch.setenv("COLUMNS", "100000")  # one line per flag: each doc appears whole
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    help_text = parser.format_help()
+    assert [f.name for f in fields if f"{field_doc(f)} (default: {f.default})" not in help_text] == []
+
+
+def test_a_doc_is_one_line_of_text_and_a_field_without_one_is_named():
+    assert doc("""two lines,
+        indented""") == {"doc": "two lines, indented"}
+
+    @dataclass
+    class Section:
+        documented: int = field(default=1, metadata=doc("Has a doc."))
+        bare: int = 2
+
+    documented, bare = dataclasses.fields(Section)
+    assert field_doc(documented) == "Has a doc."
+    with pytest.raises(KeyError, match="'bare' has no doc"):
+        field_doc(bare)
 
 
 @pytest.mark.parametrize("field,value", [("epochs", 0), ("batch_size", -1), ("lr", 0.0), ("momentum", 1.5),
