@@ -87,7 +87,7 @@ def test_augmentation_settings_flags_toml_and_config_json(tmp_path: Path):
     d = cfg.data
     assert (d.crop, d.crop_scale, d.auto_augment, d.ra_magnitude) == ("pad", (0.08, 1.0), "randaugment", 14)
     assert (d.random_erasing, d.random_erasing_value, d.padding_mode) == (0.25, "random", "reflect")
-    assert Config().data.crop_scale == (0.5, 1.0) and Config().data.auto_augment == "none"  # old runs unchanged
+    assert Config().data.crop_scale == (0.5, 1.0) and Config().data.auto_augment == "none"  # the defaults
     again = Config.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg and again.data.crop_scale == (0.08, 1.0)
     toml = tmp_path / "run.toml"
