@@ -1,8 +1,10 @@
-"""The run configuration: typed, documented, checked sections (`schema`, with their rules in `rules`) and
-how flags and TOML files fill them (`loading`)."""
+"""The run configuration: typed, documented, checked sections (`schema`, with what a field carries -- its
+documentation and its rule -- in `rules`), one resolved `Config` of them (`resolve`: recipe, --debug, dependent
+defaults, the checks that span sections) and how flags and TOML files fill it (`loading`)."""
 
 from __future__ import annotations
 
+from dtl.config.resolve import Config, fsdp_conflict, recipe_line
 from dtl.config.rules import choices_of
 from dtl.config.schema import (
     DEVICES,
@@ -12,15 +14,13 @@ from dtl.config.schema import (
     SECTIONS,
     BackboneConfig,
     CheckpointConfig,
-    Config,
     DataConfig,
     DistConfig,
     OptimConfig,
     RunConfig,
-    recipe_line,
 )
 
 __all__ = [
     "DEVICES", "PRECISIONS", "RECIPES", "SECTIONS", "SECTION_OF", "BackboneConfig", "CheckpointConfig", "Config",
-    "DataConfig", "DistConfig", "OptimConfig", "RunConfig", "choices_of", "recipe_line",
+    "DataConfig", "DistConfig", "OptimConfig", "RunConfig", "choices_of", "fsdp_conflict", "recipe_line",
 ]

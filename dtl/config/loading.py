@@ -1,38 +1,23 @@
-"""Reading settings into a `Config`: defaults < TOML file < command-line flags, and the field docstrings that
-double as `--help` text (parsed from dtl/config.py, so the two never drift apart)."""
+"""Reading settings into a `Config`: defaults < TOML file < command-line flags; one flag per field, its
+``--help`` the documentation the field carries (`dtl.config.rules.doc`)."""
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import functools
-import inspect
 import sys
 import typing
 from pathlib import Path
 from typing import Any
 
-from dtl.config import SECTIONS, Config, choices_of
+from dtl.config import SECTIONS, Config
+from dtl.config.rules import choices_of, field_doc
 from dtl.errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
-
-
-@functools.cache
-def field_docs() -> dict[str, str]:
-    """Field name -> the docstring written under it (parsed from this file, so help text has one source)."""
-    docs: dict[str, str] = {}
-    for cls in SECTIONS.values():
-        body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
-        for node, nxt in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
-                    and isinstance(nxt.value, ast.Constant)):
-                docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined]
-    return docs
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -81,7 +66,6 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting (`finetune_last_n` -> `--finetune-last-n`), grouped by section in --help;
     defaults stay None so we can tell which flags were actually given and let them win over a TOML file."""
     parser.add_argument("--config", metavar="TOML", help="Read settings from a TOML file; flags win over it.")
-    docs = field_docs()
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
         hints = typing.get_type_hints(cls)
@@ -89,7 +73,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             hint = hints[f.name]
             flag = "--" + f.name.replace("_", "-")
             base = _base_type(hint)
-            help_text = f"{docs.get(f.name, '')} (default: {f.default})"
+            help_text = f"{field_doc(f)} (default: {f.default})"
             if base is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             elif typing.get_origin(hint) is tuple:  # tuple[float, float] -> --crop-scale MIN MAX

@@ -1,6 +1,10 @@
-"""How config fields are checked: the rules a field carries in its metadata (`rule`, and the common ones named
-here), Literal choices, and `validate_section`, which each section's ``__post_init__`` calls (a ValueError
-naming the field and the value)."""
+"""What a config field carries in its metadata -- its documentation (`doc`, which is also its flag's ``--help``
+text), its check (`rule`, and the common ones named here) and how its flag is given (`bare_flag`) -- and how
+fields are checked: Literal choices and the field's rule, by `validate_section`, which each section's
+``__post_init__`` calls (a ValueError naming the field and the value).
+
+Metadata pieces combine with ``|``: ``field(default=1, metadata=POSITIVE | doc("Passes over the training
+set."))``."""
 
 from __future__ import annotations
 
@@ -10,15 +14,29 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 
+def doc(text: str) -> dict[str, Any]:
+    """A field's documentation, as dataclass field metadata: one text per field, read by `field_doc` (for the
+    flag's ``--help``). Line breaks and indentation of a triple-quoted text collapse to single spaces."""
+    return {"doc": " ".join(text.split())}
+
+
+def field_doc(f: dataclasses.Field[Any]) -> str:
+    """The documentation a field carries (`doc`); a KeyError names a field written without one."""
+    try:
+        return f.metadata["doc"]
+    except KeyError:
+        raise KeyError(f"config field {f.name!r} has no doc(...) in its metadata") from None
+
+
 def rule(check: Callable[[Any], bool], message: str) -> dict[str, Any]:
-    """A field's check, as dataclass field metadata: ``x: int = field(default=1, metadata=rule(...))`` keeps the
-    rule beside the field it checks. `message` completes "<field> ...": e.g. "must be > 0"."""
+    """A field's check, as dataclass field metadata: ``x: int = field(default=1, metadata=rule(...) | doc(...))``
+    keeps the rule beside the field it checks. `message` completes "<field> ...": e.g. "must be > 0"."""
     return {"rule": (check, message)}
 
 
 def bare_flag(value: str) -> dict[str, Any]:
     """Field metadata: the flag may be given without a value (``--cache-images`` alone), meaning `value`;
-    ``--cache-images DIR`` gives DIR. Combine with a rule by merging: ``{**rule(...), **bare_flag(...)}``."""
+    ``--cache-images DIR`` gives DIR."""
     return {"bare": value}
 
 

@@ -1,12 +1,13 @@
-"""The training configuration: typed dataclasses grouped by concern (filled by `dtl.config.loading`).
+"""The training settings: typed dataclasses grouped by concern, one per section of a run's `Config`
+(`dtl.config.resolve` puts them together; `dtl.config.loading` fills them from flags and TOML).
 
-Sections: `backbone`, `data`, `optim`, `run`, `checkpoint`, `dist` -- each a dataclass whose fields carry a
-docstring (it doubles as the flag's ``--help`` text, so the two never drift apart) and, where it has one, its
-rule in its metadata (`dtl.config.rules`), checked in ``__post_init__`` (a ValueError naming the field and the
-value). `Config` holds one of each and checks what spans sections; a component is handed the section it
-needs. Flags and TOML keys stay flat (``--lr 0.01``, ``lr = 0.01``, optionally under ``[train]``); a TOML file
-may also use section tables (``[optim]`` with ``lr = 0.01``). The resolved config is saved flat (config.json,
-every checkpoint).
+Sections: `backbone`, `data`, `optim`, `run`, `checkpoint`, `dist` -- each a dataclass whose fields carry, in
+their metadata (`dtl.config.rules`), their documentation (also the flag's ``--help`` text, so the two never
+drift apart) and, where they have one, their rule, checked in ``__post_init__`` (a ValueError naming the field
+and the value). What spans sections is resolved and checked by `Config` (`dtl.config.resolve`); a component is
+handed the section it needs. Flags and TOML keys stay flat (``--lr 0.01``, ``lr = 0.01``, optionally under
+``[train]``); a TOML file may also use section tables (``[optim]`` with ``lr = 0.01``). The resolved config is
+saved flat (config.json, every checkpoint).
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from dtl.config.rules import (
     POSITIVE_IF_GIVEN,
     PROBABILITY,
     bare_flag,
-    choices_of,
+    doc,
     rule,
     validate_section,
 )
-from dtl.errors import UserError
 
-__all__ = ["DEVICES", "PRECISIONS", "SECTIONS", "SECTION_OF", "Config", "choices_of"]
+__all__ = [
+    "DEVICES", "PRECISIONS", "RECIPES", "SECTIONS", "SECTION_OF", "BackboneConfig", "CheckpointConfig", "DataConfig",
+    "DistConfig", "OptimConfig", "RunConfig",
+]
 
 #: The precisions and devices a run (and `dtl eval`/`predict`/`doctor`) may ask for: spelled here only.
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -43,41 +46,40 @@ DEVICES: tuple[str, ...] = typing.get_args(Device)
 class BackboneConfig:
     """The network: which backbone, how it is initialised and which part of it trains."""
 
-    model: str = field(default="vgg16", metadata=rule(lambda v: bool(v.strip()), "must name a torchvision model"))
-    """torchvision classification model name, or timm/NAME for a timm model (see `dtl models [--source timm]`)."""
-    mode: Literal["transfer", "finetune", "scratch", "lp-ft"] = "transfer"
-    """transfer: frozen pretrained backbone, only the new head trains; finetune: pretrained init, everything
-    (or the last --finetune-last-n blocks) trains; scratch: random init, everything trains."""
-    weights: str | None = None
-    """imagenet | none | a torchvision weight enum name (IMAGENET1K_V1) or timm tag | a .safetensors/.pth file.
-    Default: imagenet for transfer/finetune, none for scratch."""
-    finetune_last_n: int | None = field(default=None, metadata=POSITIVE_IF_GIVEN)
-    """finetune/lp-ft mode: number of backbone blocks (counted from the end) to unfreeze with the head; default
-    all."""
-    keep_head: bool = False
-    """Keep the head of the loaded weights (continuing on the same label set) instead of a newly initialised
-    one; refused when it does not have as many outputs as the data set has classes. Default: every run from
-    pretrained weights or a weight file starts from a new head, whatever the file's head."""
-    lp_epochs: int = field(default=1, metadata=NON_NEGATIVE)
-    """lp-ft mode: epochs that train the head alone (a linear probe, the backbone frozen and its BatchNorm
-    statistics fixed) before the backbone (or its last --finetune-last-n blocks) is unfrozen."""
-    lp_lr_mult: float = field(default=1.0, metadata=POSITIVE)
-    """lp-ft mode: the probe epochs learn at this multiple of the schedule's learning rate (only the head
-    trains then, and a linear probe tolerates, and needs, a far higher rate than fine-tuning the backbone)."""
-    freeze_bn_stats: bool | None = None
-    """Keep every BatchNorm layer's running statistics as loaded and normalise with them in training too (as
-    in evaluation; detectron2's FrozenBN, mmcv's norm_eval), while its affine weights still train: batch
-    statistics of few labelled images in small batches are noisy, and re-estimating the running ones from them
-    moves the features under the head. Needs loaded weights (not --weights none). Default: on for --mode lp-ft
-    (its probe fits the head to the features under the loaded statistics; keeping them is keeping what LP-FT
-    protects), off otherwise."""
-    dropout: float | None = field(default=None, metadata=FRACTION_IF_GIVEN)
-    """Override the dropout probability of the model's Dropout layers (default: the model's own)."""
-    drop_path: float | None = field(default=None, metadata=FRACTION_IF_GIVEN)
-    """Stochastic depth (drop path) rate: torchvision's stochastic_depth_prob, the rate of the deepest block,
-    lower ones scaled down linearly (ConvNeXt, EfficientNet v1/v2, Swin, MaxViT; refused for models without
-    it); timm/... models: timm's drop_path_rate. Default: the model's own (e.g. 0.1 for convnext_tiny, 0.2 for
-    efficientnet_b0)."""
+    model: str = field(default="vgg16", metadata=rule(lambda v: bool(v.strip()), "must name a torchvision model") | doc(
+        "torchvision classification model name, or timm/NAME for a timm model (see `dtl models [--source timm]`)."))
+    mode: Literal["transfer", "finetune", "scratch", "lp-ft"] = field(default="transfer", metadata=doc(
+        """transfer: frozen pretrained backbone, only the new head trains; finetune: pretrained init, everything (or the
+        last --finetune-last-n blocks) trains; scratch: random init, everything trains."""))
+    weights: str | None = field(default=None, metadata=doc(
+        """imagenet | none | a torchvision weight enum name (IMAGENET1K_V1) or timm tag | a .safetensors/.pth file.
+        Default: imagenet for transfer/finetune, none for scratch."""))
+    finetune_last_n: int | None = field(default=None, metadata=POSITIVE_IF_GIVEN | doc(
+        """finetune/lp-ft mode: number of backbone blocks (counted from the end) to unfreeze with the head; default
+        all."""))
+    keep_head: bool = field(default=False, metadata=doc(
+        """Keep the head of the loaded weights (continuing on the same label set) instead of a newly initialised one;
+        refused when it does not have as many outputs as the data set has classes. Default: every run from pretrained
+        weights or a weight file starts from a new head, whatever the file's head."""))
+    lp_epochs: int = field(default=1, metadata=NON_NEGATIVE | doc(
+        """lp-ft mode: epochs that train the head alone (a linear probe, the backbone frozen and its BatchNorm
+        statistics fixed) before the backbone (or its last --finetune-last-n blocks) is unfrozen."""))
+    lp_lr_mult: float = field(default=1.0, metadata=POSITIVE | doc(
+        """lp-ft mode: the probe epochs learn at this multiple of the schedule's learning rate (only the head trains
+        then, and a linear probe tolerates, and needs, a far higher rate than fine-tuning the backbone)."""))
+    freeze_bn_stats: bool | None = field(default=None, metadata=doc(
+        """Keep every BatchNorm layer's running statistics as loaded and normalise with them in training too (as in
+        evaluation; detectron2's FrozenBN, mmcv's norm_eval), while its affine weights still train: batch statistics of
+        few labelled images in small batches are noisy, and re-estimating the running ones from them moves the features
+        under the head. Needs loaded weights (not --weights none). Default: on for --mode lp-ft (its probe fits the head
+        to the features under the loaded statistics; keeping them is keeping what LP-FT protects), off otherwise."""))
+    dropout: float | None = field(default=None, metadata=FRACTION_IF_GIVEN | doc(
+        "Override the dropout probability of the model's Dropout layers (default: the model's own)."))
+    drop_path: float | None = field(default=None, metadata=FRACTION_IF_GIVEN | doc(
+        """Stochastic depth (drop path) rate: torchvision's stochastic_depth_prob, the rate of the deepest block,
+        lower ones scaled down linearly (ConvNeXt, EfficientNet v1/v2, Swin, MaxViT; refused for models without it);
+        timm/... models: timm's drop_path_rate. Default: the model's own (e.g. 0.1 for convnext_tiny, 0.2 for
+        efficientnet_b0)."""))
 
     def __post_init__(self) -> None:
         validate_section(self)
@@ -87,91 +89,89 @@ class BackboneConfig:
 class DataConfig:
     """What the run reads and how batches are made."""
 
-    dataset: Literal["cifar10", "cifar100", "synthetic", "folder"] = "cifar10"
-    """cifar10 | cifar100 | synthetic (a small learnable CIFAR-format set generated in memory) | folder."""
-    data_dir: str = "./data"
-    """Where the data set lives (CIFAR: the folder holding cifar-10-batches-py/ or -bin/ or the .tar.gz)."""
-    download: bool = True
-    """Download the official archive when it is missing (rank 0 only)."""
-    image_size: int = field(default=224, metadata=POSITIVE)
-    """Side of the square images fed to the network (the reference recipe resizes 32 px CIFAR to 224)."""
-    augment: bool = True
-    """Training augmentation: --crop (RandomResizedCrop, scale 0.5-1) + horizontal flip, and --auto-augment,
-    --random-erasing when given. --no-augment: the eval transform."""
-    data_pipeline: Literal["auto", "device", "workers", "decode"] = "auto"
-    """device: the split lives on the device as one uint8 tensor and is augmented in batches (CIFAR, synthetic,
-    and image folders with --cache-images); workers: a DataLoader with worker processes and per-image transforms;
-    decode (image folders): workers read the files' bytes, each batch is decoded on the device (nvJPEG on a GPU,
-    the CPU decoder otherwise), resized to --cache-size squares and augmented in batches as by device -- for
-    folders too large to cache. auto: device for in-memory data sets and cached folders, decode for other
-    folders (the log says which). workers keeps torchvision's per-image semantics: crops of the whole image, the
-    model's own resampling (bicubic for some timm models)."""
-    image_decoder: Literal["auto", "torchcodec", "torchvision"] = "auto"
-    """folder data sets: the library that decodes JPEG/PNG/WebP (on the CPU, and nvJPEG on a GPU): torchcodec
-    (pip install 'dtl[torchcodec]'), torchvision (torchvision.io, deprecated since torchvision 0.29); auto:
-    torchcodec when installed. Other formats (BMP, TIFF, ...) go through PIL."""
-    cache_images: str | None = field(default=None, metadata=bare_flag("auto"))
-    """folder data sets: decode every image once into a uint8 cache (one memory-mapped file per split, images
-    resized to --cache-size squares), then train and evaluate from it with the device pipeline. --cache-images
-    alone: in image-cache/ beside the run folder (OUTDIR/../image-cache, e.g. runs/image-cache, so the runs
-    under runs/ share it); --cache-images DIR: in DIR. Rebuilt, with a message, when the split's files changed
-    (list, sizes, modification times) or the cache is damaged."""
-    cache_size: int | None = field(default=None, metadata=POSITIVE_IF_GIVEN)
-    """--cache-images (and --data-pipeline decode): each image is resized so its shorter side is this many
-    pixels, then centre-cropped to a square. Default: --image-size, so evaluation sees exactly the pixels of
-    the file pipeline's Resize + CenterCrop; a larger size (e.g. 256 for 224) keeps more detail for the random
-    crops, at (256/224)^2 = 1.3x the disk and memory."""
-    eval_memory_mib: float = field(default=1024.0, metadata=NON_NEGATIVE)
-    """folder data sets without --cache-images: keep the evaluation split's decoded, resized uint8 images (on
-    the device) after the first evaluation when this rank's share fits in this many MiB, so later evaluations
-    do not decode again (3 x image-size^2 bytes per image: 1,000 images at 224 px take 147 MiB); 0: off."""
-    num_workers: int = field(default=2, metadata=NON_NEGATIVE)
-    """DataLoader worker processes per rank (workers pipeline only)."""
-    train_subset: int | None = field(default=None, metadata=POSITIVE_IF_GIVEN)
-    """Use only N training images (handy for smoke tests)."""
-    eval_subset: int | None = field(default=None, metadata=POSITIVE_IF_GIVEN)
-    """Use only N test images."""
-    subset_order: Literal["auto", "first", "random", "stratified"] = "auto"
-    """How --train-subset/--eval-subset pick images: the first N, a seeded random N, or a stratified N (each
-    class in proportion to its size, seeded per class). auto: stratified for folder data sets (whose files are
-    sorted by class, so the first N would be one or two classes), first for the others (already shuffled)."""
-    val_split: float = field(default=0.0, metadata=FRACTION)
-    """folder data sets without a val/ folder: fraction held out (seeded, stratified) for evaluation."""
-    coarse_labels: bool = False
-    """cifar100 only: use the 20 coarse super-classes instead of the 100 fine labels."""
-    strict_images: bool = False
-    """folder data sets: refuse to start when any image is unreadable (all are listed) instead of skipping
-    them with a warning."""
-    class_balance: Literal["none", "loss", "sampler"] = "none"
-    """Class imbalance: loss = weight the cross-entropy by inverse class frequency of the training split;
-    sampler = draw training images class-balanced (with replacement); per-class test accuracy is logged."""
-    cache_features: bool = False
-    """transfer mode with --no-augment: run the frozen backbone once per split and train the head on the
-    cached features."""
-    crop: Literal["resized", "pad"] = "resized"
-    """Training crop (then a flip). resized: RandomResizedCrop(image_size, --crop-scale). pad: CIFAR's
-    RandomCrop(image_size, --crop-padding, --padding-mode), after Resize(image_size) if the images differ."""
+    dataset: Literal["cifar10", "cifar100", "synthetic", "folder"] = field(default="cifar10", metadata=doc(
+        "cifar10 | cifar100 | synthetic (a small learnable CIFAR-format set generated in memory) | folder."))
+    data_dir: str = field(default="./data", metadata=doc(
+        "Where the data set lives (CIFAR: the folder holding cifar-10-batches-py/ or -bin/ or the .tar.gz)."))
+    download: bool = field(default=True, metadata=doc(
+        "Download the official archive when it is missing (rank 0 only)."))
+    image_size: int = field(default=224, metadata=POSITIVE | doc(
+        "Side of the square images fed to the network (the reference recipe resizes 32 px CIFAR to 224)."))
+    augment: bool = field(default=True, metadata=doc(
+        """Training augmentation: --crop (RandomResizedCrop, scale 0.5-1) + horizontal flip, and --auto-augment,
+        --random-erasing when given. --no-augment: the eval transform."""))
+    data_pipeline: Literal["auto", "device", "workers", "decode"] = field(default="auto", metadata=doc(
+        """device: the split lives on the device as one uint8 tensor and is augmented in batches (CIFAR, synthetic, and
+        image folders with --cache-images); workers: a DataLoader with worker processes and per-image transforms; decode
+        (image folders): workers read the files' bytes, each batch is decoded on the device (nvJPEG on a GPU, the CPU
+        decoder otherwise), resized to --cache-size squares and augmented in batches as by device -- for folders too
+        large to cache. auto: device for in-memory data sets and cached folders, decode for other folders (the log says
+        which). workers keeps torchvision's per-image semantics: crops of the whole image, the model's own resampling
+        (bicubic for some timm models)."""))
+    image_decoder: Literal["auto", "torchcodec", "torchvision"] = field(default="auto", metadata=doc(
+        """folder data sets: the library that decodes JPEG/PNG/WebP (on the CPU, and nvJPEG on a GPU): torchcodec (pip
+        install 'dtl[torchcodec]'), torchvision (torchvision.io, deprecated since torchvision 0.29); auto: torchcodec
+        when installed. Other formats (BMP, TIFF, ...) go through PIL."""))
+    cache_images: str | None = field(default=None, metadata=bare_flag("auto") | doc(
+        """folder data sets: decode every image once into a uint8 cache (one memory-mapped file per split, images
+        resized to --cache-size squares), then train and evaluate from it with the device pipeline. --cache-images
+        alone: in image-cache/ beside the run folder (OUTDIR/../image-cache, e.g. runs/image-cache, so the runs under
+        runs/ share it); --cache-images DIR: in DIR. Rebuilt, with a message, when the split's files changed (list,
+        sizes, modification times) or the cache is damaged."""))
+    cache_size: int | None = field(default=None, metadata=POSITIVE_IF_GIVEN | doc(
+        """--cache-images (and --data-pipeline decode): each image is resized so its shorter side is this many pixels,
+        then centre-cropped to a square. Default: --image-size, so evaluation sees exactly the pixels of the file
+        pipeline's Resize + CenterCrop; a larger size (e.g. 256 for 224) keeps more detail for the random crops, at
+        (256/224)^2 = 1.3x the disk and memory."""))
+    eval_memory_mib: float = field(default=1024.0, metadata=NON_NEGATIVE | doc(
+        """folder data sets without --cache-images: keep the evaluation split's decoded, resized uint8 images (on the
+        device) after the first evaluation when this rank's share fits in this many MiB, so later evaluations do not
+        decode again (3 x image-size^2 bytes per image: 1,000 images at 224 px take 147 MiB); 0: off."""))
+    num_workers: int = field(default=2, metadata=NON_NEGATIVE | doc(
+        "DataLoader worker processes per rank (workers pipeline only)."))
+    train_subset: int | None = field(default=None, metadata=POSITIVE_IF_GIVEN | doc(
+        "Use only N training images (handy for smoke tests)."))
+    eval_subset: int | None = field(default=None, metadata=POSITIVE_IF_GIVEN | doc("Use only N test images."))
+    subset_order: Literal["auto", "first", "random", "stratified"] = field(default="auto", metadata=doc(
+        """How --train-subset/--eval-subset pick images: the first N, a seeded random N, or a stratified N (each class
+        in proportion to its size, seeded per class). auto: stratified for folder data sets (whose files are sorted by
+        class, so the first N would be one or two classes), first for the others (already shuffled)."""))
+    val_split: float = field(default=0.0, metadata=FRACTION | doc(
+        "folder data sets without a val/ folder: fraction held out (seeded, stratified) for evaluation."))
+    coarse_labels: bool = field(default=False, metadata=doc(
+        "cifar100 only: use the 20 coarse super-classes instead of the 100 fine labels."))
+    strict_images: bool = field(default=False, metadata=doc(
+        """folder data sets: refuse to start when any image is unreadable (all are listed) instead of skipping them with
+        a warning."""))
+    class_balance: Literal["none", "loss", "sampler"] = field(default="none", metadata=doc(
+        """Class imbalance: loss = weight the cross-entropy by inverse class frequency of the training split; sampler =
+        draw training images class-balanced (with replacement); per-class test accuracy is logged."""))
+    cache_features: bool = field(default=False, metadata=doc(
+        """transfer mode with --no-augment: run the frozen backbone once per split and train the head on the cached
+        features."""))
+    crop: Literal["resized", "pad"] = field(default="resized", metadata=doc(
+        """Training crop (then a flip). resized: RandomResizedCrop(image_size, --crop-scale). pad: CIFAR's
+        RandomCrop(image_size, --crop-padding, --padding-mode), after Resize(image_size) if the images differ."""))
     crop_scale: tuple[float, float] = field(default=(0.5, 1.0), metadata=rule(
-        lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "must be MIN MAX with 0 < MIN <= MAX <= 1"))
-    """--crop resized: crop area as a fraction of the image, MIN MAX (torchvision's default: 0.08 1)."""
-    crop_padding: int = field(default=4, metadata=NON_NEGATIVE)
-    """--crop pad: pixels of padding on every side before the random crop."""
-    padding_mode: Literal["constant", "reflect"] = "constant"
-    """--crop pad: constant (zeros, torchvision's RandomCrop default) or reflect."""
-    auto_augment: Literal["none", "ta_wide", "randaugment", "augmix"] = "none"
-    """torchvision's TrivialAugmentWide() | RandAugment(--ra-num-ops, --ra-magnitude) | AugMix(--augmix-severity,
-    width 3, depth 1-3, alpha 1), per image on the uint8 crop, before normalisation."""
-    ra_num_ops: int = field(default=2, metadata=NON_NEGATIVE)
-    """--auto-augment randaugment: ops applied in a row per image."""
-    ra_magnitude: int = field(
-        default=9, metadata=rule(lambda v: 0 <= v <= 30, "must be in [0, 30] (31 magnitude bins)"))
-    """--auto-augment randaugment: magnitude bin (0-30)."""
-    augmix_severity: int = field(default=3, metadata=rule(lambda v: 1 <= v <= 10, "must be in [1, 10]"))
-    """--auto-augment augmix: severity of the ops (1-10)."""
-    random_erasing: float = field(default=0.0, metadata=PROBABILITY)
-    """Probability of RandomErasing(scale=(0.02, 0.33), ratio=(0.3, 3.3)) per image, after normalisation."""
-    random_erasing_value: Literal["0", "random"] = "0"
-    """Erased pixels: 0 (the mean colour, after normalisation) or random (standard normal noise)."""
+        lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "must be MIN MAX with 0 < MIN <= MAX <= 1") | doc(
+        "--crop resized: crop area as a fraction of the image, MIN MAX (torchvision's default: 0.08 1)."))
+    crop_padding: int = field(default=4, metadata=NON_NEGATIVE | doc(
+        "--crop pad: pixels of padding on every side before the random crop."))
+    padding_mode: Literal["constant", "reflect"] = field(default="constant", metadata=doc(
+        "--crop pad: constant (zeros, torchvision's RandomCrop default) or reflect."))
+    auto_augment: Literal["none", "ta_wide", "randaugment", "augmix"] = field(default="none", metadata=doc(
+        """torchvision's TrivialAugmentWide() | RandAugment(--ra-num-ops, --ra-magnitude) | AugMix(--augmix-severity,
+        width 3, depth 1-3, alpha 1), per image on the uint8 crop, before normalisation."""))
+    ra_num_ops: int = field(default=2, metadata=NON_NEGATIVE | doc(
+        "--auto-augment randaugment: ops applied in a row per image."))
+    ra_magnitude: int = field(default=9, metadata=rule(lambda v: 0 <= v <= 30, "must be in [0, 30] (31 magnitude bins)")
+                              | doc("--auto-augment randaugment: magnitude bin (0-30)."))
+    augmix_severity: int = field(default=3, metadata=rule(lambda v: 1 <= v <= 10, "must be in [1, 10]") | doc(
+        "--auto-augment augmix: severity of the ops (1-10)."))
+    random_erasing: float = field(default=0.0, metadata=PROBABILITY | doc(
+        "Probability of RandomErasing(scale=(0.02, 0.33), ratio=(0.3, 3.3)) per image, after normalisation."))
+    random_erasing_value: Literal["0", "random"] = field(default="0", metadata=doc(
+        "Erased pixels: 0 (the mean colour, after normalisation) or random (standard normal noise)."))
 
     def __post_init__(self) -> None:
         validate_section(self)
@@ -181,56 +181,49 @@ class DataConfig:
 class OptimConfig:
     """How the weights are updated."""
 
-    epochs: int = field(default=3, metadata=POSITIVE)
-    """Number of passes over the training set."""
-    batch_size: int = field(default=32, metadata=POSITIVE)
-    """Images per process per step; the global batch is batch_size x world size x grad_accum."""
-    grad_accum: int = field(default=1, metadata=POSITIVE)
-    """Micro-steps whose gradients are summed before one optimizer step."""
-    lr: float = field(default=1e-3, metadata=POSITIVE)
-    """Base learning rate (before --lr-scale)."""
-    lr_scale: Literal["none", "linear"] = "none"
-    """linear: multiply --lr by global batch / --batch-size (the linear scaling rule); none: use --lr as is."""
-    momentum: float = field(default=0.9, metadata=FRACTION)
-    """SGD momentum (AdamW: beta1)."""
-    weight_decay: float = field(default=0.0, metadata=NON_NEGATIVE)
-    """L2 penalty (decoupled for AdamW)."""
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    """sgd (the reference recipe) or adamw."""
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    """Learning-rate schedule after warm-up, stepped per optimizer step."""
-    warmup_epochs: float = field(default=0.0, metadata=NON_NEGATIVE)
-    """Linear warm-up from 0 to --lr over this many epochs."""
-    label_smoothing: float = field(default=0.0, metadata=FRACTION)
-    """Cross-entropy label smoothing."""
-    head_lr_mult: float = field(default=1.0, metadata=POSITIVE)
-    """The new head learns at this multiple of the learning rate (the backbone at the rate itself)."""
-    layer_decay: float = field(default=1.0, metadata=rule(lambda v: 0 < v <= 1, "must be in (0, 1]"))
-    """Layer-wise learning-rate decay D in (0, 1]: the head at the rate, the backbone block below it at D x,
-    the next at D^2 x, ... down to the stem (blocks as tabled in dtl/models/torchvision_backbones.py). 1: off."""
-    wd_norm_bias: bool = False
-    """Apply --weight-decay to biases and normalisation parameters too (by default they get none, as in timm
-    and torchvision's reference recipes)."""
-    ema_decay: float = field(default=0.0, metadata=FRACTION)
-    """Keep an exponential moving average of the weights with this decay (e.g. 0.999; warmed up as
-    min(D, (1 + step) / (10 + step))), evaluated each epoch beside the raw weights; 0: off."""
-    ema_every: int = field(default=1, metadata=POSITIVE)
-    """Update the EMA every N optimizer steps."""
-    clip_grad_norm: float | None = field(default=None, metadata=POSITIVE_IF_GIVEN)
-    """Clip the global gradient norm (of the parameters that train) to this value, once per optimizer step,
-    after unscaling; the pre-clip norm's epoch mean and max go to metrics.jsonl."""
-    mixup: float = field(default=0.0, metadata=NON_NEGATIVE)
-    """MixUp alpha (timm's --mixup): mix each batch with itself reversed, lam ~ Beta(alpha, alpha); trains on
-    soft targets (--label-smoothing folded in). Train accuracy then counts the dominant label (weight >= 0.5).
-    0: off."""
-    cutmix: float = field(default=0.0, metadata=NON_NEGATIVE)
-    """CutMix alpha (timm's --cutmix): paste a box of the reversed batch, lam ~ Beta(alpha, alpha) corrected to
-    the box's clipped area; with --mixup too, one of the two per batch (--mix-switch-prob). 0: off."""
-    mix_prob: float = field(default=1.0, metadata=PROBABILITY)
-    """Probability that a batch is mixed at all (timm's --mixup-prob)."""
-    mix_switch_prob: float = field(default=0.5, metadata=PROBABILITY)
-    """With both --mixup and --cutmix: probability of CutMix rather than MixUp for a batch (timm's
-    --mixup-switch-prob)."""
+    epochs: int = field(default=3, metadata=POSITIVE | doc("Number of passes over the training set."))
+    batch_size: int = field(default=32, metadata=POSITIVE | doc(
+        "Images per process per step; the global batch is batch_size x world size x grad_accum."))
+    grad_accum: int = field(default=1, metadata=POSITIVE | doc(
+        "Micro-steps whose gradients are summed before one optimizer step."))
+    lr: float = field(default=1e-3, metadata=POSITIVE | doc("Base learning rate (before --lr-scale)."))
+    lr_scale: Literal["none", "linear"] = field(default="none", metadata=doc(
+        "linear: multiply --lr by global batch / --batch-size (the linear scaling rule); none: use --lr as is."))
+    momentum: float = field(default=0.9, metadata=FRACTION | doc("SGD momentum (AdamW: beta1)."))
+    weight_decay: float = field(default=0.0, metadata=NON_NEGATIVE | doc("L2 penalty (decoupled for AdamW)."))
+    optimizer: Literal["sgd", "adamw"] = field(default="sgd", metadata=doc("sgd (the reference recipe) or adamw."))
+    lr_schedule: Literal["constant", "cosine"] = field(default="constant", metadata=doc(
+        "Learning-rate schedule after warm-up, stepped per optimizer step."))
+    warmup_epochs: float = field(default=0.0, metadata=NON_NEGATIVE | doc(
+        "Linear warm-up from 0 to --lr over this many epochs."))
+    label_smoothing: float = field(default=0.0, metadata=FRACTION | doc("Cross-entropy label smoothing."))
+    head_lr_mult: float = field(default=1.0, metadata=POSITIVE | doc(
+        "The new head learns at this multiple of the learning rate (the backbone at the rate itself)."))
+    layer_decay: float = field(default=1.0, metadata=rule(lambda v: 0 < v <= 1, "must be in (0, 1]") | doc(
+        """Layer-wise learning-rate decay D in (0, 1]: the head at the rate, the backbone block below it at D x, the
+        next at D^2 x, ... down to the stem (blocks as tabled in dtl/models/torchvision_backbones.py). 1: off."""))
+    wd_norm_bias: bool = field(default=False, metadata=doc(
+        """Apply --weight-decay to biases and normalisation parameters too (by default they get none, as in timm and
+        torchvision's reference recipes)."""))
+    ema_decay: float = field(default=0.0, metadata=FRACTION | doc(
+        """Keep an exponential moving average of the weights with this decay (e.g. 0.999; warmed up as
+        min(D, (1 + step) / (10 + step))), evaluated each epoch beside the raw weights; 0: off."""))
+    ema_every: int = field(default=1, metadata=POSITIVE | doc("Update the EMA every N optimizer steps."))
+    clip_grad_norm: float | None = field(default=None, metadata=POSITIVE_IF_GIVEN | doc(
+        """Clip the global gradient norm (of the parameters that train) to this value, once per optimizer step, after
+        unscaling; the pre-clip norm's epoch mean and max go to metrics.jsonl."""))
+    mixup: float = field(default=0.0, metadata=NON_NEGATIVE | doc(
+        """MixUp alpha (timm's --mixup): mix each batch with itself reversed, lam ~ Beta(alpha, alpha); trains on
+        soft targets (--label-smoothing folded in). Train accuracy then counts the dominant label (weight >= 0.5).
+        0: off."""))
+    cutmix: float = field(default=0.0, metadata=NON_NEGATIVE | doc(
+        """CutMix alpha (timm's --cutmix): paste a box of the reversed batch, lam ~ Beta(alpha, alpha) corrected to the
+        box's clipped area; with --mixup too, one of the two per batch (--mix-switch-prob). 0: off."""))
+    mix_prob: float = field(default=1.0, metadata=PROBABILITY | doc(
+        "Probability that a batch is mixed at all (timm's --mixup-prob)."))
+    mix_switch_prob: float = field(default=0.5, metadata=PROBABILITY | doc(
+        """With both --mixup and --cutmix: probability of CutMix rather than MixUp for a batch (timm's
+        --mixup-switch-prob)."""))
 
     def __post_init__(self) -> None:
         validate_section(self)
@@ -240,53 +233,52 @@ class OptimConfig:
 class RunConfig:
     """How the run executes: numerics, seeds, non-finite losses, logging."""
 
-    recipe: Literal["plain", "strong"] = "plain"
-    """plain: the settings as given (the reference recipe's defaults). strong: the fine-tuning recipe measured
-    on few-label real transfer tasks (RESULTS.md) -- AdamW at lr 1e-3 (constant lr, no weight decay, no label
-    smoothing, BatchNorm statistics updated, no heavy augmentation: each measured not to help on both tasks).
-    Settings given explicitly (flags, TOML) still win, and the log says which did."""
-    precision: Precision = "auto"
-    """auto: the accelerate config's choice under `accelerate launch`, else bf16 on GPUs that support it,
-    fp16 on older GPUs, fp32 on CPU."""
-    fp16_init_scale: float = field(default=65536.0, metadata=POSITIVE)
-    """fp16: the GradScaler's initial loss scale. Steps whose scaled gradients overflow are skipped and the
-    scale halves (counted as overflow_skips in metrics.jsonl; not an error)."""
-    compile: bool = False
-    """torch.compile the model."""
-    seed: int = field(default=0, metadata=NON_NEGATIVE)
-    """Seeds model init, data order and augmentation (per rank and epoch)."""
-    deterministic: bool = False
-    """Ask torch for deterministic kernels (slower; for bitwise-reproducible GPU runs)."""
-    nan_policy: Literal["abort", "skip"] = "abort"
-    """Non-finite loss: abort (no checkpoint of the broken state), or skip that step's update."""
-    max_nan_skips: int = field(default=10, metadata=POSITIVE)
-    """skip policy: abort after this many non-finite steps in a row."""
-    early_stop_patience: int | None = field(default=None, metadata=POSITIVE_IF_GIVEN)
-    """Stop after this many epochs without an improvement of --early-stop-metric (all ranks at the same epoch);
-    model.safetensors is then the best epoch's weights, and best.json follows that metric."""
-    early_stop_metric: Literal["test_loss", "test_acc"] = "test_loss"
-    """What --early-stop-patience watches (lower test_loss / higher test_acc is better)."""
-    early_stop_min_delta: float = field(default=0.0, metadata=NON_NEGATIVE)
-    """The smallest change of --early-stop-metric that counts as an improvement."""
-    log_every: int = field(default=20, metadata=POSITIVE)
-    """Refresh the progress bar (one host sync) every N steps."""
-    progress_every: float = field(default=30.0, metadata=NON_NEGATIVE)
-    """When stderr is not a terminal (SLURM output files, pipes): seconds between two plain progress lines
-    (position, ETA, loss, accuracy, images/s; no carriage returns; 0: every step). A terminal gets a tqdm bar."""
+    recipe: Literal["plain", "strong"] = field(default="plain", metadata=doc(
+        """plain: the settings as given (the reference recipe's defaults). strong: the fine-tuning recipe measured on
+        few-label real transfer tasks (RESULTS.md) -- AdamW at lr 1e-3 (constant lr, no weight decay, no label
+        smoothing, BatchNorm statistics updated, no heavy augmentation: each measured not to help on both tasks).
+        Settings given explicitly (flags, TOML) still win, and the log says which did."""))
+    precision: Precision = field(default="auto", metadata=doc(
+        """auto: the accelerate config's choice under `accelerate launch`, else bf16 on GPUs that support it, fp16 on
+        older GPUs, fp32 on CPU."""))
+    fp16_init_scale: float = field(default=65536.0, metadata=POSITIVE | doc(
+        """fp16: the GradScaler's initial loss scale. Steps whose scaled gradients overflow are skipped and the scale
+        halves (counted as overflow_skips in metrics.jsonl; not an error)."""))
+    compile: bool = field(default=False, metadata=doc("torch.compile the model."))
+    seed: int = field(default=0, metadata=NON_NEGATIVE | doc(
+        "Seeds model init, data order and augmentation (per rank and epoch)."))
+    deterministic: bool = field(default=False, metadata=doc(
+        "Ask torch for deterministic kernels (slower; for bitwise-reproducible GPU runs)."))
+    nan_policy: Literal["abort", "skip"] = field(default="abort", metadata=doc(
+        "Non-finite loss: abort (no checkpoint of the broken state), or skip that step's update."))
+    max_nan_skips: int = field(default=10, metadata=POSITIVE | doc(
+        "skip policy: abort after this many non-finite steps in a row."))
+    early_stop_patience: int | None = field(default=None, metadata=POSITIVE_IF_GIVEN | doc(
+        """Stop after this many epochs without an improvement of --early-stop-metric (all ranks at the same epoch);
+        model.safetensors is then the best epoch's weights, and best.json follows that metric."""))
+    early_stop_metric: Literal["test_loss", "test_acc"] = field(default="test_loss", metadata=doc(
+        "What --early-stop-patience watches (lower test_loss / higher test_acc is better)."))
+    early_stop_min_delta: float = field(default=0.0, metadata=NON_NEGATIVE | doc(
+        "The smallest change of --early-stop-metric that counts as an improvement."))
+    log_every: int = field(default=20, metadata=POSITIVE | doc(
+        "Refresh the progress bar (one host sync) every N steps."))
+    progress_every: float = field(default=30.0, metadata=NON_NEGATIVE | doc(
+        """When stderr is not a terminal (SLURM output files, pipes): seconds between two plain progress lines
+        (position, ETA, loss, accuracy, images/s; no carriage returns; 0: every step). A terminal gets a tqdm bar."""))
     log_with: str = field(default="none", metadata=rule(
         lambda v: {n.strip() for n in v.split(",")} <= {"none", "tensorboard", "wandb", "mlflow"},
-        "must be none or a comma-separated list of tensorboard, wandb, mlflow"))
-    """Also log the metrics to trackers, comma-separated: tensorboard (OUTDIR/tensorboard), wandb, mlflow
-    (rank 0; one tracker run per dtl run, continued on --resume)."""
-    wandb_project: str | None = None
-    """--log-with wandb: the W&B project (default: WANDB_PROJECT, else W&B's default)."""
-    mlflow_experiment: str | None = None
-    """--log-with mlflow: the MLflow experiment (default: MLFLOW_EXPERIMENT_NAME, else MLflow's Default)."""
-    debug: bool = False
-    """Single process even under a launcher, no workers, a small subset, 1 epoch, anomaly detection."""
-    tta: Literal["none", "flip"] = "none"
-    """Test-time augmentation at evaluation: flip = the mean of the logits of each image and its horizontal
-    mirror (test_loss/test_acc are then the TTA numbers; test_loss_plain/test_acc_plain are logged beside)."""
+        "must be none or a comma-separated list of tensorboard, wandb, mlflow") | doc(
+        """Also log the metrics to trackers, comma-separated: tensorboard (OUTDIR/tensorboard), wandb, mlflow (rank 0;
+        one tracker run per dtl run, continued on --resume)."""))
+    wandb_project: str | None = field(default=None, metadata=doc(
+        "--log-with wandb: the W&B project (default: WANDB_PROJECT, else W&B's default)."))
+    mlflow_experiment: str | None = field(default=None, metadata=doc(
+        "--log-with mlflow: the MLflow experiment (default: MLFLOW_EXPERIMENT_NAME, else MLflow's Default)."))
+    debug: bool = field(default=False, metadata=doc(
+        "Single process even under a launcher, no workers, a small subset, 1 epoch, anomaly detection."))
+    tta: Literal["none", "flip"] = field(default="none", metadata=doc(
+        """Test-time augmentation at evaluation: flip = the mean of the logits of each image and its horizontal mirror
+        (test_loss/test_acc are then the TTA numbers; test_loss_plain/test_acc_plain are logged beside)."""))
 
     def __post_init__(self) -> None:
         validate_section(self)
@@ -296,21 +288,21 @@ class RunConfig:
 class CheckpointConfig:
     """Where the run lives and when it is saved."""
 
-    output_dir: str | None = None
-    """Run folder (config, metrics, checkpoints). Default: runs/<timestamp>."""
-    overwrite: bool = False
-    """Allow starting a new run in an output folder that holds another run (its files are replaced)."""
-    resume: str | None = None
-    """auto: continue from the newest complete checkpoint in --output-dir (start fresh if none);
-    or a checkpoint folder."""
-    checkpoint_every_steps: int = field(default=0, metadata=NON_NEGATIVE)
-    """Also checkpoint every N optimizer steps (0: only at epoch ends)."""
-    checkpoint_every_minutes: float = field(default=0.0, metadata=NON_NEGATIVE)
-    """Also checkpoint when this many minutes have passed since the last checkpoint (0: off)."""
-    best_of: Literal["raw", "ema", "both"] = "both"
-    """With --ema-decay: which test accuracy picks the best checkpoint (both: whichever is higher)."""
-    keep_last: int = field(default=2, metadata=POSITIVE)
-    """Step/epoch checkpoints to keep besides `best` (older ones are removed after a new one is complete)."""
+    output_dir: str | None = field(default=None, metadata=doc(
+        "Run folder (config, metrics, checkpoints). Default: runs/<timestamp>."))
+    overwrite: bool = field(default=False, metadata=doc(
+        "Allow starting a new run in an output folder that holds another run (its files are replaced)."))
+    resume: str | None = field(default=None, metadata=doc(
+        """auto: continue from the newest complete checkpoint in --output-dir (start fresh if none); or a checkpoint
+        folder."""))
+    checkpoint_every_steps: int = field(default=0, metadata=NON_NEGATIVE | doc(
+        "Also checkpoint every N optimizer steps (0: only at epoch ends)."))
+    checkpoint_every_minutes: float = field(default=0.0, metadata=NON_NEGATIVE | doc(
+        "Also checkpoint when this many minutes have passed since the last checkpoint (0: off)."))
+    best_of: Literal["raw", "ema", "both"] = field(default="both", metadata=doc(
+        "With --ema-decay: which test accuracy picks the best checkpoint (both: whichever is higher)."))
+    keep_last: int = field(default=2, metadata=POSITIVE | doc(
+        "Step/epoch checkpoints to keep besides `best` (older ones are removed after a new one is complete)."))
 
     def __post_init__(self) -> None:
         validate_section(self)
@@ -320,38 +312,37 @@ class CheckpointConfig:
 class DistConfig:
     """Which device, and how long collectives may wait."""
 
-    device: Device = "auto"
-    """auto: cuda:LOCAL_RANK when CUDA is available, else CPU."""
-    dist_timeout: float = field(default=300.0, metadata=POSITIVE)
-    """Seconds a collective may wait before the job is declared dead (a crashed rank)."""
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
-    """How several processes share the model. ddp: every rank holds the whole model, gradients and optimizer
-    state, gradients are all-reduced. fsdp: PyTorch's FSDP2 (`fully_shard` per backbone block and at the
-    root): parameters, gradients and optimizer state are split across ranks (per-rank bytes / world size),
-    parameters all-gathered per block for forward and backward; checkpoints are sharded (each rank writes its
-    part; --output-dir must be on a filesystem every node sees). auto: fsdp under `accelerate launch` with
-    an FSDP config (distributed_type: FSDP), else ddp."""
-    fsdp_cpu_offload: bool = False
-    """fsdp: keep the sharded parameters, gradients and optimizer state in CPU memory (FSDP2's
-    CPUOffloadPolicy; the optimizer steps on the CPU). Frees GPU memory, costs host-device copies."""
-    fsdp_bf16_reduce: bool = False
-    """fsdp with --precision bf16: reduce-scatter the gradients in bf16 (half the bytes) instead of fp32."""
-    grad_compress: Literal["none", "bf16", "powersgd"] = "none"
-    """ddp only: compress the gradient all-reduce with torch's communication hooks. bf16: gradients sent as
-    bf16 (half the bytes); powersgd: rank-R PowerSGD with error feedback (--powersgd-rank; VGG16 at rank 4
-    sends about 1/200 of the bytes). Bytes per step are logged (comm_bytes_per_step in metrics.jsonl).
-    Ignored, with a warning, in a single process (nothing is all-reduced)."""
-    powersgd_rank: int = field(default=4, metadata=POSITIVE)
-    """--grad-compress powersgd: rank of the low-rank approximation of each gradient matrix (higher: more
-    bytes, closer to the exact gradient)."""
+    device: Device = field(default="auto", metadata=doc("auto: cuda:LOCAL_RANK when CUDA is available, else CPU."))
+    dist_timeout: float = field(default=300.0, metadata=POSITIVE | doc(
+        "Seconds a collective may wait before the job is declared dead (a crashed rank)."))
+    strategy: Literal["auto", "ddp", "fsdp"] = field(default="auto", metadata=doc(
+        """How several processes share the model. ddp: every rank holds the whole model, gradients and optimizer state,
+        gradients are all-reduced. fsdp: PyTorch's FSDP2 (`fully_shard` per backbone block and at the root): parameters,
+        gradients and optimizer state are split across ranks (per-rank bytes / world size), parameters all-gathered per
+        block for forward and backward; checkpoints are sharded (each rank writes its part; --output-dir must be on a
+        filesystem every node sees). auto: fsdp under `accelerate launch` with an FSDP config (distributed_type: FSDP),
+        else ddp."""))
+    fsdp_cpu_offload: bool = field(default=False, metadata=doc(
+        """fsdp: keep the sharded parameters, gradients and optimizer state in CPU memory (FSDP2's CPUOffloadPolicy; the
+        optimizer steps on the CPU). Frees GPU memory, costs host-device copies."""))
+    fsdp_bf16_reduce: bool = field(default=False, metadata=doc(
+        "fsdp with --precision bf16: reduce-scatter the gradients in bf16 (half the bytes) instead of fp32."))
+    grad_compress: Literal["none", "bf16", "powersgd"] = field(default="none", metadata=doc(
+        """ddp only: compress the gradient all-reduce with torch's communication hooks. bf16: gradients sent as bf16
+        (half the bytes); powersgd: rank-R PowerSGD with error feedback (--powersgd-rank; VGG16 at rank 4 sends about
+        1/200 of the bytes). Bytes per step are logged (comm_bytes_per_step in metrics.jsonl). Ignored, with a warning,
+        in a single process (nothing is all-reduced)."""))
+    powersgd_rank: int = field(default=4, metadata=POSITIVE | doc(
+        """--grad-compress powersgd: rank of the low-rank approximation of each gradient matrix (higher: more bytes,
+        closer to the exact gradient)."""))
     powersgd_start_iter: int = field(default=2, metadata=rule(
         lambda v: v >= 2, "must be >= 2 (DDP rebuilds its buckets after the first step; torch's PowerSGD needs "
-                          "at least two plain steps)"))
-    """--grad-compress powersgd: optimizer steps with a plain all-reduce before compressing (torch's default
-    is 1000; more plain steps at the start can help accuracy)."""
-    powersgd_warm_start: bool = True
-    """--grad-compress powersgd: reuse last step's Q matrices as the starting point of the power iteration
-    (torch's warm start) instead of new random ones each step."""
+                          "at least two plain steps)") | doc(
+        """--grad-compress powersgd: optimizer steps with a plain all-reduce before compressing (torch's default is
+        1000; more plain steps at the start can help accuracy)."""))
+    powersgd_warm_start: bool = field(default=True, metadata=doc(
+        """--grad-compress powersgd: reuse last step's Q matrices as the starting point of the power iteration (torch's
+        warm start) instead of new random ones each step."""))
 
     def __post_init__(self) -> None:
         validate_section(self)
@@ -371,157 +362,3 @@ SECTIONS: dict[str, type] = {"backbone": BackboneConfig, "data": DataConfig, "op
 #: flat field name -> its section
 SECTION_OF: dict[str, str] = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
 
-
-def recipe_line(cfg: Config) -> str | None:
-    """What --recipe set and what was given over it, for the log: ``recipe strong: optimizer=adamw;
-    overridden by you: lr=0.01 (recipe: 0.001)``. A setting counts as overridden when
-    its resolved value differs from the recipe's (so a config.json read back, where every value is explicit,
-    says the same). None for `plain`, which sets nothing."""
-    recipe = RECIPES[cfg.run.recipe]
-    if not recipe:
-        return None
-    flat = cfg.to_dict()
-    kept = [f"{key}={value}" for key, value in recipe.items() if flat[key] == value]
-    changed = [f"{key}={flat[key]} (recipe: {value})" for key, value in recipe.items() if flat[key] != value]
-    return (f"recipe {cfg.run.recipe}: {' '.join(kept) or '-'}; "
-            f"overridden by you: {', '.join(changed) or 'nothing'}")
-
-
-class Config:
-    """Everything that decides what a training run does, by section. Resolved once, saved with the run."""
-
-    backbone: BackboneConfig
-    data: DataConfig
-    optim: OptimConfig
-    run: RunConfig
-    checkpoint: CheckpointConfig
-    dist: DistConfig
-
-    def __init__(self, **values: Any) -> None:
-        """Flat settings (``Config(lr=0.1, mode="scratch")``) and/or whole sections (``optim={"lr": 0.1}``
-        or ``optim=OptimConfig(...)``)."""
-        given: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-        run = values.get("run")
-        run_recipe = run.recipe if isinstance(run, RunConfig) else (run or {}).get("recipe")
-        recipe = values.get("recipe") or run_recipe or "plain"
-        if recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
-        for key, value in RECIPES[recipe].items():  # beneath everything given explicitly
-            given[SECTION_OF[key]][key] = value
-        for key, value in values.items():
-            if key in SECTIONS:
-                if isinstance(value, SECTIONS[key]):
-                    value = dataclasses.asdict(value)
-                if not isinstance(value, dict):
-                    raise ValueError(f"{key} must be a table of settings, got {value!r}")
-                given[key].update(value)
-            elif key in SECTION_OF:
-                given[SECTION_OF[key]][key] = value
-            else:
-                raise ValueError(f"unknown config key {key!r}")
-        for name, cls in SECTIONS.items():
-            setattr(self, name, cls(**given[name]))
-        self._resolve()
-
-    def _resolve(self) -> None:
-        """Defaults that depend on other settings, and the checks that span sections."""
-        b, d, o, r = self.backbone, self.data, self.optim, self.run
-        if r.debug:
-            # Debug means "pdb works": one process, no worker processes, a short run.
-            d.num_workers, o.epochs = 0, 1
-            d.train_subset = min(d.train_subset or 256, 256)
-            d.eval_subset = min(d.eval_subset or 256, 256)
-        if b.weights is None:
-            b.weights = "none" if b.mode == "scratch" else "imagenet"
-        if d.subset_order == "auto":
-            d.subset_order = "stratified" if d.dataset == "folder" else "first"
-        if b.mode in ("transfer", "lp-ft") and b.weights == "none":
-            raise ValueError(
-                f"weights='none' with mode={b.mode!r} would train a head on a frozen *random* backbone; "
-                "use --weights imagenet (or a file), or --mode scratch"
-            )
-        if b.freeze_bn_stats is None:
-            b.freeze_bn_stats = b.mode == "lp-ft"
-        if b.freeze_bn_stats and b.weights == "none":
-            raise ValueError(f"freeze_bn_stats=True keeps the loaded BatchNorm statistics, but "
-                             f"weights={b.weights!r} loads none (random init has no statistics to keep): drop "
-                             "--freeze-bn-stats, or pass --weights imagenet or a file")
-        if b.keep_head and b.weights == "none":
-            raise ValueError(f"keep_head=True keeps the head of the loaded weights, but weights={b.weights!r} "
-                             "loads none: drop --keep-head, or pass --weights FILE")
-        if b.finetune_last_n is not None and b.mode not in ("finetune", "lp-ft"):
-            raise ValueError(f"finetune_last_n={b.finetune_last_n} only applies to --mode finetune, "
-                             f"got mode={b.mode!r}")
-        if d.cache_features and (b.mode != "transfer" or d.augment):
-            raise ValueError(
-                "cache_features=True needs --mode transfer and --no-augment: with augmentation every epoch "
-                "sees different crops, so features computed once would silently drop the augmentation"
-            )
-        if not d.augment and (d.crop != "resized" or d.auto_augment != "none" or d.random_erasing > 0):
-            raise ValueError("--crop pad, --auto-augment and --random-erasing need augmentation on; drop "
-                             "--no-augment (or those settings)")
-        if d.cache_features and (o.mixup > 0 or o.cutmix > 0):
-            raise ValueError(f"mixup={o.mixup}/cutmix={o.cutmix} mix the images, but cache_features=True trains on "
-                             "features computed once from unmixed images: drop --cache-features, or the mixing")
-        if d.cache_images is not None and d.dataset != "folder":
-            raise ValueError(f"cache_images={d.cache_images!r} caches the decoded images of a folder data set; "
-                             f"dataset={d.dataset!r} is held in memory already: drop --cache-images")
-        if d.data_pipeline == "decode" and d.dataset != "folder":
-            raise ValueError(f"data_pipeline='decode' decodes image files; dataset={d.dataset!r} has none: use "
-                             "--data-pipeline device (or auto)")
-        if d.data_pipeline == "decode" and d.cache_images is not None:
-            raise ValueError("data_pipeline='decode' decodes the files every epoch, cache_images reads them from "
-                             "the cache: drop one (--data-pipeline auto serves a cache with the device pipeline)")
-        if self.dist.strategy == "fsdp":
-            conflict = self.fsdp_conflict()
-            if conflict:
-                raise ValueError(conflict)
-        if d.coarse_labels and d.dataset != "cifar100":
-            raise ValueError(f"coarse_labels=True only applies to --dataset cifar100, got {d.dataset!r}")
-
-    def fsdp_conflict(self) -> str | None:
-        """Why this configuration cannot run under --strategy fsdp (None: it can). Checked when the config is
-        built with strategy fsdp, and again when strategy auto resolves to fsdp under `accelerate launch`."""
-        if self.dist.grad_compress != "none":
-            return (f"grad_compress={self.dist.grad_compress!r} with strategy='fsdp': the gradient compression hooks "
-                    "are DDP's (FSDP reduce-scatters gradient shards; use --fsdp-bf16-reduce to halve its bytes); "
-                    "drop --grad-compress or use --strategy ddp")
-        if self.run.compile:
-            return ("compile=True with strategy='fsdp': dtl compiles the DDP model only; drop --compile or use "
-                    "--strategy ddp")
-        if self.data.cache_features:
-            return ("cache_features=True with strategy='fsdp': cached features train the head alone, which needs "
-                    "no sharding; drop --cache-features or use --strategy ddp")
-        if self.run.precision == "fp16":
-            return ("precision='fp16' with strategy='fsdp': the fp16 GradScaler is not wired to sharded gradients; "
-                    "use --precision bf16 (or fp32), or --strategy ddp")
-        if self.backbone.mode == "lp-ft":
-            return ("mode='lp-ft' with strategy='fsdp': lp-ft unfreezes the backbone mid-run, which FSDP2's "
-                    "sharded parameters do not follow; use --mode finetune (or transfer), or --strategy ddp")
-        return None
-
-    # ---- flat views ------------------------------------------------------------------------------
-    @staticmethod
-    def field_names() -> list[str]:
-        return list(SECTION_OF)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The flat settings (the format of config.json and of every checkpoint)."""
-        return {k: v for name in SECTIONS for k, v in dataclasses.asdict(getattr(self, name)).items()}
-
-    def replace(self, **changes: Any) -> Config:
-        """A copy with some flat settings changed (checked again)."""
-        return Config(**{**self.to_dict(), **changes})
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Config:
-        unknown = sorted(k for k in values if k not in SECTION_OF and k not in SECTIONS)
-        if unknown:
-            raise UserError(f"unknown config key(s): {', '.join(unknown)}")
-        return cls(**values)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Config) and self.to_dict() == other.to_dict()
-
-    def __repr__(self) -> str:
-        return "Config(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in SECTIONS) + ")"

@@ -171,7 +171,9 @@ def reset_head(model: nn.Module, num_classes: int) -> str:
 def blocks(model: nn.Module, head: str) -> list[list[str]]:
     """Backbone blocks in forward order from timm's fine-grained group matcher, each a list of parameter
     names (the head's parameters left out; groups that only held the head dropped)."""
-    from timm.models._manipulate import group_parameters
+    # The public name of group_parameters, which lives in the private timm.models._manipulate (public in timm
+    # 0.9.2, the oldest pyproject allows, and 1.0.31); timm's own layer decay groups the blocks with it too.
+    from timm.models import group_parameters
 
     in_head: Callable[[str], bool] = lambda key: key == head or key.startswith(head + ".")  # noqa: E731
     groups = group_parameters(model, model.group_matcher(coarse=False))

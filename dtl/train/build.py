@@ -12,7 +12,7 @@ from torch import nn
 
 import dtl
 from dtl import models
-from dtl.config import Config
+from dtl.config import Config, fsdp_conflict
 from dtl.data import features, image_cache, loaders, samplers
 from dtl.data.augment import mix
 from dtl.data.loaders import BatchLoader
@@ -75,7 +75,7 @@ def resolve_strategy(cfg: Config, env: DistEnv) -> str:
     strategy = cfg.dist.strategy
     if strategy == "auto":
         strategy = "fsdp" if env.accelerate_fsdp else "ddp"
-        conflict = cfg.fsdp_conflict() if strategy == "fsdp" else None
+        conflict = fsdp_conflict(cfg) if strategy == "fsdp" else None
         if conflict:
             raise UserError(f"the accelerate config asks for FSDP, but {conflict}")
     if strategy == "fsdp" and not env.distributed:

@@ -129,7 +129,7 @@ def fresh_linear(seed: int, inputs: int, outputs: int) -> nn.Linear:
 
 
 def test_a_same_shape_head_in_a_weight_file_is_replaced_by_a_fresh_one(tmp_path, caplog):
-    """Issue #22: a file of another 5-class task must not hand its classifier to this 5-class task."""
+    """A file of another 5-class task must not hand its classifier to this 5-class task."""
     torch.manual_seed(1)
     src = torchvision.models.resnet18(num_classes=5)
     path = tmp_path / "other_task.safetensors"

@@ -109,7 +109,7 @@ def test_weights_file_trains_and_eval_uses_the_recorded_normalisation(tmp_path, 
 
 @pytest.mark.parametrize("keep", [False, True])
 def test_a_same_shape_timm_head_starts_fresh_unless_kept(tmp_path, keep):
-    """Issue #22 for timm: the file's 10-class head (as many classes as the data) is reset after loading."""
+    """timm too: the file's 10-class head (as many classes as the data) is reset after loading."""
     torch.manual_seed(0)
     weights = tmp_path / "other_task.safetensors"
     src = timm.create_model("test_convnext", num_classes=10)
