@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dtl.data.augment.transform import IMAGENET_MEAN, IMAGENET_STD
+from dtl.data.constants import IMAGENET_MEAN, IMAGENET_STD
 
 #: The only resampling the batched device pipeline implements (antialiased, exact vs torchvision).
 DEVICE_INTERPOLATION = "bilinear"

@@ -17,7 +17,7 @@ from torchvision import transforms
 from dtl import models
 from dtl.config import Config
 from dtl.data import loaders
-from dtl.data.augment.transform import IMAGENET_MEAN, IMAGENET_STD
+from dtl.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from dtl.data.splits import Split, Splits
 
 REFERENCE_LR, REFERENCE_MOMENTUM = 1e-3, 0.9

@@ -10,7 +10,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from dtl.data.augment.autoaugment import AutoAugment, _fma, apply_slots, equalize, slot_table
-from tests.unit.data.augment.test_transform import ks_critical_value, ks_statistic
+from tests.unit.data.augment.test_boxes import ks_critical_value, ks_statistic
 
 TV = {"ta_wide": v2.TrivialAugmentWide, "randaugment": v2.RandAugment, "augmix": v2.AugMix}
 N_DRAWS = 20_000

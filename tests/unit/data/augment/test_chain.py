@@ -12,15 +12,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from dtl.data.augment.autoaugment import AutoAugment
+from dtl.data.augment.boxes import sample_crop_boxes, sample_flips
 from dtl.data.augment.chain import AugmentChain, pad_crop, resize_uint8, resized_crop_uint8, sample_pad_offsets
-from dtl.data.augment.transform import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    BatchTransform,
-    resized_crop,
-    sample_crop_boxes,
-    sample_flips,
-)
+from dtl.data.augment.transform import BatchTransform, resized_crop
+from dtl.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from tests.conftest import TINY, assert_same_weights, rewind_copy, train_inproc
 
 # float32 normalisation noise; one grey level is ~0.017 in these units
