@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtl.data.folder import FolderSplit
+from dtl.data.folder_split import FolderSplit
 from dtl.data.images import decode_batch, resolve_decoder
 from dtl.data.splits import Splits
 from dtl.errors import UserError

@@ -32,7 +32,8 @@ from dtl.data.augment.autoaugment import AutoAugment
 from dtl.data.augment.chain import AugmentChain
 from dtl.data.augment.transform import BatchTransform
 from dtl.data.cifar import load_cifar, make_synthetic
-from dtl.data.folder import FolderSplit, load_folder_splits
+from dtl.data.folder import load_folder_splits
+from dtl.data.folder_split import FolderSplit
 from dtl.data.image_cache import square
 from dtl.data.images import decode_batch, read_bytes
 from dtl.data.preprocessing import IMAGENET, Preprocessing, eval_transform, v2_interpolation

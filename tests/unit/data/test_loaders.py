@@ -146,14 +146,14 @@ def test_decode_pipeline_is_the_cached_device_pipeline_without_the_cache(tmp_pat
 def test_folder_evaluation_decodes_once_and_gives_the_files_numbers(tmp_path, monkeypatch):
     """Without a cache, the evaluation split's decoded images are kept after the first pass (within
     --eval-memory-mib): the second pass reads no file, and both are bitwise the per-image eval transform's."""
-    from dtl.data import folder, loaders
+    from dtl.data import folder_split, loaders
 
     split = _folder(tmp_path)
     cfg = Config(dataset="folder", data_dir=str(tmp_path / "images"), image_size=24, batch_size=5, num_workers=0,
                  mode="scratch", data_pipeline="workers")
     reads = []
-    real = folder.decode
-    monkeypatch.setattr(folder, "decode", lambda path, decoder="auto": reads.append(path) or real(path, decoder))
+    real = folder_split.decode
+    monkeypatch.setattr(folder_split, "decode", lambda path, decoder="auto": reads.append(path) or real(path, decoder))
     kept = loaders.eval_loader(cfg, split, DistEnv(), torch.device("cpu"))
     assert isinstance(kept, loaders.KeptEvalLoader)
     plain = loaders.eval_loader(cfg.replace(eval_memory_mib=0), split, DistEnv(), torch.device("cpu"))
