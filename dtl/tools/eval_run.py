@@ -25,7 +25,7 @@ import torch
 
 from dtl import files, models
 from dtl.config import Config
-from dtl.data import folder, image_cache, loaders
+from dtl.data import datasets, folder, image_cache, loaders
 from dtl.data.folder_split import FolderSplit
 from dtl.data.preprocessing import IMAGENET, Preprocessing
 from dtl.data.split_file import SPLIT_FILE
@@ -137,7 +137,7 @@ def _test_split(cfg: Config, loaded: Loaded, env: DistEnv) -> Any:
                                             is_main=env.is_main)
             test = test.subset(cfg.data.eval_subset, cfg.data.subset_order, cfg.run.seed + 1)
         return test.with_classes(loaded.classes)
-    test = loaders.load_splits_once(cfg, env).test
+    test = datasets.load_splits_once(cfg, env).test
     if len(test.classes) != len(loaded.classes):
         raise UserError(f"{cfg.data.dataset} has {len(test.classes)} classes but the checkpoint's model has "
                         f"{len(loaded.classes)} ({', '.join(loaded.classes[:10])}...)")

@@ -37,7 +37,7 @@ from torch import nn
 
 from dtl import files, models
 from dtl.config import Config
-from dtl.data import folder, loaders
+from dtl.data import datasets, folder, loaders
 from dtl.data.preprocessing import eval_transform
 from dtl.data.split_file import SPLIT_FILE
 from dtl.distributed import DistEnv
@@ -101,7 +101,7 @@ def verification_batch(loaded: Loaded) -> tuple[torch.Tensor, str]:
             saved = loaded.run_dir / SPLIT_FILE if loaded.run_dir is not None else None
             test = folder.load_folder_splits(cfg, saved, with_train=False, is_main=False).test
         else:
-            test = loaders.load_splits(cfg, allow_download=False, is_main=False).test
+            test = datasets.load_splits(cfg, allow_download=False, is_main=False).test
         test = test.subset(VERIFY_IMAGES, "first", 0)
         loader = loaders.eval_loader(cfg, test, DistEnv(), _CPU, channels_last=False, prep=loaded.preprocessing)
         images, _ = next(iter(loader))

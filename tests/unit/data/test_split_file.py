@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from dtl.data import folder, loaders, split_file
+from dtl.data import datasets, folder, split_file
 from tests.unit.data.test_folder import cfg_for, write_folder
 
 
@@ -28,14 +28,14 @@ def test_the_split_is_saved_and_read_back(tmp_path):
 
 
 def test_the_split_file_is_the_callers_choice(tmp_path):
-    """No split file, or one that does not exist: split anew; `loaders.load_splits` passes the file through."""
+    """No split file, or one that does not exist: split anew; `datasets.load_splits` passes the file through."""
     write_folder(tmp_path / "images", per_class=8, bad=False)
     root = tmp_path / "images"
     a = folder.load_folder_splits(cfg_for(root, val_split=0.25, seed=0))
     path = split_file.save_split(tmp_path / "run", a)
     assert folder.load_folder_splits(cfg_for(root, val_split=0.25, seed=1),
                                      split_file=tmp_path / "none.json").test.files != a.test.files
-    resumed = loaders.load_splits(cfg_for(root, val_split=0.25, seed=1), allow_download=False, split_file=path)
+    resumed = datasets.load_splits(cfg_for(root, val_split=0.25, seed=1), allow_download=False, split_file=path)
     assert resumed.test.files == a.test.files and resumed.train.files == a.train.files
     only_test = folder.load_folder_splits(cfg_for(root, val_split=0.25, seed=1), split_file=path,
                                           with_train=False)
