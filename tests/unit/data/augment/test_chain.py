@@ -136,7 +136,7 @@ def test_crop_scale_reaches_the_fused_transform() -> None:
     g = torch.Generator().manual_seed(7)
     boxes = sample_crop_boxes(16, 32, 32, (0.08, 1.0), generator=g)
     assert torch.equal(ours, resized_crop(imgs, boxes, 16, sample_flips(16, g)))
-    assert (boxes[:, 2] * boxes[:, 3]).min() < 0.5 * 32 * 32  # areas below dtl's old 0.5 floor occur
+    assert (boxes[:, 2] * boxes[:, 3]).min() < 0.5 * 32 * 32  # areas below the default scale's 0.5 floor occur
 
 
 @pytest.mark.slow
