@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch.utils.data import Sampler
 
 from dtl import files
 from dtl.config import Config
+from dtl.data.loaders.base import SampledLoader
 from dtl.distributed import DistEnv, all_gather_tensor
 
 log = logging.getLogger("dtl")
@@ -49,7 +49,7 @@ class _Captured(Exception):
 def extract(model: nn.Module, head: str, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], env: DistEnv,
             autocast: Callable[[], AbstractContextManager]) -> tuple[torch.Tensor, torch.Tensor]:
     """Head inputs and labels of the whole split, in data-set order, on every rank. `loader` (a
-    `dtl.data.BatchLoader`) must yield this rank's contiguous shard (EvalShardSampler) with the eval
+    `dtl.data.loaders.BatchLoader`) must yield this rank's contiguous shard (EvalShardSampler) with the eval
     transform; `autocast()` gives the precision context the model runs in."""
     captured: list[torch.Tensor] = []
 
@@ -114,24 +114,16 @@ def store(outdir: Path, cfg: Config, split: str, feats: torch.Tensor, labels: to
     files.write_tensors(folder / f"{split}.safetensors", {"features": feats, "labels": labels, "fingerprint": tag})
 
 
-class FeatureLoader:
+class FeatureLoader(SampledLoader):
     """Batches of cached features, with the same sampler (hence the same batches) as the image loader: a
-    `dtl.data.BatchLoader`, whose (features, labels) batches stand in for (images, labels)."""
+    `dtl.data.loaders.BatchLoader`, whose (features, labels) batches stand in for (images, labels)."""
 
     def __init__(self, feats: torch.Tensor, labels: torch.Tensor, sampler: Sampler[int], batch_size: int) -> None:
-        self.feats, self.labels, self.sampler, self.batch_size = feats, labels, sampler, batch_size
-        self.start_batch = 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.start_batch = start_batch
-        if hasattr(self.sampler, "set_epoch"):  # the training samplers reshuffle per epoch
-            self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
+        super().__init__(sampler, batch_size)
+        self.feats, self.labels = feats, labels
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.tensor(list(self.sampler), dtype=torch.int64, device=self.feats.device)
-        for start in range(self.start_batch * self.batch_size, len(order), self.batch_size):
+        order = torch.tensor(self.remaining(), dtype=torch.int64, device=self.feats.device)
+        for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             yield self.feats[idx], self.labels[idx]

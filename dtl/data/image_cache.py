@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtl.data.folder import FolderSplit
+from dtl.data.folder_split import FolderSplit
 from dtl.data.images import decode_batch, resolve_decoder
+from dtl.data.preprocessing import eval_resize
 from dtl.data.splits import Splits
 from dtl.errors import UserError
 from dtl.files import fsync, write_json
@@ -57,14 +58,6 @@ _CRC_BLOCK = 64 << 20
 def cache_folder(setting: str, outdir: Path) -> Path:
     """Where `--cache-images SETTING` keeps its files for the run folder `outdir`."""
     return Path(outdir).resolve().parent / FOLDER_NAME if setting == AUTO else Path(setting)
-
-
-def square(image: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (3, H, W) -> (3, size, size): shorter side resized to `size` (bilinear, antialiased: torchvision's
-    Resize), then the centre square (CenterCrop): at size = --image-size exactly the eval transform's pixels."""
-    from torchvision.transforms.v2 import functional as F
-
-    return F.center_crop(F.resize(image, [size], antialias=True), [size, size])
 
 
 def manifest_of(split: FolderSplit, size: int) -> dict[str, Any]:
@@ -168,7 +161,7 @@ class ImageCache:
                                 f"({str(err).splitlines()[-1][-200:]}): the folder changed during the run? "
                                 "run again (it is checked and re-cached)") from None
             for i, img in enumerate(decoded):
-                out[lo + i] = square(img, self.size).cpu().numpy()
+                out[lo + i] = eval_resize(img, self.size).cpu().numpy()
 
         if device.type == "cuda":  # one stream of batched nvJPEG calls
             for chunk in chunks:

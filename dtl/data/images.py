@@ -1,5 +1,5 @@
-"""Image files: which files count as images, finding them, checking them once, decoding them to uint8 RGB
-tensors, and the pretrained backbones' eval preprocessing.
+"""Image files: which files count as images, finding them, checking them once, and decoding them to uint8 RGB
+tensors.
 
 The load-time check (`check_image`, run over a whole folder by `scan`) is a PIL header check + `verify()`,
 which also validates every PNG chunk checksum, plus a decode of any JPEG that does not end in an
@@ -248,6 +248,3 @@ def find_images(inputs: Iterable[str | Path]) -> list[Path]:
         else:
             raise UserError(f"{path}: no such file or folder")
     return found
-
-
-# ---- preprocessing -------------------------------------------------------------------------------

@@ -1,17 +1,18 @@
 """Splits of a data set, whatever holds them: the in-memory `Split` (CIFAR, synthetic), the `DatasetSplit`
-protocol an image folder's `dtl.folder.FolderSplit` shares with it, the `Splits` pair a run trains and
-evaluates on, and the two rules every source applies the same way: how streams are seeded
-(`stream_seed`) and which images a subset keeps (`subset_indices`).
+protocol an image folder's `dtl.data.folder_split.FolderSplit` shares with it, the `Splits` pair a run trains and
+evaluates on, and the rules every source applies the same way: how streams are seeded (`stream_seed`), which
+images a subset keeps (`subset_indices`) and the one stratified sampler (`stratified_pick`) behind a stratified
+subset (`stratified_indices`) and a folder's held-out split (`stratified_split`).
 
-A leaf module: it imports torch and the standard library only, so `dtl.cifar`, `dtl.folder` and
-`dtl.data` can all build on it without importing one another.
+A leaf module: it imports torch and the standard library only, so `dtl.data.cifar`, `dtl.data.folder` and the
+loaders can all build on it without importing one another.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,26 +47,57 @@ def subset_indices(total: int, n: int | None, order: str = "first", seed: int = 
     return picked.sort().values.tolist()
 
 
+def stratified_pick(labels: Sequence[int], quotas: Mapping[int, int], seed: int, stream: str,
+                    classes: Sequence[str] | None = None) -> list[int]:
+    """The one stratified sampler: `quotas[c]` images of every class c, as sorted indices. Each class's images are
+    picked by a generator seeded from (seed, `stream`, class name) -- so an image added to one class does not
+    reshuffle the others, and the held-out split and a subset draw apart -- taking the first `quotas[c]` of a
+    permutation of that class's indices."""
+    picked: list[int] = []
+    for c, idx in _by_class(labels).items():
+        name = classes[c] if classes is not None and c < len(classes) else str(c)
+        gen = torch.Generator().manual_seed(stream_seed(seed, stream, name))
+        order = torch.randperm(len(idx), generator=gen)[:quotas[c]].tolist()
+        picked.extend(idx[k] for k in order)
+    return sorted(picked)
+
+
 def stratified_indices(labels: Sequence[int], n: int, seed: int, classes: Sequence[str] | None = None) -> list[int]:
-    """n indices, sorted, with every class represented in proportion to its size: class c keeps
-    floor(n x n_c / N) images, and the remaining images go to the classes with the largest remainders (ties:
-    the lower class index). Each class's images are picked by a generator seeded from (seed, class name), so
-    an image added to one class does not reshuffle the others (as `dtl.folder.stratified_split`)."""
-    by_class: dict[int, list[int]] = {}
-    for i, lab in enumerate(labels):
-        by_class.setdefault(int(lab), []).append(i)
+    """A stratified subset (`--subset-order stratified`): n indices, sorted, with every class represented in
+    proportion to its size: class c keeps floor(n x n_c / N) images, and the remaining images go to the classes
+    with the largest remainders (ties: the lower class index), so the subset has exactly n images. Picked by
+    `stratified_pick` (stream "subset")."""
+    by_class = _by_class(labels)
     total = len(labels)
     quota = {c: n * len(idx) // total for c, idx in by_class.items()}
     rest = sorted(by_class, key=lambda c: (-(n * len(by_class[c]) % total), c))
     for c in rest[:n - sum(quota.values())]:
         quota[c] += 1
-    picked: list[int] = []
-    for c, idx in by_class.items():
-        name = classes[c] if classes is not None and c < len(classes) else str(c)
-        gen = torch.Generator().manual_seed(stream_seed(seed, "subset", name))
-        order = torch.randperm(len(idx), generator=gen)[:quota[c]].tolist()
-        picked.extend(idx[k] for k in order)
-    return sorted(picked)
+    return stratified_pick(labels, quota, seed, "subset", classes)
+
+
+def stratified_split(labels: Sequence[int], classes: Sequence[str], fraction: float,
+                     seed: int) -> tuple[list[int], list[int]]:
+    """A held-out split (`--val-split fraction`): (train indices, val indices), both sorted. Each class holds out
+    round(fraction x n_c) of its images, at least 1 and at most n_c - 1 when it has two or more (a fraction of
+    every class, not a total: no class is left without evaluation images). Picked by `stratified_pick` (stream
+    "held-out")."""
+    quota = {}
+    for c, idx in _by_class(labels).items():
+        n = len(idx)
+        k = round(n * fraction)
+        quota[c] = min(max(k, 1), n - 1) if (fraction > 0 and n >= 2) else (0 if n < 2 else k)
+    val = stratified_pick(labels, quota, seed, "held-out", classes)
+    held = set(val)
+    return [i for i in range(len(labels)) if i not in held], val
+
+
+def _by_class(labels: Sequence[int]) -> dict[int, list[int]]:
+    """Each class's indices, classes in order of first appearance."""
+    by_class: dict[int, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_class.setdefault(int(lab), []).append(i)
+    return by_class
 
 
 class DatasetSplit(Protocol):

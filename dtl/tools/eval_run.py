@@ -25,8 +25,10 @@ import torch
 
 from dtl import files, models
 from dtl.config import Config
-from dtl.data import folder, image_cache, loaders
+from dtl.data import datasets, folder, image_cache, loaders
+from dtl.data.folder_split import FolderSplit
 from dtl.data.preprocessing import IMAGENET, Preprocessing
+from dtl.data.split_file import SPLIT_FILE
 from dtl.distributed import DistEnv, main_first
 from dtl.errors import EXIT_OK, UserError
 from dtl.train import checkpoint_format as ckpt
@@ -128,14 +130,14 @@ def _test_split(cfg: Config, loaded: Loaded, env: DistEnv) -> Any:
         same_data = (run_cfg.data.dataset == "folder"
                      and Path(cfg.data.data_dir).resolve() == Path(run_cfg.data.data_dir).resolve())
         if same_data:
-            saved = loaded.run_dir / folder.SPLIT_FILE if loaded.run_dir is not None else None
+            saved = loaded.run_dir / SPLIT_FILE if loaded.run_dir is not None else None
             test = folder.load_folder_splits(cfg, split_file=saved, with_train=False, is_main=env.is_main).test
         else:
             test = folder.load_image_folder(folder.eval_root(Path(cfg.data.data_dir)), strict=cfg.data.strict_images,
                                             is_main=env.is_main)
             test = test.subset(cfg.data.eval_subset, cfg.data.subset_order, cfg.run.seed + 1)
         return test.with_classes(loaded.classes)
-    test = loaders.load_splits_once(cfg, env).test
+    test = datasets.load_splits_once(cfg, env).test
     if len(test.classes) != len(loaded.classes):
         raise UserError(f"{cfg.data.dataset} has {len(test.classes)} classes but the checkpoint's model has "
                         f"{len(loaded.classes)} ({', '.join(loaded.classes[:10])}...)")
@@ -182,7 +184,7 @@ def evaluate_checkpoint(args: argparse.Namespace, env: DistEnv, device: torch.de
     if cfg.dist.device == "auto":
         cfg = cfg.replace(device=device.type)
     test = _test_split(cfg, loaded, env)
-    if cfg.data.cache_images is not None and isinstance(test, folder.FolderSplit):
+    if cfg.data.cache_images is not None and isinstance(test, FolderSplit):
         where = image_cache.cache_folder(cfg.data.cache_images, loaded.run_dir or Path("runs") / "eval")
         size = cfg.data.cache_size or cfg.data.image_size
         test = main_first(env, lambda first: image_cache.cached_split(test, "val", where, size, first,

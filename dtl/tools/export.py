@@ -37,8 +37,9 @@ from torch import nn
 
 from dtl import files, models
 from dtl.config import Config
-from dtl.data import folder, loaders
+from dtl.data import datasets, folder, loaders
 from dtl.data.preprocessing import eval_transform
+from dtl.data.split_file import SPLIT_FILE
 from dtl.distributed import DistEnv
 from dtl.errors import EXIT_FAILURE, EXIT_OK, UserError
 from dtl.tools.eval_run import Loaded, load_model
@@ -97,10 +98,10 @@ def verification_batch(loaded: Loaded) -> tuple[torch.Tensor, str]:
                           num_workers=0, download=False, resume=None, output_dir=None, debug=False, device="cpu")
         if cfg.data.dataset == "folder":  # the held-out images only (the run's split.json), not the train set
             cfg = cfg.replace(data_pipeline="workers")
-            saved = loaded.run_dir / folder.SPLIT_FILE if loaded.run_dir is not None else None
+            saved = loaded.run_dir / SPLIT_FILE if loaded.run_dir is not None else None
             test = folder.load_folder_splits(cfg, saved, with_train=False, is_main=False).test
         else:
-            test = loaders.load_splits(cfg, allow_download=False, is_main=False).test
+            test = datasets.load_splits(cfg, allow_download=False, is_main=False).test
         test = test.subset(VERIFY_IMAGES, "first", 0)
         loader = loaders.eval_loader(cfg, test, DistEnv(), _CPU, channels_last=False, prep=loaded.preprocessing)
         images, _ = next(iter(loader))

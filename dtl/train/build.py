@@ -13,7 +13,7 @@ from torch import nn
 import dtl
 from dtl import models
 from dtl.config import Config, fsdp_conflict
-from dtl.data import features, image_cache, loaders, samplers
+from dtl.data import datasets, features, image_cache, loaders, samplers
 from dtl.data.augment import mix
 from dtl.data.loaders import BatchLoader
 from dtl.data.preprocessing import Preprocessing
@@ -117,7 +117,7 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> tuple[RunParts, 
     precision = resolve(cfg.run.precision, env, device, cfg.run.fp16_init_scale)
     configure_backends(cfg.run.deterministic, precision)
     plan = run_folder.plan(cfg, env, device)
-    splits = loaders.load_splits_once(cfg, env, plan.split_file)
+    splits = datasets.load_splits_once(cfg, env, plan.split_file)
     if cfg.data.cache_images is not None:  # decoded once per node (its first process), read by every rank
         d = cfg.data
         folder = image_cache.cache_folder(d.cache_images, plan.outdir)

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import torch
 
 from dtl import models
-from dtl.data.augment import mix
 from dtl.data.splits import stream_seed
 from dtl.distributed import Agreement, all_gather_tensor, barrier, signals
 from dtl.errors import EXIT_OK, EXIT_PREEMPTED, NonFiniteLossError
 from dtl.train.evaluate import evaluate
 from dtl.train.hooks import EpochEnd
+from dtl.train.loss import criterion_for
 from dtl.train.metrics import Meter
 from dtl.train.parts import RunParts
 from dtl.train.progress_bar import Progress
@@ -108,7 +108,7 @@ def train_one_epoch(parts: RunParts, state: TrainState, epoch: int) -> EpochResu
         meter.load(state.partial_meter)
     parts.model.wrapped.train()
     models.freeze_frozen_norms(parts.model.wrapped, all_stats=cfg.backbone.freeze_bn_stats)
-    criterion = mix.criterion_for(cfg.optim, parts.class_weights)
+    criterion = criterion_for(cfg.optim, parts.class_weights)
     nonfinite = NonFiniteSteps()
     agreement = Agreement(env)  # stop flag + rank 0's "checkpoint time", without a per-step round trip
     n_batches = len(parts.train_loader)

@@ -15,7 +15,7 @@ import torch
 
 from dtl import files
 from dtl.config import Config, recipe_line
-from dtl.data.folder import SPLIT_FILE, save_split
+from dtl.data.split_file import SPLIT_FILE, save_split
 from dtl.data.splits import Splits
 from dtl.distributed import DistEnv, barrier, broadcast_str
 from dtl.errors import EXIT_OK, UserError

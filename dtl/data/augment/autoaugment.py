@@ -6,7 +6,7 @@ parameters, interpolation ``nearest`` for TA/RA and ``bilinear`` for AugMix, fil
 whole batches (NCHW or channels_last, kept) as tensor ops, grouped by op: one ``grid_sample`` for the
 geometric ops, batched blends, bit masks, thresholds, min/max and a batched histogram for equalize.
 
-Exactness (tests/unit/test_autoaugment.py compares every op and a grid of magnitudes with
+Exactness (tests/unit/data/augment/test_autoaugment.py compares every op and a grid of magnitudes with
 ``torchvision.transforms.v2.functional`` applied per image): the results are **integer-exact** on uint8.
 What makes that so: the affine matrices are computed in Python floats exactly as torchvision does and only
 then become float32 tensors (a table per slot, see `SlotTable`); torchvision's ``add_(x, alpha=a)`` is a fused
@@ -31,7 +31,7 @@ import torch.nn.functional as nnf
 
 from dtl.data.augment.uint8 import is_channels_last, to_uint8
 
-__all__ = ["POLICIES", "AugmentDraws", "AutoAugment", "SlotTable", "equalize", "slot_table"]
+__all__ = ["POLICIES", "AugmentDraws", "AutoAugment", "SlotTable", "equalize", "fma", "slot_table"]
 
 POLICIES = ("ta_wide", "randaugment", "augmix")
 GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
@@ -170,24 +170,24 @@ def slot_table(policy: str, height: int, width: int, bins: list[int], num_bins: 
 
 # ---- the ops, batched (each takes uint8 (n, C, H, W) and per-image parameters) ----------------------
 
-def _fma(x: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def fma(x: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """float32 ``y + alpha * x`` rounded once, as torch's ``y.add_(x, alpha=alpha)`` computes it (an FMA).
 
     ``addcmul`` with per-image ``alpha`` is an FMA too (checked bit for bit against a float64 reference in
-    tests/unit/test_autoaugment.py, which would catch a build where it is not)."""
+    tests/unit/data/augment/test_autoaugment.py, which would catch a build where it is not)."""
     return torch.addcmul(y, x.float(), alpha)
 
 
 def _fma_(y: torch.Tensor, alpha: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``y += alpha x`` in place with one ``alpha`` per image, for the whole batch at once (`_fma`). On a CPU a
+    """``y += alpha x`` in place with one ``alpha`` per image, for the whole batch at once (`fma`). On a CPU a
     per-image ``y[i].add_(x[i], alpha=a)`` measured 5-10x faster than this broadcast ``addcmul``, but it is a
     Python loop over the images (and a host read of ``alpha`` on a GPU): the batch stays one op."""
-    return y.copy_(_fma(x, alpha.view(-1, 1, 1, 1), y))
+    return y.copy_(fma(x, alpha.view(-1, 1, 1, 1), y))
 
 
 def _gray(images: torch.Tensor) -> torch.Tensor:
     """``_rgb_to_grayscale_image(preserve_dtype=False)`` then floor, (n, 1, H, W) float32: torchvision's own
-    ``r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114)`` (a scalar ``alpha``, so no `_fma` needed)."""
+    ``r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114)`` (a scalar ``alpha``, so no `fma` needed)."""
     r, g, b = (c.float() for c in images.unbind(dim=-3))
     return r.mul_(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3).floor_()
 
@@ -370,6 +370,9 @@ class AutoAugment:
         if self.policy == "augmix":
             shape = (n, self.width, 3)
             alpha = torch.full((n, 2), self.alpha, device=device)
+            # torch._sample_dirichlet (private; checked against torch 2.14.1, torchvision 0.29.1): the sampler
+            # torchvision's AugMix draws its weights with, and the only Dirichlet sampler that takes a generator
+            # (torch.distributions.Dirichlet.sample draws from the global one), which the seeded draws need.
             m = torch._sample_dirichlet(alpha, generator=generator)
             w = torch._sample_dirichlet(torch.full((n, self.width), self.alpha, device=device), generator=generator)
             mix = torch.cat([m[:, :1], w * m[:, 1:]], dim=1).float()

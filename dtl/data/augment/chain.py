@@ -5,16 +5,16 @@ recipe order on whole uint8 batches.
     -> RandomHorizontalFlip -> TrivialAugmentWide | RandAugment | AugMix (uint8)
     -> ToDtype(float32, scale=True) -> Normalize(mean, std) -> RandomErasing(p, value)
 
-With the resized crop and no auto-augment (random erasing alone) the crop is `dtl.augment`'s fused float path
-(the same output as `BatchTransform`), then erasing. Otherwise, unlike `BatchTransform` (which fuses crop,
-flip and normalisation into float matmuls and never rounds), the crop here produces uint8 images as
-torchvision v2 does on uint8 tensors, because the auto-augment ops are defined on uint8 (posterize,
-solarize, equalize...). The resized crop is the same separable antialiased resampling as `dtl.augment`
-(batched: no per-image call, on any device), rounded to uint8: torchvision's native uint8 kernel
-(CPUs with AVX2/AVX-512) uses fixed-point weights, so the two differ by at most one grey level (1/255) on
-some pixels (measured: ~15% of them); against torchvision's float kernel + round (its path on GPUs) they are
-equal up to float32 ties. The pad crop and the flip are index arithmetic and exact. The ops
-(`dtl.autoaugment`) and erasing (`dtl.erasing`) are exact.
+With the resized crop and no auto-augment (random erasing alone) the crop is `dtl.data.augment.transform`'s
+fused float path (the same output as `BatchTransform`), then erasing. Otherwise, unlike `BatchTransform` (which
+fuses crop, flip and normalisation into float matmuls and never rounds), the crop here produces uint8 images as
+torchvision v2 does on uint8 tensors, because the auto-augment ops are defined on uint8 (posterize, solarize,
+equalize...). The resized crop is the same separable antialiased resampling (`dtl.data.augment.resample`,
+batched: no per-image call, on any device), rounded to uint8: torchvision's native uint8 kernel (CPUs with
+AVX2/AVX-512) uses fixed-point weights, so the two differ by at most one grey level (1/255) on some pixels
+(measured: ~15% of them); against torchvision's float kernel + round (its path on GPUs) they are equal up to
+float32 ties. The pad crop and the flip are index arithmetic and exact. The ops
+(`dtl.data.augment.autoaugment`) and erasing (`dtl.data.augment.erasing`) are exact.
 
 Randomness: per call, in this order, crop boxes (or pad offsets), flips, the auto-augment draws, the erasing
 draws, all from the one generator given, the same amount per image whatever the pixels; `skip` consumes
@@ -29,19 +29,12 @@ from dataclasses import dataclass
 import torch
 
 from dtl.data.augment.autoaugment import AugmentDraws, AutoAugment
+from dtl.data.augment.boxes import sample_crop_boxes, sample_flips
 from dtl.data.augment.erasing import erase, sample_erasing, sample_noise
-from dtl.data.augment.transform import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    _aa_weights,
-    _affine,
-    _resize_output_size,
-    _separable_resample,
-    resized_crop,
-    sample_crop_boxes,
-    sample_flips,
-)
+from dtl.data.augment.resample import aa_weights, normalize_affine, resize_output_size, separable_resample
+from dtl.data.augment.transform import resized_crop
 from dtl.data.augment.uint8 import to_uint8
+from dtl.data.constants import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["AugmentChain", "pad_crop", "resize_uint8", "resized_crop_uint8", "sample_pad_offsets"]
 
@@ -65,25 +58,25 @@ def resized_crop_uint8(images: torch.Tensor, boxes: torch.Tensor, size: int,
     float matmuls, rounded (channels_last; within one grey level of v2's uint8 kernel, see the module docstring)."""
     _, _, height, width = images.shape
     top, left, h, w = boxes.to(images.device).unbind(dim=1)
-    ry = _aa_weights(top, h, size, height, images.device)
-    rx = _aa_weights(left, w, size, width, images.device)
+    ry = aa_weights(top, h, size, height, images.device)
+    rx = aa_weights(left, w, size, width, images.device)
     if flips is not None:
         rx = torch.where(flips.to(images.device).view(-1, 1, 1), rx.flip(1), rx)
     # channels_last: the layout the auto-augment ops and the normalisation run fastest in on a CPU
-    return _to_uint8(_separable_resample(images.float(), ry, rx, torch.float32, channels_last=True))
+    return _to_uint8(separable_resample(images.float(), ry, rx, torch.float32, channels_last=True))
 
 
 def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     """``v2.functional.resize(img, [size], antialias=True)`` on uint8 (shorter side -> size); as is if equal."""
     bsz, _, height, width = images.shape
-    out_h, out_w = _resize_output_size(height, width, size)
+    out_h, out_w = resize_output_size(height, width, size)
     if (out_h, out_w) == (height, width):
         return images
     zero = torch.zeros(1, dtype=torch.int64, device=images.device)
-    ry = _aa_weights(zero, zero + height, out_h, height, images.device).expand(bsz, -1, -1)
-    rx = _aa_weights(zero, zero + width, out_w, width, images.device).expand(bsz, -1, -1)
+    ry = aa_weights(zero, zero + height, out_h, height, images.device).expand(bsz, -1, -1)
+    rx = aa_weights(zero, zero + width, out_w, width, images.device).expand(bsz, -1, -1)
     # channels_last: the layout the auto-augment ops and the normalisation run fastest in on a CPU
-    return _to_uint8(_separable_resample(images.float(), ry, rx, torch.float32, channels_last=True))
+    return _to_uint8(separable_resample(images.float(), ry, rx, torch.float32, channels_last=True))
 
 
 def sample_pad_offsets(n: int, height: int, width: int, size: int, padding: int,
@@ -174,7 +167,7 @@ class AugmentChain:
         if self.crop == "resized":
             crop = sample_crop_boxes(n, height, width, self.scale, self.ratio, generator, device)  # type: ignore[arg-type]
         else:
-            out_h, out_w = _resize_output_size(height, width, self.size)
+            out_h, out_w = resize_output_size(height, width, self.size)
             crop = sample_pad_offsets(n, out_h, out_w, self.size, self.padding, generator, device)
         flips = sample_flips(n, generator, device)
         hw = (self.size, self.size)
@@ -204,7 +197,7 @@ class AugmentChain:
         # per-channel factors expanded to a whole image in that format: with (1, C, 1, 1) factors a
         # channels_last pass has an inner loop of C elements (2-3x slower).
         a, b = (t.expand(1, -1, self.size, self.size).contiguous(memory_format=fmt)
-                for t in _affine(self.mean, self.std, True, images.device))
+                for t in normalize_affine(self.mean, self.std, True, images.device))
         for lo in range(0, n, step):
             part = out[lo:lo + step]
             draws = d.slice(lo, lo + step)

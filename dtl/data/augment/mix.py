@@ -1,4 +1,4 @@
-"""MixUp and CutMix on a training batch, and the soft-target cross-entropy they train with.
+"""MixUp and CutMix on a training batch (the soft-target cross-entropy they train with is `dtl.train.loss`).
 
 The same semantics as timm's ``Mixup(mode="batch")`` (``timm/data/mixup.py``): each batch is paired with
 itself reversed (``x.flip(0)``); with probability ``mix_prob`` it is mixed, by CutMix with probability
@@ -26,8 +26,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from dtl.config import OptimConfig
 from dtl.data.splits import stream_seed
@@ -137,31 +135,3 @@ class Mixer:
         d = self.draw(epoch, batch_index, images.shape[-2], images.shape[-1])
         targets = mix_targets(labels, self.num_classes, d.lam, self.cfg.label_smoothing)
         return MixedBatch(mix_images(images, d), targets, labels if d.lam >= 0.5 else labels.flip(0))
-
-
-class SoftTargetCrossEntropy(nn.Module):
-    """sum_c -t_c log softmax(x)_c, averaged over the batch (timm's `SoftTargetCrossEntropy`).
-
-    With class weights w (`--class-balance loss`) each image's term is weighted by w_c summed over its
-    target t_c, and the batch's sum divided by the sum of those weights: for one-hot targets exactly what
-    `nn.CrossEntropyLoss(weight=w)` computes (a weighted mean), and for mixed targets the same weighting
-    applied to each class by its share of the target."""
-
-    def __init__(self, weight: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.weight = weight
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logp = F.log_softmax(logits, dim=-1)
-        if self.weight is None:
-            return torch.sum(-targets * logp, dim=-1).mean()
-        weighted = targets * self.weight
-        return torch.sum(-weighted * logp) / weighted.sum()
-
-
-def criterion_for(cfg: OptimConfig, class_weights: torch.Tensor | None) -> nn.Module:
-    """The training loss: today's hard-label cross-entropy when mixing is off (unchanged, bit for bit), the
-    soft-target one (label smoothing folded into the targets) when it is on."""
-    if not enabled(cfg):
-        return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing)
-    return SoftTargetCrossEntropy(class_weights)

@@ -16,8 +16,8 @@ from torchvision import transforms
 
 from dtl import models
 from dtl.config import Config
-from dtl.data import loaders
-from dtl.data.augment.transform import IMAGENET_MEAN, IMAGENET_STD
+from dtl.data import datasets
+from dtl.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from dtl.data.splits import Split, Splits
 
 REFERENCE_LR, REFERENCE_MOMENTUM = 1e-3, 0.9
@@ -60,7 +60,7 @@ def reference_transform(train: bool, size: int) -> Callable[[Any], torch.Tensor]
 def task_model(cfg: Config) -> tuple[Splits, nn.Module]:
     """The data and the model every side of the bench trains: dtl's backbone and new head, seeded alike, with
     the same trainable parameters as dtl's run (on the CPU; each side moves it)."""
-    splits = loaders.load_splits(cfg, allow_download=False)
+    splits = datasets.load_splits(cfg, allow_download=False)
     torch.manual_seed(cfg.run.seed)
     b = cfg.backbone
     net = models.build_model(b.model, len(splits.classes), b.weights, cfg.data.image_size, b.dropout, b.drop_path)

@@ -55,7 +55,6 @@ import torch
 from dtl import models
 from dtl.config import Config
 from dtl.config.loading import add_config_arguments, config_from_args, load_toml
-from dtl.data.augment import mix
 from dtl.distributed import DistEnv, pick_device
 from dtl.errors import UserError
 from dtl.tools.bench.article_loop import ReferenceLoop, endless
@@ -65,6 +64,7 @@ from dtl.tools.bench.report import PHASES, SIDES, Options, assemble, format_tabl
 from dtl.tools.bench.strong_loop import StrongLoop
 from dtl.train.build import prepare
 from dtl.train.evaluate import evaluate
+from dtl.train.loss import criterion_for
 from dtl.train.metrics import Meter
 from dtl.train.step import NonFiniteSteps, train_step
 
@@ -182,7 +182,7 @@ class DtlLoop:
         self.device = device
         self.train_batches = endless(self.parts.train_loader)
         self.eval_batches = endless(self.parts.eval_loader)
-        self.criterion = mix.criterion_for(cfg.optim, self.parts.class_weights)
+        self.criterion = criterion_for(cfg.optim, self.parts.class_weights)
         self.meter = Meter(device)
         self.nonfinite = NonFiniteSteps()
         self.mixed = 0  # batches mixed by `input` (the mixer's batch index)

@@ -36,8 +36,9 @@ import torch
 
 from dtl.config import Config
 from dtl.data import image_cache, images, loaders
-from dtl.data.augment.transform import IMAGENET_MEAN, IMAGENET_STD
-from dtl.data.folder import FolderSplit, load_folder_splits
+from dtl.data.constants import IMAGENET_MEAN, IMAGENET_STD
+from dtl.data.folder import load_folder_splits
+from dtl.data.folder_split import FolderSplit
 from dtl.data.splits import Splits
 from dtl.distributed import DistEnv, pick_device
 from dtl.errors import UserError

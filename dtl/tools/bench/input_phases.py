@@ -24,8 +24,8 @@ from torchvision.transforms import v2
 
 from dtl.config import Config
 from dtl.data.augment import mix
-from dtl.data.augment.transform import IMAGENET_MEAN, IMAGENET_STD
-from dtl.data.loaders import augment_chain
+from dtl.data.constants import IMAGENET_MEAN, IMAGENET_STD
+from dtl.data.loaders.transforms import augment_chain
 from dtl.data.splits import Split
 from dtl.tools.bench.article_loop import endless
 

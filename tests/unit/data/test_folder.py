@@ -1,7 +1,7 @@
 """Image folders (`--dataset folder`): discovery, the load-time check of every file, the seeded stratified
-split and its saved copy, lazy decoding in workers, and a short training run on a folder.
+split, subsets, and a short training run on a folder (its split.json reused by `dtl eval`).
 
-The folders are written by the tests from `dtl.cifar.make_synthetic` images, as PNG and JPEG files of
+The folders are written by the tests from `dtl.data.cifar.make_synthetic` images, as PNG and JPEG files of
 different sizes (square and not), plus one corrupt file (random bytes named .jpg) and one truncated PNG.
 """
 
@@ -20,9 +20,8 @@ from PIL import Image
 
 from dtl import cli
 from dtl.config import Config
-from dtl.data import folder, images, loaders
+from dtl.data import folder
 from dtl.data.cifar import make_synthetic
-from dtl.data.preprocessing import eval_transform
 from dtl.errors import UserError
 from tests.conftest import train_inproc
 
@@ -120,7 +119,7 @@ def test_warnings_come_from_the_main_process_only(image_dir):
 
 # ---- the split ---------------------------------------------------------------------------------------
 
-def test_val_split_is_seeded_stratified_and_saved(image_dir, tmp_path):
+def test_val_split_is_seeded_and_stratified(image_dir):
     root, _ = image_dir
     a = folder.load_folder_splits(cfg_for(root, val_split=0.25, seed=0))
     b = folder.load_folder_splits(cfg_for(root, val_split=0.25, seed=0))
@@ -133,30 +132,6 @@ def test_val_split_is_seeded_stratified_and_saved(image_dir, tmp_path):
     assert not set(a.train.files) & set(a.test.files)
     for s in (a.train, a.test):  # labels follow the class folders
         assert [s.classes[lab] for lab in s.labels.tolist()] == [f.split("/")[0] for f in s.files]
-
-    path = folder.save_split(tmp_path / "run", a)
-    saved = json.loads(path.read_text())
-    assert path == tmp_path / "run" / "split.json"
-    assert saved["val"]["files"] == a.test.files and saved["train"]["files"] == a.train.files
-    assert all(not Path(f).is_absolute() for f in saved["train"]["files"] + saved["val"]["files"])
-    # a resumed run reads the saved split back (its caller passes the file), even if the seed it is given differs
-    resumed = folder.load_folder_splits(cfg_for(root, val_split=0.25, seed=7), split_file=path)
-    assert resumed.test.files == a.test.files and resumed.train.files == a.train.files
-    assert torch.equal(resumed.test.labels, a.test.labels)
-
-
-def test_the_split_file_is_the_callers_choice(image_dir, tmp_path):
-    """No split file, or one that does not exist: split anew; `loaders.load_splits` passes the file through."""
-    root, _ = image_dir
-    a = folder.load_folder_splits(cfg_for(root, val_split=0.25, seed=0))
-    path = folder.save_split(tmp_path / "run", a)
-    assert folder.load_folder_splits(cfg_for(root, val_split=0.25, seed=1),
-                                     split_file=tmp_path / "none.json").test.files != a.test.files
-    resumed = loaders.load_splits(cfg_for(root, val_split=0.25, seed=1), allow_download=False, split_file=path)
-    assert resumed.test.files == a.test.files and resumed.train.files == a.train.files
-    only_test = folder.load_folder_splits(cfg_for(root, val_split=0.25, seed=1), split_file=path,
-                                          with_train=False)
-    assert only_test.test.files == a.test.files and len(only_test.train) == 0
 
 
 def test_train_and_val_folders(tmp_path):
@@ -199,35 +174,6 @@ def test_folder_subsets_are_stratified_by_default_and_say_so(image_dir):
     # --image-decoder reaches the files' decoding through subsets and relabelling
     tv = folder.load_folder_splits(cfg_for(root, val_split=0.25, train_subset=6, image_decoder="torchvision"))
     assert tv.train.images.decoder == "torchvision" == tv.test.with_classes(tv.test.classes).images.decoder
-
-
-# ---- lazy decoding -----------------------------------------------------------------------------------
-
-def test_images_decode_lazily_to_uint8_and_resize_to_one_size(image_dir):
-    root, _ = image_dir
-    split = folder.load_folder_splits(cfg_for(root, val_split=0.25)).train
-    shapes = set()
-    for i in range(len(split)):
-        img = split.images[i]
-        assert img.dtype == torch.uint8 and img.shape[0] == 3
-        shapes.add(tuple(img.shape[1:]))
-        out = eval_transform(32)(img)  # Resize + CenterCrop: one size whatever the input
-        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
-    assert shapes == {(32, 32), (32, 48), (40, 32)}
-    grey = Image.fromarray(np.full((20, 30), 128, np.uint8))
-    grey.save(root.parent / "grey.png")
-    assert images.decode(root.parent / "grey.png").shape == (3, 20, 30)
-
-
-def test_a_file_that_breaks_after_the_check_does_not_crash_the_worker(tmp_path):
-    write_folder(tmp_path / "d", per_class=4, bad=False)
-    split = folder.load_folder_splits(cfg_for(tmp_path / "d", val_split=0.25)).train
-    victim = split.paths()[0]
-    victim.write_bytes(b"gone bad")
-    with dtl_log() as records:
-        img = split.images[0]
-    assert img.dtype == torch.uint8 and img.shape[0] == 3  # the next image of the same class
-    assert any(str(victim) in r.getMessage() for r in records)
 
 
 # ---- training on a folder ----------------------------------------------------------------------------

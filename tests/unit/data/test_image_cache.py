@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from dtl.data import folder, image_cache
-from dtl.data.preprocessing import eval_transform
+from dtl.data.folder_split import FolderSplit
 from tests.conftest import assert_same_weights, rewind_copy, train_inproc
 from tests.unit.data.test_folder import dtl_log, write_folder
 
@@ -27,7 +28,7 @@ def photos(tmp_path: Path) -> Path:
     return root
 
 
-def _cache(root: Path, out: Path, size: int = 32, first: bool = True) -> tuple[folder.FolderSplit, list[str]]:
+def _cache(root: Path, out: Path, size: int = 32, first: bool = True) -> tuple[FolderSplit, list[str]]:
     split = folder.load_image_folder(root)
     with dtl_log() as records:
         cached = image_cache.cached_split(split, "train", out, size, first)
@@ -38,10 +39,10 @@ def test_cache_holds_the_eval_transforms_pixels_and_is_reused(photos, tmp_path):
     cached, log = _cache(photos, tmp_path / "c")
     assert any("decoding the 18 images" in m for m in log) and any("decoded once" in m for m in log)
     assert isinstance(cached.images, torch.Tensor) and cached.images.shape == (18, 3, 32, 32)
-    # the square is Resize(32) + CenterCrop(32) of the file, as the eval transform computes it (before the dtype)
-    resize_crop = eval_transform(32).transforms[:2]
+    # the square is torchvision's Resize(32) + CenterCrop(32) of the file: the eval resize (before the dtype)
+    resize_crop = v2.Compose([v2.Resize(32, antialias=True), v2.CenterCrop(32)])
     for i in (0, 1, 2):  # square, wide and tall files
-        want = resize_crop[1](resize_crop[0](folder.load_image_folder(photos).images[i]))
+        want = resize_crop(folder.load_image_folder(photos).images[i])
         assert torch.equal(cached.images[i], want)
     files = sorted(p.name for p in (tmp_path / "c").iterdir())
     assert [f.rsplit(".", 1)[1] for f in files] == ["json", "lock", "u8"]

@@ -1,4 +1,4 @@
-"""Image files (`dtl.images`): the load-time check, finding files, decoding and the eval preprocessing."""
+"""Image files (`dtl.data.images`): the load-time check, finding files and decoding."""
 
 from __future__ import annotations
 

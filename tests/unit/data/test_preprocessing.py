@@ -1,12 +1,15 @@
-"""dtl.data.preprocessing: the one eval transform, shared by the workers loader, predict and export."""
+"""dtl.data.preprocessing: the one eval geometry (`eval_resize`) and the one eval transform, shared by the workers
+loader, the image cache, the decode pipeline, predict and export."""
 
 from __future__ import annotations
 
-import torch
+import pickle
 
-from dtl.data.cifar import make_synthetic
-from dtl.data.loaders import v2_transform
-from dtl.data.preprocessing import IMAGENET, Preprocessing, eval_transform
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from dtl.data.preprocessing import IMAGENET, EvalResize, Preprocessing, eval_resize, eval_transform, v2_interpolation
 
 
 def test_eval_transform_resizes_the_shorter_side_then_crops_and_normalises():
@@ -17,7 +20,19 @@ def test_eval_transform_resizes_the_shorter_side_then_crops_and_normalises():
     assert torch.equal(half, torch.ones(3, 8, 8))
 
 
-def test_the_loaders_evaluate_with_the_same_transform():
-    img = make_synthetic(2).images[0]
-    assert torch.equal(v2_transform(False, 48, False)(img), eval_transform(48)(img))
-    assert torch.equal(v2_transform(True, 48, False)(img), eval_transform(48)(img))  # --no-augment training
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+def test_eval_resize_is_torchvisions_resize_and_center_crop(interpolation):
+    """The one eval geometry, bitwise torchvision's v2 Resize(size) + CenterCrop(size) on uint8 (square, wide
+    and tall sources, odd margins); `eval_transform` is it followed by ToDtype + Normalize."""
+    mode = v2_interpolation(interpolation)
+    reference = v2.Compose([v2.Resize(24, interpolation=mode, antialias=True), v2.CenterCrop(24)])
+    prep = Preprocessing((0.5, 0.4, 0.3), (0.2, 0.3, 0.4), interpolation)
+    normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)])
+    g = torch.Generator().manual_seed(0)
+    for hw in ((40, 40), (32, 53), (61, 30), (24, 24)):
+        img = torch.randint(0, 256, (3, *hw), dtype=torch.uint8, generator=g)
+        want = reference(img)
+        assert torch.equal(eval_resize(img, 24, interpolation), want), hw
+        assert torch.equal(EvalResize(24, interpolation)(img), want)
+        assert torch.equal(eval_transform(24, prep)(img), normalise(want))
+    assert pickle.loads(pickle.dumps(EvalResize(24, interpolation)))(img).shape == (3, 24, 24)  # DataLoader workers

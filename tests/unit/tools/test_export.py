@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from dtl import models
-from dtl.data import loaders
+from dtl.data import datasets
 from dtl.tools import export
 from tests.conftest import TINY, main_inproc, train_inproc
 
@@ -132,7 +132,7 @@ def test_synthetic_batch_when_the_data_is_gone(timm_run, tmp_path, monkeypatch, 
     def gone(*args, **kwargs):
         raise OSError("no such folder")
 
-    monkeypatch.setattr(loaders, "load_splits", gone)
+    monkeypatch.setattr(datasets, "load_splits", gone)
     assert main_inproc("export", "--checkpoint", str(timm_run), "--format", "torchscript",
                        "--output", str(tmp_path / "m.pt")) == 0
     assert "a synthetic batch (8 seeded random images through the eval transform; the run's test data is " \

@@ -18,6 +18,7 @@ from dtl.distributed import DistEnv
 from dtl.errors import NonFiniteLossError
 from dtl.train import loop, step
 from dtl.train.build import prepare
+from dtl.train.loss import SoftTargetCrossEntropy, criterion_for
 from dtl.train.metrics import Meter
 from dtl.train.parts import RunParts
 from dtl.train.train_state import TrainState
@@ -160,7 +161,7 @@ def test_clipping_bounds_the_global_norm_once_per_optimizer_step(tmp_path, monke
 
 def test_mixing_happens_in_the_step_seeded_by_each_micro_batchs_index(tmp_path, monkeypatch):
     parts, state = tiny_run(tmp_path, "--grad-accum", "2", "--mixup", "0.2", "--cutmix", "1.0", "--batch-size", "8")
-    assert isinstance(mix.criterion_for(parts.cfg.optim, None), mix.SoftTargetCrossEntropy)
+    assert isinstance(criterion_for(parts.cfg.optim, None), SoftTargetCrossEntropy)
     seen, fed = [], []
     original = parts.mixer.__call__
 
@@ -172,7 +173,7 @@ def test_mixing_happens_in_the_step_seeded_by_each_micro_batchs_index(tmp_path, 
     handle = parts.model.wrapped.register_forward_pre_hook(lambda module, args: fed.append(args[0].clone()))
     batches = list(parts.train_loader)[:2]
     state.epoch = 1
-    step.train_step(parts, state, batches, mix.SoftTargetCrossEntropy(), Meter(parts.device), step.NonFiniteSteps(),
+    step.train_step(parts, state, batches, SoftTargetCrossEntropy(), Meter(parts.device), step.NonFiniteSteps(),
                     first_batch=2)
     handle.remove()
     assert seen == [(1, 2), (1, 3)]

@@ -9,8 +9,8 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from dtl.data.augment.autoaugment import AutoAugment, _fma, apply_slots, equalize, slot_table
-from tests.unit.data.augment.test_transform import ks_critical_value, ks_statistic
+from dtl.data.augment.autoaugment import AutoAugment, apply_slots, equalize, fma, slot_table
+from tests.unit.data.augment.test_boxes import ks_critical_value, ks_statistic
 
 TV = {"ta_wide": v2.TrivialAugmentWide, "randaugment": v2.RandAugment, "augmix": v2.AugMix}
 N_DRAWS = 20_000
@@ -179,14 +179,14 @@ def test_augmix_matches_torchvision_given_the_same_draws() -> None:
 
 @pytest.mark.parametrize("shape", [(3, 17, 19), (2, 3, 5, 7), (1, 3, 224, 224)])
 def test_fma_is_rounded_once(shape: tuple[int, ...]) -> None:
-    """`_fma` (float32 addcmul with a per-image alpha) equals y + alpha x computed exactly (float64: the product
+    """`fma` (float32 addcmul with a per-image alpha) equals y + alpha x computed exactly (float64: the product
     of two float32 numbers is exact there) and rounded once -- what torchvision's add_(alpha=) gives."""
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, shape, generator=g).float()
     y = torch.rand(shape, generator=g) * 300
     alpha = (torch.rand((shape[0],) + (1,) * (len(shape) - 1), generator=g) * 2 - 1).float()
     exact = torch.addcmul(y.double(), x.double(), alpha.double()).float()
-    assert torch.equal(_fma(x, alpha, y), exact)
+    assert torch.equal(fma(x, alpha, y), exact)
     first = y[0].clone().add_(x[0], alpha=float(alpha.flatten()[0]))  # torch's own scalar-alpha add_
     assert torch.equal(first, exact[0])
 

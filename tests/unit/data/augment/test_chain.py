@@ -12,15 +12,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from dtl.data.augment.autoaugment import AutoAugment
+from dtl.data.augment.boxes import sample_crop_boxes, sample_flips
 from dtl.data.augment.chain import AugmentChain, pad_crop, resize_uint8, resized_crop_uint8, sample_pad_offsets
-from dtl.data.augment.transform import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    BatchTransform,
-    resized_crop,
-    sample_crop_boxes,
-    sample_flips,
-)
+from dtl.data.augment.transform import BatchTransform, resized_crop
+from dtl.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from tests.conftest import TINY, assert_same_weights, rewind_copy, train_inproc
 
 # float32 normalisation noise; one grey level is ~0.017 in these units
@@ -141,7 +136,7 @@ def test_crop_scale_reaches_the_fused_transform() -> None:
     g = torch.Generator().manual_seed(7)
     boxes = sample_crop_boxes(16, 32, 32, (0.08, 1.0), generator=g)
     assert torch.equal(ours, resized_crop(imgs, boxes, 16, sample_flips(16, g)))
-    assert (boxes[:, 2] * boxes[:, 3]).min() < 0.5 * 32 * 32  # areas below dtl's old 0.5 floor occur
+    assert (boxes[:, 2] * boxes[:, 3]).min() < 0.5 * 32 * 32  # areas below the default scale's 0.5 floor occur
 
 
 @pytest.mark.slow

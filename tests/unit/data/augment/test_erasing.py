@@ -9,7 +9,7 @@ import torch
 from torchvision.transforms import v2
 
 from dtl.data.augment.erasing import erase, sample_erasing, sample_noise
-from tests.unit.data.augment.test_transform import ks_critical_value, ks_statistic
+from tests.unit.data.augment.test_boxes import ks_critical_value, ks_statistic
 
 H, W, N = 24, 32, 20_000
 

@@ -1,38 +1,22 @@
-"""Tests for dtl.augment: the batched preprocessing must match torchvision's per-image pipeline.
+"""dtl.data.augment.transform: the batched preprocessing must match torchvision's per-image pipeline.
 
-* Random boxes are compared with torchvision's ``RandomResizedCrop.get_params`` in distribution
-  (two-sample Kolmogorov-Smirnov tests), since the random streams differ by design.
-* Resampling is compared image by image with torchvision's functional ops. The reference is computed on
-  the *float* image ``img / 255``: torchvision's uint8 resize kernel rounds its result to uint8 (and uses
-  fixed-point weights), which is a less accurate version of the same quantity, so comparing to it would
-  need a tolerance of a grey level; that relation is checked separately with that looser tolerance.
+Resampling is compared image by image with torchvision's functional ops (the boxes' distribution is tested in
+test_boxes.py). The reference is computed on the *float* image ``img / 255``: torchvision's uint8 resize kernel
+rounds its result to uint8 (and uses fixed-point weights), which is a less accurate version of the same quantity,
+so comparing to it would need a tolerance of a grey level; that relation is checked separately with that looser
+tolerance.
 """
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-import torchvision.transforms as T
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from dtl.data.augment.transform import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    BatchTransform,
-    resize,
-    resized_crop,
-    sample_crop_boxes,
-    sample_flips,
-)
-
-SCALE = (0.5, 1.0)
-RATIO = (3 / 4, 4 / 3)
-
-# Significance level of every KS test below. Each test run uses fixed seeds, so the outcome is
-# deterministic; alpha only says how unusual a sample would have to be to flag a real mismatch.
-KS_ALPHA = 1e-3
+from dtl.data.augment.boxes import sample_crop_boxes, sample_flips
+from dtl.data.augment.transform import BatchTransform, resize_center_crop, resized_crop
+from dtl.data.constants import IMAGENET_MEAN, IMAGENET_STD
 
 # Resampling tolerance in normalised units (values span about [-2.1, 2.7]). Observed errors are ~1e-6
 # (float32 rounding of weights and sums); one uint8 grey level is 1 / 255 / 0.225 ~= 0.017, so 1e-4 is
@@ -45,52 +29,6 @@ ATOL = 1e-4
 # --------------------------------------------------------------------------------------------------
 
 
-def ks_statistic(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Two-sample Kolmogorov-Smirnov statistic ``sup_x |F_a(x) - F_b(x)|`` (ties handled exactly)."""
-    a, _ = torch.sort(a.double().flatten())
-    b, _ = torch.sort(b.double().flatten())
-    grid = torch.unique(torch.cat([a, b]))
-    cdf_a = torch.searchsorted(a, grid, right=True).double() / a.numel()
-    cdf_b = torch.searchsorted(b, grid, right=True).double() / b.numel()
-    return (cdf_a - cdf_b).abs().max().item()
-
-
-def ks_critical_value(n: int, m: int, alpha: float = KS_ALPHA) -> float:
-    """Asymptotic critical value: reject equality when D > c(alpha) sqrt((n + m) / (n m)).
-
-    ``c(alpha) = sqrt(-ln(alpha / 2) / 2)`` (1.949 for alpha = 0.001). For discrete distributions, as
-    here (integer box sizes), the test is conservative, i.e. it rejects equal distributions even less
-    often than alpha.
-    """
-    return math.sqrt(-math.log(alpha / 2) / 2) * math.sqrt((n + m) / (n * m))
-
-
-def box_features(boxes: torch.Tensor, height: int, width: int) -> dict[str, torch.Tensor]:
-    top, left, h, w = boxes.double().unbind(dim=1)
-    return {
-        "area_fraction": h * w / (height * width),
-        "log_aspect": torch.log(w / h),
-        "centre_y": (top + h / 2) / height,
-        "centre_x": (left + w / 2) / width,
-    }
-
-
-def torchvision_boxes(n: int, height: int, width: int, seed: int, scale=SCALE, ratio=RATIO) -> torch.Tensor:
-    """``n`` boxes from torchvision's own sampler (uses the global RNG, so isolate it)."""
-    img = torch.empty(3, height, width)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        boxes = [T.RandomResizedCrop.get_params(img, list(scale), list(ratio)) for _ in range(n)]
-    return torch.tensor(boxes, dtype=torch.int64)
-
-
-def max_ks_ratio(ours: torch.Tensor, ref: torch.Tensor, height: int, width: int) -> float:
-    """Largest KS statistic over the box features, divided by the critical value (> 1 means reject)."""
-    crit = ks_critical_value(len(ours), len(ref))
-    f_ours, f_ref = box_features(ours, height, width), box_features(ref, height, width)
-    return max(ks_statistic(f_ours[k], f_ref[k]) / crit for k in f_ours)
-
-
 def reference_crop(img: torch.Tensor, box, size: int, flip: bool) -> torch.Tensor:
     """torchvision per-image pipeline on the float image (see module docstring for why float)."""
     top, left, h, w = (int(v) for v in box)
@@ -101,9 +39,10 @@ def reference_crop(img: torch.Tensor, box, size: int, flip: bool) -> torch.Tenso
     return F.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
-def reference_resize(img: torch.Tensor, size: int) -> torch.Tensor:
-    x = F.to_dtype(img, torch.float32, scale=True)
-    x = F.resize(x, [size], antialias=True)
+def reference_eval(img: torch.Tensor, size: int) -> torch.Tensor:
+    """torchvision's v2 Resize(size) + CenterCrop(size) + ToDtype + Normalize, on the float image."""
+    resize_crop = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+    x = resize_crop(F.to_dtype(img, torch.float32, scale=True))
     return F.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
@@ -117,84 +56,6 @@ def assert_matches(out: torch.Tensor, ref: torch.Tensor, what: str, atol: float 
 def random_images(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, 3, height, width), dtype=torch.uint8, generator=g)
-
-
-# --------------------------------------------------------------------------------------------------
-# box sampling
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tv_boxes_32() -> torch.Tensor:
-    return torchvision_boxes(10_000, 32, 32, seed=1)
-
-
-def test_boxes_are_valid_and_deterministic() -> None:
-    boxes = sample_crop_boxes(5000, 32, 24, generator=torch.Generator().manual_seed(0))
-    assert boxes.shape == (5000, 4) and boxes.dtype == torch.int64
-    top, left, h, w = boxes.unbind(dim=1)
-    assert (h > 0).all() and (w > 0).all()
-    assert (top >= 0).all() and (left >= 0).all()
-    assert (top + h <= 32).all() and (left + w <= 24).all()
-    again = sample_crop_boxes(5000, 32, 24, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(boxes, again)
-
-
-def test_box_distribution_matches_torchvision(tv_boxes_32: torch.Tensor) -> None:
-    ours = sample_crop_boxes(20_000, 32, 32, SCALE, RATIO, generator=torch.Generator().manual_seed(2))
-    crit = ks_critical_value(len(ours), len(tv_boxes_32))
-    f_ours, f_ref = box_features(ours, 32, 32), box_features(tv_boxes_32, 32, 32)
-    for name in f_ours:
-        d = ks_statistic(f_ours[name], f_ref[name])
-        assert d <= crit, f"{name}: KS statistic {d:.4f} > critical value {crit:.4f} (alpha={KS_ALPHA})"
-
-
-@pytest.mark.parametrize(
-    ("scale", "ratio"),
-    [((0.3, 1.0), RATIO), ((0.5, 0.9), RATIO), (SCALE, (1 / 2, 2.0))],
-    ids=["scale-too-wide", "scale-too-small", "ratio-too-wide"],
-)
-def test_ks_detects_wrong_parameters(tv_boxes_32: torch.Tensor, scale, ratio) -> None:
-    # The comparison above is only meaningful if it can fail: boxes drawn with the wrong scale or ratio
-    # range must be rejected against torchvision's defaults.
-    wrong = sample_crop_boxes(20_000, 32, 32, scale, ratio, generator=torch.Generator().manual_seed(3))
-    assert max_ks_ratio(wrong, tv_boxes_32, 32, 32) > 1.0
-
-
-def test_fallback_always_taken_matches_torchvision() -> None:
-    # 8 x 64: every attempt needs h >= sqrt(256 / (4/3)) > 8, so all boxes are torchvision's fallback
-    # (full height, width clamped to the max ratio, centred), which is deterministic.
-    ours = sample_crop_boxes(500, 8, 64, generator=torch.Generator().manual_seed(0))
-    ref = torchvision_boxes(200, 8, 64, seed=0)
-    assert torch.equal(ref, ref[:1].expand_as(ref))
-    assert torch.equal(ours, ref[:1].expand_as(ours))
-    # Same for a tall image (ratio clamped to the min ratio).
-    ours_tall = sample_crop_boxes(100, 64, 8, generator=torch.Generator().manual_seed(0))
-    ref_tall = torchvision_boxes(20, 64, 8, seed=0)
-    assert torch.equal(ours_tall, ref_tall[:1].expand_as(ours_tall))
-
-
-def test_fallback_sometimes_taken_matches_torchvision() -> None:
-    # 20 x 40: about a third of the images exhaust the 10 attempts and get the central fallback box, the
-    # rest are random; both the mixture weight and the random part must match.
-    ref = torchvision_boxes(4000, 20, 40, seed=4)
-    ours = sample_crop_boxes(20_000, 20, 40, generator=torch.Generator().manual_seed(5))
-    fallback = torch.tensor([0, 6, 20, 27])  # top=(20-20)//2, left=(40-27)//2, h=20, w=round(20*4/3)
-    frac_ref = (ref == fallback).all(dim=1).double().mean().item()
-    frac_ours = (ours == fallback).all(dim=1).double().mean().item()
-    assert 0.1 < frac_ref < 0.9  # the case really mixes both branches
-    assert max_ks_ratio(ours, ref, 20, 40) <= 1.0
-    # Mixture weight: two-proportion z-test at the same alpha (|z| <= 3.29).
-    pooled = (frac_ref * len(ref) + frac_ours * len(ours)) / (len(ref) + len(ours))
-    se = math.sqrt(pooled * (1 - pooled) * (1 / len(ref) + 1 / len(ours)))
-    assert abs(frac_ref - frac_ours) / se <= 3.29
-
-
-def test_flips_are_fair() -> None:
-    flips = sample_flips(20_000, generator=torch.Generator().manual_seed(0))
-    assert flips.dtype == torch.bool and flips.shape == (20_000,)
-    # Binomial(20000, 0.5): sd = 70.7; 5 sd is essentially never exceeded by a fair coin.
-    assert abs(flips.sum().item() - 10_000) < 5 * 70.7
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,27 +95,6 @@ def test_resized_crop_matches_torchvision(height, width, size, box_list) -> None
         assert_matches(out[i], ref, f"image {i}, box {boxes[i].tolist()}, flip {bool(flips[i])}")
 
 
-def test_large_sources_on_a_cpu_take_the_native_kernel_with_the_matmuls_results(monkeypatch) -> None:
-    """Sources of NATIVE_MIN_SIDE px or more are resampled per image by F.interpolate on a CPU (5x faster at
-    224 px); it computes the same weights, so the results agree with the batched matmuls to float rounding."""
-    from dtl.data.augment import transform
-
-    g = torch.Generator().manual_seed(3)
-    images = random_images(12, 96, 120, seed=3)
-    boxes, flips = sample_crop_boxes(12, 96, 120, generator=g), sample_flips(12, generator=g)
-    native, native_resize = resized_crop(images, boxes, 80, flips), resize(images, 80)
-    monkeypatch.setattr(transform, "NATIVE_MIN_SIDE", 10**9)
-    matmul, matmul_resize = resized_crop(images, boxes, 80, flips), resize(images, 80)
-    torch.testing.assert_close(native, matmul, atol=1e-5, rtol=0)
-    torch.testing.assert_close(native_resize, matmul_resize, atol=1e-5, rtol=0)
-    assert native.is_contiguous(memory_format=torch.channels_last)
-    # an image already at the size is returned normalised as is (the identity weights), by both paths
-    square = random_images(2, 40, 40, seed=4)
-    shortcut = resize(square, 40, channels_last=False)
-    want = F.normalize(F.to_dtype(square, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
-    torch.testing.assert_close(shortcut, want, atol=1e-6, rtol=0)
-
-
 def test_resized_crop_random_batch_matches_torchvision() -> None:
     # Many different boxes in one batch: per-image weights must not leak between images.
     g = torch.Generator().manual_seed(7)
@@ -292,22 +132,35 @@ def test_resized_crop_vs_uint8_torchvision_within_one_grey_level() -> None:
 
 
 @pytest.mark.parametrize(
-    ("height", "width", "size", "expected_hw"),
+    ("height", "width", "size", "resized_hw"),
     [
         (32, 32, 224, (224, 224)),  # upsampling
         (32, 32, 32, (32, 32)),  # identity (torchvision returns the image unchanged)
         (96, 96, 32, (32, 32)),  # downsampling
         (32, 32, 20, (20, 20)),  # downsampling by a non-integer factor
-        (24, 40, 32, (32, 53)),  # non-square: shorter side -> size, longer = int(32 * 40 / 24)
+        (24, 40, 32, (32, 53)),  # non-square: shorter side -> size, longer = int(32 * 40 / 24); crop at 10.5 -> 10
         (40, 24, 16, (26, 16)),  # non-square, portrait, downsampling
+        (120, 100, 80, (96, 80)),  # a large source: on a CPU the native kernel, then the crop
+        (64, 80, 64, (64, 80)),  # already at the size on its shorter side: the crop alone
     ],
 )
-def test_resize_matches_torchvision(height, width, size, expected_hw) -> None:
+def test_resize_center_crop_matches_torchvisions_resize_and_center_crop(height, width, size, resized_hw) -> None:
+    """The batched eval resize is v2's Resize(size) + CenterCrop(size) (the geometry of
+    `dtl.data.preprocessing.eval_resize`), whatever the shape of the source."""
     images = random_images(4, height, width, seed=size + height)
-    out = resize(images, size, channels_last=False)
-    assert out.shape == (4, 3, *expected_hw)
+    out = resize_center_crop(images, size, channels_last=False)
+    assert out.shape == (4, 3, size, size)
+    assert tuple(F.resize(images[0], [size], antialias=True).shape[1:]) == resized_hw
     for i in range(4):
-        assert_matches(out[i], reference_resize(images[i], size), f"image {i}")
+        assert_matches(out[i], reference_eval(images[i], size), f"image {i}")
+
+
+def test_an_image_at_the_size_is_only_normalised() -> None:
+    """The identity weights are skipped: an image already at the size comes back normalised as is."""
+    square = random_images(2, 40, 40, seed=4)
+    shortcut = resize_center_crop(square, 40, channels_last=False)
+    want = F.normalize(F.to_dtype(square, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
+    torch.testing.assert_close(shortcut, want, atol=1e-6, rtol=0)
 
 
 def test_float_input_is_taken_as_unit_range() -> None:
@@ -315,7 +168,7 @@ def test_float_input_is_taken_as_unit_range() -> None:
     boxes = torch.tensor([(0, 0, 32, 32), (4, 4, 20, 20)])
     as_float = images.float() / 255
     assert_matches(resized_crop(as_float, boxes, 48), resized_crop(images, boxes, 48), "resized_crop")
-    assert_matches(resize(as_float, 48), resize(images, 48), "resize")
+    assert_matches(resize_center_crop(as_float, 48), resize_center_crop(images, 48), "resize")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,11 +184,11 @@ def test_dtype_and_layout(dtype: torch.dtype, channels_last: bool) -> None:
     flips = sample_flips(5, generator=torch.Generator().manual_seed(12))
     references = [
         resized_crop(images, boxes, 64, flips, channels_last=False),
-        resize(images, 64, channels_last=False),
+        resize_center_crop(images, 64, channels_last=False),
     ]
     outputs = [
         resized_crop(images, boxes, 64, flips, dtype=dtype, channels_last=channels_last),
-        resize(images, 64, dtype=dtype, channels_last=channels_last),
+        resize_center_crop(images, 64, dtype=dtype, channels_last=channels_last),
     ]
     # Layout must not change the values; bf16 only rounds them: 8 significant bits, so for |values| < 4
     # (here they are within about [-2.2, 2.7]) the rounding error is at most half an ulp = 2**-7.
@@ -352,13 +205,13 @@ def test_channels_last_input() -> None:
     boxes = sample_crop_boxes(4, 32, 32, generator=torch.Generator().manual_seed(13))
     cl_images = images.contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(resized_crop(cl_images, boxes, 48), resized_crop(images, boxes, 48))
-    torch.testing.assert_close(resize(cl_images, 48), resize(images, 48))
+    torch.testing.assert_close(resize_center_crop(cl_images, 48), resize_center_crop(images, 48))
 
 
 def test_custom_mean_std() -> None:
     # mean 0 / std 1/255 undoes the scaling: the output is the resized image in grey levels.
     images = random_images(2, 32, 32, seed=14)
-    out = resize(images, 32, mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3, channels_last=False)
+    out = resize_center_crop(images, 32, mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3, channels_last=False)
     torch.testing.assert_close(out, images.float(), atol=1e-3, rtol=0)
 
 
@@ -367,9 +220,9 @@ def test_bad_inputs_are_rejected() -> None:
     with pytest.raises(ValueError):
         resized_crop(images, torch.zeros(3, 4, dtype=torch.int64), 32)
     with pytest.raises(ValueError):
-        resize(images[0], 32)
+        resize_center_crop(images[0], 32)
     with pytest.raises(TypeError):
-        resize(images.to(torch.int32), 32)
+        resize_center_crop(images.to(torch.int32), 32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,7 +260,7 @@ def test_batch_transform_eval_is_deterministic_resize() -> None:
     a = transform(images, torch.Generator().manual_seed(1))
     b = transform(images, torch.Generator().manual_seed(2))
     assert torch.equal(a, b)
-    assert torch.equal(a, resize(images, 64))
+    assert torch.equal(a, resize_center_crop(images, 64))
     assert "train=False" in repr(transform)
 
 
@@ -429,7 +282,8 @@ def test_cuda_matches_cpu() -> None:
     on_gpu = transform(images.cuda(), torch.Generator().manual_seed(0))
     on_cpu = transform(images, torch.Generator().manual_seed(0))
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-2, rtol=0)
-    torch.testing.assert_close(resize(images.cuda(), 224).cpu(), resize(images, 224), atol=1e-2, rtol=0)
+    on_gpu, on_cpu = resize_center_crop(images.cuda(), 224).cpu(), resize_center_crop(images, 224)
+    torch.testing.assert_close(on_gpu, on_cpu, atol=1e-2, rtol=0)
 
 
 def test_skip_replays_the_random_stream():

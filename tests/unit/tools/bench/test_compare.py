@@ -14,7 +14,7 @@ import torch
 from torchvision.transforms import v2
 
 from dtl import cli
-from dtl.data.augment.transform import IMAGENET_MEAN, IMAGENET_STD
+from dtl.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from dtl.errors import UserError
 from dtl.tools.bench import compare, input_phases, overhead, strong_loop, strong_rate
 from dtl.tools.bench.report import PHASES, Options
