@@ -48,7 +48,7 @@ Environment:
   GPU_CHECK_BUDGET_S     seconds all steps may take together (default 450; 480 for the CPU smoke run)
   GPU_CHECK_STEPS        comma-separated step names to run (default: all; the others show SKIP)
   GPU_CHECK_CPU_SMOKE=1  the same flow on the CPU with tiny settings (gloo instead of NCCL, SqueezeNet and
-                         ResNet-18, a few hundred images), to test the check itself (tests/e2e/test_gpu_check.py)
+                         ResNet-18, a few hundred images), to test the check itself on a machine without a GPU
 
 The package: `profiles` (the two flavours and the speed goals), `processes` (starting and stopping process
 trees), `runfiles` (reading a run folder), `steps` (the ten steps), `report` (the table and the JSON) and
