@@ -32,7 +32,8 @@ from dtl.distributed import signals
 from dtl.errors import EXIT_FAILURE, EXIT_USAGE, NonFiniteLossError, UserError
 from dtl.models import classification_models, timm_backbones
 from dtl.tools import doctor, eval_run, export, predict
-from dtl.tools.bench import compare
+from dtl.tools.bench import settings as bench_settings
+from dtl.tools.bench import side_by_side
 from dtl.train import trainer
 from dtl.train.metrics import plot_runs, read_metrics
 
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "model, mode, image size and batch size, interleaved after a warm-up: input pipeline, "
                           "train step, eval step (images/s), peak memory, and dtl / each of them."),
         epilog=f"example:\n  {EXAMPLES['bench']}", formatter_class=argparse.RawDescriptionHelpFormatter)
-    compare.add_bench_arguments(bench_parser)
+    bench_settings.add_bench_arguments(bench_parser)
 
     add_eval_parser(sub)
     add_predict_parser(sub)
@@ -352,7 +353,7 @@ def execute(argv: list[str] | None = None) -> tuple[int, distributed.DistEnv]:
         "plot": lambda a, _: run_plot(a),
         "predict": lambda a, _: predict.run_predict(a),
         "export": lambda a, _: export.run_export(a),
-        "bench": lambda a, _: compare.run(a, compare.command_line(argv[1:] if argv else None)),
+        "bench": lambda a, _: side_by_side.run(a, side_by_side.command_line(argv[1:] if argv else None)),
     }
     return run_guarded(env, lambda: handlers[args.command](args, env)), env
 

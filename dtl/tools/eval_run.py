@@ -2,7 +2,7 @@
 
 `load_model` rebuilds the model from what the checkpoint itself records (``state.json``: the run's config,
 class count and class names; ``model.safetensors``: the weights, checksum-verified); nothing is unpickled and
-no pretrained weights are downloaded. `evaluate_checkpoint` measures it with `dtl.evaluate.evaluate`: top-1,
+no pretrained weights are downloaded. `evaluate_checkpoint` measures it with `dtl.train.evaluate.evaluate`: top-1,
 top-5, per-class accuracy and the confusion matrix (CSV + PNG) plus a JSON summary. Under torchrun/srun every
 rank evaluates a contiguous shard (each image counted exactly once) and the sums are all-reduced; rank 0
 writes. By default it evaluates exactly what the run evaluated (same data set, subset and split).

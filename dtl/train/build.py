@@ -42,7 +42,8 @@ def run_info(cfg: Config, env: DistEnv, device: torch.device, precision: Precisi
                    global_batch=cfg.optim.batch_size * env.world_size * cfg.optim.grad_accum, num_classes=len(classes),
                    classes=list(classes),
                    versions=versions, param_groups=param_groups,
-                   preprocessing=prep.to_dict())
+                   preprocessing=prep.to_dict(),
+                   backend=str(torch.distributed.get_backend()) if torch.distributed.is_initialized() else None)
 
 
 def preprocessing_of(cfg: Config) -> Preprocessing:

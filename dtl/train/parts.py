@@ -41,6 +41,8 @@ class RunInfo:
     preprocessing: dict[str, object] = field(default_factory=dict)
     """The input normalisation and resampling the run trained with (`dtl.preprocessing.Preprocessing`), which
     `dtl eval`/`predict`/`export` apply."""
+    backend: str | None = None
+    """The process group's backend (nccl, gloo); None in a single process without one."""
 
 
 @dataclass(frozen=True)

@@ -117,9 +117,11 @@ class RunFolder:
         return self.plan.outdir
 
     def start(self, cfg: Config, info: dict[str, Any], state: TrainState, splits: Splits,
-              model: torch.nn.Module) -> None:
+              model: torch.nn.Module, cached_features: str | None = None) -> None:
         """Create the folder and describe the run (rank 0); after this, files exist. `state`: where the run
-        starts (the resumed checkpoint's position, or the beginning)."""
+        starts (the resumed checkpoint's position, or the beginning). config.json also says how this start
+        began: ``resumed_from`` (the checkpoint, or null) and ``cached_features`` (--cache-features: "computed"
+        when this start extracted features, "reused" when all came from OUTDIR/features; null without it)."""
         if self.env.is_main:
             outdir = self.plan.outdir
             n_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -133,8 +135,11 @@ class RunFolder:
                     for name in RUN_FILES:
                         (outdir / name).unlink(missing_ok=True)
                 truncate_metrics(outdir, state.epoch)
+                resumed_from = str(self.plan.resume_from) if self.plan.resume_from is not None else None
                 files.write_json(outdir / "config.json", {"config": cfg.to_dict(), "run": info,
-                                                          "resolved_output_dir": str(outdir)})
+                                                          "resolved_output_dir": str(outdir),
+                                                          "resumed_from": resumed_from,
+                                                          "cached_features": cached_features})
                 self.status("running", None, state, self.plan.resume_from)
                 save_split(outdir, splits)  # image folders: a resume and `dtl eval` reuse exactly this split
             except OSError as err:

@@ -23,7 +23,8 @@ from dtl.train.build import prepare
 def train(cfg: Config, env: DistEnv, device: torch.device) -> int:
     """Train as configured; the exit code (0 done, 75 stopped by a signal after checkpointing)."""
     parts, state = prepare(cfg, env, device)
-    parts.folder.start(cfg, asdict(parts.info), state, parts.splits, parts.model.own())
+    cached = ("computed" if parts.new_features else "reused") if cfg.data.cache_features else None
+    parts.folder.start(cfg, asdict(parts.info), state, parts.splits, parts.model.own(), cached_features=cached)
     if env.is_main:
         for name, (feats, labels) in parts.new_features.items():
             features.store(parts.folder.outdir, cfg, name, feats, labels)

@@ -13,8 +13,8 @@ settings (momentum 0.9, foreach, the settings' learning rate):
 
 Rounds are interleaved (the side that goes first alternates); reported: the median time per step of each side
 (CPU time of the process on a CPU, see `seconds_per_step`) and ``dtl / bare``, the ratio of the medians and the
-median of each round's ratio (``paired``). The issue's
-goal is a ratio <= 1.3 (dtl adds at most 30 % to a step whose model costs nothing).
+median of each round's ratio (``paired``). The goal is a ratio <= 1.3 (dtl adds at most 30 % to a step whose
+model costs nothing).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ BASE_FLAGS = ("--dataset", "synthetic", "--model", "squeezenet1_1", "--mode", "s
 
 
 class PremadeBatches:
-    """A training loader (`dtl.data.BatchLoader`) over batches made beforehand: no input cost on either side."""
+    """A training loader (`dtl.data.loaders.BatchLoader`) over batches made beforehand: no input cost on either side."""
 
     def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.batches = batches
