@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Sampler
 
-from dtl import files
+from dtl import atomic_files
 from dtl.config import Config
 from dtl.distributed import DistEnv, all_gather_tensor
 
@@ -100,7 +100,7 @@ def cached(outdir: Path, cfg: Config, split: str, n: int, device: torch.device) 
     path = outdir / "features" / f"{split}.safetensors"
     if not path.is_file():
         return None
-    tensors = files.read_tensors(path)
+    tensors = atomic_files.read_tensors(path)
     if tensors.get("fingerprint") is None or bytes(tensors["fingerprint"].tolist()).decode() != fingerprint(
             cfg, split, n):
         return None
@@ -111,7 +111,8 @@ def store(outdir: Path, cfg: Config, split: str, feats: torch.Tensor, labels: to
     folder = outdir / "features"
     folder.mkdir(parents=True, exist_ok=True)
     tag = torch.tensor(list(fingerprint(cfg, split, labels.shape[0]).encode()), dtype=torch.uint8)
-    files.write_tensors(folder / f"{split}.safetensors", {"features": feats, "labels": labels, "fingerprint": tag})
+    atomic_files.write_tensors(folder / f"{split}.safetensors",
+                               {"features": feats, "labels": labels, "fingerprint": tag})
 
 
 class FeatureLoader:

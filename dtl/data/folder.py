@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 
+from dtl.atomic_files import write_json
 from dtl.config import Config
 from dtl.data.images import IMG_EXTENSIONS, decode, scan, walk_images
 from dtl.data.splits import Splits, apply_subsets, stream_seed, subset_indices
 from dtl.errors import UserError
-from dtl.files import write_json
 
 log = logging.getLogger("dtl")
 

@@ -37,11 +37,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from dtl.atomic_files import fsync, write_json
 from dtl.data.folder import FolderSplit
 from dtl.data.images import decode_batch, resolve_decoder
 from dtl.data.splits import Splits
 from dtl.errors import UserError
-from dtl.files import fsync, write_json
 
 log = logging.getLogger("dtl")
 

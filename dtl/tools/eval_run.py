@@ -23,16 +23,16 @@ from typing import Any
 
 import torch
 
-from dtl import files, models
+from dtl import atomic_files, models
 from dtl.config import Config
 from dtl.data import folder, image_cache, loaders
 from dtl.data.preprocessing import IMAGENET, Preprocessing
 from dtl.distributed import DistEnv, main_first
 from dtl.errors import EXIT_OK, UserError
-from dtl.train import checkpoint_format as ckpt
+from dtl.train.checkpoint import format as ckpt
 from dtl.train.evaluate import evaluate
 from dtl.train.metrics import plot_confusion
-from dtl.train.precision import resolve
+from dtl.train.optimisation.precision import resolve
 
 log = logging.getLogger("dtl")
 
@@ -76,7 +76,7 @@ def load_model(path: str | Path, device: torch.device) -> Loaded:
         raise UserError(f"{folder}/state.json names {len(classes)} classes for a {num_classes}-class model")
     model = models.build_model(cfg.backbone.model, num_classes, "none", cfg.data.image_size,
                                drop_path=cfg.backbone.drop_path)
-    models.load_into(model, files.read_tensors(folder / "model.safetensors"), f"checkpoint {folder}")
+    models.load_into(model, atomic_files.read_tensors(folder / "model.safetensors"), f"checkpoint {folder}")
     # the training run's memory format: the same kernels, so the same logits as the run's own evaluation
     model = model.to(device, memory_format=models.memory_format(device.type, cfg.backbone.mode)).eval()
     run_dir = ckpt.run_folder_of(folder)

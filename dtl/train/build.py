@@ -20,12 +20,13 @@ from dtl.data.preprocessing import Preprocessing
 from dtl.data.splits import Splits
 from dtl.distributed import DistEnv, GradCompression, fsdp, main_first
 from dtl.errors import UserError
-from dtl.train import optim, run_folder, trackers
-from dtl.train.checkpointer import Checkpointer
-from dtl.train.ema import Ema
+from dtl.train import run_folder, trackers
+from dtl.train.checkpoint.checkpointer import Checkpointer
 from dtl.train.hooks import hooks_for
+from dtl.train.optimisation.ema import Ema
+from dtl.train.optimisation.optimizer import build_optimizer, log_groups, table
+from dtl.train.optimisation.precision import Precision, configure_backends, resolve
 from dtl.train.parts import RunInfo, RunParts
-from dtl.train.precision import Precision, configure_backends, resolve
 from dtl.train.run_folder import RunFolder
 from dtl.train.train_state import TrainState
 from dtl.train.trained_model import TrainedModel
@@ -134,13 +135,13 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> tuple[RunParts, 
     if sharded:
         model = shard_model(cfg, model, precision, device)
     compression = grad_compression(cfg, env)
-    optimizer, group_rows = optim.build_optimizer(cfg.optim, model, cfg.backbone.model, device,
-                                                  grad_scaler=precision.scales_loss)
+    optimizer, group_rows = build_optimizer(cfg.optim, model, cfg.backbone.model, device,
+                                            grad_scaler=precision.scales_loss)
     scaler = precision.grad_scaler()
     weights = (samplers.class_weights(splits.train.labels, len(splits.classes))
                if cfg.data.class_balance == "loss" else None)
     prep = preprocessing_of(cfg)  # the backbone's normalisation: loaders, cached features, config.json
-    info = run_info(cfg, env, device, precision, splits.classes, optim.table(group_rows), prep)
+    info = run_info(cfg, env, device, precision, splits.classes, table(group_rows), prep)
     if weights is not None:
         info = replace(info, class_weights=weights.tolist())
         log.info("class weights (inverse training frequency): %s",
@@ -158,7 +159,7 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> tuple[RunParts, 
     total, n_train = models.count_parameters(model)
     log.info("%s %s: %d params, %d trainable (%s)", cfg.backbone.model, cfg.backbone.mode, total, n_train,
              ", ".join(trainable) if len(trainable) <= 4 else f"{len(trainable)} tensors")
-    optim.log_groups(group_rows)
+    log_groups(group_rows)
     channels_last = models.memory_format(device.type, cfg.backbone.mode) == torch.channels_last
     train_loader, eval_loader = loaders.build_loaders(cfg, splits, env, device, torch.float32,
                                                    channels_last=channels_last, prep=prep)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dtl.distributed import DistEnv, all_reduce_sum, fsdp, local_module
-from dtl.train.precision import Precision
+from dtl.train.optimisation.precision import Precision
 from dtl.train.progress_bar import Progress
 
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from dtl.config import Config
 from dtl.distributed import local_module
-from dtl.train.ema import EmaView
 from dtl.train.evaluate import evaluate
+from dtl.train.optimisation.ema import EmaView
 from dtl.train.parts import RunParts
 from dtl.train.train_state import TrainState
 

@@ -14,9 +14,9 @@ from dtl.data.augment.mix import Mixer
 from dtl.data.loaders import BatchLoader
 from dtl.data.splits import Splits
 from dtl.distributed import DistEnv
-from dtl.train.checkpointer import Checkpointer
-from dtl.train.ema import Ema
-from dtl.train.precision import Precision
+from dtl.train.checkpoint.checkpointer import Checkpointer
+from dtl.train.optimisation.ema import Ema
+from dtl.train.optimisation.precision import Precision
 from dtl.train.run_folder import RunFolder
 from dtl.train.trained_model import TrainedModel
 

@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from dtl import files
+from dtl.atomic_files import read_tensors, write_json, write_tensors
 from dtl.config import Config, recipe_line
 from dtl.data.folder import SPLIT_FILE, save_split
 from dtl.data.splits import Splits
 from dtl.distributed import DistEnv, barrier, broadcast_str
 from dtl.errors import EXIT_OK, UserError
-from dtl.train import checkpoint_format as ckpt
+from dtl.train.checkpoint import format as ckpt
 from dtl.train.metrics import METRICS_FILE, MetricsLog, plot_runs, truncate_metrics
 from dtl.train.trackers import TRACKERS_FILE, Tracker, flat_params, open_trackers
 from dtl.train.train_state import TrainState
@@ -133,8 +133,8 @@ class RunFolder:
                     for name in RUN_FILES:
                         (outdir / name).unlink(missing_ok=True)
                 truncate_metrics(outdir, state.epoch)
-                files.write_json(outdir / "config.json", {"config": cfg.to_dict(), "run": info,
-                                                          "resolved_output_dir": str(outdir)})
+                write_json(outdir / "config.json", {"config": cfg.to_dict(), "run": info,
+                                                    "resolved_output_dir": str(outdir)})
                 self.status("running", None, state, self.plan.resume_from)
                 save_split(outdir, splits)  # image folders: a resume and `dtl eval` reuse exactly this split
             except OSError as err:
@@ -160,7 +160,7 @@ class RunFolder:
         if not self.env.is_main:
             return
         extra = {"best_epoch": state.early_stop_best_epoch} if state.early_stopped else {}
-        files.write_json(self.outdir / "status.json", {
+        write_json(self.outdir / "status.json", {
             "state": state_name, "exit_code": exit_code, "epoch": state.epoch, "global_step": state.global_step,
             "checkpoint": str(checkpoint) if checkpoint else None, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **extra,
@@ -174,13 +174,13 @@ class RunFolder:
         if not self.env.is_main:
             return
         outdir = self.outdir
-        files.write_tensors(outdir / "model.safetensors", weights)
+        write_tensors(outdir / "model.safetensors", weights)
         if ema_weights is not None:
-            files.write_tensors(outdir / "model_ema.safetensors", ema_weights)
+            write_tensors(outdir / "model_ema.safetensors", ema_weights)
         plot_runs([outdir], outdir / "curves.png")
         if state.early_stopped:
             best = ckpt.best_or_last(outdir)
-            files.write_tensors(outdir / "model.safetensors", files.read_tensors(best / "model.safetensors"))
+            write_tensors(outdir / "model.safetensors", read_tensors(best / "model.safetensors"))
             log.info("early stop: no %s improvement for %d epochs; model.safetensors holds the best epoch's "
                      "weights (epoch %d, %s)", early_stop_metric, state.early_stop_bad_epochs,
                      state.early_stop_best_epoch, best)

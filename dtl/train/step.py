@@ -15,7 +15,7 @@ from dtl import faults
 from dtl.distributed import fsdp, no_sync
 from dtl.errors import NonFiniteLossError
 from dtl.train.metrics import Meter
-from dtl.train.optim import lr_at
+from dtl.train.optimisation.lr import lr_at
 from dtl.train.parts import RunParts
 from dtl.train.train_state import TrainState
 

@@ -12,7 +12,7 @@ from torch.utils.hooks import RemovableHandle
 from dtl import models
 from dtl.config import BackboneConfig
 from dtl.distributed import DistEnv, GradCompression, fsdp, unwrap, wrap
-from dtl.train.ema import Ema
+from dtl.train.optimisation.ema import Ema
 
 log = logging.getLogger("dtl")
 

@@ -71,7 +71,8 @@ def linear_model(device: torch.device, seed: int) -> nn.Module:
 
 
 def sgd(model: nn.Module, parts: RunParts) -> torch.optim.Optimizer:
-    """What `dtl.train.optim.build_optimizer` makes with default settings: one group, foreach (fused on CUDA)."""
+    """What `dtl.train.optimisation.optimizer.build_optimizer` makes with default settings: one group, foreach
+    (fused on CUDA)."""
     o = parts.cfg.optim
     fast = {"fused": True} if parts.device.type == "cuda" else {"foreach": True}
     group = {"params": list(model.parameters()), "lr_mult": 1.0, "weight_decay": o.weight_decay}

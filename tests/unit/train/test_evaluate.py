@@ -9,7 +9,7 @@ from torch import nn
 from dtl import distributed
 from dtl.distributed import DistEnv
 from dtl.train.evaluate import evaluate, tta_logits
-from dtl.train.precision import Precision
+from dtl.train.optimisation.precision import Precision
 
 CPU = torch.device("cpu")
 FP32 = Precision("fp32", CPU)

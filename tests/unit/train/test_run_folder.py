@@ -13,8 +13,8 @@ from dtl.config import Config, recipe_line
 from dtl.data.splits import Split, Splits
 from dtl.distributed import DistEnv
 from dtl.errors import UserError
-from dtl.train import checkpoint_format as ckpt
 from dtl.train import run_folder
+from dtl.train.checkpoint import format as ckpt
 from dtl.train.train_state import TrainState
 
 CPU = torch.device("cpu")

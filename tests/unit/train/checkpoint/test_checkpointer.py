@@ -1,4 +1,4 @@
-"""dtl.train.checkpointer: when to save, and a save -> restore round trip of everything a resume needs."""
+"""dtl.train.checkpoint.checkpointer: when to save, and a save -> restore round trip of everything a resume needs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from dtl.distributed import DistEnv
 from dtl.errors import UserError
-from dtl.train.checkpointer import Checkpointer
+from dtl.train.checkpoint.checkpointer import Checkpointer
 from dtl.train.train_state import TrainState
 
 CPU = torch.device("cpu")

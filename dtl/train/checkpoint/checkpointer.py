@@ -1,6 +1,6 @@
 """The checkpoint policy of a run: when to save (every N steps, every M minutes, epoch ends, a stop signal),
 what goes in (weights, optimizer and scaler state, every rank's RNG streams, the `TrainState`), and
-restoring all of it. The file format itself is `dtl.train.checkpoint_format`'s."""
+restoring all of it. The file format itself is `dtl.train.checkpoint.format`'s."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from dtl import models
+from dtl.atomic_files import read_tensors, write_tensors
 from dtl.distributed import DistEnv, GradCompression, all_gather_tensor, fsdp, unwrap, wait_for_main
 from dtl.errors import UserError
-from dtl.files import read_tensors, write_tensors
-from dtl.train import checkpoint_format as ckpt
-from dtl.train.ema import Ema
-from dtl.train.optim import load_optimizer_state
+from dtl.train.checkpoint import format as ckpt
+from dtl.train.optimisation.ema import Ema
+from dtl.train.optimisation.optimizer import load_optimizer_state
 from dtl.train.train_state import TrainState
 
 log = logging.getLogger("dtl")

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 from dtl import faults
+from dtl.atomic_files import fsync, read_tensors, write_json, write_tensors
 from dtl.errors import UserError
-from dtl.files import fsync, read_tensors, write_json, write_tensors
 
 log = logging.getLogger("dtl")
 

@@ -1,4 +1,4 @@
-"""dtl.train.optim."""
+"""dtl.train.optimisation.optimizer: parameter groups, kernels under a GradScaler, and restored state."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from dtl import files, models
+from dtl import atomic_files, models
 from dtl.config import Config
-from dtl.train import checkpoint_format as ckpt
-from dtl.train import optim, step
+from dtl.train import step
+from dtl.train.checkpoint import format as ckpt
+from dtl.train.optimisation import optimizer as optim
+from dtl.train.optimisation.lr import lr_at
 from tests.conftest import TINY, train_inproc
 
 
@@ -49,9 +51,9 @@ def test_resume_with_channels_last_and_fused_optimizer_is_bitwise(kind, tmp_path
         _step(net, opt, i)
     # through the checkpoint format: tensors are written contiguous (NCHW)
     tensors, extra = ckpt.optimizer_to_tensors(opt.state_dict())
-    files.write_tensors(tmp_path / "optim.safetensors", tensors)
+    atomic_files.write_tensors(tmp_path / "optim.safetensors", tensors)
     model_state = {k: v.clone() for k, v in net.state_dict().items()}
-    state = ckpt.optimizer_from_tensors(files.read_tensors(tmp_path / "optim.safetensors"), extra)
+    state = ckpt.optimizer_from_tensors(atomic_files.read_tensors(tmp_path / "optim.safetensors"), extra)
 
     resumed = _conv_net()
     resumed.load_state_dict(model_state)
@@ -132,7 +134,7 @@ def test_head_group_learns_at_m_times_the_scheduled_rate(tmp_path, monkeypatch):
 
     def spy(parts, state, bad_step, losses):
         original(parts, state, bad_step, losses)
-        expected = optim.lr_at(parts.cfg.optim, state.global_step, parts.steps_per_epoch, 1)
+        expected = lr_at(parts.cfg.optim, state.global_step, parts.steps_per_epoch, 1)
         head = next(g for g in parts.optimizer.param_groups if g["lr_mult"] == 10.0)
         seen.append((head["lr"], 10.0 * expected))
 
