@@ -307,11 +307,10 @@ def run_guarded(env: distributed.DistEnv, body: Callable[[], int]) -> int:
 
 
 def in_process_group(env: distributed.DistEnv, device_preference: str, timeout_s: float,
-                     body: Callable[[torch.device], int]) -> int:
-    """Pick this process's device, create the process group, run `body(device)` (train, eval)."""
+                     body: Callable[[distributed.ProcessGroups, torch.device], int]) -> int:
+    """Pick this process's device, create the process groups, run `body(groups, device)` (train, eval)."""
     device = distributed.pick_device(env, device_preference)
-    distributed.setup(env, device, timeout_s)
-    return body(device)
+    return body(distributed.setup(env, device, timeout_s), device)
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -322,12 +321,12 @@ def run_train(args: argparse.Namespace, env: distributed.DistEnv) -> int:
     if cfg.run.deterministic:
         distributed.prepare_determinism()
     return in_process_group(env, cfg.dist.device, cfg.dist.dist_timeout,
-                            lambda device: trainer.train(cfg, env, device))
+                            lambda groups, device: trainer.train(cfg, groups, device))
 
 
 def run_eval(args: argparse.Namespace, env: distributed.DistEnv) -> int:
     return in_process_group(env, args.device, args.dist_timeout,
-                            lambda device: eval_run.evaluate_checkpoint(args, env, device))
+                            lambda groups, device: eval_run.evaluate_checkpoint(args, groups, device))
 
 
 #: the commands that run on every rank of a launch (the rest run in one process, whatever launched them)

@@ -38,7 +38,7 @@ from dtl.data.images import decode_batch, read_bytes
 from dtl.data.preprocessing import IMAGENET, Preprocessing, eval_transform, v2_interpolation
 from dtl.data.samplers import EvalShardSampler, sampler_for
 from dtl.data.splits import DatasetSplit, Split, Splits, apply_subsets, stream_seed
-from dtl.distributed import DistEnv, main_first
+from dtl.distributed import DistEnv, ProcessGroups
 
 log = logging.getLogger("dtl")
 
@@ -77,13 +77,13 @@ def load_splits(cfg: Config, allow_download: bool, split_file: Path | None = Non
                          cfg.run.seed)
 
 
-def load_splits_once(cfg: Config, env: DistEnv, split_file: Path | None = None) -> Splits:
+def load_splits_once(cfg: Config, groups: ProcessGroups, split_file: Path | None = None) -> Splits:
     """Global rank 0 reads (and if needed downloads and extracts) first, then the first process of every
     other node (which finds the files when the folder is shared, else fetches its own copy), then the rest,
     which only read: a download happens once per folder and never concurrently into it. Global rank 0 logs
     the data set's warnings (unreadable files, ...) for the whole job."""
-    return main_first(env, lambda first: load_splits(cfg, allow_download=first, split_file=split_file,
-                                                     is_main=env.is_main))
+    return groups.main_first(lambda first: load_splits(cfg, allow_download=first, split_file=split_file,
+                                                       is_main=groups.env.is_main))
 
 
 class DeviceLoader:

@@ -18,7 +18,7 @@ from dtl.data.augment import mix
 from dtl.data.loaders import BatchLoader
 from dtl.data.preprocessing import Preprocessing
 from dtl.data.splits import Splits
-from dtl.distributed import DistEnv, GradCompression, fsdp, main_first
+from dtl.distributed import DistEnv, GradCompression, ProcessGroups, fsdp
 from dtl.errors import UserError
 from dtl.train import run_folder, trackers
 from dtl.train.checkpoint.checkpointer import Checkpointer
@@ -111,25 +111,27 @@ def shard_model(cfg: Config, model: nn.Module, precision: Precision, device: tor
                       cfg.dist.fsdp_cpu_offload)
 
 
-def prepare(cfg: Config, env: DistEnv, device: torch.device) -> tuple[RunParts, TrainState]:
+def prepare(cfg: Config, groups: ProcessGroups, device: torch.device) -> tuple[RunParts, TrainState]:
     """Validate and build everything -- the run's parts and where it starts (the resumed checkpoint's
-    `TrainState`, or the beginning); nothing is written to the output folder before this returns."""
+    `TrainState`, or the beginning) -- in the process groups `groups`; nothing is written to the output folder
+    before this returns."""
+    env = groups.env
     trackers.check_available(cfg.run.log_with)  # every rank, before anything is written
     precision = resolve(cfg.run.precision, env, device, cfg.run.fp16_init_scale)
     configure_backends(cfg.run.deterministic, precision)
-    plan = run_folder.plan(cfg, env, device)
-    splits = loaders.load_splits_once(cfg, env, plan.split_file)
+    plan = run_folder.plan(cfg, groups, device)
+    splits = loaders.load_splits_once(cfg, groups, plan.split_file)
     if cfg.data.cache_images is not None:  # decoded once per node (its first process), read by every rank
         d = cfg.data
         folder = image_cache.cache_folder(d.cache_images, plan.outdir)
-        splits = main_first(env, lambda first: image_cache.cache_splits(
+        splits = groups.main_first(lambda first: image_cache.cache_splits(
             splits, folder, d.cache_size or d.image_size, first, d.image_decoder, device))
     if len(splits.classes) < 2:
         raise UserError(f"{cfg.data.data_dir} has {len(splits.classes)} class ({', '.join(splits.classes)}): a "
                         "classifier needs at least two (one class folder per class) -- it would reach a "
                         "meaningless 100%")
     # the ImageNet weights reach the hub cache once per node (rank 0 first), not once per rank at a time
-    main_first(env, lambda first: models.fetch_weights(cfg.backbone.model, cfg.backbone.weights) if first else None)
+    groups.main_first(lambda first: models.fetch_weights(cfg.backbone.model, cfg.backbone.weights) if first else None)
     model, trainable = build_model(cfg, device, len(splits.classes))
     sharded = resolve_strategy(cfg, env) == "fsdp"
     if sharded:
@@ -147,7 +149,7 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> tuple[RunParts, 
         log.info("class weights (inverse training frequency): %s",
                  ", ".join(f"{c}={w:.3f}" for c, w in zip(splits.classes, weights.tolist())))
     saving = cfg.checkpoint
-    checkpointer = Checkpointer(plan.outdir, env, device, every_steps=saving.checkpoint_every_steps,
+    checkpointer = Checkpointer(plan.outdir, groups, device, every_steps=saving.checkpoint_every_steps,
                                 every_minutes=saving.checkpoint_every_minutes, keep_last=saving.keep_last,
                                 static_meta={"config": cfg.to_dict(), "num_classes": len(splits.classes),
                                              "world_size": env.world_size, "run": asdict(info)},
@@ -165,21 +167,22 @@ def prepare(cfg: Config, env: DistEnv, device: torch.device) -> tuple[RunParts, 
                                                    channels_last=channels_last, prep=prep)
     new_features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if cfg.data.cache_features:
-        model, train_loader, eval_loader, new_features = use_cached_features(cfg, env, device, model, splits,
+        model, train_loader, eval_loader, new_features = use_cached_features(cfg, groups, device, model, splits,
                                                                              plan, precision, prep)
     mixer = mix.Mixer(cfg.optim, len(splits.classes), cfg.run.seed, env.rank) if mix.enabled(cfg.optim) else None
     trained = TrainedModel(model, env, device, cfg.run.compile, compression)
-    parts = RunParts(cfg, env, device, RunFolder(plan, env), trained, optimizer, scaler, precision, train_loader,
+    parts = RunParts(cfg, groups, device, RunFolder(plan, groups), trained, optimizer, scaler, precision, train_loader,
                      eval_loader, splits, info, checkpointer,
                      new_features, None if weights is None else weights.float().to(device), ema, mixer,
                      hooks_for(cfg))
     return parts, state
 
 
-def use_cached_features(cfg: Config, env: DistEnv, device: torch.device, model: nn.Module, splits: Splits,
+def use_cached_features(cfg: Config, groups: ProcessGroups, device: torch.device, model: nn.Module, splits: Splits,
                         plan: run_folder.RunPlan, precision: Precision, prep: Preprocessing
                         ) -> tuple[nn.Module, BatchLoader, BatchLoader, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Replace the image loaders by feature loaders and the model by its head (see dtl.features)."""
+    """Replace the image loaders by feature loaders and the model by its head (see `dtl.data.features`)."""
+    env = groups.env
     head = models.head_name(model)
     if not isinstance(model.get_submodule(head), nn.Linear):
         # SqueezeNet classifies with a 1x1 convolution followed by ReLU and pooling inside forward():
@@ -195,7 +198,7 @@ def use_cached_features(cfg: Config, env: DistEnv, device: torch.device, model: 
         hit = features.cached(plan.outdir, cfg, name, len(split), device)
         if hit is None:
             loader = loaders.eval_loader(cfg, split, env, device, prep=prep)
-            hit = new[name] = features.extract(model, head, loader, env, precision.autocast)
+            hit = new[name] = features.extract(model, head, loader, groups, precision.autocast)
         found[name] = hit
     log.info("cached features: train %s, test %s (%s)", tuple(found["train"][0].shape),
              tuple(found["test"][0].shape), "computed" if new else f"reused from {plan.outdir / 'features'}")

@@ -13,7 +13,7 @@ from dtl.config import Config
 from dtl.data.augment.mix import Mixer
 from dtl.data.loaders import BatchLoader
 from dtl.data.splits import Splits
-from dtl.distributed import DistEnv
+from dtl.distributed import DistEnv, ProcessGroups
 from dtl.train.checkpoint.checkpointer import Checkpointer
 from dtl.train.optimisation.ema import Ema
 from dtl.train.optimisation.precision import Precision
@@ -39,7 +39,7 @@ class RunInfo:
     class_weights: list[float] | None = None
     """--class-balance loss: the cross-entropy's weight per class (inverse training-set frequency)."""
     preprocessing: dict[str, object] = field(default_factory=dict)
-    """The input normalisation and resampling the run trained with (`dtl.preprocessing.Preprocessing`), which
+    """The input normalisation and resampling the run trained with (`dtl.data.preprocessing.Preprocessing`), which
     `dtl eval`/`predict`/`export` apply."""
 
 
@@ -49,7 +49,8 @@ class RunParts:
     the run stands is the `TrainState`, the one mutable object."""
 
     cfg: Config
-    env: DistEnv
+    groups: ProcessGroups
+    """The process groups and their collectives (`groups.env`: who this process is)."""
     device: torch.device
     folder: RunFolder
     """The run folder: it alone writes config.json, status.json, metrics and the final weights."""
@@ -72,6 +73,10 @@ class RunParts:
     """--mixup/--cutmix: mixes each training micro-batch (seeded per epoch, rank and batch index)."""
     hooks: tuple[Callable[..., None], ...] = ()
     """What the loop calls at each epoch's end, in order (`dtl.train.hooks.hooks_for`)."""
+
+    @property
+    def env(self) -> DistEnv:
+        return self.groups.env
 
     @property
     def accum(self) -> int:

@@ -17,7 +17,7 @@ from dtl.atomic_files import read_tensors, write_json, write_tensors
 from dtl.config import Config, recipe_line
 from dtl.data.folder import SPLIT_FILE, save_split
 from dtl.data.splits import Splits
-from dtl.distributed import DistEnv, barrier, broadcast_str
+from dtl.distributed import ProcessGroups
 from dtl.errors import EXIT_OK, UserError
 from dtl.train.checkpoint import format as ckpt
 from dtl.train.metrics import METRICS_FILE, MetricsLog, plot_runs, truncate_metrics
@@ -42,9 +42,9 @@ class RunPlan:
     """Start over in a folder that holds another run (--overwrite without --resume)."""
 
 
-def plan(cfg: Config, env: DistEnv, device: torch.device) -> RunPlan:
+def plan(cfg: Config, groups: ProcessGroups, device: torch.device) -> RunPlan:
     """Where the run goes and where it continues from; refuses to clobber another run."""
-    outdir = _outdir(cfg, env, device)
+    outdir = _outdir(cfg, groups, device)
     resume_from = _resume_point(outdir, cfg)
     if resume_from is None and not cfg.checkpoint.resume and holds_run(outdir) and not cfg.checkpoint.overwrite:
         raise UserError(f"{outdir} already holds a run; continue it with --resume auto, replace it with "
@@ -53,7 +53,7 @@ def plan(cfg: Config, env: DistEnv, device: torch.device) -> RunPlan:
     return RunPlan(outdir, resume_from, split, replace=cfg.checkpoint.overwrite and not cfg.checkpoint.resume)
 
 
-def _outdir(cfg: Config, env: DistEnv, device: torch.device) -> Path:
+def _outdir(cfg: Config, groups: ProcessGroups, device: torch.device) -> Path:
     """--output-dir, or the run folder of a --resume PATH, or runs/<timestamp> chosen by rank 0."""
     if cfg.checkpoint.output_dir:
         return Path(cfg.checkpoint.output_dir)
@@ -62,8 +62,8 @@ def _outdir(cfg: Config, env: DistEnv, device: torch.device) -> Path:
     if cfg.checkpoint.resume:
         path = Path(cfg.checkpoint.resume)
         return ckpt.run_folder_of(path) or path
-    stamp = time.strftime("runs/%Y%m%d-%H%M%S") if env.is_main else ""
-    return Path(broadcast_str(stamp, env, device if device.type == "cuda" else torch.device("cpu")))
+    stamp = time.strftime("runs/%Y%m%d-%H%M%S") if groups.env.is_main else ""
+    return Path(groups.broadcast_str(stamp, device if device.type == "cuda" else torch.device("cpu")))
 
 
 def _resume_point(outdir: Path, cfg: Config) -> Path | None:
@@ -108,8 +108,8 @@ class RunFolder:
     trackers), curves.png and the final weights -- and only through this object; the other ranks know where it
     is."""
 
-    def __init__(self, plan: RunPlan, env: DistEnv) -> None:
-        self.plan, self.env = plan, env
+    def __init__(self, plan: RunPlan, groups: ProcessGroups) -> None:
+        self.plan, self.groups, self.env = plan, groups, groups.env
         self._metrics: MetricsLog | None = None
 
     @property
@@ -147,7 +147,7 @@ class RunFolder:
             if (recipe := recipe_line(cfg)) is not None:
                 log.info("%s", recipe)  # flags and TOML win over the recipe: say which did
             log.info("output: %s", outdir)
-        barrier(self.env)
+        self.groups.barrier()
 
     def log_epoch(self, row: dict[str, Any]) -> None:
         """One epoch's metrics row (metrics.jsonl and the trackers; rank 0)."""

@@ -56,7 +56,7 @@ from dtl import models
 from dtl.config import Config
 from dtl.config.loading import add_config_arguments, config_from_args, load_toml
 from dtl.data.augment import mix
-from dtl.distributed import DistEnv, pick_device
+from dtl.distributed import DistEnv, ProcessGroups, pick_device
 from dtl.errors import UserError
 from dtl.tools.bench.article_loop import ReferenceLoop, endless
 from dtl.tools.bench.folder_input import run_folder_bench
@@ -178,7 +178,7 @@ class DtlLoop:
     name = "dtl"
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
-        self.parts, self.state = prepare(cfg, DistEnv(), device)
+        self.parts, self.state = prepare(cfg, ProcessGroups(), device)
         self.device = device
         self.train_batches = endless(self.parts.train_loader)
         self.eval_batches = endless(self.parts.eval_loader)
@@ -210,7 +210,7 @@ class DtlLoop:
 
     def _evaluate(self, batches: Any) -> int:
         parts = self.parts
-        return evaluate(parts.model.wrapped, batches, self.device, parts.env, parts.precision,
+        return evaluate(parts.model.wrapped, batches, self.device, parts.groups, parts.precision,
                         len(parts.splits.classes), desc=None).count
 
     def train_step(self, steps: int) -> int:

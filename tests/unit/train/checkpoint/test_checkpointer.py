@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from dtl.distributed import DistEnv
+from dtl.distributed import DistEnv, ProcessGroups
 from dtl.errors import UserError
 from dtl.train.checkpoint import format as ckpt
 from dtl.train.checkpoint.checkpointer import Checkpointer
@@ -28,7 +28,7 @@ V1_RUN = Path(__file__).parent / "v1_run"
 def make(tmp_path, env=None, **kw) -> Checkpointer:
     opts = {"every_steps": 0, "every_minutes": 0.0, "keep_last": 2} | kw
     meta = {"config": {"model": "tiny", "mode": "scratch"}, "num_classes": 3, "world_size": 1, "run": {}}
-    return Checkpointer(tmp_path, env or DistEnv(), CPU, static_meta=meta, **opts)
+    return Checkpointer(tmp_path, ProcessGroups(env or DistEnv()), CPU, static_meta=meta, **opts)
 
 
 def test_when_to_save(tmp_path):
