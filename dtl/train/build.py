@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 import dtl
-from dtl import models
+from dtl import faults, models
 from dtl.config import Config
 from dtl.data import features, image_cache, loaders, samplers
 from dtl.data.augment import mix
@@ -117,6 +117,7 @@ def prepare(cfg: Config, groups: ProcessGroups, device: torch.device) -> tuple[R
     before this returns."""
     env = groups.env
     trackers.check_available(cfg.run.log_with)  # every rank, before anything is written
+    fault_plan = faults.from_env()  # testing hooks: read here, once, not in the step or the writer
     precision = resolve(cfg.run.precision, env, device, cfg.run.fp16_init_scale)
     configure_backends(cfg.run.deterministic, precision)
     plan = run_folder.plan(cfg, groups, device)
@@ -153,7 +154,7 @@ def prepare(cfg: Config, groups: ProcessGroups, device: torch.device) -> tuple[R
                                 every_minutes=saving.checkpoint_every_minutes, keep_last=saving.keep_last,
                                 static_meta={"config": cfg.to_dict(), "num_classes": len(splits.classes),
                                              "world_size": env.world_size, "run": asdict(info)},
-                                sharded=sharded, compression=compression)
+                                sharded=sharded, compression=compression, faults=fault_plan)
     ema = Ema(model, cfg.optim.ema_decay, cfg.optim.ema_every) if cfg.optim.ema_decay else None
     state = TrainState().on(device)
     if plan.resume_from is not None:
@@ -174,7 +175,7 @@ def prepare(cfg: Config, groups: ProcessGroups, device: torch.device) -> tuple[R
     parts = RunParts(cfg, groups, device, RunFolder(plan, groups), trained, optimizer, scaler, precision, train_loader,
                      eval_loader, splits, info, checkpointer,
                      new_features, None if weights is None else weights.float().to(device), ema, mixer,
-                     hooks_for(cfg))
+                     hooks_for(cfg), fault_plan)
     return parts, state
 
 

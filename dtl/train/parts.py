@@ -14,6 +14,7 @@ from dtl.data.augment.mix import Mixer
 from dtl.data.loaders import BatchLoader
 from dtl.data.splits import Splits
 from dtl.distributed import DistEnv, ProcessGroups
+from dtl.faults import NO_FAULTS, Faults
 from dtl.train.checkpoint.checkpointer import Checkpointer
 from dtl.train.optimisation.ema import Ema
 from dtl.train.optimisation.precision import Precision
@@ -73,6 +74,8 @@ class RunParts:
     """--mixup/--cutmix: mixes each training micro-batch (seeded per epoch, rank and batch index)."""
     hooks: tuple[Callable[..., None], ...] = ()
     """What the loop calls at each epoch's end, in order (`dtl.train.hooks.hooks_for`)."""
+    faults: Faults = NO_FAULTS
+    """Testing hooks (`dtl.faults`), read once at start-up: the step checks whether one is due."""
 
     @property
     def env(self) -> DistEnv:

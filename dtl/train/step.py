@@ -41,15 +41,14 @@ def forward_backward(parts: RunParts, state: TrainState, images: torch.Tensor, l
     """One micro-step: forward under autocast, scaled backward (gradient all-reduce only when `sync`),
     device-side metric sums. The loss is taken against `targets` (MixUp/CutMix soft targets) when given, else
     `labels`; accuracy always against `labels`. Returns the loss (detached; `optimizer_step` checks it)."""
-    fault = faults.from_env()
     if parts.model.sharded:
         fsdp.sync_buffers(parts.model.wrapped)  # what DDP's broadcast_buffers does before each forward
     with no_sync(parts.model.wrapped, sync):
         with parts.precision.autocast():
             logits = parts.model.wrapped(images)
             loss = criterion(logits, labels if targets is None else targets)
-        if fault.due(state.global_step, parts.env.rank):
-            loss = faults.inject(fault.kind, loss)
+        if parts.faults.due(state.global_step, parts.env.rank):
+            loss = faults.inject(parts.faults.kind, loss)
         # Dividing by 1 is exact, so without accumulation the division and its backward are left out (every
         # small op is a kernel launch and a few microseconds of host time, per step).
         parts.scaler.scale(loss if parts.accum == 1 else loss / parts.accum).backward()

@@ -16,6 +16,7 @@ from dtl import models
 from dtl.atomic_files import read_tensors, write_tensors
 from dtl.distributed import GradCompression, ProcessGroups, fsdp, unwrap
 from dtl.errors import UserError
+from dtl.faults import NO_FAULTS, Faults
 from dtl.train.checkpoint import format as ckpt
 from dtl.train.optimisation.ema import Ema
 from dtl.train.optimisation.optimizer import load_optimizer_state
@@ -38,7 +39,7 @@ class Checkpointer:
     def __init__(self, outdir: Path, groups: ProcessGroups, device: torch.device, *, every_steps: int,
                  every_minutes: float, keep_last: int, static_meta: dict[str, Any],
                  last: Path | None = None, sharded: bool = False,
-                 compression: GradCompression | None = None) -> None:
+                 compression: GradCompression | None = None, faults: Faults = NO_FAULTS) -> None:
         self.outdir, self.groups, self.env, self.device = outdir, groups, groups.env, device
         self.sharded = sharded
         """--strategy fsdp: model, optimizer and EMA state as this rank's shards (DCP), plus consolidated
@@ -51,6 +52,8 @@ class Checkpointer:
         self.last = last
         """The newest complete checkpoint (the one resumed from, then each one written)."""
         self.last_time = time.monotonic()
+        self.faults = faults
+        """Testing hooks, read once at start-up (DTL_TEST_SLOW_WRITES: a pause after each file rank 0 writes)."""
 
     # ---- when ---------------------------------------------------------------------------------------
     def time_due(self) -> bool:
@@ -119,7 +122,7 @@ class Checkpointer:
             path = ckpt.save_checkpoint(self.outdir, model_state=weights,
                                         optim_state=None if self.sharded else optimizer.state_dict(), rng=rng,
                                         meta=meta, keep_last=self.keep_last, is_best=is_best, ema=ema_weights,
-                                        best_source=best_source, tmp=tmp)
+                                        best_source=best_source, tmp=tmp, pause_s=self.faults.slow_writes_s)
             self.last = path
         self.last_time = time.monotonic()
         # nobody leaves (or gets killed by the launcher) while rank 0 is still writing; the others wait on the
