@@ -54,6 +54,8 @@ class Loaded:
     classes: list[str]
     preprocessing: Preprocessing = IMAGENET
     """The input normalisation/resampling the run trained with (recorded; else the backbone's own)."""
+    memory_format: torch.memory_format = torch.contiguous_format
+    """The layout of the model's weights, which its input batches take too."""
 
 
 def load_model(path: str | Path, device: torch.device) -> Loaded:
@@ -78,11 +80,12 @@ def load_model(path: str | Path, device: torch.device) -> Loaded:
                                drop_path=cfg.backbone.drop_path)
     models.load_into(model, atomic_files.read_tensors(folder / "model.safetensors"), f"checkpoint {folder}")
     # the training run's memory format: the same kernels, so the same logits as the run's own evaluation
-    model = model.to(device, memory_format=models.memory_format(device.type, cfg.backbone.mode)).eval()
+    memory_format = models.memory_format(device.type, cfg.backbone.mode)
+    model = model.to(device, memory_format=memory_format).eval()
     run_dir = ckpt.run_folder_of(folder)
     prep = (Preprocessing.from_dict((meta.get("run") or {}).get("preprocessing"))
             or models.preprocessing(cfg.backbone.model).for_pipeline(loaders.resolve_pipeline(cfg)))
-    return Loaded(model, folder, run_dir, meta, cfg, classes, prep)
+    return Loaded(model, folder, run_dir, meta, cfg, classes, prep, memory_format)
 
 
 # ---- dtl eval ------------------------------------------------------------------------------------
@@ -189,9 +192,8 @@ def evaluate_checkpoint(args: argparse.Namespace, groups: ProcessGroups, device:
         size = cfg.data.cache_size or cfg.data.image_size
         test = groups.main_first(lambda first: image_cache.cached_split(test, "val", where, size, first,
                                                                          cfg.data.image_decoder, device))
-    fmt = models.memory_format(device.type, loaded.config.backbone.mode)
-    loader = loaders.eval_loader(cfg, test, env, device, channels_last=fmt == torch.channels_last,
-                              prep=loaded.preprocessing)
+    loader = loaders.eval_loader(cfg, test, env, device, channels_last=loaded.memory_format == torch.channels_last,
+                                 prep=loaded.preprocessing)
     precision = resolve(cfg.run.precision, env, device)
     t0 = time.perf_counter()
     result = evaluate(loaded.model, loader, device, groups, precision, len(loaded.classes), confusion=True,

@@ -51,8 +51,9 @@ def preprocessing_of(cfg: Config) -> Preprocessing:
     return models.preprocessing(cfg.backbone.model).for_pipeline(loaders.resolve_pipeline(cfg))
 
 
-def build_model(cfg: Config, device: torch.device, num_classes: int) -> tuple[nn.Module, list[str]]:
-    """The backbone with its new head, frozen per mode, on the device in its memory format (not wrapped)."""
+def build_model(cfg: Config, device: torch.device, num_classes: int,
+                memory_format: torch.memory_format) -> tuple[nn.Module, list[str]]:
+    """The backbone with its new head, frozen per mode, on the device in `memory_format` (not wrapped)."""
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
     net = cfg.backbone
     model = models.build_model(net.model, num_classes, net.weights, cfg.data.image_size, net.dropout,
@@ -67,7 +68,7 @@ def build_model(cfg: Config, device: torch.device, num_classes: int) -> tuple[nn
                               net.finetune_last_n)
     if cfg.backbone.mode == "transfer":
         models.run_prefix_without_grad(model, models.head_name(model))
-    return model.to(device, memory_format=models.memory_format(device.type, cfg.backbone.mode)), trainable
+    return model.to(device, memory_format=memory_format), trainable
 
 
 def resolve_strategy(cfg: Config, env: DistEnv) -> str:
@@ -133,7 +134,9 @@ def prepare(cfg: Config, groups: ProcessGroups, device: torch.device) -> tuple[R
                         "meaningless 100%")
     # the ImageNet weights reach the hub cache once per node (rank 0 first), not once per rank at a time
     groups.main_first(lambda first: models.fetch_weights(cfg.backbone.model, cfg.backbone.weights) if first else None)
-    model, trainable = build_model(cfg, device, len(splits.classes))
+    # the layout the model and every batch share, decided once for the run
+    memory_format = models.memory_format(device.type, cfg.backbone.mode)
+    model, trainable = build_model(cfg, device, len(splits.classes), memory_format)
     sharded = resolve_strategy(cfg, env) == "fsdp"
     if sharded:
         model = shard_model(cfg, model, precision, device)
@@ -163,9 +166,8 @@ def prepare(cfg: Config, groups: ProcessGroups, device: torch.device) -> tuple[R
     log.info("%s %s: %d params, %d trainable (%s)", cfg.backbone.model, cfg.backbone.mode, total, n_train,
              ", ".join(trainable) if len(trainable) <= 4 else f"{len(trainable)} tensors")
     log_groups(group_rows)
-    channels_last = models.memory_format(device.type, cfg.backbone.mode) == torch.channels_last
     train_loader, eval_loader = loaders.build_loaders(cfg, splits, env, device, torch.float32,
-                                                   channels_last=channels_last, prep=prep)
+                                                   channels_last=memory_format == torch.channels_last, prep=prep)
     new_features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if cfg.data.cache_features:
         model, train_loader, eval_loader, new_features = use_cached_features(cfg, groups, device, model, splits,
