@@ -18,7 +18,7 @@ PACKAGES: tuple[tuple[str, ...], ...] = (
     ("models",),
     ("train",),
     ("tools",),
-    ("cli", "__main__"),
+    ("cli",),
 )
 RANK = {name: i for i, names in enumerate(PACKAGES) for name in names}
 
