@@ -78,7 +78,7 @@ def check_replicas(parts: RunParts) -> None:
         return
     if parts.model.sharded:  # each rank holds other shards: nothing to compare (DCP checkpoints carry them all)
         return
-    params = list(parts.model.own().parameters())
+    params = list(parts.model.unwrapped().parameters())
     checksum = torch.zeros(2, dtype=torch.float64, device=params[0].device)
     offset = 0
     for p in params:

@@ -24,7 +24,7 @@ def train(cfg: Config, groups: ProcessGroups, device: torch.device) -> int:
     """Train as configured, in the process groups `setup` made; the exit code (0 done, 75 stopped by a signal
     after checkpointing)."""
     parts, state = prepare(cfg, groups, device)
-    parts.folder.start(cfg, asdict(parts.info), state, parts.splits, parts.model.own())
+    parts.folder.start(cfg, asdict(parts.info), state, parts.splits, parts.model.unwrapped())
     if groups.env.is_main:
         for name, (feats, labels) in parts.new_features.items():
             features.store(parts.folder.outdir, cfg, name, feats, labels)

@@ -86,7 +86,7 @@ class Checkpointer:
              best_source: str = "raw") -> Path | None:
         """Checkpoint the current position; returns the folder on rank 0 (None elsewhere)."""
         rng = self.gather_rng()
-        own = unwrap(model)
+        unwrapped = unwrap(model)
         path = None
         extra: dict[str, Any] = {}
         tmp = None
@@ -102,22 +102,22 @@ class Checkpointer:
                 write_tensors(ckpt.rank_file(tmp, self.env.rank), tensors)
             if self.sharded:
                 ema_part = {f"ema.{k}": v for k, v in ema.state_dict().items()} if ema is not None else {}
-                flat, param_groups = fsdp.sharded_state(own, optimizer, ema_part)
+                flat, param_groups = fsdp.sharded_state(unwrapped, optimizer, ema_part)
                 fsdp.save(flat, tmp / ckpt.SHARDED_DIR)
                 extra["sharded"] = {"param_groups": param_groups, "world_size": self.env.world_size,
                                     "ema": ema is not None}
             self.groups.wait_for_main()
         if self.sharded:  # consolidated weights too, for every reader of checkpoint folders (a collective)
-            weights = fsdp.full_state_dict(own)
+            weights = fsdp.full_state_dict(unwrapped)
             ema_weights = fsdp.full_tensors(ema.state_dict(), keep=self.env.is_main) if ema is not None else None
         else:
-            weights, ema_weights = own.state_dict(), ema.state_dict() if ema is not None else None
+            weights, ema_weights = unwrapped.state_dict(), ema.state_dict() if ema is not None else None
         if self.env.is_main:
             if self.sharded:
                 assert tmp is not None
                 extra["sharded"]["files"] = ckpt.file_digests(tmp / ckpt.SHARDED_DIR)
             meta = {"progress": state.saved(), **self.static_meta, "scaler": scaler.state_dict(),
-                    "trainable": optimized(own, optimizer),
+                    "trainable": optimized(unwrapped, optimizer),
                     "global_step": state.global_step, "best_acc": state.best_acc, **extra}
             path = ckpt.save_checkpoint(self.outdir, model_state=weights,
                                         optim_state=None if self.sharded else optimizer.state_dict(), rng=rng,
