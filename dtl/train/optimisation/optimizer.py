@@ -32,7 +32,7 @@ def param_groups(model: nn.Module, model_name: str, optim: OptimConfig) -> tuple
     `layer_decay`^(n - k) x, so the block below the head gets D and the stem D^n; parameters outside the
     table learn with the stem. Biases and normalisation weights (tensors of one dimension) get no weight decay
     unless `wd_norm_bias`. Groups with the same (multiplier, decay) are merged: with every feature off there
-    is one group, as before."""
+    is one group."""
     head = models.head_name(model)
     blocks = models.backbone_blocks(model, model_name)
     n = len(blocks)

@@ -44,7 +44,7 @@ MIX = [*TINY, "--model", "resnet18", "--train-subset", "48", "--eval-subset", "1
        "--keep-last", "20"]
 
 
-#: issue #13's acceptance set: the batched chain (TA wide, random erasing) and the mixing together
+#: every augmentation at once: the batched chain (TA wide, random erasing) and the mixing together
 ALL_AUG = ["--auto-augment", "ta_wide", "--random-erasing", "0.25"]
 
 

@@ -121,7 +121,7 @@ def test_biases_and_norms_get_no_weight_decay_unless_asked():
     assert all(p.ndim == 1 for p in by_decay[0.0]) and all(p.ndim > 1 for p in by_decay[0.05])
     groups, _ = optim.param_groups(net, "resnet18", Config(weight_decay=0.05, wd_norm_bias=True).optim)
     assert len(groups) == 1 and groups[0]["weight_decay"] == 0.05
-    groups, _ = optim.param_groups(net, "resnet18", Config().optim)  # every feature off: one group, as before
+    groups, _ = optim.param_groups(net, "resnet18", Config().optim)  # every feature off: one group
     assert len(groups) == 1 and len(groups[0]["params"]) == len(list(net.parameters()))
 
 
@@ -159,9 +159,9 @@ def _overflow_then_step(opt: torch.optim.Optimizer, net: nn.Module) -> torch.amp
 
 
 def test_sgd_under_an_fp16_grad_scaler_survives_an_overflowed_first_step():
-    """GPU issue's fp16_overflow: torch's fused SGD, handed found_inf by the scaler, leaves uninitialised momentum
-    buffers after a skipped first step. dtl's optimizer for a scaled CUDA run must step exactly like plain SGD
-    that never saw the skipped step (the fused CPU kernel has the same flaw, so this runs here)."""
+    """The GPU check's fp16_overflow step: torch's fused SGD, handed found_inf by the scaler, leaves uninitialised
+    momentum buffers after a skipped first step. dtl's optimizer for a scaled CUDA run must step exactly like
+    plain SGD that never saw the skipped step (the fused CPU kernel has the same flaw, so this runs here)."""
     cfg = Config(model="squeezenet1_1", mode="scratch", momentum=0.9, weight_decay=0.0)
     net = models.build_model("squeezenet1_1", 3, "none", 32, dropout=0.0)
     reference = copy.deepcopy(net)
