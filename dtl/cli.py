@@ -2,9 +2,12 @@
 
     dtl train ...     (= python train.py ...; torchrun/accelerate/srun start it the same way)
     dtl eval | predict | bench | data | models | plot | doctor ...
+    python -m dtl.cli ...   (torchrun -m dtl.cli ...: the same command as a module)
 
-`main(argv)` returns the exit code; the console script and `train.py` leave through `dtl.__main__`, which
-exits the way multi-process runs need (`distributed.exit_process`). Error policy, in one place (`guarded`): a
+`entry(argv)` is the one way into a process -- the `dtl` console script, `train.py` and `python -m dtl.cli`:
+it runs the command, then leaves the process the way multi-process runs need (`distributed.exit_process`:
+flushed, and without interpreter finalisers that abort now and then after gloo runs). `main(argv)` runs a
+command in this process and returns the exit code (tests, notebooks). Error policy, in one place (`guarded`): a
 `UserError` (bad flag, missing data, wrong checkpoint) is one line on rank 0 and exit code 2; a non-finite
 loss under `--nan-policy abort` is one line and exit 1; a collective that failed because another rank died is
 one line (exit 1) instead of a second traceback; anything else is a traceback from the rank where it
@@ -308,11 +311,10 @@ def run_guarded(env: distributed.DistEnv, body: Callable[[], int]) -> int:
 
 
 def in_process_group(env: distributed.DistEnv, device_preference: str, timeout_s: float,
-                     body: Callable[[torch.device], int]) -> int:
-    """Pick this process's device, create the process group, run `body(device)` (train, eval)."""
+                     body: Callable[[distributed.ProcessGroups, torch.device], int]) -> int:
+    """Pick this process's device, create the process groups, run `body(groups, device)` (train, eval)."""
     device = distributed.pick_device(env, device_preference)
-    distributed.setup(env, device, timeout_s)
-    return body(device)
+    return body(distributed.setup(env, device, timeout_s), device)
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -323,12 +325,12 @@ def run_train(args: argparse.Namespace, env: distributed.DistEnv) -> int:
     if cfg.run.deterministic:
         distributed.prepare_determinism()
     return in_process_group(env, cfg.dist.device, cfg.dist.dist_timeout,
-                            lambda device: trainer.train(cfg, env, device))
+                            lambda groups, device: trainer.train(cfg, groups, device))
 
 
 def run_eval(args: argparse.Namespace, env: distributed.DistEnv) -> int:
     return in_process_group(env, args.device, args.dist_timeout,
-                            lambda device: eval_run.evaluate_checkpoint(args, env, device))
+                            lambda groups, device: eval_run.evaluate_checkpoint(args, groups, device))
 
 
 #: the commands that run on every rank of a launch (the rest run in one process, whatever launched them)
@@ -359,9 +361,14 @@ def execute(argv: list[str] | None = None) -> tuple[int, distributed.DistEnv]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse and run one `dtl` command; the exit code."""
+    """Parse and run one `dtl` command in this process; the exit code."""
     return execute(argv)[0]
 
 
-if __name__ == "__main__":  # `python -m dtl.cli ...` (torchrun -m): exits as dtl/__main__.py does
-    distributed.exit_process(*execute())
+def entry(argv: list[str] | None = None) -> None:
+    """Run one `dtl` command (default: this process's arguments), then leave the process with its exit code."""
+    distributed.exit_process(*execute(argv))
+
+
+if __name__ == "__main__":
+    entry()

@@ -483,7 +483,7 @@ def step_bench(ctx: Context, out: Outcome) -> None:
     for label, flags in ctx.profile.bench:
         path = folder / f"{label}.json"
         path.unlink(missing_ok=True)
-        cmd = [PY, "-m", "dtl", "bench", *ctx.weights_flags(flags), "--dataset", "cifar10", "--data-dir",
+        cmd = [PY, "-m", "dtl.cli", "bench", *ctx.weights_flags(flags), "--dataset", "cifar10", "--data-dir",
                str(ctx.data), "--no-download", *ctx.profile.device, *ctx.profile.bench_common, "--json", str(path)]
         code, log = ctx.procs.run(f"bench-{label}", cmd)
         require_ok(code, log, f"dtl bench ({label})")

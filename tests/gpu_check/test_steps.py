@@ -369,7 +369,7 @@ def test_bench_reports_both_ratios_per_case(tmp_path, bench_json):
     assert train["ratio_strong"] == pytest.approx(train["dtl_img_s"] / train["strong_img_s"])
     assert train["dtl_tflops"] > 0 and "dtl_fraction_of_bf16_matmul" not in train
     assert out.summary.count("train img/s dtl") == 2
-    assert player.commands["bench-squeezenet_transfer_32px"][0][1:4] == ["-m", "dtl", "bench"]
+    assert player.commands["bench-squeezenet_transfer_32px"][0][1:4] == ["-m", "dtl.cli", "bench"]
 
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites name="pytest tests"><testsuite name="pytest"

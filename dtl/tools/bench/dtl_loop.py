@@ -10,7 +10,7 @@ import torch
 
 from dtl import models
 from dtl.config import Config
-from dtl.distributed import DistEnv
+from dtl.distributed import ProcessGroups
 from dtl.tools.bench.reference_loop import endless
 from dtl.train.build import prepare
 from dtl.train.evaluate import evaluate
@@ -26,7 +26,7 @@ class DtlLoop:
     name = "dtl"
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
-        self.parts, self.state = prepare(cfg, DistEnv(), device)
+        self.parts, self.state = prepare(cfg, ProcessGroups(), device)
         self.device = device
         self.train_batches = endless(self.parts.train_loader)
         self.eval_batches = endless(self.parts.eval_loader)
@@ -58,7 +58,7 @@ class DtlLoop:
 
     def _evaluate(self, batches: Any) -> int:
         parts = self.parts
-        return evaluate(parts.model.wrapped, batches, self.device, parts.env, parts.precision,
+        return evaluate(parts.model.wrapped, batches, self.device, parts.groups, parts.precision,
                         len(parts.splits.classes), desc=None).count
 
     def train_step(self, steps: int) -> int:

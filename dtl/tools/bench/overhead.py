@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from dtl.config.loading import config_from_flags
-from dtl.distributed import DistEnv, pick_device
+from dtl.distributed import DistEnv, ProcessGroups, pick_device
 from dtl.train import loop
 from dtl.train.build import prepare
 from dtl.train.parts import RunParts
@@ -71,7 +71,8 @@ def linear_model(device: torch.device, seed: int) -> nn.Module:
 
 
 def sgd(model: nn.Module, parts: RunParts) -> torch.optim.Optimizer:
-    """What `dtl.train.optim.build_optimizer` makes with default settings: one group, foreach (fused on CUDA)."""
+    """What `dtl.train.optimisation.optimizer.build_optimizer` makes with default settings: one group, foreach
+    (fused on CUDA)."""
     o = parts.cfg.optim
     fast = {"fused": True} if parts.device.type == "cuda" else {"foreach": True}
     group = {"params": list(model.parameters()), "lr_mult": 1.0, "weight_decay": o.weight_decay}
@@ -88,7 +89,7 @@ def build_dtl(flags: list[str], batches: list, device: torch.device,
               outdir: Path) -> tuple[RunParts, TrainState]:
     """dtl's run with the Linear, its optimizer and the pre-made batches in place of the built ones."""
     cfg = config_from_flags([*BASE_FLAGS, "--output-dir", str(outdir), *flags])
-    parts, state = prepare(cfg, DistEnv(), device)
+    parts, state = prepare(cfg, ProcessGroups(), device)
     model = TrainedModel(linear_model(device, parts.cfg.run.seed), parts.env, device, compile_model=False)
     parts = dataclasses.replace(parts, model=model, optimizer=sgd(model.module, parts),
                                 train_loader=PremadeBatches(batches))

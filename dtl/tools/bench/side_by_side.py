@@ -1,7 +1,7 @@
 """`dtl bench`: dtl's loop against two references, same device, model, mode, image size and batch.
 
     dtl bench --model vgg16 --mode transfer --weights vgg16.pth --image-size 224 --batch-size 8 --steps 3
-    python -m dtl bench ...   # the same
+    python -m dtl.cli bench ...   # the same
 
 Three loops are built side by side and timed **interleaved** (the order rotating between rounds) after a
 warm-up, so load from other processes hits all alike; the median of ``--repeats`` measurements is reported:
@@ -159,16 +159,16 @@ def run_bench(cfg: Config, opts: Options) -> dict[str, Any]:
 
 def command_line(argv: list[str] | None) -> str:
     """The command as a user would retype it (recorded in the JSON): the bench's own flags `argv` when given
-    (`python -m dtl bench ARGV`), else this process's command line."""
+    (`python -m dtl.cli bench ARGV`), else this process's command line."""
     if argv is not None:
-        return shlex.join(["python", "-m", "dtl", "bench", *argv])
+        return shlex.join(["python", "-m", "dtl.cli", "bench", *argv])
     prog = Path(sys.argv[0]).name
-    head = ["python", "-m", "dtl"] if prog == "__main__.py" else [prog]  # `python -m dtl bench` or `dtl bench`
+    head = ["python", "-m", "dtl.cli"] if prog == "cli.py" else [prog]  # `python -m dtl.cli bench` or `dtl bench`
     return shlex.join([*head, *sys.argv[1:]])
 
 
 def run(args: argparse.Namespace, command: str) -> int:
-    """Handler for `dtl bench` (and `python -m dtl bench`): parsed flags in, exit code out."""
+    """Handler for `dtl bench` (and `python -m dtl.cli bench`): parsed flags in, exit code out."""
     if args.probe:
         spec = json.loads(Path(args.probe).read_text())
         Path(spec["out"]).write_text(json.dumps(probe(spec, build_loop)))

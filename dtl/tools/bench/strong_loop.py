@@ -28,7 +28,7 @@ from dtl import models
 from dtl.config import Config
 from dtl.distributed import DistEnv
 from dtl.tools.bench.reference_loop import task_model
-from dtl.train.precision import resolve
+from dtl.train.optimisation.precision import resolve
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

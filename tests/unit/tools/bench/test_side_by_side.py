@@ -56,7 +56,7 @@ def check_result(result: dict[str, Any]) -> None:
     meta = result["meta"]
     for key in ("device", "model", "mode", "image_size", "batch_size", "precision", "torch", "date", "command"):
         assert key in meta, key
-    assert meta["command"].startswith("python -m dtl bench")
+    assert meta["command"].startswith("python -m dtl.cli bench")
 
 
 def bench_main(argv: list[str]) -> int:
