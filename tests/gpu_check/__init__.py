@@ -26,7 +26,7 @@ the end; each judges what dtl wrote to its run folders (config.json, status.json
                       at world size 1 with DTL_FORCE_DISTRIBUTED=1 (NCCL): A trains 2 epochs; B trains 1, writing
                       a sharded checkpoint (DCP safetensors shards), then `--resume auto --epochs 2`; B's final
                       model.safetensors must equal A's tensor by tensor
-  speed               the speed table (issue #18): dtl's `train.py` epoch rate (metrics.jsonl images_per_sec of
+  speed               the speed table: dtl's `train.py` epoch rate (metrics.jsonl images_per_sec of
                       the 2nd epoch; VGG16 transfer 32 px b256, transfer 224 px b256, finetune 224 px b64 and b256,
                       --cache-features) beside the strong hand-written loop's train-step rate
                       (`python -m dtl.tools.bench.strong_rate`, one process for all cases), as ratios, with dtl's

@@ -100,7 +100,7 @@ GPU = Profile(
 #: images per epoch of each GPU speed case (about 2 s at the goals' rates)
 SPEED_TRAIN_IMAGES = {"transfer_32px_b256": 25_600, "transfer_224px_b256": 10_240, "finetune_224px_b64": 6_400,
                       "finetune_224px_b256": 7_680}
-#: the speed goals (issue #18): dtl's epoch rate / the strong loop's train-step rate, per case
+#: the speed goals: dtl's epoch rate / the strong loop's train-step rate, per case
 SPEED_GOALS = {"transfer_32px_b256": 1.0, "transfer_224px_b256": 1.2, "finetune_224px_b64": 1.0,
                "finetune_224px_b256": 1.0}
 CACHED_GOAL_IMG_S = 1_000_000
