@@ -25,6 +25,9 @@ from dtl.train.optimisation.optimizer import load_optimizer_state
 from dtl.train.train_state import TrainState
 
 log = logging.getLogger("dtl")
+#: Settings a resume must share with its checkpoint: they choose the training images and their order per epoch
+#: (the model is checked with the class count, `ckpt.check_compatible`)
+SAME_DATA_FIELDS = ("dataset", "train_subset", "subset_order", "seed", "class_balance")
 
 
 def optimized(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -248,6 +251,50 @@ class Checkpointer:
             raise self._not_shared(missing, path, "the checkpoint rank 0 resumes from")
         return ckpt.load_checkpoint(path)
 
+    def _check_same_data(self, meta: dict[str, Any], path: Path) -> None:
+        """Refuse a checkpoint of another training set or sample order (the position would mean other images)."""
+        saved, now = meta["config"], self.static_meta["config"]
+        for name in SAME_DATA_FIELDS:
+            if name in saved and name in now and saved[name] != now[name]:
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{path} was trained with {flag} {saved[name]!r}; this run has {now[name]!r}: its "
+                                f"position would not continue the same data. Resume with {flag} {saved[name]!r}, "
+                                "or start a new --output-dir")
+        if "train_size" in meta and "train_size" in self.static_meta and meta["train_size"] != self.static_meta[
+                "train_size"]:
+            raise UserError(f"{path} was trained on {meta['train_size']} training images; this run has "
+                            f"{self.static_meta['train_size']}: another data set. Resume with the same data, or "
+                            "start a new --output-dir")
+
+    def _position(self, meta: dict[str, Any], path: Path) -> TrainState:
+        """The saved `TrainState`, its position in this run's global batches. A checkpoint without a sample
+        position (written before it was recorded) is converted with its own global batch. Another global batch
+        (--batch-size, --grad-accum, world size) continues from the same sample: DistributedSampler's order is one
+        permutation per (seed, epoch) that any world size walks through in the same global batches."""
+        progress = TrainState.from_saved(meta["progress"], self.device)
+        saved_batch = meta.get("run", {}).get("global_batch")
+        batch = self.static_meta.get("run", {}).get("global_batch")
+        if "samples_in_epoch" not in meta["progress"] and saved_batch:
+            progress.samples_in_epoch = progress.step_in_epoch * saved_batch
+            if progress.step_in_epoch:
+                log.info("%s records its position in steps: step %d of the epoch = %d images of global batch %d",
+                         path, progress.step_in_epoch, progress.samples_in_epoch, saved_batch)
+        if not batch or not saved_batch or batch == saved_batch:
+            return progress
+        again = progress.at_global_batch(batch)
+        lr = self.static_meta["config"].get("lr_scale")
+        log.warning("global batch %d -> %d: resuming epoch %d at image %d%s; %s", saved_batch, batch,
+                    progress.epoch + 1, progress.samples_in_epoch,
+                    f" ({again} images trained again: not a multiple of the new global batch)" if again else "",
+                    "--lr-scale linear: the learning rate follows world size x --grad-accum" if lr == "linear" else
+                    "--lr-scale none: the learning rate stays --lr (pass --lr-scale linear to scale it with the "
+                    "global batch)")
+        if self.static_meta["config"].get("class_balance") == "sampler" and meta.get("world_size") != \
+                self.env.world_size:
+            log.warning("--class-balance sampler draws per world size: the rest of this epoch's draws differ from "
+                        "the interrupted run's")
+        return progress
+
     def restore(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler, ema: Ema | None = None) -> TrainState:
         """Load a checkpoint into the (not yet wrapped) model, optimizer and scaler; the progress to go on
@@ -257,6 +304,7 @@ class Checkpointer:
         meta = state["meta"]
         cfg = self.static_meta["config"]
         ckpt.check_compatible(meta, cfg["model"], self.static_meta["num_classes"], path)
+        self._check_same_data(meta, path)
         if ("sharded" in meta) != self.sharded:
             raise UserError(f"{path} was written by --strategy {'fsdp' if 'sharded' in meta else 'ddp'}; resume "
                             f"it with that strategy (this run is {'fsdp' if self.sharded else 'ddp'})")
@@ -278,16 +326,16 @@ class Checkpointer:
         self._restore_comm(path, meta)
         if meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])
-        progress = TrainState.from_saved(meta["progress"], self.device)
+        progress = self._position(meta, path)
         key = f"cpu.rank{self.env.rank}"
         if progress.step_in_epoch and meta.get("world_size") == self.env.world_size and key in state["rng"]:
             torch.set_rng_state(state["rng"][key])
             if torch.cuda.is_available() and f"cuda.rank{self.env.rank}" in state["rng"]:
                 torch.cuda.set_rng_state(state["rng"][f"cuda.rank{self.env.rank}"])
         elif progress.step_in_epoch and meta.get("world_size") != self.env.world_size:
-            log.warning("resuming mid-epoch with a different world size (%s -> %d): the data order of the rest "
-                        "of this epoch differs from the interrupted run", meta.get("world_size"),
-                        self.env.world_size)
+            log.warning("resuming mid-epoch at another world size (%s -> %d): each rank's dropout and "
+                        "augmentation streams are per rank and start afresh for the rest of this epoch",
+                        meta.get("world_size"), self.env.world_size)
         self.last = path
         log.info("resumed from %s (epoch %d, step %d of the epoch)", path, progress.epoch,
                  progress.step_in_epoch)
