@@ -86,6 +86,41 @@ class ProcessGroups:
         dist.broadcast(data, src=0)
         return bytes(data.cpu().tolist()).rstrip(b"\0").decode()
 
+    def broadcast_bytes(self, data: bytes | None) -> bytes:
+        """Rank 0's `data` (the others pass None) on every rank, of any length and without pickling (a JSON
+        decision or header). On the I/O group: the others may wait here while rank 0 reads a checkpoint."""
+        if not self.distributed:
+            assert data is not None
+            return data
+        size = torch.tensor([len(data) if self.env.is_main and data is not None else 0], dtype=torch.int64)
+        dist.broadcast(size, src=0, group=self.io)
+        if int(size) == 0:
+            return b""
+        if self.env.is_main:
+            assert data is not None
+            buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        else:
+            buffer = torch.empty(int(size), dtype=torch.uint8)
+        dist.broadcast(buffer, src=0, group=self.io)
+        return buffer.numpy().tobytes()
+
+    def broadcast_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """In place, rank 0's values of `tensors` on every rank: CPU tensors of the same shapes and dtypes
+        everywhere (the others' are placeholders). Sent as their bytes, so every dtype travels (gloo has no bool
+        or float8 broadcast), one tensor at a time (no second copy of a large state), on the I/O group."""
+        if not self.distributed:
+            return
+        for tensor in tensors:
+            if tensor.numel():
+                dist.broadcast(tensor.reshape(-1).view(torch.uint8), src=0, group=self.io)
+
+    def ranks_where(self, flag: bool, device: torch.device) -> list[int]:
+        """The ranks whose `flag` is True (a collective: every rank offers its own), the same list everywhere."""
+        if not self.distributed:
+            return [0] if flag else []
+        flags = self.all_gather(torch.tensor([1 if flag else 0], dtype=torch.int64, device=device))
+        return [r for r, f in enumerate(flags) if int(f.item())]
+
     def main_first(self, fn: Callable[[bool], T], timeout_s: float | None = None) -> T:
         """`fn(first)` once per process, global rank 0 first, then the first process of every other node, then
         the rest; `first` is True for those that may fetch (download, extract) and False for the rest, which only

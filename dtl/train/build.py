@@ -157,8 +157,10 @@ def prepare(cfg: Config, groups: ProcessGroups, device: torch.device) -> tuple[R
     checkpointer = Checkpointer(plan.outdir, groups, device, every_steps=saving.checkpoint_every_steps,
                                 every_minutes=saving.checkpoint_every_minutes, keep_last=saving.keep_last,
                                 static_meta={"config": cfg.to_dict(), "num_classes": len(splits.classes),
-                                             "world_size": env.world_size, "run": asdict(info)},
+                                             "train_size": len(splits.train), "world_size": env.world_size,
+                                             "run": asdict(info)},
                                 sharded=sharded, compression=compression, faults=fault_plan)
+    checkpointer.check_shared_folder()  # FSDP shards, PowerSGD: every rank writes into the folder rank 0 sees
     ema = Ema(model, cfg.optim.ema_decay, cfg.optim.ema_every) if cfg.optim.ema_decay else None
     state = TrainState().on(device)
     if plan.resume_from is not None:

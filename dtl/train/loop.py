@@ -119,6 +119,7 @@ def train_one_epoch(parts: RunParts, state: TrainState, epoch: int) -> EpochResu
     for i, batches in step_groups(parts, start_batch):
         train_step(parts, state, batches, criterion, meter, nonfinite, first_batch=i + 1 - len(batches))
         state.step_in_epoch += 1
+        state.samples_in_epoch = state.step_in_epoch * parts.info.global_batch  # whole global batches mid-epoch
         bar.update(len(batches))
         if bar.wants_stats(state.step_in_epoch % cfg.run.log_every == 0):
             loss_sum, correct, count = meter.local()  # the one host sync of a log interval

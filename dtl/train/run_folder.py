@@ -3,6 +3,7 @@ files that describe the run (config.json, status.json). Only rank 0 writes here.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -43,14 +44,40 @@ class RunPlan:
 
 
 def plan(cfg: Config, groups: ProcessGroups, device: torch.device) -> RunPlan:
-    """Where the run goes and where it continues from; refuses to clobber another run."""
+    """Where the run goes and where it continues from; refuses to clobber another run. Rank 0 alone looks at
+    its run folder and decides (a checkpoint, or a fresh start), and every rank takes that decision: with
+    node-local output folders the other nodes' folders hold no checkpoints, and a rank deciding for itself
+    would start at step 0 while rank 0 resumes (the job then hangs in mismatched collectives)."""
     outdir = _outdir(cfg, groups, device)
-    resume_from = _resume_point(outdir, cfg)
-    if resume_from is None and not cfg.checkpoint.resume and holds_run(outdir) and not cfg.checkpoint.overwrite:
-        raise UserError(f"{outdir} already holds a run; continue it with --resume auto, replace it with "
-                        "--overwrite, or choose another --output-dir")
-    split = outdir / SPLIT_FILE if cfg.checkpoint.resume and (outdir / SPLIT_FILE).is_file() else None
+    decision = _decision(outdir, cfg) if groups.env.is_main else None
+    decision = json.loads(groups.broadcast_bytes(json.dumps(decision).encode() if decision is not None else None))
+    if decision["error"] is not None:
+        raise UserError(decision["error"])
+    resume_from = None
+    if decision["resume_from"] is not None:
+        # inside the run folder: the same checkpoint below this rank's own --output-dir (a node-local folder
+        # holds none, and needs none under DDP; see `Checkpointer.restore`)
+        within = decision["within_outdir"]
+        resume_from = outdir / within if within is not None else Path(decision["resume_from"])
+    split = outdir / SPLIT_FILE if decision["split"] else None
     return RunPlan(outdir, resume_from, split, replace=cfg.checkpoint.overwrite and not cfg.checkpoint.resume)
+
+
+def _decision(outdir: Path, cfg: Config) -> dict[str, Any]:
+    """Rank 0's decision, as JSON for the others: the checkpoint to resume (also relative to the run folder, when
+    inside it), whether the run folder's split.json is reused, or the user error that stops every rank."""
+    try:
+        resume_from = _resume_point(outdir, cfg)
+        if resume_from is None and not cfg.checkpoint.resume and holds_run(outdir) and not cfg.checkpoint.overwrite:
+            raise UserError(f"{outdir} already holds a run; continue it with --resume auto, replace it with "
+                            "--overwrite, or choose another --output-dir")
+    except UserError as err:
+        return {"error": str(err)}
+    within = None
+    if resume_from is not None and resume_from.parent == outdir / ckpt.CKPT_DIR:
+        within = str(resume_from.relative_to(outdir))
+    return {"error": None, "resume_from": None if resume_from is None else str(resume_from),
+            "within_outdir": within, "split": bool(cfg.checkpoint.resume) and (outdir / SPLIT_FILE).is_file()}
 
 
 def _outdir(cfg: Config, groups: ProcessGroups, device: torch.device) -> Path:

@@ -37,10 +37,12 @@ class StepStats:
 
 def forward_backward(parts: RunParts, state: TrainState, images: torch.Tensor, labels: torch.Tensor,
                      criterion: nn.Module, meter: Meter, sync: bool = True,
-                     targets: torch.Tensor | None = None) -> torch.Tensor:
+                     targets: torch.Tensor | None = None, divisor: float = 1.0) -> torch.Tensor:
     """One micro-step: forward under autocast, scaled backward (gradient all-reduce only when `sync`),
     device-side metric sums. The loss is taken against `targets` (MixUp/CutMix soft targets) when given, else
-    `labels`; accuracy always against `labels`. Returns the loss (detached; `optimizer_step` checks it)."""
+    `labels`; accuracy always against `labels`. The backward pass takes the loss divided by `divisor` (the step's
+    images on this rank over this micro-batch's: the step's gradient is the mean over its images, also for a
+    short last group). Returns the loss (detached; `optimizer_step` checks it)."""
     if parts.model.sharded:
         fsdp.sync_buffers(parts.model.wrapped)  # what DDP's broadcast_buffers does before each forward
     with no_sync(parts.model.wrapped, sync):
@@ -51,7 +53,7 @@ def forward_backward(parts: RunParts, state: TrainState, images: torch.Tensor, l
             loss = faults.inject(parts.faults.kind, loss)
         # Dividing by 1 is exact, so without accumulation the division and its backward are left out (every
         # small op is a kernel launch and a few microseconds of host time, per step).
-        parts.scaler.scale(loss if parts.accum == 1 else loss / parts.accum).backward()
+        parts.scaler.scale(loss if divisor == 1 else loss / divisor).backward()
     meter.add(loss, (logits.argmax(1) == labels).sum(), int(labels.shape[0]))  # a non-finite loss is left out
     return loss.detach()
 
@@ -177,15 +179,20 @@ def optimizer_step(parts: RunParts, state: TrainState, nonfinite: NonFiniteSteps
 def train_step(parts: RunParts, state: TrainState, batches: Sequence[Batch], criterion: nn.Module,
                meter: Meter, nonfinite: NonFiniteSteps, first_batch: int = 0) -> StepStats:
     """One optimizer step over `batches` (grad_accum micro-batches; the last synchronises the gradients);
-    `first_batch`: the epoch's index of the first of them (it seeds MixUp/CutMix)."""
+    `first_batch`: the epoch's index of the first of them (it seeds MixUp/CutMix). Each micro-batch's mean loss
+    is weighted by its share of the step's images: a last group shorter than --grad-accum (or with a short last
+    batch) is the mean over the images it has, not divided by --grad-accum. With `accum` equal micro-batches the
+    divisor is exactly `accum`, the same numbers as a plain division."""
     losses = []
+    total = sum(int(labels.shape[0]) for _, labels in batches)
     for j, (images, labels) in enumerate(batches):
         targets = None
         if parts.mixer is not None:  # here, not in a loader: one code path for both pipelines
             mixed = parts.mixer(images, labels, state.epoch, first_batch + j)
             images, labels, targets = mixed.images, mixed.labels, mixed.targets
         last = j == len(batches) - 1  # the last micro-batch synchronises the gradients
-        losses.append(forward_backward(parts, state, images, labels, criterion, meter, sync=last, targets=targets))
+        losses.append(forward_backward(parts, state, images, labels, criterion, meter, sync=last, targets=targets,
+                                       divisor=total / int(labels.shape[0])))
     optimizer_step(parts, state, nonfinite, losses)
     if parts.ema is not None:
         parts.ema.update(state.global_step)

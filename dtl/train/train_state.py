@@ -41,6 +41,10 @@ class TrainState:
     early_stopped: bool = False
     partial_grad_norms: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     """Pre-clip gradient norm sum, max and count of the incomplete epoch (--clip-grad-norm)."""
+    samples_in_epoch: int = 0
+    """Training images of the current epoch already trained on, over all ranks: the position a resume continues
+    from at another world size, --batch-size or --grad-accum (`at_global_batch`). Every step but an epoch's last
+    trains a whole global batch, so it is `step_in_epoch` x the global batch."""
     overflows: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64), compare=False,
                                   metadata=_LIVE)
     """fp16: overflow-skipped steps since the last sync point, counted on the device (no host sync per step)."""
@@ -62,6 +66,16 @@ class TrainState:
     def from_saved(cls, saved: dict[str, Any], device: torch.device) -> TrainState:
         return cls(**saved).on(device)
 
+    def at_global_batch(self, global_batch: int) -> int:
+        """Continue from the sample position in steps of `global_batch` (this run's): the position is rounded down
+        to a whole number of them (a step never starts in the middle of one); returns the images that are
+        trained again because of the rounding."""
+        again = self.samples_in_epoch % global_batch
+        self.step_in_epoch = self.samples_in_epoch // global_batch
+        self.samples_in_epoch -= again
+        return again
+
     def end_epoch(self, epoch: int) -> None:
+        self.samples_in_epoch = 0
         self.epoch, self.step_in_epoch, self.partial_meter, self.partial_seconds = epoch + 1, 0, [0.0] * 3, 0.0
         self.partial_grad_norms = [0.0, 0.0, 0.0]

@@ -4,7 +4,9 @@ restoring all of it. The file format itself is `dtl.train.checkpoint.format`'s."
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,9 @@ from dtl.train.optimisation.optimizer import load_optimizer_state
 from dtl.train.train_state import TrainState
 
 log = logging.getLogger("dtl")
+#: Settings a resume must share with its checkpoint: they choose the training images and their order per epoch
+#: (the model is checked with the class count, `ckpt.check_compatible`)
+SAME_DATA_FIELDS = ("dataset", "train_subset", "subset_order", "seed", "class_balance")
 
 
 def optimized(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -162,14 +167,144 @@ class Checkpointer:
         source = ckpt.rank_file(path, self.env.rank if same_world else 0)
         self.compression.load_state(read_tensors(source), comm, error_feedback=same_world)
 
+    # ---- who reads ----------------------------------------------------------------------------------
+    def per_rank_parts(self) -> str | None:
+        """What makes every rank write and read its own part of a checkpoint folder (None: rank 0's files hold
+        everything, and the other ranks receive it from rank 0)."""
+        if self.sharded:
+            return "--strategy fsdp (each rank's shards)"
+        if self.compression is not None and self.compression.psgd is not None:
+            return "--grad-compress powersgd (each rank's error feedback)"
+        return None
+
+    def _not_shared(self, ranks: list[int], path: Path, what: str) -> UserError:
+        return UserError(f"rank(s) {', '.join(map(str, ranks))} cannot see {path}, {what}: under "
+                         f"{self.per_rank_parts()} every rank writes and reads its own part of each checkpoint, so "
+                         "--output-dir must be a folder that all nodes share")
+
+    def check_shared_folder(self) -> None:
+        """Before training, where every rank writes its own part of each checkpoint: every rank sees the run
+        folder rank 0 sees (a collective). Rank 0 leaves a probe file in the nearest existing folder at or above
+        the run folder; each rank looks for it at the same place relative to its own --output-dir."""
+        if self.per_rank_parts() is None or not self.env.distributed:
+            return
+        outdir = self.outdir.absolute()
+        probe, where = None, None
+        if self.env.is_main:
+            base = next(p for p in (outdir, *outdir.parents) if p.exists())
+            with tempfile.NamedTemporaryFile(dir=base, prefix=".dtl-shared-", delete=False) as f:
+                probe = Path(f.name)
+            where = {"up": len(outdir.parts) - len(base.parts), "name": probe.name}
+        mine = json.loads(self.groups.broadcast_bytes(json.dumps(where).encode() if where is not None else None))
+        seen = outdir.parents[mine["up"] - 1] if mine["up"] else outdir
+        missing = self.groups.ranks_where(not (seen / mine["name"]).is_file(), self.device)
+        if probe is not None:
+            probe.unlink(missing_ok=True)
+        if missing:
+            raise self._not_shared(missing, self.outdir, "the run folder rank 0 writes checkpoints into")
+
+    def _shared_checkpoint(self, path: Path) -> dict[str, Any]:
+        """`ckpt.load_checkpoint(path)` as rank 0 reads it, on every rank: rank 0 sends the metadata (JSON) and
+        every tensor (model, optimizer, every rank's RNG streams, EMA) to the others, which need no access to
+        the folder (node-local output folders). A damaged checkpoint stops every rank with rank 0's message."""
+        header: dict[str, Any] | None = None
+        tensors: dict[str, dict[str, torch.Tensor]] = {}
+        if self.env.is_main:
+            try:
+                loaded = ckpt.load_checkpoint(path)
+            except UserError as err:
+                header = {"error": str(err)}
+            else:
+                optim_extra = None
+                tensors = {part: loaded[part] for part in ("model", "rng", "ema") if part in loaded}
+                if "optim" in loaded:
+                    tensors["optim"], optim_extra = ckpt.optimizer_to_tensors(loaded["optim"])
+                header = {"error": None, "meta": loaded["meta"], "optim": optim_extra,
+                          "tensors": {part: [[k, str(t.dtype).removeprefix("torch."), list(t.shape)]
+                                             for k, t in ts.items()] for part, ts in tensors.items()}}
+        header = json.loads(self.groups.broadcast_bytes(json.dumps(header).encode() if header is not None else None))
+        if header["error"] is not None:
+            raise UserError(header["error"])
+        if not self.env.is_main:
+            tensors = {part: {k: torch.empty(shape, dtype=getattr(torch, dtype)) for k, dtype, shape in specs}
+                       for part, specs in header["tensors"].items()}
+        self.groups.broadcast_tensors([t for part in header["tensors"] for t in tensors[part].values()])
+        out: dict[str, Any] = {"meta": header["meta"], "model": tensors["model"], "rng": tensors["rng"]}
+        if "ema" in tensors:
+            out["ema"] = tensors["ema"]
+        if header["optim"] is not None:
+            out["optim"] = ckpt.optimizer_from_tensors(tensors["optim"], header["optim"])
+        if not self.env.is_main:
+            log.debug("checkpoint %s received from rank 0", path)
+        return out
+
+    def _load(self, path: Path) -> dict[str, Any]:
+        """The checkpoint `path` (rank 0's decision, `dtl.train.run_folder.plan`) on this rank: read here where
+        every rank needs its own part of it (each must see the folder: one message says so otherwise), else
+        received from rank 0."""
+        if not self.env.distributed:
+            return ckpt.load_checkpoint(path)
+        if self.per_rank_parts() is None:
+            return self._shared_checkpoint(path)
+        missing = self.groups.ranks_where(not (path / "state.json").is_file(), self.device)
+        if missing:
+            raise self._not_shared(missing, path, "the checkpoint rank 0 resumes from")
+        return ckpt.load_checkpoint(path)
+
+    def _check_same_data(self, meta: dict[str, Any], path: Path) -> None:
+        """Refuse a checkpoint of another training set or sample order (the position would mean other images)."""
+        saved, now = meta["config"], self.static_meta["config"]
+        for name in SAME_DATA_FIELDS:
+            if name in saved and name in now and saved[name] != now[name]:
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{path} was trained with {flag} {saved[name]!r}; this run has {now[name]!r}: its "
+                                f"position would not continue the same data. Resume with {flag} {saved[name]!r}, "
+                                "or start a new --output-dir")
+        if "train_size" in meta and "train_size" in self.static_meta and meta["train_size"] != self.static_meta[
+                "train_size"]:
+            raise UserError(f"{path} was trained on {meta['train_size']} training images; this run has "
+                            f"{self.static_meta['train_size']}: another data set. Resume with the same data, or "
+                            "start a new --output-dir")
+
+    def _position(self, meta: dict[str, Any], path: Path) -> TrainState:
+        """The saved `TrainState`, its position in this run's global batches. A checkpoint without a sample
+        position (written before it was recorded) is converted with its own global batch. Another global batch
+        (--batch-size, --grad-accum, world size) continues from the same sample: DistributedSampler's order is one
+        permutation per (seed, epoch) that any world size walks through in the same global batches."""
+        progress = TrainState.from_saved(meta["progress"], self.device)
+        saved_batch = meta.get("run", {}).get("global_batch")
+        batch = self.static_meta.get("run", {}).get("global_batch")
+        if "samples_in_epoch" not in meta["progress"] and saved_batch:
+            progress.samples_in_epoch = progress.step_in_epoch * saved_batch
+            if progress.step_in_epoch:
+                log.info("%s records its position in steps: step %d of the epoch = %d images of global batch %d",
+                         path, progress.step_in_epoch, progress.samples_in_epoch, saved_batch)
+        if not batch or not saved_batch or batch == saved_batch:
+            return progress
+        again = progress.at_global_batch(batch)
+        lr = self.static_meta["config"].get("lr_scale")
+        log.warning("global batch %d -> %d: resuming epoch %d at image %d%s; %s", saved_batch, batch,
+                    progress.epoch + 1, progress.samples_in_epoch,
+                    f" ({again} images trained again: not a multiple of the new global batch)" if again else "",
+                    "--lr-scale linear: the learning rate follows world size x --grad-accum" if lr == "linear" else
+                    "--lr-scale none: the learning rate stays --lr (pass --lr-scale linear to scale it with the "
+                    "global batch)")
+        if self.static_meta["config"].get("class_balance") == "sampler" and meta.get("world_size") != \
+                self.env.world_size:
+            log.warning("--class-balance sampler draws per world size: the rest of this epoch's draws differ from "
+                        "the interrupted run's")
+        return progress
+
     def restore(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler, ema: Ema | None = None) -> TrainState:
         """Load a checkpoint into the (not yet wrapped) model, optimizer and scaler; the progress to go on
-        from. The RNG streams are restored only where they continue the same run (mid-epoch, same world)."""
-        state = ckpt.load_checkpoint(path)
+        from (a collective: see `_load`). The RNG streams are restored only where they continue the same run
+        (mid-epoch, same world)."""
+        state = self._load(path)
         meta = state["meta"]
         cfg = self.static_meta["config"]
         ckpt.check_compatible(meta, cfg["model"], self.static_meta["num_classes"], path)
+        self._check_same_data(meta, path)
         if ("sharded" in meta) != self.sharded:
             raise UserError(f"{path} was written by --strategy {'fsdp' if 'sharded' in meta else 'ddp'}; resume "
                             f"it with that strategy (this run is {'fsdp' if self.sharded else 'ddp'})")
@@ -191,16 +326,16 @@ class Checkpointer:
         self._restore_comm(path, meta)
         if meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])
-        progress = TrainState.from_saved(meta["progress"], self.device)
+        progress = self._position(meta, path)
         key = f"cpu.rank{self.env.rank}"
         if progress.step_in_epoch and meta.get("world_size") == self.env.world_size and key in state["rng"]:
             torch.set_rng_state(state["rng"][key])
             if torch.cuda.is_available() and f"cuda.rank{self.env.rank}" in state["rng"]:
                 torch.cuda.set_rng_state(state["rng"][f"cuda.rank{self.env.rank}"])
         elif progress.step_in_epoch and meta.get("world_size") != self.env.world_size:
-            log.warning("resuming mid-epoch with a different world size (%s -> %d): the data order of the rest "
-                        "of this epoch differs from the interrupted run", meta.get("world_size"),
-                        self.env.world_size)
+            log.warning("resuming mid-epoch at another world size (%s -> %d): each rank's dropout and "
+                        "augmentation streams are per rank and start afresh for the rest of this epoch",
+                        meta.get("world_size"), self.env.world_size)
         self.last = path
         log.info("resumed from %s (epoch %d, step %d of the epoch)", path, progress.epoch,
                  progress.step_in_epoch)

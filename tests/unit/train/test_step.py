@@ -95,6 +95,24 @@ def test_train_step_accumulates_micro_batches_into_one_optimizer_step(tmp_path):
     assert state.global_step == 1
 
 
+def test_a_short_last_accumulation_group_is_the_mean_over_its_images(tmp_path, monkeypatch):
+    """32 images in batches of 16 with --grad-accum 4: the epoch's one group has 2 micro-batches, and its gradient
+    is that of the mean loss over its 32 images (not half of it, as a division by --grad-accum gave)."""
+    parts, state = tiny_run(tmp_path, "--grad-accum", "4", "--dropout", "0")
+    batches = list(parts.train_loader)
+    assert [len(y) for _, y in batches] == [16, 16]
+    grads: list[torch.Tensor] = []
+    monkeypatch.setattr(step, "optimizer_step", lambda parts, *a: grads.extend(
+        p.grad.clone() for p in parts.model.wrapped.parameters() if p.grad is not None))
+    step.train_step(parts, state, batches, nn.CrossEntropyLoss(), Meter(parts.device), step.NonFiniteSteps())
+    parts.optimizer.zero_grad(set_to_none=True)
+    images, labels = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+    nn.functional.cross_entropy(parts.model.wrapped(images), labels).backward()
+    expected = [p.grad for p in parts.model.wrapped.parameters() if p.grad is not None]
+    assert len(grads) == len(expected)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads, expected))
+
+
 def test_compiled_ddp_skips_the_all_reduce_on_accumulation_micro_steps(tmp_path, monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))

@@ -75,12 +75,12 @@ def test_the_saved_state_keeps_the_checkpoint_format():
     assert list(TrainState().saved()) == [
         "epoch", "step_in_epoch", "global_step", "best_acc", "nan_skips", "nan_skips_total", "overflow_skips",
         "partial_meter", "partial_seconds", "early_stop_best", "early_stop_best_epoch", "early_stop_bad_epochs",
-        "early_stopped", "partial_grad_norms"]
+        "early_stopped", "partial_grad_norms", "samples_in_epoch"]
     old = {"epoch": 1, "step_in_epoch": 2, "global_step": 7, "best_acc": 0.5, "nan_skips": 0, "nan_skips_total": 0,
            "overflow_skips": 0, "partial_meter": [1.0, 2.0, 3.0], "partial_seconds": 1.5, "early_stop_best": None,
            "early_stop_best_epoch": 0, "early_stop_bad_epochs": 0, "early_stopped": False,
            "partial_grad_norms": [0.0, 0.0, 0.0]}
-    assert TrainState.from_saved(old, torch.device("cpu")).saved() == old
+    assert TrainState.from_saved(old, torch.device("cpu")).saved() == {**old, "samples_in_epoch": 0}
 
 
 def tiny_model() -> tuple[nn.Module, torch.optim.Optimizer, Ema]:
@@ -110,6 +110,65 @@ def test_a_checkpoint_of_an_earlier_dtl_resumes(tmp_path):
     again = make(tmp_path / "again").save(model, opt, scaler, state, is_best=True, ema=ema)
     assert sorted(p.name for p in again.iterdir()) == sorted(p.name for p in path.iterdir())
     old, new = (json.loads((p / "state.json").read_text()) for p in (path, again))
-    assert sorted(new) == sorted(old) and sorted(new["progress"]) == sorted(old["progress"])
+    assert sorted(new) == sorted(old) and sorted(new["progress"]) == sorted([*old["progress"], "samples_in_epoch"])
     for part in ("model", "ema", "optim", "rng"):
         assert sorted(load_file(str(again / f"{part}.safetensors"))) == sorted(saved[part]), part
+
+
+#: what a run's config says about its training data (dtl.config's flat keys)
+DATA_SETTINGS = {"dataset": "synthetic", "train_subset": None, "subset_order": "auto", "seed": 0,
+                 "class_balance": "none"}
+
+
+def saved_mid_epoch(tmp_path, global_batch: int) -> Path:
+    """A checkpoint two steps into epoch 2 of a run with `global_batch`, its position recorded in steps only (as
+    checkpoints without a sample position are)."""
+    model, opt, _ = tiny_model()
+    saver = make(tmp_path)
+    saver.static_meta = {**saver.static_meta, "run": {"global_batch": global_batch}, "train_size": 40,
+                         "config": {**saver.static_meta["config"], **DATA_SETTINGS}}
+    path = saver.save(model, opt, torch.amp.GradScaler("cpu", enabled=False),
+                      TrainState(epoch=1, step_in_epoch=2, global_step=7))
+    meta = json.loads((path / "state.json").read_text())
+    del meta["progress"]["samples_in_epoch"]
+    (path / "state.json").write_text(json.dumps(meta))
+    return path
+
+
+@pytest.mark.parametrize(("global_batch", "step", "again"), [(8, 2, 0), (4, 4, 0), (16, 1, 0), (6, 2, 4)])
+def test_another_global_batch_resumes_at_the_sample_position(tmp_path, caplog, global_batch, step, again):
+    """Two steps of 8 images: 16 images of the epoch trained. Another global batch continues at image 16 (rounded
+    down to a whole number of its steps, and said so); an old checkpoint's steps are converted with its own batch."""
+    path = saved_mid_epoch(tmp_path, 8)
+    loader = make(tmp_path / "other")
+    loader.static_meta = {**loader.static_meta, "run": {"global_batch": global_batch}, "train_size": 40}
+    model, opt, _ = tiny_model()
+    with caplog.at_level("INFO", logger="dtl"):
+        state = loader.restore(path, model, opt, torch.amp.GradScaler("cpu", enabled=False))
+    assert (state.step_in_epoch, state.samples_in_epoch) == (step, 16 - again)
+    assert "step 2 of the epoch = 16 images of global batch 8" in caplog.text
+    if global_batch != 8:
+        assert f"global batch 8 -> {global_batch}: resuming epoch 2 at image {16 - again}" in caplog.text
+        assert "--lr-scale" in caplog.text and (f"{again} images trained again" in caplog.text) == bool(again)
+
+
+@pytest.mark.parametrize(("field", "value", "flag"), [("seed", 1, "--seed"), ("train_subset", 30, "--train-subset"),
+                                                      ("dataset", "cifar10", "--dataset"),
+                                                      ("class_balance", "sampler", "--class-balance")])
+def test_a_checkpoint_of_other_data_is_refused_naming_the_setting(tmp_path, field, value, flag):
+    path = saved_mid_epoch(tmp_path, 8)
+    meta = json.loads((path / "state.json").read_text())
+    loader = make(tmp_path / "other")
+    loader.static_meta = {**loader.static_meta, "config": {**meta["config"], field: value}, "train_size": 40}
+    model, opt, _ = tiny_model()
+    with pytest.raises(UserError, match=f"trained with {flag} .*this run has {value!r}"):
+        loader.restore(path, model, opt, torch.amp.GradScaler("cpu", enabled=False))
+
+
+def test_a_checkpoint_of_another_training_set_size_is_refused(tmp_path):
+    path = saved_mid_epoch(tmp_path, 8)
+    loader = make(tmp_path / "other")
+    loader.static_meta = {**loader.static_meta, "train_size": 41}
+    model, opt, _ = tiny_model()
+    with pytest.raises(UserError, match="trained on 40 training images; this run has 41"):
+        loader.restore(path, model, opt, torch.amp.GradScaler("cpu", enabled=False))
