@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -161,7 +160,7 @@ def write_eval(outdir: Path, summary: dict[str, Any], confusion: torch.Tensor, c
     """summary.json, per_class.csv, confusion_matrix.csv and confusion_matrix.png."""
     try:
         outdir.mkdir(parents=True, exist_ok=True)
-        (outdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (outdir / "summary.json").write_text(atomic_files.json_text(summary, indent=2) + "\n")
         with open(outdir / "per_class.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["class", "count", "correct", "accuracy"])
