@@ -84,8 +84,9 @@ def load_model(path: str | Path, device: torch.device) -> Loaded:
     memory_format = models.memory_format(device.type, cfg.backbone.mode)
     model = model.to(device, memory_format=memory_format).eval()
     run_dir = ckpt.run_folder_of(folder)
+    pretrained = models.preprocessing(cfg.backbone.model, cfg.backbone.weights)
     prep = (Preprocessing.from_dict((meta.get("run") or {}).get("preprocessing"))
-            or models.preprocessing(cfg.backbone.model).for_pipeline(loaders.resolve_pipeline(cfg)))
+            or pretrained.for_pipeline(loaders.resolve_pipeline(cfg)))
     return Loaded(model, folder, run_dir, meta, cfg, classes, prep, memory_format)
 
 

@@ -49,7 +49,7 @@ def run_info(cfg: Config, env: DistEnv, device: torch.device, precision: Precisi
 
 def preprocessing_of(cfg: Config) -> Preprocessing:
     """The backbone's normalisation, with the resampling the run's data pipeline applies."""
-    return models.preprocessing(cfg.backbone.model).for_pipeline(loaders.resolve_pipeline(cfg))
+    return models.preprocessing(cfg.backbone.model, cfg.backbone.weights).for_pipeline(loaders.resolve_pipeline(cfg))
 
 
 def build_model(cfg: Config, device: torch.device, num_classes: int,
