@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +60,29 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def nonfinite_keys(value: Any, key: str = "") -> Iterator[str]:
+    """Where `value` (nested dicts and lists) holds NaN or an infinity: dotted keys, list items as `key[i]`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield key or "the value"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from nonfinite_keys(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from nonfinite_keys(v, f"{key}[{i}]")
+
+
+def json_text(payload: Any, **options: Any) -> str:
+    """`json.dumps` for every JSON file dtl writes: NaN and Infinity are not JSON (Python writes them, strict
+    parsers such as jq and JavaScript's refuse the file), so a non-finite number is a ValueError naming its key."""
+    try:
+        return json.dumps(payload, allow_nan=False, **options)
+    except ValueError:
+        raise ValueError(f"not written as JSON: non-finite {', '.join(nonfinite_keys(payload))}") from None
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json_text(payload, indent=2, sort_keys=True) + "\n")
     fsync(tmp)
     os.replace(tmp, path)

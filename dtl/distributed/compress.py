@@ -12,6 +12,7 @@ all-reduces are element-wise sums, so regrouping the tensors into other buckets 
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -152,13 +153,37 @@ class GradCompression:
                                           state.matrix_approximation_rank, state.min_compression_rate)
         uncompressed = sum(s.numel for s in slots if s.q_offset is None)
         self.bytes_sent += (uncompressed + p_total + q_total) * buffer.element_size()
-        future = psgd.powerSGD_hook(state, bucket)
+        # the hook replaces error_dict[index] and updates q_memory_dict[index] in place (torch 2.14.1's
+        # powerSGD_hook): keep the old error, copy Q
+        error, q = state.error_dict.get(index), state.q_memory_dict.get(index)
+        before = (error, None if q is None else q.clone())
+        future = psgd.powerSGD_hook(state, bucket).then(functools.partial(self._keep_finite, index, before))
         if self._serial:
             # gloo: the hook chains three all-reduces through future callbacks; with two buckets in flight the
             # ranks issued them in different orders (gloo::EnforceNotMet "Received data size doesn't match
             # expected size"). Finishing each bucket's chain before the next bucket starts keeps one order.
             future.wait()
         return future
+
+    def _keep_finite(self, index: int, before: tuple[torch.Tensor | None, torch.Tensor | None],
+                     future: torch.futures.Future) -> torch.Tensor:
+        """A non-finite all-reduced gradient (an fp16 overflow, which GradScaler skips; a NaN under --nan-policy
+        skip) leaves bucket `index`'s error feedback and warm-start Q as they were before the step: torch's hook
+        stores both unchecked, and one stored inf made every later gradient NaN. Decided on the device (no host
+        sync); the result is the same on every rank, so the ranks agree."""
+        state = self.psgd
+        assert state is not None
+        result = future.value()
+        finite = result.isfinite().all()
+        error, q = state.error_dict.get(index), state.q_memory_dict.get(index)
+        old_error, old_q = before
+        if error is not None:
+            state.error_dict[index] = torch.where(finite, error, 0.0 if old_error is None else old_error)
+        if q is not None:
+            if old_q is None:  # the bucket's first compressed step: a fresh start, the same on every rank
+                old_q = torch.randn(q.shape, generator=torch.Generator().manual_seed(state.iter), dtype=q.dtype)
+            state.q_memory_dict[index] = torch.where(finite, q, old_q.to(q.device))
+        return result
 
     def _slots(self, bucket: dist.GradBucket) -> list[Slot]:
         state = self.psgd

@@ -111,14 +111,24 @@ def gathered(model: nn.Module) -> Iterator[None]:
     finally:
         for m in modules:
             m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
+            # back to what `shard` and torch's lazy initialisation left: the blocks reshard after forward, the
+            # root does not (its parameters are used again at once by backward; torch 2.14.1's FSDP2 sets that
+            # at the root's first forward, so a root left resharding would all-gather again every step)
+            m.set_reshard_after_forward(m is not model, recurse=False)
 
 
 def sync_buffers(model: nn.Module) -> None:
     """Rank 0's buffers (BatchNorm statistics) on every rank, as DDP's broadcast_buffers does before each
-    forward: FSDP shards parameters only, so without this each rank's statistics would follow its own data."""
+    forward: FSDP shards parameters only, so without this each rank's statistics would follow its own data.
+    One broadcast per dtype and device (running statistics, batch counts), not one per buffer."""
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for buffer in model.buffers():
-        dist.broadcast(buffer, src=0)
+        groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
+    for buffers in groups.values():
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        dist.broadcast(flat, src=0)
+        for b, part in zip(buffers, flat.split([b.numel() for b in buffers])):
+            b.copy_(part.view_as(b))
 
 
 def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:

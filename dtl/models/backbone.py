@@ -46,8 +46,9 @@ class Backbone(ABC):
         that build the model afterwards only read them."""
 
     @abstractmethod
-    def preprocessing(self) -> Preprocessing:
-        """The normalisation and resampling the weights were trained with."""
+    def preprocessing(self, weights: str) -> Preprocessing:
+        """The normalisation and resampling the weights (`--weights`: a published name, none or a file) were
+        trained with."""
 
     @abstractmethod
     def blocks(self, model: nn.Module) -> list[list[str]]:

@@ -40,9 +40,10 @@ def backbone_blocks(model: nn.Module, name: str) -> list[list[str]]:
     return backbone(name).blocks(model)
 
 
-def preprocessing(name: str) -> Preprocessing:
-    """The input normalisation/resampling the backbone was pretrained with (ImageNet's for torchvision)."""
-    return backbone(name).preprocessing()
+def preprocessing(name: str, weights: str) -> Preprocessing:
+    """The input normalisation/resampling the backbone's `weights` were pretrained with (ImageNet's for
+    torchvision)."""
+    return backbone(name).preprocessing(weights)
 
 
 def fetch_weights(name: str, weights: str) -> None:

@@ -209,9 +209,12 @@ def adapt_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, t
         return state
 
 
-def preprocessing(name: str) -> Preprocessing:
-    """mean/std/interpolation of the architecture's default pretrained config (ImageNet's when it has none)."""
-    cfg = _timm().get_pretrained_cfg(arch_of(name))
+def preprocessing(name: str, weights: str = DEFAULT_WEIGHTS) -> Preprocessing:
+    """mean/std/interpolation of the pretrained config of `weights` when it is one of the architecture's tags
+    (tags differ: miil_in21k_ft_in1k wants mean 0, std 1, bilinear), else of its default tag; ImageNet's when
+    it has none. Read from timm's registry: no download."""
+    arch = arch_of(name)
+    cfg = _timm().get_pretrained_cfg(f"{arch}.{weights}" if weights in tags(arch) else arch)
     if cfg is None:
         return Preprocessing()
     return Preprocessing(tuple(cfg.mean), tuple(cfg.std), cfg.interpolation or "bilinear")
@@ -262,8 +265,8 @@ class TimmBackbone(Backbone):
     def fetch_weights(self, weights: str) -> None:
         create(self.name, weights, 224, True)  # timm keeps its files in the Hugging Face hub cache
 
-    def preprocessing(self) -> Preprocessing:
-        return preprocessing(self.name)
+    def preprocessing(self, weights: str) -> Preprocessing:
+        return preprocessing(self.name, weights)
 
     def blocks(self, model: nn.Module) -> list[list[str]]:
         return blocks(model, head_name(model))

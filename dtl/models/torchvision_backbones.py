@@ -183,7 +183,7 @@ class TorchvisionBackbone(Backbone):
         check_model_name(self.name)
         _pretrained_state(self.name, weights)
 
-    def preprocessing(self) -> Preprocessing:
+    def preprocessing(self, weights: str) -> Preprocessing:
         return IMAGENET
 
     def blocks(self, model: nn.Module) -> list[list[str]]:

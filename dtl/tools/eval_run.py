@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -85,8 +84,9 @@ def load_model(path: str | Path, device: torch.device) -> Loaded:
     memory_format = models.memory_format(device.type, cfg.backbone.mode)
     model = model.to(device, memory_format=memory_format).eval()
     run_dir = ckpt.run_folder_of(folder)
+    pretrained = models.preprocessing(cfg.backbone.model, cfg.backbone.weights)
     prep = (Preprocessing.from_dict((meta.get("run") or {}).get("preprocessing"))
-            or models.preprocessing(cfg.backbone.model).for_pipeline(loaders.resolve_pipeline(cfg)))
+            or pretrained.for_pipeline(loaders.resolve_pipeline(cfg)))
     return Loaded(model, folder, run_dir, meta, cfg, classes, prep, memory_format)
 
 
@@ -161,7 +161,7 @@ def write_eval(outdir: Path, summary: dict[str, Any], confusion: torch.Tensor, c
     """summary.json, per_class.csv, confusion_matrix.csv and confusion_matrix.png."""
     try:
         outdir.mkdir(parents=True, exist_ok=True)
-        (outdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (outdir / "summary.json").write_text(atomic_files.json_text(summary, indent=2) + "\n")
         with open(outdir / "per_class.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["class", "count", "correct", "accuracy"])

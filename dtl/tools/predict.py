@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from dtl import distributed
+from dtl.atomic_files import json_text
 from dtl.data.images import decode, find_images
 from dtl.data.preprocessing import Preprocessing, eval_transform
 from dtl.errors import EXIT_OK, UserError
@@ -86,7 +86,7 @@ def write_predictions(rows: list[dict[str, Any]], output: Path) -> None:
                 w.writerow(COLUMNS)
                 w.writerows([r["path"], r["rank"], r["class"], f"{r['probability']:.6f}"] for r in rows)
             else:
-                f.writelines(json.dumps({c: r[c] for c in COLUMNS}) + "\n" for r in rows)
+                f.writelines(json_text({c: r[c] for c in COLUMNS}) + "\n" for r in rows)
     except OSError as err:
         raise UserError(f"cannot write {output}: {err}") from None
 

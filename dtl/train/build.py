@@ -49,7 +49,7 @@ def run_info(cfg: Config, env: DistEnv, device: torch.device, precision: Precisi
 
 def preprocessing_of(cfg: Config) -> Preprocessing:
     """The backbone's normalisation, with the resampling the run's data pipeline applies."""
-    return models.preprocessing(cfg.backbone.model).for_pipeline(loaders.resolve_pipeline(cfg))
+    return models.preprocessing(cfg.backbone.model, cfg.backbone.weights).for_pipeline(loaders.resolve_pipeline(cfg))
 
 
 def build_model(cfg: Config, device: torch.device, num_classes: int,
@@ -171,7 +171,7 @@ def prepare(cfg: Config, groups: ProcessGroups, device: torch.device) -> tuple[R
     log_groups(group_rows)
     train_loader, eval_loader = loaders.build_loaders(cfg, splits, env, device, torch.float32,
                                                    channels_last=memory_format == torch.channels_last, prep=prep)
-    new_features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    new_features: dict[str, features.CachedSplit] = {}
     if cfg.data.cache_features:
         model, train_loader, eval_loader, new_features = use_cached_features(cfg, groups, device, model, splits,
                                                                              plan, precision, prep)
@@ -186,7 +186,7 @@ def prepare(cfg: Config, groups: ProcessGroups, device: torch.device) -> tuple[R
 
 def use_cached_features(cfg: Config, groups: ProcessGroups, device: torch.device, model: nn.Module, splits: Splits,
                         plan: run_folder.RunPlan, precision: Precision, prep: Preprocessing
-                        ) -> tuple[nn.Module, BatchLoader, BatchLoader, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+                        ) -> tuple[nn.Module, BatchLoader, BatchLoader, dict[str, features.CachedSplit]]:
     """Replace the image loaders by feature loaders and the model by its head (see `dtl.data.features`)."""
     env = groups.env
     head = models.head_name(model)
@@ -201,18 +201,19 @@ def use_cached_features(cfg: Config, groups: ProcessGroups, device: torch.device
                     "the backbone's dropout active: pass --dropout 0 to compare the two")
     found, new = {}, {}
     for name, split in (("train", splits.train), ("test", splits.test)):
-        hit = features.cached(plan.outdir, cfg, name, len(split), device)
+        mirrored = name == "test" and cfg.run.tta == "flip"  # flip TTA mirrors images, not feature vectors
+        hit = features.cached(plan.outdir, cfg, name, len(split), device, mirrored)
         if hit is None:
             loader = loaders.eval_loader(cfg, split, env, device, prep=prep)
-            hit = new[name] = features.extract(model, head, loader, groups, precision.autocast)
+            hit = new[name] = features.extract(model, head, loader, groups, precision.autocast, mirrored)
         found[name] = hit
-    log.info("cached features: train %s, test %s (%s)", tuple(found["train"][0].shape),
-             tuple(found["test"][0].shape), "computed" if new else f"reused from {plan.outdir / 'features'}")
+    log.info("cached features: train %s, test %s (%s)", tuple(found["train"].features.shape),
+             tuple(found["test"].features.shape), "computed" if new else f"reused from {plan.outdir / 'features'}")
     sampler = samplers.sampler_for(splits.train.labels, env, cfg.run.seed, cfg.data.class_balance,
                                    cfg.optim.batch_size)
-    train = features.FeatureLoader(*found["train"], sampler,
+    train = features.FeatureLoader(found["train"], sampler,
                                    cfg.optim.batch_size)
-    test = features.FeatureLoader(*found["test"],
+    test = features.FeatureLoader(found["test"],
                                   samplers.EvalShardSampler(len(splits.test), env.rank, env.world_size),
                                   cfg.optim.batch_size)
     return features.FeatureHead(model, head), train, test, new

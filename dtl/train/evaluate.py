@@ -34,13 +34,21 @@ class EvalResult:
     """--tta flip: the numbers without it (the image alone)."""
 
 
-def tta_logits(model: nn.Module, images: torch.Tensor, tta: str) -> tuple[torch.Tensor, torch.Tensor]:
+def tta_logits(model: nn.Module, images: torch.Tensor, tta: str,
+               mirrored: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(plain logits, test-time-augmented logits) in float32; flip: the mean of the logits of the images and
-    of their horizontal mirrors (what timm and torchvision's references call flip TTA)."""
+    of their horizontal mirrors (what timm and torchvision's references call flip TTA). An image batch
+    (N, C, H, W) is mirrored here; any other input (cached features: `dtl.data.features`) comes with its
+    mirrored images' input in `mirrored`."""
     plain = model(images).float()
     if tta == "none":
         return plain, plain
-    return plain, (plain + model(images.flip(-1)).float()) / 2
+    if mirrored is None:
+        if images.dim() != 4:
+            raise ValueError(f"flip TTA mirrors image batches (N, C, H, W); an input of shape {tuple(images.shape)} "
+                             "must come with the mirrored images' input")
+        mirrored = images.flip(-1)
+    return plain, (plain + model(mirrored).float()) / 2
 
 
 def _sums(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -53,7 +61,7 @@ def _sums(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]], device: torch.device,
              groups: ProcessGroups, precision: Precision, num_classes: int | None = None, confusion: bool = False,
              desc: str | None = "eval", tta: str = "none") -> EvalResult:
     """Evaluate `model` on this rank's `batches` and sum over the ranks of `groups`. Runs without the DDP/compile
@@ -69,9 +77,9 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     shown = groups.env.is_main and desc is not None
     bar = Progress(len(batches) if isinstance(batches, Sized) else 0, desc or "", shown)
     with fsdp.gathered(model):  # sharded: the full parameters, so that ranks need not run the same batches
-        for images, labels in batches:
+        for images, labels, *mirrored in batches:  # a feature loader adds the mirrored images' features
             with precision.autocast():
-                plain, logits = tta_logits(model, images, tta)
+                plain, logits = tta_logits(model, images, tta, *mirrored)
             k = min(5, num_classes or logits.shape[1])
             totals[0, :3] += _sums(logits, labels, k)
             if tta != "none":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,10 +12,13 @@ from typing import Any
 
 import torch
 
+from dtl.atomic_files import json_text, nonfinite_keys
 from dtl.distributed import ProcessGroups
 from dtl.train.trackers import Tracker, scalars
 
 METRICS_FILE = "metrics.jsonl"
+
+log = logging.getLogger("dtl")
 
 
 class Meter:
@@ -84,13 +89,29 @@ def truncate_metrics(outdir: Path, completed_epochs: int) -> None:
     path = outdir / METRICS_FILE
     rows = [r for r in read_metrics(outdir) if r["epoch"] <= completed_epochs]
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.write_text("".join(json_text(r) + "\n" for r in rows))
     os.replace(tmp, path)
+
+
+def finite_row(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` with each NaN or infinity (a diverged evaluation, say) as null, logged: metrics.jsonl stays JSON,
+    and a number that is not one must not end a run at its log line."""
+    bad = list(nonfinite_keys(row))
+    if not bad:
+        return row
+    log.warning("epoch %s: %s not finite, written as null", row.get("epoch"), ", ".join(bad))
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return [clean(x) for x in v] if isinstance(v, list) else v
+
+    return {k: clean(v) for k, v in row.items()}
 
 
 def append_metrics(outdir: Path, row: dict[str, Any]) -> None:
     with open(outdir / METRICS_FILE, "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(json_text(finite_row(row)) + "\n")
         f.flush()
         os.fsync(f.fileno())
 

@@ -11,6 +11,7 @@ import torch
 
 from dtl.config import Config
 from dtl.data.augment.mix import Mixer
+from dtl.data.features import CachedSplit
 from dtl.data.loaders import BatchLoader
 from dtl.data.splits import Splits
 from dtl.distributed import DistEnv, ProcessGroups
@@ -66,7 +67,7 @@ class RunParts:
     splits: Splits
     info: RunInfo
     checkpointer: Checkpointer
-    new_features: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    new_features: dict[str, CachedSplit] = field(default_factory=dict)
     """Features computed by this run (--cache-features), stored in OUTDIR/features once the folder exists."""
     class_weights: torch.Tensor | None = None
     """--class-balance loss: the cross-entropy's per-class weights, on the device."""

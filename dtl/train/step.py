@@ -62,11 +62,13 @@ def clip_gradients(grads: list[torch.Tensor], norms: list[torch.Tensor], max_nor
                    stats: torch.Tensor) -> None:
     """Scale the gradients so their global norm is at most `max_norm` (from the per-tensor norms already
     computed for the finite check: no second pass), and add the pre-clip norm to `stats` (sum, max, count),
-    all on the device."""
+    all on the device. A non-finite norm (an fp16 overflow step, which GradScaler skips) is not counted."""
     total = torch.linalg.vector_norm(torch.stack(norms))
-    stats[0] += total.double()
-    stats[1] = torch.maximum(stats[1], total.double())
-    stats[2] += 1
+    finite = total.isfinite()
+    norm = torch.where(finite, total.double(), 0.0)
+    stats[0] += norm
+    stats[1] = torch.maximum(stats[1], norm)
+    stats[2] += finite.double()
     # torch._foreach_*: the multi-tensor kernels torch.optim and clip_grad_norm_ run on (underscored, no public
     # alias; checked against torch 2.14.1): one launch for all gradients
     torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from dtl.atomic_files import json_text
 from dtl.errors import UserError
 
 log = logging.getLogger("dtl")
@@ -201,5 +202,5 @@ def open_trackers(outdir: Path, log_with: str, resuming: bool, wandb_project: st
         log.info("%s run %s (%s)", name, next(iter(tracker.state.values())),
                  "continued" if saved.get(name) else "new")
     if ids:
-        path.write_text(json.dumps({**saved, **ids}, indent=2) + "\n")
+        path.write_text(json_text({**saved, **ids}, indent=2) + "\n")
     return trackers

@@ -27,8 +27,8 @@ def train(cfg: Config, groups: ProcessGroups, device: torch.device) -> int:
     cached = ("computed" if parts.new_features else "reused") if cfg.data.cache_features else None
     parts.folder.start(cfg, asdict(parts.info), state, parts.splits, parts.model.unwrapped(), cached_features=cached)
     if groups.env.is_main:
-        for name, (feats, labels) in parts.new_features.items():
-            features.store(parts.folder.outdir, cfg, name, feats, labels)
+        for name, found in parts.new_features.items():
+            features.store(parts.folder.outdir, cfg, name, found)
     if parts.new_features:
         groups.wait_for_main()  # ~1 GB of features for CIFAR-10 at 224 px: not under the NCCL timeout
     ending = "failed"  # for the trackers' run status

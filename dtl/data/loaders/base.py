@@ -20,7 +20,8 @@ class BatchLoader(Protocol):
     """What the training and evaluation loops use of a loader: `set_epoch` before each pass (reshuffles the
     training shard; `start_batch` > 0 resumes in the middle of an epoch, skipping the batches already
     trained on), `len()` (batches per pass, the skipped ones included) and iteration, which yields this
-    rank's (images, labels) batches as tensors on the device."""
+    rank's (images, labels) batches as tensors on the device (a `dtl.data.features.FeatureLoader` under flip
+    TTA adds a third: the mirrored images' features)."""
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
 

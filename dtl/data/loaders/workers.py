@@ -16,7 +16,9 @@ __all__ = ["WorkerLoader"]
 
 class _PerImageDataset(Dataset):
     """Per-image transforms for the `workers` pipeline. Each image's randomness is seeded from
-    (seed, epoch, index), so results do not depend on which worker handles it or on a resume point."""
+    (seed, epoch, index), so results do not depend on which worker handles it or on a resume point. The
+    transforms draw from torch's global CPU generator (v2 takes no generator), so it is forked around each
+    image: with --num-workers 0 this runs in the trainer's process, whose dropout stream must not move."""
 
     def __init__(self, split: DatasetSplit, transform: Callable[[torch.Tensor], torch.Tensor], seed: int) -> None:
         self.split, self.transform, self.seed, self.epoch = split, transform, seed, 0
@@ -25,8 +27,11 @@ class _PerImageDataset(Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        torch.manual_seed(stream_seed(self.seed, self.epoch, i))
-        return self.transform(self.split.images[i]), int(self.split.labels[i])
+        with torch.random.fork_rng(devices=()):
+            # the CPU generator only: torch.manual_seed would also reseed every CUDA generator
+            torch.default_generator.manual_seed(stream_seed(self.seed, self.epoch, i))
+            image = self.transform(self.split.images[i])
+        return image, int(self.split.labels[i])
 
 
 class WorkerLoader(SampledLoader):
@@ -47,6 +52,9 @@ class WorkerLoader(SampledLoader):
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.remaining(),
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
                             persistent_workers=False,
+                            # a pass draws its workers' base seed from this, not from the trainer's generator
+                            # (each image is seeded on its own anyway)
+                            generator=torch.Generator().manual_seed(stream_seed(self.dataset.seed, self.epoch)),
                             worker_init_fn=ignore_stop_signals if self.num_workers else None)
         for images, labels in loader:
             yield (images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format),

@@ -22,7 +22,6 @@ decoding library (`dtl.data.images.decode`), to compare TorchCodec with torchvis
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 
+from dtl.atomic_files import json_text
 from dtl.config import Config
 from dtl.data import image_cache, images, loaders
 from dtl.data.constants import IMAGENET_MEAN, IMAGENET_STD
@@ -174,7 +174,7 @@ def run_folder_bench(cfg: Config, opts: Options) -> dict[str, Any]:
     }
     print(format_folder_table(result))
     if opts.json_path:
-        Path(opts.json_path).write_text(json.dumps(result, indent=2) + "\n")
+        Path(opts.json_path).write_text(json_text(result, indent=2) + "\n")
     return result
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from dtl.atomic_files import json_text
 from dtl.config import Config
 from dtl.distributed import DistEnv, pick_device
 from dtl.tools.bench.report import SIDES
@@ -83,7 +84,7 @@ def measure_memory(cfg: Config, opts: Options, tmp: Path) -> dict[str, dict[str,
         spec_path = tmp / f"probe-{side}.json"
         spec = {"config": cfg.to_dict(), "side": side, "steps": max(opts.warmup, 1) + 1,
                 "threads": torch.get_num_threads(), "out": str(tmp / f"probe-{side}.out.json")}
-        spec_path.write_text(json.dumps(spec))
+        spec_path.write_text(json_text(spec))
         with open(tmp / f"probe-{side}.log", "w") as log_file:
             procs[side] = subprocess.Popen([sys.executable, "-m", "dtl.cli", "bench", "--probe", str(spec_path)],
                                            stdout=log_file, stderr=subprocess.STDOUT)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dtl.atomic_files import json_text
 from dtl.config.loading import config_from_flags
 from dtl.distributed import DistEnv, ProcessGroups, pick_device
 from dtl.train import loop
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                      args.train_flags)
     print(format_result(result))
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.json_path).write_text(json_text(result, indent=2) + "\n")
     return 0
 
 

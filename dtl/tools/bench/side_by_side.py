@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from dtl.atomic_files import json_text
 from dtl.config import Config
 from dtl.distributed import DistEnv, pick_device
 from dtl.tools.bench.dtl_loop import DtlLoop
@@ -153,7 +154,7 @@ def run_bench(cfg: Config, opts: Options) -> dict[str, Any]:
     result["meta"]["config"] = {k: v for k, v in cfg.to_dict().items() if k != "output_dir"}
     print(format_table(result))
     if opts.json_path:
-        Path(opts.json_path).write_text(json.dumps(result, indent=2) + "\n")
+        Path(opts.json_path).write_text(json_text(result, indent=2) + "\n")
     return result
 
 
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     """Handler for `dtl bench` (and `python -m dtl.cli bench`): parsed flags in, exit code out."""
     if args.probe:
         spec = json.loads(Path(args.probe).read_text())
-        Path(spec["out"]).write_text(json.dumps(probe(spec, build_loop)))
+        Path(spec["out"]).write_text(json_text(probe(spec, build_loop)))
         return 0
     cfg = bench_config(args)
     if cfg.data.dataset == "folder":

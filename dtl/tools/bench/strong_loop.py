@@ -64,7 +64,7 @@ class StrongLoop:
         fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
         self.optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=0.9, **fast)
         self.scaler = self.precision.grad_scaler()
-        prep = models.preprocessing(b.model)
+        prep = models.preprocessing(b.model, b.weights)
         self.mean = torch.tensor(prep.mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(prep.std, device=device).view(1, -1, 1, 1) * 255
         self.train_images, self.train_labels = splits.train.images.to(device), splits.train.labels.to(device)

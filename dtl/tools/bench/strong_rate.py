@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from dtl.atomic_files import json_text
 from dtl.config import Config
 from dtl.distributed import DistEnv, pick_device
 from dtl.tools.bench import timing
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"strong loop {label}: {results[label]['images_per_s']:.1f} img/s "
               f"({results[label]['steps']} steps)", flush=True)
     if json_path:
-        Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+        Path(json_path).write_text(json_text(results, indent=2) + "\n")
     return 0
 
 

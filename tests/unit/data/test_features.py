@@ -8,6 +8,7 @@ import torchvision
 from safetensors.torch import load_file
 
 from dtl.config import Config
+from dtl.data import features
 from tests.conftest import train_inproc
 
 
@@ -43,6 +44,34 @@ def test_cached_features_give_the_same_head(tmp_path, resnet_weights, capfd):
     capfd.readouterr()
     assert train_inproc(*common, "--cache-features", "--output-dir", str(again), "--overwrite") == 0
     assert "reused from" in capfd.readouterr().err
+
+
+def test_flip_tta_on_cached_features_scores_the_mirrored_images(tmp_path, resnet_weights):
+    common = ["--dataset", "synthetic", "--image-size", "32", "--device", "cpu", "--model", "resnet18",
+              "--mode", "transfer", "--weights", str(resnet_weights), "--no-augment", "--epochs", "1",
+              "--train-subset", "32", "--eval-subset", "24", "--batch-size", "16", "--seed", "4", "--tta", "flip"]
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    assert train_inproc(*common, "--output-dir", str(plain)) == 0
+    assert train_inproc(*common, "--cache-features", "--output-dir", str(cached)) == 0
+    a, b = (json.loads((d / "metrics.jsonl").read_text().splitlines()[-1]) for d in (plain, cached))
+    # the TTA numbers are those of the images and their mirrors, not of mirrored feature vectors
+    torch.testing.assert_close(b["test_loss"], a["test_loss"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b["test_loss_plain"], a["test_loss_plain"], atol=1e-4, rtol=1e-4)
+    assert b["test_loss"] != b["test_loss_plain"]  # the mirrors did count
+    assert "mirrored" in load_file(str(cached / "features" / "test.safetensors"))
+    assert "mirrored" not in load_file(str(cached / "features" / "train.safetensors"))
+
+
+def test_stored_features_without_mirrors_are_not_reused_for_flip_tta(tmp_path):
+    cfg = Config(mode="transfer", augment=False, cache_features=True)
+    found = features.CachedSplit(torch.randn(5, 3), torch.arange(5))
+    features.store(tmp_path, cfg, "test", found)
+    hit = features.cached(tmp_path, cfg, "test", 5, torch.device("cpu"))
+    assert torch.equal(hit.features, found.features) and hit.mirrored is None
+    assert features.cached(tmp_path, cfg, "test", 5, torch.device("cpu"), mirrored=True) is None
+    features.store(tmp_path, cfg, "test", features.CachedSplit(found.features, found.labels, -found.features))
+    assert torch.equal(features.cached(tmp_path, cfg, "test", 5, torch.device("cpu"), mirrored=True).mirrored,
+                       -found.features)
 
 
 def test_cache_features_refused_with_augmentation():

@@ -90,3 +90,23 @@ def test_bf16_compression_sends_half_and_trains_close_to_fp32(world_of_one):
     for a, b in zip(plain_model.parameters(), model.parameters()):
         assert not torch.equal(a, b)  # bf16 rounding changed the update...
         torch.testing.assert_close(b, a, atol=2e-3, rtol=2e-2)  # ...by about bf16's precision
+
+
+def test_a_non_finite_step_leaves_the_powersgd_state_as_it_was(world_of_one):
+    """One overflowed gradient must not poison the error feedback and Q (NaN gradients forever after)."""
+    model, comp = _net(), GradCompression("powersgd", rank=2, start_iter=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ddp = _ddp(model, comp)
+    _train(ddp, opt, range(5))
+    state = comp.psgd
+    errors = {i: e.clone() for i, e in state.error_dict.items()}
+    qs = {i: q.clone() for i, q in state.q_memory_dict.items()}
+    x = torch.randn(16, 48)
+    x[0, 0] = float("inf")  # what an fp16 overflow hands the hook
+    nn.functional.cross_entropy(ddp(x), torch.zeros(16, dtype=torch.long)).backward()
+    assert not all(p.grad.isfinite().all() for p in model.parameters())  # the step GradScaler would skip
+    opt.zero_grad()
+    assert all(torch.equal(state.error_dict[i], e) for i, e in errors.items())
+    assert all(torch.equal(state.q_memory_dict[i], q) for i, q in qs.items())
+    nn.functional.cross_entropy(ddp(torch.randn(16, 48)), torch.zeros(16, dtype=torch.long)).backward()
+    assert all(p.grad.isfinite().all() for p in model.parameters())

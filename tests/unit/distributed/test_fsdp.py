@@ -4,6 +4,7 @@ torch.distributed.checkpoint's safetensors files and back."""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from dtl import models
@@ -46,3 +47,33 @@ def test_sharded_state_saves_and_loads_through_safetensors_shards(world_of_one, 
         assert torch.equal(got, value), key
     full = fsdp.full_state_dict(model)
     assert set(full) == set(_net().state_dict()) and all(type(t) is torch.Tensor for t in full.values())
+
+
+def _reshards_after_forward(module: nn.Module) -> bool:
+    # FSDP2 has no public getter; its param group's post-forward mesh is None when it keeps the parameters
+    # gathered after forward (private, checked against torch 2.14.1; a world of one all-gathers nothing to count)
+    return module._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is not None
+
+
+def test_evaluation_leaves_the_roots_reshard_setting_as_it_was(world_of_one):
+    model = fsdp.shard(_net(), [["0"]], None, None, cpu_offload=False)  # the root holds the head
+    nn.functional.cross_entropy(model(torch.randn(5, 8)), torch.arange(5) % 4).backward()
+    before = [_reshards_after_forward(m) for m in (model, model[0])]
+    assert before == [False, True]  # the root keeps its parameters for backward; the block reshards
+    with fsdp.gathered(model), torch.no_grad():
+        model(torch.randn(3, 8))
+    assert [_reshards_after_forward(m) for m in (model, model[0])] == before
+
+
+def test_buffers_are_broadcast_once_per_dtype(world_of_one, monkeypatch):
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.BatchNorm1d(6), nn.BatchNorm1d(2))
+    with torch.no_grad():
+        for i, b in enumerate(model.buffers()):
+            b.add_(i + 1)
+    expected = [b.clone() for b in model.buffers()]
+    sent = []
+    original = dist.broadcast
+    monkeypatch.setattr(dist, "broadcast", lambda t, src: (sent.append(t.dtype), original(t, src))[1])
+    fsdp.sync_buffers(model)
+    assert sorted(map(str, sent)) == ["torch.float32", "torch.int64"]  # 9 buffers, 2 broadcasts
+    assert all(torch.equal(b, e) for b, e in zip(model.buffers(), expected))

@@ -13,8 +13,10 @@ from torchvision.io import write_png
 from torchvision.transforms.v2.functional import center_crop, resize
 
 from dtl import models
+from dtl.config import Config
 from dtl.errors import UserError
 from dtl.models import timm_backbones
+from dtl.train.build import preprocessing_of
 from tests.conftest import TINY, main_inproc, run_cli, train_inproc
 
 SMALL = [*TINY, "--epochs", "1", "--train-subset", "32", "--eval-subset", "16"]
@@ -63,10 +65,22 @@ def test_names_tags_and_missing_timm(monkeypatch):
 
 
 def test_preprocessing_comes_from_pretrained_cfg():
-    vit = models.preprocessing("timm/vit_base_patch16_224")
+    vit = models.preprocessing("timm/vit_base_patch16_224", "imagenet")
     assert (vit.mean, vit.std, vit.interpolation) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
-    assert models.preprocessing("vgg16").mean == (0.485, 0.456, 0.406)
+    assert models.preprocessing("vgg16", "imagenet").mean == (0.485, 0.456, 0.406)
     assert vit.for_pipeline("device").interpolation == "bilinear" and vit.for_pipeline("workers") == vit
+
+
+def test_a_pretrained_tag_brings_its_own_preprocessing():
+    """The tag's pretrained_cfg, read from timm's registry (no download), is what the run records and feeds."""
+    name = "timm/mobilenetv3_large_100"
+    tagged = models.preprocessing(name, "miil_in21k_ft_in1k")
+    assert (tagged.mean, tagged.std, tagged.interpolation) == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "bilinear")
+    default = models.preprocessing(name, "imagenet")
+    assert (default.mean, default.interpolation) == ((0.485, 0.456, 0.406), "bicubic")
+    assert models.preprocessing(name, "none") == default
+    cfg = Config(model=name, weights="miil_in21k_ft_in1k", data_pipeline="workers")
+    assert preprocessing_of(cfg) == tagged  # config.json's record, which eval, predict and export read
 
 
 def test_models_lists_timm_with_parameter_counts(capsys):

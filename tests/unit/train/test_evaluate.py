@@ -62,6 +62,17 @@ def test_flip_tta_is_the_mean_of_the_logits_of_the_image_and_its_mirror():
     assert flip.confusion.diagonal().sum().item() == round(flip.top1 * 20)  # the headline (TTA) predictions
 
 
+def test_flip_tta_never_mirrors_a_feature_vector():
+    model = nn.Linear(6, 4)
+    feats, mirrored, y = torch.randn(8, 6), torch.randn(8, 6), torch.randint(0, 4, (8,))
+    with torch.no_grad(), pytest.raises(ValueError, match="mirrored images' input"):
+        tta_logits(model, feats, "flip")
+    flip = evaluate(model, [(feats, y, mirrored)], CPU, ProcessGroups(), FP32, 4, desc=None, tta="flip")
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy((model(feats) + model(mirrored)) / 2, y).item()
+    torch.testing.assert_close(flip.loss, expected, rtol=1e-6, atol=0)
+
+
 def test_a_mirror_symmetric_model_scores_the_same_with_flip_tta():
     x, y, _ = images_and_model()
     model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4))  # sees no left or right

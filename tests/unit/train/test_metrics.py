@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -57,6 +58,21 @@ def test_truncate_drops_epochs_after_the_checkpoint(tmp_path: Path):
         append_metrics(tmp_path, {"epoch": epoch, "train_loss": 1.0 / epoch})
     truncate_metrics(tmp_path, 2)
     assert [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def strict_rows(path: Path) -> list[dict]:
+    """metrics.jsonl as a strict parser reads it: NaN and Infinity are not JSON."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} in {path}")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def test_a_non_finite_metric_is_written_as_null(tmp_path: Path, caplog):
+    append_metrics(tmp_path, {"epoch": 1, "test_loss": math.inf, "test_acc_per_class": [0.5, math.nan]})
+    assert strict_rows(tmp_path / "metrics.jsonl") == [{"epoch": 1, "test_loss": None,
+                                                         "test_acc_per_class": [0.5, None]}]
+    assert "test_loss, test_acc_per_class[1] not finite" in caplog.text
 
 
 def test_plot_overlays_runs(tmp_path: Path):

@@ -1,8 +1,10 @@
 """End-to-end runs of the trainer in one process (the launcher tests live in test_launchers.py)."""
 
 import json
+import math
 from pathlib import Path
 
+import pytest
 import torch
 import torchvision
 from safetensors.torch import load_file
@@ -125,6 +127,16 @@ def test_fp16_overflow_steps_are_skipped_and_the_scale_shrinks(tmp_path):
     assert row["overflow_skips"] >= 1
     assert row["loss_scale"] < 1e38
     assert json.loads((out / "status.json").read_text())["state"] == "completed"
+
+
+def test_fp16_overflow_steps_leave_the_grad_norms_and_files_finite(tmp_path):
+    out = tmp_path / "run"
+    assert train_inproc(*FP16, "--fp16-init-scale", "1e38", "--clip-grad-norm", "1.0", "--output-dir", str(out)) == 0
+    not_json = {"parse_constant": lambda name: pytest.fail(f"{name} written")}  # NaN, Infinity: not JSON
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1], **not_json)
+    assert row["overflow_skips"] >= 1
+    assert math.isfinite(row["grad_norm_mean"]) and math.isfinite(row["grad_norm_max"])
+    json.loads((out / "status.json").read_text(), **not_json)
 
 
 def test_fp16_real_nan_loss_still_aborts(tmp_path, capfd):

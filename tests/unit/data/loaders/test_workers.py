@@ -22,3 +22,18 @@ def test_workers_path_is_the_chain_on_a_batch_of_one_seeded_per_image():
     for i in range(len(split)):
         gen = torch.Generator().manual_seed(stream_seed(4, 2, i))
         assert torch.equal(dataset[i][0], chain(split.images[i:i + 1], gen)[0]), i
+
+
+def test_the_trainers_global_generator_is_untouched_with_no_workers():
+    """--num-workers 0 transforms in the trainer's process: its dropout stream must not depend on the batch."""
+    split = make_synthetic(6)
+    cfg = Config(image_size=16, data_pipeline="workers", num_workers=0, crop="pad", auto_augment="ta_wide", seed=4)
+    train, _ = build_loaders(cfg, Splits(split, split), DistEnv(), torch.device("cpu"), torch.float32)
+    train.set_epoch(1)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    first = list(train)
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(7)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, train))  # the images' own seeds still rule
