@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -184,9 +185,10 @@ def network_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def setup_logging(env: DistEnv) -> None:
-    """Rank 0 logs info; other ranks only warnings and errors, each line tagged with its rank."""
+    """Rank 0 logs info; other ranks only warnings and errors, each line tagged with its rank and host (so that
+    a line from another node says where it came from)."""
     level = logging.INFO if env.is_main else logging.WARNING
-    prefix = "" if not env.distributed else f"[rank {env.rank}] "
+    prefix = "" if not env.distributed else f"[rank {env.rank} on {socket.gethostname()}] "
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", "%H:%M:%S"))
     log.handlers[:] = [handler]

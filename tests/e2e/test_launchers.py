@@ -138,7 +138,7 @@ def test_a_rank_that_raises_ends_the_job_quickly(tmp_path):
     assert "RuntimeError: injected fault" in text
     assert "rank     : 1" in text or "rank: 1" in text  # torchrun's summary names the failing rank
     # printed once by the failing rank (torchrun's summary repeats it); the surviving rank says one line
-    assert "[rank0]: Traceback" not in text and "[rank 0] stopping: a collective failed" in text
+    assert "[rank0]: Traceback" not in text and "] stopping: a collective failed: rank 1 (" in text
 
 
 def test_eval_counts_1003_images_once_at_world_sizes_2_and_3(tmp_path):
