@@ -370,7 +370,12 @@ def execute(argv: list[str] | None = None) -> tuple[int, distributed.DistEnv]:
     environment is read here, once, and handed to the command."""
     args = build_parser().parse_args(argv)
     if args.command in DISTRIBUTED:
-        env = distributed.detect(debug=bool(getattr(args, "debug", False)))
+        try:
+            env = distributed.detect(debug=bool(getattr(args, "debug", False)))
+        except UserError as err:  # the launch itself is wrong (--debug under torchrun): every process says so
+            distributed.setup_logging(distributed.DistEnv())
+            log.error("error: %s", err)
+            return EXIT_USAGE, distributed.DistEnv()
     else:
         env = distributed.DistEnv()  # one process, whatever launched it
     distributed.setup_logging(env)

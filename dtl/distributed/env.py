@@ -87,10 +87,16 @@ def first_slurm_host(nodelist: str) -> str:
 
 
 def detect(debug: bool = False, environ: Mapping[str, str] | None = None) -> DistEnv:
-    """Read rank/world/launcher from the environment. `debug` forces one process whatever the launcher."""
+    """Read rank/world/launcher from the environment. `debug` means one process: refused under a launch of
+    several (each would be an independent "rank 0" writing the same run folder)."""
     env = os.environ if environ is None else environ
     accel_mp = env.get("ACCELERATE_MIXED_PRECISION")
     if debug:
+        world = max(_int(env, name) if env.get(name) else 1 for name in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS"))
+        if world > 1:
+            raise UserError(f"--debug runs a single process, but this launch started {world} of them (each would "
+                            "train alone into the same run folder): run `python train.py --debug ...`, or drop "
+                            "--debug under torchrun/accelerate/srun")
         return DistEnv(launcher="debug", accelerate_mixed_precision=accel_mp)
     common = {"accelerate_mixed_precision": accel_mp,
               "accelerate_fsdp": env.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"),

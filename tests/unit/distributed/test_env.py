@@ -30,11 +30,6 @@ def test_torchrun_and_accelerate_environments():
     assert env.launcher == "accelerate" and env.accelerate_mixed_precision == "bf16"
 
 
-def test_debug_forces_one_process_under_a_launcher():
-    env = distributed.detect(debug=True, environ={"RANK": "1", "WORLD_SIZE": "2"})
-    assert (env.rank, env.world_size, env.launcher) == (0, 1, "debug")
-
-
 def test_srun_environment():
     env = distributed.detect(environ={"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
                                "SLURM_JOB_NODELIST": "gpu[003-004]", "SLURM_JOB_ID": "4242",
@@ -254,3 +249,11 @@ def test_exit_after_a_failure_leaves_the_group_alone(monkeypatch):
     assert torn == ["exit 1"]
     distributed.exit_process(0, env)
     assert torn == ["exit 1", 1, "exit 0"]
+
+
+@pytest.mark.parametrize("environ", [{"RANK": "1", "WORLD_SIZE": "2"},
+                                     {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "4"}])
+def test_debug_is_refused_under_a_launch_of_several_processes(environ):
+    with pytest.raises(UserError, match="--debug runs a single process, but this launch started"):
+        distributed.detect(debug=True, environ=environ)
+    assert distributed.detect(debug=True, environ={"RANK": "0", "WORLD_SIZE": "1"}).launcher == "debug"
