@@ -339,10 +339,11 @@ def run_guarded(env: distributed.DistEnv, body: Callable[[], int]) -> int:
 
 
 def in_process_group(env: distributed.DistEnv, device_preference: str, timeout_s: float,
-                     body: Callable[[distributed.ProcessGroups, torch.device], int]) -> int:
-    """Pick this process's device, create the process groups, run `body(groups, device)` (train, eval)."""
+                     body: Callable[[distributed.ProcessGroups, torch.device], int], cpu_tensors: bool = False) -> int:
+    """Pick this process's device, create the process groups, run `body(groups, device)` (train, eval);
+    `cpu_tensors`: a GPU run's collectives also see CPU tensors (see `distributed.backend_for`)."""
     device = distributed.pick_device(env, device_preference)
-    return body(distributed.setup(env, device, timeout_s), device)
+    return body(distributed.setup(env, device, timeout_s, cpu_tensors), device)
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -353,7 +354,8 @@ def run_train(args: argparse.Namespace, env: distributed.DistEnv) -> int:
     if cfg.run.deterministic:
         distributed.prepare_determinism()
     return in_process_group(env, cfg.dist.device, cfg.dist.dist_timeout,
-                            lambda groups, device: trainer.train(cfg, groups, device))
+                            lambda groups, device: trainer.train(cfg, groups, device),
+                            cpu_tensors=cfg.dist.fsdp_cpu_offload)
 
 
 def run_eval(args: argparse.Namespace, env: distributed.DistEnv) -> int:

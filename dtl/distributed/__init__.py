@@ -22,6 +22,7 @@ from dtl.distributed.group import (
     Agreement,
     ProcessGroups,
     RankFailure,
+    backend_for,
     exit_process,
     failure_of,
     host_name,
@@ -35,8 +36,9 @@ from dtl.distributed.group import (
 from dtl.distributed.wrappers import ddp_of, local_module, no_sync, unwrap, wrap
 
 __all__ = [
-    "Agreement", "ddp_of", "detect", "DETERMINISM_HINT", "DistEnv", "exit_process", "failure_of", "first_slurm_host",
-    "fsdp", "gpu_index", "GradCompression", "host_name", "local_module", "MAIN_IO_TIMEOUT_S", "network_env",
-    "NETWORK_VARS", "no_sync", "peer_failure", "pick_device", "post_failure", "posted_failures", "prepare_determinism",
-    "ProcessGroups", "RankFailure", "setup", "setup_logging", "slurm_port", "summary", "teardown", "unwrap", "wrap",
+    "Agreement", "backend_for", "ddp_of", "detect", "DETERMINISM_HINT", "DistEnv", "exit_process", "failure_of",
+    "first_slurm_host", "fsdp", "gpu_index", "GradCompression", "host_name", "local_module", "MAIN_IO_TIMEOUT_S",
+    "network_env", "NETWORK_VARS", "no_sync", "peer_failure", "pick_device", "post_failure", "posted_failures",
+    "prepare_determinism", "ProcessGroups", "RankFailure", "setup", "setup_logging", "slurm_port", "summary",
+    "teardown", "unwrap", "wrap",
 ]

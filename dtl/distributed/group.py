@@ -306,12 +306,20 @@ class Agreement:
         return [bool(v) for v in tensor.tolist()]
 
 
-def setup(env: DistEnv, device: torch.device, timeout_s: float) -> ProcessGroups:
-    """Create the process group (NCCL on GPUs, gloo on CPU) and its two CPU groups, check that the world is the
-    one promised, and return them; for one process, the `ProcessGroups` whose collectives do nothing."""
+def backend_for(device: torch.device, cpu_tensors: bool = False) -> str:
+    """The default group's backend: NCCL on GPUs, gloo on CPU; a GPU run whose collectives also see CPU tensors
+    (--fsdp-cpu-offload: the gradient norm over CPU shards) gets both, one per device type."""
+    if device.type != "cuda":
+        return "gloo"
+    return "cuda:nccl,cpu:gloo" if cpu_tensors else "nccl"
+
+
+def setup(env: DistEnv, device: torch.device, timeout_s: float, cpu_tensors: bool = False) -> ProcessGroups:
+    """Create the process group (`backend_for`) and its two CPU groups, check that the world is the one
+    promised, and return them; for one process, the `ProcessGroups` whose collectives do nothing."""
     if not env.distributed:
         return ProcessGroups(env, control_timeout_s=timeout_s)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = backend_for(device, cpu_tensors)
     timeout = datetime.timedelta(seconds=timeout_s)
     # device_id binds the NCCL communicator to our GPU at once (no guessing from the current device)
     kwargs: dict = {"device_id": device} if device.type == "cuda" else {}

@@ -257,3 +257,20 @@ def test_debug_is_refused_under_a_launch_of_several_processes(environ):
     with pytest.raises(UserError, match="--debug runs a single process, but this launch started"):
         distributed.detect(debug=True, environ=environ)
     assert distributed.detect(debug=True, environ={"RANK": "0", "WORLD_SIZE": "1"}).launcher == "debug"
+
+
+def test_fsdp_cpu_offload_gets_a_cpu_backend_beside_nccl():
+    assert distributed.backend_for(torch.device("cuda", 0), cpu_tensors=True) == "cuda:nccl,cpu:gloo"
+    assert distributed.backend_for(torch.device("cuda", 0)) == "nccl"
+    assert distributed.backend_for(torch.device("cpu"), cpu_tensors=True) == "gloo"
+
+
+def test_setup_passes_the_offload_backend(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(group.dist, "init_process_group", lambda backend, **k: seen.setdefault("backend", backend))
+    monkeypatch.setattr(group.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(group.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(group.dist, "new_group", lambda **k: None)
+    monkeypatch.setattr(group, "_register_host", lambda env: None)
+    distributed.setup(distributed.DistEnv(world_size=2, launcher="torchrun"), torch.device("cuda", 0), 5, True)
+    assert seen["backend"] == "cuda:nccl,cpu:gloo"
