@@ -8,10 +8,12 @@
 it runs the command, then leaves the process the way multi-process runs need (`distributed.exit_process`:
 flushed, and without interpreter finalisers that abort now and then after gloo runs). `main(argv)` runs a
 command in this process and returns the exit code (tests, notebooks). Error policy, in one place (`guarded`): a
-`UserError` (bad flag, missing data, wrong checkpoint) is one line on rank 0 and exit code 2; a non-finite
-loss under `--nan-policy abort` is one line and exit 1; a collective that failed because another rank died is
-one line (exit 1) instead of a second traceback; anything else is a traceback from the rank where it
-happened (recorded for torchrun's summary) and exit code 1.
+`UserError` (bad flag, missing data, wrong checkpoint) is one line from the rank whose input failed (tagged with
+its rank and host) and exit code 2; every other rank says which ranks and hosts failed and their messages, one
+line per distinct error (learnt at an agreement point, `ProcessGroups.agree`, or, when its collective broke,
+from the messages the failed ranks left in the store, `distributed.posted_failures`), and exits 2 too when all
+of them were user errors; a non-finite loss under `--nan-policy abort` is one line and exit 1; anything else
+is a traceback from the rank where it happened (recorded for torchrun's summary) and exit code 1.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from dtl.config import DEVICES, PRECISIONS
 from dtl.config.loading import add_config_arguments, config_from_args
 from dtl.data import cifar
 from dtl.distributed import signals
-from dtl.errors import EXIT_FAILURE, EXIT_USAGE, NonFiniteLossError, UserError
+from dtl.errors import EXIT_FAILURE, EXIT_USAGE, NonFiniteLossError, PeerError, UserError
 from dtl.models import classification_models, timm_backbones
 from dtl.tools import doctor, eval_run, export, predict
 from dtl.tools.bench import settings as bench_settings
@@ -284,12 +286,17 @@ def guarded(env: distributed.DistEnv, body: Callable[[], int]) -> int:
     """Run a command's body; turn the errors people can act on into one message and an exit code."""
     try:
         return body()
+    except PeerError as err:  # another rank failed: it said why, here is what it said
+        for line in str(err).splitlines():
+            log.error("stopping: %s", line)
+        return err.exit_code
     except UserError as err:
-        if env.is_main:  # one message, not one per rank
-            log.error("error: %s", err)
+        distributed.post_failure(env, err)
+        log.error("error: %s", err)  # every rank whose own input failed: its own message
         return EXIT_USAGE
     except NonFiniteLossError as err:
-        if env.is_main:
+        distributed.post_failure(env, err)
+        if env.is_main:  # every rank sees the same all-reduced loss
             log.error("error: %s", err)
         return EXIT_FAILURE
     except RuntimeError as err:
@@ -300,10 +307,31 @@ def guarded(env: distributed.DistEnv, body: Callable[[], int]) -> int:
                           str(err).splitlines()[0].split(", but you set")[0])
             return EXIT_USAGE
         if not (env.distributed and distributed.peer_failure(err)):
+            _failed_here(env, err)
             raise
-        log.error("stopping: a collective failed because another rank died (%s)",
-                  str(err).splitlines()[0][:200])
-        return EXIT_FAILURE
+        failures = distributed.posted_failures(env)
+        if not failures:
+            log.error("stopping: a collective failed because another rank died (%s)",
+                      str(err).splitlines()[0][:200])
+            return EXIT_FAILURE
+        peers = distributed.summary(failures)
+        for line in str(peers).splitlines():
+            log.error("stopping: a collective failed: %s", line)
+        return peers.exit_code
+    except Exception as err:
+        _failed_here(env, err)
+        raise
+    except BaseException as err:  # Ctrl-C, sys.exit: no line of ours, but the other ranks learn of it
+        distributed.post_failure(env, err)
+        raise
+
+
+def _failed_here(env: distributed.DistEnv, err: Exception) -> None:
+    """A bug's exception: the other ranks learn its one line; in a multi-process run this rank says it too,
+    tagged with its rank and host, above the traceback (whose last line only names the process id)."""
+    distributed.post_failure(env, err)
+    if env.distributed:
+        log.error("failed: %s (traceback below)", distributed.failure_of(env.rank, err).message)
 
 
 @record  # only what `guarded` lets through (a bug's traceback) reaches torchrun's error file and summary
@@ -312,10 +340,11 @@ def run_guarded(env: distributed.DistEnv, body: Callable[[], int]) -> int:
 
 
 def in_process_group(env: distributed.DistEnv, device_preference: str, timeout_s: float,
-                     body: Callable[[distributed.ProcessGroups, torch.device], int]) -> int:
-    """Pick this process's device, create the process groups, run `body(groups, device)` (train, eval)."""
+                     body: Callable[[distributed.ProcessGroups, torch.device], int], cpu_tensors: bool = False) -> int:
+    """Pick this process's device, create the process groups, run `body(groups, device)` (train, eval);
+    `cpu_tensors`: a GPU run's collectives also see CPU tensors (see `distributed.backend_for`)."""
     device = distributed.pick_device(env, device_preference)
-    return body(distributed.setup(env, device, timeout_s), device)
+    return body(distributed.setup(env, device, timeout_s, cpu_tensors), device)
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -326,7 +355,8 @@ def run_train(args: argparse.Namespace, env: distributed.DistEnv) -> int:
     if cfg.run.deterministic:
         distributed.prepare_determinism()
     return in_process_group(env, cfg.dist.device, cfg.dist.dist_timeout,
-                            lambda groups, device: trainer.train(cfg, groups, device))
+                            lambda groups, device: trainer.train(cfg, groups, device),
+                            cpu_tensors=cfg.dist.fsdp_cpu_offload)
 
 
 def run_eval(args: argparse.Namespace, env: distributed.DistEnv) -> int:
@@ -343,7 +373,12 @@ def execute(argv: list[str] | None = None) -> tuple[int, distributed.DistEnv]:
     environment is read here, once, and handed to the command."""
     args = build_parser().parse_args(argv)
     if args.command in DISTRIBUTED:
-        env = distributed.detect(debug=bool(getattr(args, "debug", False)))
+        try:
+            env = distributed.detect(debug=bool(getattr(args, "debug", False)))
+        except UserError as err:  # the launch itself is wrong (--debug under torchrun): every process says so
+            distributed.setup_logging(distributed.DistEnv())
+            log.error("error: %s", err)
+            return EXIT_USAGE, distributed.DistEnv()
     else:
         env = distributed.DistEnv()  # one process, whatever launched it
     distributed.setup_logging(env)

@@ -17,3 +17,12 @@ class UserError(Exception):
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf and the policy says abort."""
+
+
+class PeerError(Exception):
+    """Another rank failed (its own message is in this one: one line per distinct error); this rank stops with
+    `exit_code` (2 when every failure was a user error, else 1)."""
+
+    def __init__(self, summary: str, exit_code: int) -> None:
+        super().__init__(summary)
+        self.exit_code = exit_code

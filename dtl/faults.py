@@ -6,6 +6,8 @@ Driven by environment variables so that they stay out of the user-facing config 
     DTL_FAULT_KIND=nan      ... nan (poison the loss) | raise (an exception) | kill (SIGKILL this process)
     DTL_FAULT_RANK=R        ... on rank R only (default: every rank)
     DTL_TEST_SLOW_WRITES=S  sleep S seconds after each checkpoint file (widens the window for a kill -9)
+    DTL_TEST_SLOW_RUN_FILES=S  rank 0 sleeps S seconds after it starts the run folder and after it finishes it
+                            (a slow disk, a tracker's slow initialisation or upload, while the others wait)
 
 They are read once, when a run is built (`from_env`, in `dtl.train.build.prepare`), into a `Faults` that the
 training step and the checkpointer are given: the hot paths compare numbers, they never read the environment.
@@ -36,6 +38,8 @@ class Faults:
     """Only this rank (None: every rank)."""
     slow_writes_s: float = 0.0
     """Seconds to sleep after each checkpoint file is written."""
+    slow_run_files_s: float = 0.0
+    """Seconds rank 0 sleeps after writing the run folder's files at the start and at the end of a run."""
 
     def due(self, global_step: int, rank: int) -> bool:
         return self.step == global_step and self.rank in (None, rank)
@@ -67,7 +71,8 @@ def from_env(environ: Mapping[str, str] | None = None) -> Faults:
     kind = env.get("DTL_FAULT_KIND", "nan")
     if kind not in KINDS:
         raise UserError(f"DTL_FAULT_KIND must be one of {', '.join(KINDS)}, got {kind!r}")
-    return Faults(_int(env, "DTL_FAULT_STEP"), kind, _int(env, "DTL_FAULT_RANK"), _seconds(env, "DTL_TEST_SLOW_WRITES"))
+    return Faults(_int(env, "DTL_FAULT_STEP"), kind, _int(env, "DTL_FAULT_RANK"), _seconds(env, "DTL_TEST_SLOW_WRITES"),
+                  _seconds(env, "DTL_TEST_SLOW_RUN_FILES"))
 
 
 def inject(kind: str, loss: torch.Tensor) -> torch.Tensor:

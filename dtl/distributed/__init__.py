@@ -21,16 +21,24 @@ from dtl.distributed.group import (
     MAIN_IO_TIMEOUT_S,
     Agreement,
     ProcessGroups,
+    RankFailure,
+    backend_for,
     exit_process,
+    failure_of,
+    host_name,
     peer_failure,
+    post_failure,
+    posted_failures,
     setup,
+    summary,
     teardown,
 )
 from dtl.distributed.wrappers import ddp_of, local_module, no_sync, unwrap, wrap
 
 __all__ = [
-    "Agreement", "ddp_of", "detect", "DETERMINISM_HINT", "DistEnv", "exit_process", "first_slurm_host", "fsdp",
-    "gpu_index", "GradCompression", "local_module", "MAIN_IO_TIMEOUT_S", "network_env", "NETWORK_VARS", "no_sync",
-    "peer_failure", "pick_device", "prepare_determinism", "ProcessGroups", "setup", "setup_logging", "slurm_port",
+    "Agreement", "backend_for", "ddp_of", "detect", "DETERMINISM_HINT", "DistEnv", "exit_process", "failure_of",
+    "first_slurm_host", "fsdp", "gpu_index", "GradCompression", "host_name", "local_module", "MAIN_IO_TIMEOUT_S",
+    "network_env", "NETWORK_VARS", "no_sync", "peer_failure", "pick_device", "post_failure", "posted_failures",
+    "prepare_determinism", "ProcessGroups", "RankFailure", "setup", "setup_logging", "slurm_port", "summary",
     "teardown", "unwrap", "wrap",
 ]

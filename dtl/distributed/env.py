@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -86,10 +87,16 @@ def first_slurm_host(nodelist: str) -> str:
 
 
 def detect(debug: bool = False, environ: Mapping[str, str] | None = None) -> DistEnv:
-    """Read rank/world/launcher from the environment. `debug` forces one process whatever the launcher."""
+    """Read rank/world/launcher from the environment. `debug` means one process: refused under a launch of
+    several (each would be an independent "rank 0" writing the same run folder)."""
     env = os.environ if environ is None else environ
     accel_mp = env.get("ACCELERATE_MIXED_PRECISION")
     if debug:
+        world = max(_int(env, name) if env.get(name) else 1 for name in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS"))
+        if world > 1:
+            raise UserError(f"--debug runs a single process, but this launch started {world} of them (each would "
+                            "train alone into the same run folder): run `python train.py --debug ...`, or drop "
+                            "--debug under torchrun/accelerate/srun")
         return DistEnv(launcher="debug", accelerate_mixed_precision=accel_mp)
     common = {"accelerate_mixed_precision": accel_mp,
               "accelerate_fsdp": env.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"),
@@ -184,9 +191,10 @@ def network_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def setup_logging(env: DistEnv) -> None:
-    """Rank 0 logs info; other ranks only warnings and errors, each line tagged with its rank."""
+    """Rank 0 logs info; other ranks only warnings and errors, each line tagged with its rank and host (so that
+    a line from another node says where it came from)."""
     level = logging.INFO if env.is_main else logging.WARNING
-    prefix = "" if not env.distributed else f"[rank {env.rank}] "
+    prefix = "" if not env.distributed else f"[rank {env.rank} on {socket.gethostname()}] "
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", "%H:%M:%S"))
     log.handlers[:] = [handler]

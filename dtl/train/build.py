@@ -177,8 +177,8 @@ def prepare(cfg: Config, groups: ProcessGroups, device: torch.device) -> tuple[R
                                                                              plan, precision, prep)
     mixer = mix.Mixer(cfg.optim, len(splits.classes), cfg.run.seed, env.rank) if mix.enabled(cfg.optim) else None
     trained = TrainedModel(model, env, device, cfg.run.compile, compression)
-    parts = RunParts(cfg, groups, device, RunFolder(plan, groups), trained, optimizer, scaler, precision, train_loader,
-                     eval_loader, splits, info, checkpointer,
+    parts = RunParts(cfg, groups, device, RunFolder(plan, groups, fault_plan), trained, optimizer, scaler, precision,
+                     train_loader, eval_loader, splits, info, checkpointer,
                      new_features, None if weights is None else weights.float().to(device), ema, mixer,
                      hooks_for(cfg), fault_plan)
     return parts, state

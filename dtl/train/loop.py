@@ -201,7 +201,7 @@ def fit(parts: RunParts, state: TrainState) -> int:
     check_replicas(parts)
     weights = parts.model.full_state()  # sharded: gathered to rank 0, a collective
     ema = parts.model.full_state(parts.ema) if parts.ema is not None else None
-    if parts.env.is_main:
-        parts.folder.finish(weights, ema, state, parts.cfg.run.early_stop_metric, parts.checkpointer.last)
-    parts.groups.barrier()
+    # the final files and the trackers' upload (hundreds of MB) on rank 0; the others wait on the I/O group
+    parts.groups.on_main(lambda: parts.folder.finish(weights, ema, state, parts.cfg.run.early_stop_metric,
+                                                     parts.checkpointer.last))
     return EXIT_OK

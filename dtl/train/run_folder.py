@@ -20,6 +20,7 @@ from dtl.data.split_file import SPLIT_FILE, save_split
 from dtl.data.splits import Splits
 from dtl.distributed import ProcessGroups
 from dtl.errors import EXIT_OK, UserError
+from dtl.faults import NO_FAULTS, Faults
 from dtl.train.checkpoint import format as ckpt
 from dtl.train.metrics import METRICS_FILE, MetricsLog, plot_runs, truncate_metrics
 from dtl.train.trackers import TRACKERS_FILE, Tracker, flat_params, open_trackers
@@ -135,8 +136,9 @@ class RunFolder:
     trackers), curves.png and the final weights -- and only through this object; the other ranks know where it
     is."""
 
-    def __init__(self, plan: RunPlan, groups: ProcessGroups) -> None:
+    def __init__(self, plan: RunPlan, groups: ProcessGroups, fault_plan: Faults = NO_FAULTS) -> None:
         self.plan, self.groups, self.env = plan, groups, groups.env
+        self.faults = fault_plan
         self._metrics: MetricsLog | None = None
 
     @property
@@ -179,7 +181,9 @@ class RunFolder:
             if (recipe := recipe_line(cfg)) is not None:
                 log.info("%s", recipe)  # flags and TOML win over the recipe: say which did
             log.info("output: %s", outdir)
-        self.groups.barrier()
+            time.sleep(self.faults.slow_run_files_s)
+        # tracker initialisation and the --overwrite removal may outlast a collective's timeout: the I/O group
+        self.groups.wait_for_main()
 
     def log_epoch(self, row: dict[str, Any]) -> None:
         """One epoch's metrics row (metrics.jsonl and the trackers; rank 0)."""
@@ -216,9 +220,12 @@ class RunFolder:
             log.info("early stop: no %s improvement for %d epochs; model.safetensors holds the best epoch's "
                      "weights (epoch %d, %s)", early_stop_metric, state.early_stop_bad_epochs,
                      state.early_stop_best_epoch, best)
+        # the run's files are complete: status.json says so before the trackers' upload, which may be slow (an
+        # upload that fails turns it into "failed")
+        self.status("early-stopped" if state.early_stopped else "completed", EXIT_OK, state, checkpoint)
         if self._metrics is not None:
             self._metrics.log_artifacts([outdir / n for n in ("model.safetensors", "curves.png")])
-        self.status("early-stopped" if state.early_stopped else "completed", EXIT_OK, state, checkpoint)
+        time.sleep(self.faults.slow_run_files_s)
         log.info("done: %s", outdir)
 
     def close(self, ending: str) -> None:

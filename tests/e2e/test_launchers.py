@@ -138,7 +138,24 @@ def test_a_rank_that_raises_ends_the_job_quickly(tmp_path):
     assert "RuntimeError: injected fault" in text
     assert "rank     : 1" in text or "rank: 1" in text  # torchrun's summary names the failing rank
     # printed once by the failing rank (torchrun's summary repeats it); the surviving rank says one line
-    assert "[rank0]: Traceback" not in text and "[rank 0] stopping: a collective failed" in text
+    assert "[rank0]: Traceback" not in text and "] stopping: a collective failed: rank 1 (" in text
+
+
+def test_slow_rank0_run_files_do_not_kill_the_waiting_rank(tmp_path):
+    """Rank 0's writes at the start (trackers, --overwrite) and at the end (final weights, the trackers'
+    upload) outlast --dist-timeout: the other rank waits on the I/O group, the run completes."""
+    out = tmp_path / "run"
+    res = torchrun(2, *SHORT, "--epochs", "1", "--output-dir", str(out), "--dist-timeout", "4",
+                   env={"DTL_TEST_SLOW_RUN_FILES": "8"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((out / "status.json").read_text())["state"] == "completed"
+
+
+def test_debug_under_torchrun_is_refused(tmp_path):
+    res = torchrun(2, *SHORT, "--debug", "--output-dir", str(tmp_path / "run"))
+    assert res.returncode != 0
+    assert res.stderr.count("error: --debug runs a single process, but this launch started 2") == 2, res.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_eval_counts_1003_images_once_at_world_sizes_2_and_3(tmp_path):

@@ -95,6 +95,10 @@ def configure_backends(deterministic: bool, precision: Precision) -> None:
         # warn_only=False: an op without a deterministic kernel stops the run naming the op (the cli turns it
         # into one message), instead of a warning nobody reads and a run that is not reproducible.
         torch.use_deterministic_algorithms(True, warn_only=False)
+        # TF32 rounds fp32 products to ~10 bits of mantissa, and cuDNN allows it by default: off, as the README
+        # promises for --deterministic (set on every device: the flags only matter once CUDA kernels run)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     if precision.device.type != "cuda":
         return
     # benchmark picks the fastest kernels by timing them, which differs between runs (and after a resume)

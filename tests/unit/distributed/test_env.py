@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from torch import nn
 from dtl import distributed
 from dtl.data.samplers import EvalShardSampler, train_sampler
 from dtl.distributed import group
-from dtl.errors import UserError
+from dtl.errors import PeerError, UserError
 from tests.conftest import free_port
 
 
@@ -27,11 +28,6 @@ def test_torchrun_and_accelerate_environments():
     assert (env.rank, env.local_rank, env.world_size, env.launcher) == (3, 1, 4, "torchrun")
     env = distributed.detect(environ={**base, "ACCELERATE_MIXED_PRECISION": "bf16"})
     assert env.launcher == "accelerate" and env.accelerate_mixed_precision == "bf16"
-
-
-def test_debug_forces_one_process_under_a_launcher():
-    env = distributed.detect(debug=True, environ={"RANK": "1", "WORLD_SIZE": "2"})
-    assert (env.rank, env.world_size, env.launcher) == (0, 1, "debug")
 
 
 def test_srun_environment():
@@ -158,8 +154,9 @@ def _two_ranks(rank: int, port: int, out: str, job: str) -> None:
 
             try:
                 groups.main_first(fail, timeout_s=20)
-            except UserError as err:
+            except (UserError, PeerError) as err:
                 result["error"] = str(err)
+                result["code"] = getattr(err, "exit_code", None)
     finally:
         distributed.teardown()
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
@@ -184,8 +181,25 @@ def test_main_first_runs_rank0_before_the_others(tmp_path):
 
 def test_main_first_failure_stops_every_rank_without_a_hang(tmp_path):
     results = _spawn("failure", tmp_path)
-    assert results[0]["error"] == "no data here"
-    assert "another rank failed" in results[1]["error"]
+    assert results[0]["error"] == "no data here"  # the failing rank raises its own error ...
+    # ... the other learns who failed, where, and why; a user error stays exit code 2 there too
+    assert results[1]["error"] == f"rank 0 ({socket.gethostname()}) failed: no data here"
+    assert results[1]["code"] == 2
+
+
+def test_failures_are_summarised_one_line_per_distinct_message():
+    fails = [distributed.RankFailure(3, "b", "no data", True), distributed.RankFailure(1, "a", "no data", True),
+             distributed.RankFailure(2, "b", "cache unusable", True)]
+    err = distributed.summary(fails)
+    assert str(err).splitlines() == ["ranks 1, 3 (a, b) failed: no data", "rank 2 (b) failed: cache unusable"]
+    assert err.exit_code == 2
+    assert distributed.summary([*fails, distributed.RankFailure(0, "a", "RuntimeError: x", False)]).exit_code == 1
+
+
+def test_a_bug_is_known_by_its_type_and_first_line():
+    failure = distributed.failure_of(4, RuntimeError("boom\n  more lines"))
+    assert failure.message == "RuntimeError: boom" and not failure.user_error
+    assert distributed.RankFailure.decode(4, failure.encode()) == failure
 
 
 def test_control_group_gets_the_dist_timeout(monkeypatch):
@@ -235,3 +249,28 @@ def test_exit_after_a_failure_leaves_the_group_alone(monkeypatch):
     assert torn == ["exit 1"]
     distributed.exit_process(0, env)
     assert torn == ["exit 1", 1, "exit 0"]
+
+
+@pytest.mark.parametrize("environ", [{"RANK": "1", "WORLD_SIZE": "2"},
+                                     {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "4"}])
+def test_debug_is_refused_under_a_launch_of_several_processes(environ):
+    with pytest.raises(UserError, match="--debug runs a single process, but this launch started"):
+        distributed.detect(debug=True, environ=environ)
+    assert distributed.detect(debug=True, environ={"RANK": "0", "WORLD_SIZE": "1"}).launcher == "debug"
+
+
+def test_fsdp_cpu_offload_gets_a_cpu_backend_beside_nccl():
+    assert distributed.backend_for(torch.device("cuda", 0), cpu_tensors=True) == "cuda:nccl,cpu:gloo"
+    assert distributed.backend_for(torch.device("cuda", 0)) == "nccl"
+    assert distributed.backend_for(torch.device("cpu"), cpu_tensors=True) == "gloo"
+
+
+def test_setup_passes_the_offload_backend(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(group.dist, "init_process_group", lambda backend, **k: seen.setdefault("backend", backend))
+    monkeypatch.setattr(group.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(group.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(group.dist, "new_group", lambda **k: None)
+    monkeypatch.setattr(group, "_register_host", lambda env: None)
+    distributed.setup(distributed.DistEnv(world_size=2, launcher="torchrun"), torch.device("cuda", 0), 5, True)
+    assert seen["backend"] == "cuda:nccl,cpu:gloo"

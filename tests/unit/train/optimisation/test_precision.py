@@ -44,3 +44,15 @@ def test_deterministic_flag_sets_strict_mode_and_cublas_workspace(tmp_path, monk
         assert not torch.is_deterministic_algorithms_warn_only_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_deterministic_turns_tf32_off(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: None)  # process-wide: not in a test
+    matmul = torch.backends.cuda.matmul  # a module object that monkeypatch cannot patch: restored by hand
+    saved, matmul.allow_tf32 = matmul.allow_tf32, True
+    try:
+        precision.configure_backends(True, precision.Precision("fp32", torch.device("cpu"), "flag"))
+        assert torch.backends.cudnn.allow_tf32 is False and matmul.allow_tf32 is False
+    finally:
+        matmul.allow_tf32 = saved
