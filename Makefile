@@ -22,9 +22,9 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
-# One-GPU acceptance check (no network, no venv: the machine's python3 with torch; launch/gpu_check.py).
+# One-GPU acceptance check (no network, no venv: the machine's python3 with torch; tests/gpu_check/).
 gpu-check:
-	PYTHON="$(PYTHON)" bash launch/gpu_check.sh
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" "$(PYTHON)" -m tests.gpu_check
 
 clean:
 	rm -rf runs/demo runs/try .pytest_cache .ruff_cache

@@ -15,7 +15,7 @@ Every flag: python train.py --help. Exit codes: 0 done, 2 bad input, 75 stopped 
 
 import sys
 
-from dtl.__main__ import main
+from dtl.cli import entry
 
 if __name__ == "__main__":
-    main(["train", *sys.argv[1:]])
+    entry(["train", *sys.argv[1:]])

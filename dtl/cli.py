@@ -2,9 +2,12 @@
 
     dtl train ...     (= python train.py ...; torchrun/accelerate/srun start it the same way)
     dtl eval | predict | bench | data | models | plot | doctor ...
+    python -m dtl.cli ...   (torchrun -m dtl.cli ...: the same command as a module)
 
-`main(argv)` returns the exit code; the console script and `train.py` leave through `dtl.__main__`, which
-exits the way multi-process runs need (`distributed.exit_process`). Error policy, in one place (`guarded`): a
+`entry(argv)` is the one way into a process -- the `dtl` console script, `train.py` and `python -m dtl.cli`:
+it runs the command, then leaves the process the way multi-process runs need (`distributed.exit_process`:
+flushed, and without interpreter finalisers that abort now and then after gloo runs). `main(argv)` runs a
+command in this process and returns the exit code (tests, notebooks). Error policy, in one place (`guarded`): a
 `UserError` (bad flag, missing data, wrong checkpoint) is one line on rank 0 and exit code 2; a non-finite
 loss under `--nan-policy abort` is one line and exit 1; a collective that failed because another rank died is
 one line (exit 1) instead of a second traceback; anything else is a traceback from the rank where it
@@ -32,7 +35,8 @@ from dtl.distributed import signals
 from dtl.errors import EXIT_FAILURE, EXIT_USAGE, NonFiniteLossError, UserError
 from dtl.models import classification_models, timm_backbones
 from dtl.tools import doctor, eval_run, export, predict
-from dtl.tools.bench import compare
+from dtl.tools.bench import settings as bench_settings
+from dtl.tools.bench import side_by_side
 from dtl.train import trainer
 from dtl.train.metrics import plot_runs, read_metrics
 
@@ -109,12 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--output", type=Path, default=Path("curves.png"))
 
     bench_parser = sub.add_parser(
-        "bench", help="time dtl's loop against the article's and a strong hand-written one (images/s, memory)",
-        description=_wrap("Time the article's loop, a strong hand-written loop and dtl's on the same device, "
+        "bench", help="time dtl's loop against the reference notebook loop and a strong hand-written one (images/s, memory)",
+        description=_wrap("Time the reference notebook loop, a strong hand-written loop and dtl's on the same device, "
                           "model, mode, image size and batch size, interleaved after a warm-up: input pipeline, "
                           "train step, eval step (images/s), peak memory, and dtl / each of them."),
         epilog=f"example:\n  {EXAMPLES['bench']}", formatter_class=argparse.RawDescriptionHelpFormatter)
-    compare.add_bench_arguments(bench_parser)
+    bench_settings.add_bench_arguments(bench_parser)
 
     add_eval_parser(sub)
     add_predict_parser(sub)
@@ -349,11 +353,10 @@ def run_guarded(env: distributed.DistEnv, body: Callable[[], int]) -> int:
 
 
 def in_process_group(env: distributed.DistEnv, device_preference: str, timeout_s: float,
-                     body: Callable[[torch.device], int]) -> int:
-    """Pick this process's device, create the process group, run `body(device)` (train, eval)."""
+                     body: Callable[[distributed.ProcessGroups, torch.device], int]) -> int:
+    """Pick this process's device, create the process groups, run `body(groups, device)` (train, eval)."""
     device = distributed.pick_device(env, device_preference)
-    distributed.setup(env, device, timeout_s)
-    return body(device)
+    return body(distributed.setup(env, device, timeout_s), device)
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -364,12 +367,12 @@ def run_train(args: argparse.Namespace, env: distributed.DistEnv) -> int:
     if cfg.run.deterministic:
         distributed.prepare_determinism()
     return in_process_group(env, cfg.dist.device, cfg.dist.dist_timeout,
-                            lambda device: trainer.train(cfg, env, device))
+                            lambda groups, device: trainer.train(cfg, groups, device))
 
 
 def run_eval(args: argparse.Namespace, env: distributed.DistEnv) -> int:
     return in_process_group(env, args.device, args.dist_timeout,
-                            lambda device: eval_run.evaluate_checkpoint(args, env, device))
+                            lambda groups, device: eval_run.evaluate_checkpoint(args, groups, device))
 
 
 #: the commands that run on every rank of a launch (the rest run in one process, whatever launched them)
@@ -394,15 +397,20 @@ def execute(argv: list[str] | None = None) -> tuple[int, distributed.DistEnv]:
         "plot": lambda a, _: run_plot(a),
         "predict": lambda a, _: predict.run_predict(a),
         "export": lambda a, _: export.run_export(a),
-        "bench": lambda a, _: compare.run(a, compare.command_line(argv[1:] if argv else None)),
+        "bench": lambda a, _: side_by_side.run(a, side_by_side.command_line(argv[1:] if argv else None)),
     }
     return run_guarded(env, lambda: handlers[args.command](args, env)), env
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse and run one `dtl` command; the exit code."""
+    """Parse and run one `dtl` command in this process; the exit code."""
     return execute(argv)[0]
 
 
-if __name__ == "__main__":  # `python -m dtl.cli ...` (torchrun -m): exits as dtl/__main__.py does
-    distributed.exit_process(*execute())
+def entry(argv: list[str] | None = None) -> None:
+    """Run one `dtl` command (default: this process's arguments), then leave the process with its exit code."""
+    distributed.exit_process(*execute(argv))
+
+
+if __name__ == "__main__":
+    entry()

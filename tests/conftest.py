@@ -75,13 +75,12 @@ def fault_env(step: int, kind: str = "nan", rank: int | None = None) -> dict[str
 def train_inproc(*flags: str, env: dict[str, str] | None = None) -> int:
     """Run `dtl train` in this process (no interpreter start-up); returns the exit code. `env`: extra
     environment variables for this run only (e.g. `fault_env(...)`)."""
-    from dtl import cli, faults
+    from dtl import cli
     from dtl.distributed import signals
 
     saved = {s: signal.getsignal(s) for s in signals.HANDLED}
     saved_env = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update(env or {})
-    faults.from_env.cache_clear()
     try:
         return cli.main(["train", *flags])
     finally:
@@ -93,7 +92,6 @@ def train_inproc(*flags: str, env: dict[str, str] | None = None) -> int:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        faults.from_env.cache_clear()
 
 
 def main_inproc(*args: str) -> int:

@@ -12,7 +12,7 @@ from dtl.data.folder import load_folder_splits
 from dtl.data.hf import load_hf_splits
 from dtl.data.splits import Splits, apply_subsets
 from dtl.data.webdataset import load_shard_splits
-from dtl.distributed import DistEnv, main_first
+from dtl.distributed import ProcessGroups
 
 __all__ = ["SYNTHETIC_TEST", "SYNTHETIC_TRAIN", "load_splits", "load_splits_once"]
 
@@ -43,10 +43,10 @@ def load_splits(cfg: Config, allow_download: bool, split_file: Path | None = Non
                          cfg.run.seed)
 
 
-def load_splits_once(cfg: Config, env: DistEnv, split_file: Path | None = None) -> Splits:
+def load_splits_once(cfg: Config, groups: ProcessGroups, split_file: Path | None = None) -> Splits:
     """Global rank 0 reads (and if needed downloads and extracts) first, then the first process of every
     other node (which finds the files when the folder is shared, else fetches its own copy), then the rest,
     which only read: a download happens once per folder and never concurrently into it. Global rank 0 logs
     the data set's warnings (unreadable files, ...) for the whole job."""
-    return main_first(env, lambda first: load_splits(cfg, allow_download=first, split_file=split_file,
-                                                     is_main=env.is_main))
+    return groups.main_first(lambda first: load_splits(cfg, allow_download=first, split_file=split_file,
+                                                       is_main=groups.env.is_main))

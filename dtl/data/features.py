@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from torch.utils.data import Sampler
 
-from dtl import files
+from dtl import atomic_files
 from dtl.config import Config
 from dtl.data.loaders.base import SampledLoader
-from dtl.distributed import DistEnv, all_gather_tensor
+from dtl.distributed import ProcessGroups
 
 log = logging.getLogger("dtl")
 
@@ -46,7 +46,7 @@ class _Captured(Exception):
 
 
 @torch.no_grad()
-def extract(model: nn.Module, head: str, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], env: DistEnv,
+def extract(model: nn.Module, head: str, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], groups: ProcessGroups,
             autocast: Callable[[], AbstractContextManager]) -> tuple[torch.Tensor, torch.Tensor]:
     """Head inputs and labels of the whole split, in data-set order, on every rank. `loader` (a
     `dtl.data.loaders.BatchLoader`) must yield this rank's contiguous shard (EvalShardSampler) with the eval
@@ -73,18 +73,18 @@ def extract(model: nn.Module, head: str, loader: Iterable[tuple[torch.Tensor, to
         handle.remove()
         model.train(was_training)
     feats, labs = torch.cat(captured), torch.cat(labels)
-    return _gather_rows(feats, env), _gather_rows(labs, env)
+    return _gather_rows(feats, groups), _gather_rows(labs, groups)
 
 
-def _gather_rows(local: torch.Tensor, env: DistEnv) -> torch.Tensor:
+def _gather_rows(local: torch.Tensor, groups: ProcessGroups) -> torch.Tensor:
     """Concatenate every rank's rows in rank order (shards differ in length by at most one row)."""
-    if not env.distributed:
+    if not groups.distributed:
         return local
-    counts = all_gather_tensor(torch.tensor([local.shape[0]], device=local.device), env)
+    counts = groups.all_gather(torch.tensor([local.shape[0]], device=local.device))
     longest = int(max(c.item() for c in counts))
     padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=local.device)
     padded[: local.shape[0]] = local
-    parts = all_gather_tensor(padded, env)
+    parts = groups.all_gather(padded)
     return torch.cat([p[: int(c.item())] for p, c in zip(parts, counts)])
 
 
@@ -100,7 +100,7 @@ def cached(outdir: Path, cfg: Config, split: str, n: int, device: torch.device) 
     path = outdir / "features" / f"{split}.safetensors"
     if not path.is_file():
         return None
-    tensors = files.read_tensors(path)
+    tensors = atomic_files.read_tensors(path)
     if tensors.get("fingerprint") is None or bytes(tensors["fingerprint"].tolist()).decode() != fingerprint(
             cfg, split, n):
         return None
@@ -111,7 +111,8 @@ def store(outdir: Path, cfg: Config, split: str, feats: torch.Tensor, labels: to
     folder = outdir / "features"
     folder.mkdir(parents=True, exist_ok=True)
     tag = torch.tensor(list(fingerprint(cfg, split, labels.shape[0]).encode()), dtype=torch.uint8)
-    files.write_tensors(folder / f"{split}.safetensors", {"features": feats, "labels": labels, "fingerprint": tag})
+    atomic_files.write_tensors(folder / f"{split}.safetensors",
+                               {"features": feats, "labels": labels, "fingerprint": tag})
 
 
 class FeatureLoader(SampledLoader):

@@ -15,7 +15,7 @@ cache instead of leaving old ones behind.
 A cache is used only when its manifest matches the split as it is now (any file added, removed, resized or
 touched: rebuilt, with a message naming what changed) and its data file has the recorded size and CRC
 (truncated or damaged: rebuilt, with a message). The first process of each node (local rank 0; the others
-wait on the CPU control group, see `dtl.distributed.main_first`) checks and if need be writes it, holding an
+wait on the CPU I/O group, see `dtl.distributed.ProcessGroups.main_first`) checks and if need be writes it, holding an
 exclusive `fcntl` lock on ``<name>.lock`` so that two jobs sharing a cache folder do not write it at once; the
 others take a shared lock to read. Writes are atomic: data to a temporary name, fsynced, renamed, then the
 manifest (a crash in between leaves a manifest whose CRC does not match: rebuilt).
@@ -39,11 +39,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from dtl.atomic_files import fsync, write_json
 from dtl.data.images import decode_batch, resolve_decoder
 from dtl.data.preprocessing import eval_resize
 from dtl.data.splits import EncodedSplit, Splits
 from dtl.errors import UserError
-from dtl.files import fsync, write_json
 
 log = logging.getLogger("dtl")
 

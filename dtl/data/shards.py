@@ -34,7 +34,7 @@ from dtl.data.images import check_bytes
 from dtl.data.splits import EncodedSplit, Split, Splits
 from dtl.data.webdataset import LABEL_KEY, MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION
 from dtl.errors import UserError
-from dtl.files import write_json
+from dtl.atomic_files import write_json
 
 __all__ = ["ENCODINGS", "extension_of", "write_shards"]
 

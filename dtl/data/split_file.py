@@ -12,7 +12,7 @@ from typing import Any
 from dtl.data.folder_split import FolderSplit
 from dtl.data.splits import Splits
 from dtl.errors import UserError
-from dtl.files import write_json
+from dtl.atomic_files import write_json
 
 SPLIT_FILE = "split.json"
 SPLIT_FORMAT = "dtl-folder-split"

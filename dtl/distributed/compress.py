@@ -57,6 +57,8 @@ def plan_bucket(names: list[str], shapes: list[tuple[int, ...]], rank: int,
         m = numel // n
         r = min(n, m, rank)
         matrices.append((n, m, r))
+        # torch's own per-tensor choice (private; checked against torch 2.14.1): the same rule as the hook, so
+        # the layout planned here is the one powerSGD_hook builds
         compress.append(bool(psgd._should_compress(n, m, r, min_compression_rate)[0]))
         offsets.append(offset)
         offset += numel

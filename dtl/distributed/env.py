@@ -1,8 +1,8 @@
 """Who this process is in the job: the only module that reads the launcher's environment.
 
 Whatever started us (torchrun, `accelerate launch`, `srun`, plain `python`), `detect()` turns the environment
-into a frozen `DistEnv` (`dtl.distributed.group.setup` creates the process group from it). Everything else asks the
-`DistEnv`.
+into a frozen `DistEnv` (`dtl.distributed.group.setup` creates the process groups from it). Everything else
+asks the `DistEnv`.
 
 We use plain torch.distributed rather than accelerate's `Accelerator` as the runtime: on a machine without
 CUDA, `Accelerator()` under a multi-process launch silently believes it is rank 0 of 1 (every process then
@@ -19,14 +19,14 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 
 from dtl.errors import UserError
 
 log = logging.getLogger("dtl")
-T = TypeVar("T")
+
+
 @dataclass(frozen=True)
 class DistEnv:
     """Who we are in the job. Pure data: building one starts nothing."""

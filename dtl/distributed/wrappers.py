@@ -25,7 +25,7 @@ def wrap(model: torch.nn.Module, env: DistEnv, device: torch.device, compile_mod
     Compiled with static shapes: a partial last batch compiles a second graph for its size once per run
     (recompiles stay at 1 per wrapper) instead of turning the batch dimension dynamic. The dynamic-shape
     recompile produced, on CUDA with channels_last, a contiguous weight gradient where inductor asserted
-    channels_last strides in `convolution_backward` (GPU issue: compile_recompiles); static graphs are also
+    channels_last strides in `convolution_backward` (the GPU check's compile_recompiles); static graphs are also
     the faster kernels. Evaluation runs the model without these wrappers (`local_module`)."""
     if fsdp.is_sharded(model):
         return model
@@ -43,6 +43,8 @@ def wrap(model: torch.nn.Module, env: DistEnv, device: torch.device, compile_mod
 
 
 def _strip_compile(model: torch.nn.Module) -> torch.nn.Module:
+    # torch.compile's OptimizedModule keeps the module it compiled in the private `_orig_mod` (checked against
+    # torch 2.14.1), and offers no public accessor for it
     return getattr(model, "_orig_mod", model)
 
 

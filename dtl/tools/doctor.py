@@ -33,7 +33,7 @@ import torch
 import dtl
 from dtl import distributed
 from dtl.config import DEVICES
-from dtl.distributed import DistEnv
+from dtl.distributed import DistEnv, ProcessGroups
 
 log = logging.getLogger("dtl")
 EXAMPLE = "torchrun --standalone --nproc_per_node=4 -m dtl.cli doctor      (or: DTL_PREFLIGHT=1 sbatch slurm/...)"
@@ -156,29 +156,30 @@ def _nccl_version() -> str:
 
 # ---- measurements ------------------------------------------------------------------------------------
 
-def time_all_reduce(env: DistEnv, device: torch.device, sizes_mb: list[float], iters: int) -> list[dict[str, Any]]:
+def time_all_reduce(groups: ProcessGroups, device: torch.device, sizes_mb: list[float],
+                    iters: int) -> list[dict[str, Any]]:
     """Per size: this rank's seconds for each timed all-reduce (`times`), their median with its algbw and
     busbw (GB/s, 1e9 bytes), and how many results had a wrong sum (`wrong`).
 
     Every timed all-reduce starts right after a barrier: otherwise a rank's time mostly says how long it
     waited for the last rank to arrive (every rank of a collective waits for the slowest), not how fast the
     all-reduce was. The tensor is refilled with ones outside the timed part, so every sum can be checked."""
-    n = env.world_size
+    n = groups.env.world_size
     rows = []
     for mb in sizes_mb:
         numel = max(1, int(mb * 2**20) // 4)
         x = torch.ones(numel, dtype=torch.float32, device=device)
         for _ in range(WARMUP_ITERS):  # NCCL builds its rings and gloo its buffers here
-            distributed.all_reduce_sum(x.fill_(1.0), env)
+            groups.all_reduce_sum(x.fill_(1.0))
         wrong = int(not bool((x == n).all()))
         times = []
         for _ in range(iters):
             x.fill_(1.0)
             _sync(device)
-            distributed.barrier(env)
+            groups.barrier()
             _sync(device)
             t0 = time.perf_counter()
-            distributed.all_reduce_sum(x, env)
+            groups.all_reduce_sum(x)
             _sync(device)
             times.append(time.perf_counter() - t0)
             wrong += int(not bool((x == n).all()))
@@ -199,7 +200,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def gather_reports(report: dict[str, Any], env: DistEnv, device: torch.device) -> list[dict[str, Any]]:
+def gather_reports(report: dict[str, Any], groups: ProcessGroups, device: torch.device) -> list[dict[str, Any]]:
     """Every rank's report on every rank (JSON in a fixed-size byte tensor: no pickling). The per-iteration
     times travel as a tensor of their own, so that many iterations never overflow the JSON's bytes."""
     rows = report.get("bandwidth") or []
@@ -208,10 +209,10 @@ def gather_reports(report: dict[str, Any], env: DistEnv, device: torch.device) -
     raw = json.dumps(brief).encode()[:REPORT_BYTES]
     buf = torch.zeros(REPORT_BYTES, dtype=torch.uint8)
     buf[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    gathered = distributed.all_gather_tensor(buf.to(device), env)
+    gathered = groups.all_gather(buf.to(device))
     reports = [json.loads(bytes(t.cpu().tolist()).rstrip(b"\0")) for t in gathered]
     if rows:
-        for r, t in zip(reports, distributed.all_gather_tensor(times.to(device), env)):
+        for r, t in zip(reports, groups.all_gather(times.to(device))):
             for row, seconds in zip(r["bandwidth"], t.cpu().tolist()):
                 row["times"] = seconds
     return reports
@@ -353,7 +354,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
     where = f"{env.master_addr}:{env.master_port}" if env.master_addr else "the launcher's rendezvous"
     t0 = time.perf_counter()
     try:
-        distributed.setup(env, device, args.timeout)
+        groups = distributed.setup(env, device, args.timeout)
     except Exception as err:  # noqa: BLE001 - any failure to form the group is the verdict
         print(f"doctor: FAIL rank {env.rank} on {report['host']}: the process group of {env.world_size} ranks did "
               f"not form within {time.perf_counter() - t0:.0f} s at {where} ({_first_line(err)}): a rank that "
@@ -361,9 +362,9 @@ def run(args: argparse.Namespace, env: DistEnv) -> int:
               "GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME)", flush=True)
         return 1
     try:
-        report["bandwidth"] = time_all_reduce(env, device, sizes, args.iters) if env.distributed else []
-        reports = gather_reports(report, env, device)
-        distributed.monitored_barrier(env, args.timeout)
+        report["bandwidth"] = time_all_reduce(groups, device, sizes, args.iters) if env.distributed else []
+        reports = gather_reports(report, groups, device)
+        groups.monitored_barrier(args.timeout)
     except Exception as err:  # noqa: BLE001 - a rank that died or hangs after joining
         print(f"doctor: FAIL rank {env.rank}: a collective failed or timed out after {args.timeout:.0f} s "
               f"({_first_line(err)})", flush=True)

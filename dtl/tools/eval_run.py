@@ -2,7 +2,7 @@
 
 `load_model` rebuilds the model from what the checkpoint itself records (``state.json``: the run's config,
 class count and class names; ``model.safetensors``: the weights, checksum-verified); nothing is unpickled and
-no pretrained weights are downloaded. `evaluate_checkpoint` measures it with `dtl.evaluate.evaluate`: top-1,
+no pretrained weights are downloaded. `evaluate_checkpoint` measures it with `dtl.train.evaluate.evaluate`: top-1,
 top-5, per-class accuracy and the confusion matrix (CSV + PNG) plus a JSON summary. Under torchrun/srun every
 rank evaluates a contiguous shard (each image counted exactly once) and the sums are all-reduced; rank 0
 writes. By default it evaluates exactly what the run evaluated (same data set, subset and split).
@@ -23,18 +23,18 @@ from typing import Any
 
 import torch
 
-from dtl import files, models
+from dtl import atomic_files, models
 from dtl.config import Config
 from dtl.data import datasets, folder, image_cache, loaders
 from dtl.data.folder_split import FolderSplit
 from dtl.data.preprocessing import IMAGENET, Preprocessing
 from dtl.data.split_file import SPLIT_FILE
-from dtl.distributed import DistEnv, main_first
+from dtl.distributed import ProcessGroups
 from dtl.errors import EXIT_OK, UserError
-from dtl.train import checkpoint_format as ckpt
+from dtl.train.checkpoint import format as ckpt
 from dtl.train.evaluate import evaluate
 from dtl.train.metrics import plot_confusion
-from dtl.train.precision import resolve
+from dtl.train.optimisation.precision import resolve
 
 log = logging.getLogger("dtl")
 
@@ -56,6 +56,8 @@ class Loaded:
     classes: list[str]
     preprocessing: Preprocessing = IMAGENET
     """The input normalisation/resampling the run trained with (recorded; else the backbone's own)."""
+    memory_format: torch.memory_format = torch.contiguous_format
+    """The layout of the model's weights, which its input batches take too."""
 
 
 def load_model(path: str | Path, device: torch.device) -> Loaded:
@@ -78,13 +80,14 @@ def load_model(path: str | Path, device: torch.device) -> Loaded:
         raise UserError(f"{folder}/state.json names {len(classes)} classes for a {num_classes}-class model")
     model = models.build_model(cfg.backbone.model, num_classes, "none", cfg.data.image_size,
                                drop_path=cfg.backbone.drop_path)
-    models.load_into(model, files.read_tensors(folder / "model.safetensors"), f"checkpoint {folder}")
+    models.load_into(model, atomic_files.read_tensors(folder / "model.safetensors"), f"checkpoint {folder}")
     # the training run's memory format: the same kernels, so the same logits as the run's own evaluation
-    model = model.to(device, memory_format=models.memory_format(device.type, cfg.backbone.mode)).eval()
+    memory_format = models.memory_format(device.type, cfg.backbone.mode)
+    model = model.to(device, memory_format=memory_format).eval()
     run_dir = ckpt.run_folder_of(folder)
     prep = (Preprocessing.from_dict((meta.get("run") or {}).get("preprocessing"))
             or models.preprocessing(cfg.backbone.model).for_pipeline(loaders.resolve_pipeline(cfg)))
-    return Loaded(model, folder, run_dir, meta, cfg, classes, prep)
+    return Loaded(model, folder, run_dir, meta, cfg, classes, prep, memory_format)
 
 
 # ---- dtl eval ------------------------------------------------------------------------------------
@@ -122,8 +125,9 @@ def _eval_config(args: argparse.Namespace, loaded: Loaded) -> Config:
         raise UserError(f"invalid evaluation settings: {err}") from None
 
 
-def _test_split(cfg: Config, loaded: Loaded, env: DistEnv) -> Any:
+def _test_split(cfg: Config, loaded: Loaded, groups: ProcessGroups) -> Any:
     """The test split, labelled in the checkpoint's class order."""
+    env = groups.env
 
     if cfg.data.dataset == "folder":
         run_cfg = loaded.config
@@ -137,7 +141,7 @@ def _test_split(cfg: Config, loaded: Loaded, env: DistEnv) -> Any:
                                             is_main=env.is_main)
             test = test.subset(cfg.data.eval_subset, cfg.data.subset_order, cfg.run.seed + 1)
         return test.with_classes(loaded.classes)
-    test = datasets.load_splits_once(cfg, env).test
+    test = datasets.load_splits_once(cfg, groups).test
     if len(test.classes) != len(loaded.classes):
         raise UserError(f"{cfg.data.dataset} has {len(test.classes)} classes but the checkpoint's model has "
                         f"{len(loaded.classes)} ({', '.join(loaded.classes[:10])}...)")
@@ -175,26 +179,26 @@ def write_eval(outdir: Path, summary: dict[str, Any], confusion: torch.Tensor, c
         raise UserError(f"cannot write the evaluation to {outdir}: {err}") from None
 
 
-def evaluate_checkpoint(args: argparse.Namespace, env: DistEnv, device: torch.device) -> int:
+def evaluate_checkpoint(args: argparse.Namespace, groups: ProcessGroups, device: torch.device) -> int:
     """`dtl eval` on this rank (under a launcher every rank runs it; rank 0 writes)."""
+    env = groups.env
     if args.batch_size is not None and args.batch_size <= 0:
         raise UserError(f"--batch-size must be > 0, got {args.batch_size}")
     loaded = load_model(args.checkpoint, device)
     cfg = _eval_config(args, loaded)
     if cfg.dist.device == "auto":
         cfg = cfg.replace(device=device.type)
-    test = _test_split(cfg, loaded, env)
+    test = _test_split(cfg, loaded, groups)
     if cfg.data.cache_images is not None and isinstance(test, FolderSplit):
         where = image_cache.cache_folder(cfg.data.cache_images, loaded.run_dir or Path("runs") / "eval")
         size = cfg.data.cache_size or cfg.data.image_size
-        test = main_first(env, lambda first: image_cache.cached_split(test, "val", where, size, first,
-                                                                       cfg.data.image_decoder, device))
-    fmt = models.memory_format(device.type, loaded.config.backbone.mode)
-    loader = loaders.eval_loader(cfg, test, env, device, channels_last=fmt == torch.channels_last,
-                              prep=loaded.preprocessing)
+        test = groups.main_first(lambda first: image_cache.cached_split(test, "val", where, size, first,
+                                                                         cfg.data.image_decoder, device))
+    loader = loaders.eval_loader(cfg, test, env, device, channels_last=loaded.memory_format == torch.channels_last,
+                                 prep=loaded.preprocessing)
     precision = resolve(cfg.run.precision, env, device)
     t0 = time.perf_counter()
-    result = evaluate(loaded.model, loader, device, env, precision, len(loaded.classes), confusion=True,
+    result = evaluate(loaded.model, loader, device, groups, precision, len(loaded.classes), confusion=True,
                       tta=cfg.run.tta)
     seconds = time.perf_counter() - t0
     metrics = {"loss": result.loss, "top1": result.top1, "top5": result.top5, "count": result.count}

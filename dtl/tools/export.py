@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dtl import files, models
+from dtl import atomic_files, models
 from dtl.config import Config
 from dtl.data import datasets, folder, loaders
 from dtl.data.preprocessing import eval_transform
@@ -43,7 +43,7 @@ from dtl.data.split_file import SPLIT_FILE
 from dtl.distributed import DistEnv
 from dtl.errors import EXIT_FAILURE, EXIT_OK, UserError
 from dtl.tools.eval_run import Loaded, load_model
-from dtl.train import checkpoint_format as ckpt
+from dtl.train.checkpoint import format as ckpt
 from dtl.train.metrics import read_metrics
 
 log = logging.getLogger("dtl")
@@ -83,7 +83,7 @@ def use_ema(loaded: Loaded, checkpoint_arg: Path) -> str:
     if found is None:
         raise UserError(f"--ema: {checkpoint_arg} has no EMA weights ({' or '.join(map(str, candidates))}); the run "
                         "was trained without --ema-decay: export without --ema")
-    state = {**loaded.model.state_dict(), **files.read_tensors(found)}
+    state = {**loaded.model.state_dict(), **atomic_files.read_tensors(found)}
     models.load_into(loaded.model, state, f"--ema {found}")
     return str(found)
 
@@ -147,14 +147,14 @@ def _run_torchscript(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _write_safetensors(model: nn.Module, path: Path, batch: torch.Tensor) -> None:
-    files.write_tensors(path, model.state_dict())
+    atomic_files.write_tensors(path, model.state_dict())
 
 
 def _safetensors_runner(loaded: Loaded) -> Callable[[Path], Callable[[torch.Tensor], torch.Tensor]]:
     def run(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
         cfg = loaded.config
         fresh = models.build_model(cfg.backbone.model, len(loaded.classes), "none", cfg.data.image_size)
-        models.load_into(fresh, files.read_tensors(path), f"exported {path}")
+        models.load_into(fresh, atomic_files.read_tensors(path), f"exported {path}")
         return fresh.eval()
     return run
 
@@ -299,7 +299,7 @@ def run_export(args: argparse.Namespace) -> int:
     except OSError as err:
         raise UserError(f"cannot write {output}: {err}") from None
     check = {"diff": diff, "tol": tol, "source": source, "weights": f"EMA ({weights})" if args.ema else "raw"}
-    files.write_json(output.parent / "preprocessing.json", preprocessing_record(loaded, args.format, output))
+    atomic_files.write_json(output.parent / "preprocessing.json", preprocessing_record(loaded, args.format, output))
     _write_text(output.parent / "README.md", model_card(loaded, args.format, output, check))
     if args.format == "torchscript":
         log.warning("TorchScript (torch.jit.trace) is deprecated by PyTorch in favour of torch.export; the file "

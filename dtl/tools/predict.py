@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dtl import distributed, models
+from dtl import distributed
 from dtl.data.images import decode, find_images
 from dtl.data.preprocessing import Preprocessing, eval_transform
 from dtl.errors import EXIT_OK, UserError
@@ -63,8 +63,7 @@ def predict(loaded: Loaded, paths: list[Path], top_k: int, batch_size: int, num_
                     log.warning("skipped unreadable image %s (%s)", paths[i], err)
             if not good:
                 continue
-            fmt = models.memory_format(device.type, loaded.config.backbone.mode)
-            x = torch.stack([t for _, t in good]).to(device).contiguous(memory_format=fmt)
+            x = torch.stack([t for _, t in good]).to(device).contiguous(memory_format=loaded.memory_format)
             probs = torch.softmax(loaded.model(x).float(), dim=1)
             top = probs.topk(k, dim=1)
             for (i, _), p_row, c_row in zip(good, top.values.tolist(), top.indices.tolist(), strict=True):

@@ -1,6 +1,6 @@
 """The one evaluation loop: training-time evaluation, `dtl eval` and `dtl bench` all run `evaluate()`.
 
-Each rank evaluates its contiguous shard (`dtl.data.EvalShardSampler`: no padding) and the sums are
+Each rank evaluates its contiguous shard (`dtl.data.samplers.EvalShardSampler`: no padding) and the sums are
 all-reduced, so every image counts exactly once at any world size. Everything is summed on the device; the
 only host sync is the final read.
 """
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dtl.distributed import DistEnv, all_reduce_sum, fsdp, local_module
-from dtl.train.precision import Precision
+from dtl.distributed import ProcessGroups, fsdp, local_module
+from dtl.train.optimisation.precision import Precision
 from dtl.train.progress_bar import Progress
 
 
@@ -54,11 +54,11 @@ def _sums(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-             env: DistEnv, precision: Precision, num_classes: int | None = None, confusion: bool = False,
+             groups: ProcessGroups, precision: Precision, num_classes: int | None = None, confusion: bool = False,
              desc: str | None = "eval", tta: str = "none") -> EvalResult:
-    """Evaluate `model` on this rank's `batches` and sum over ranks. Runs without the DDP/compile wrappers
-    (`distributed.local_module`): a DDP forward would start buffer broadcasts that a rank without an eval batch
-    never joins. `num_classes` is needed for top-5 (when fewer than 5) and the confusion matrix; `desc`: the
+    """Evaluate `model` on this rank's `batches` and sum over the ranks of `groups`. Runs without the DDP/compile
+    wrappers (`distributed.local_module`): a DDP forward would start buffer broadcasts that a rank without an eval
+    batch never joins. `num_classes` is needed for top-5 (when fewer than 5) and the confusion matrix; `desc`: the
     progress bar's label on rank 0 (None: no bar); `tta`: none | flip (see `tta_logits`)."""
     model = local_module(model)
     was_training = model.training
@@ -66,7 +66,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     totals = torch.zeros(2, 4, dtype=torch.float64, device=device)  # (tta, plain) x (loss, top-1, top-k, count)
     classes = torch.arange(num_classes or 0, device=device)
     matrix = torch.zeros(len(classes), len(classes), dtype=torch.int64, device=device)
-    bar = Progress(len(batches) if isinstance(batches, Sized) else 0, desc or "", env.is_main and desc is not None)
+    shown = groups.env.is_main and desc is not None
+    bar = Progress(len(batches) if isinstance(batches, Sized) else 0, desc or "", shown)
     with fsdp.gathered(model):  # sharded: the full parameters, so that ranks need not run the same batches
         for images, labels in batches:
             with precision.autocast():
@@ -84,9 +85,9 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             bar.tick()
     bar.close()
     model.train(was_training)
-    all_reduce_sum(totals, env)
+    groups.all_reduce_sum(totals)
     if confusion:
-        all_reduce_sum(matrix, env)
+        groups.all_reduce_sum(matrix)
     (loss, top1, topk, count), plain_sums = totals.tolist()
     n = max(count, 1)
     plain_result = EvalResult(*(v / n for v in plain_sums[:3]), int(count)) if tta != "none" else None

@@ -11,8 +11,8 @@ from typing import Any
 
 from dtl.config import Config
 from dtl.distributed import local_module
-from dtl.train.ema import EmaView
 from dtl.train.evaluate import evaluate
+from dtl.train.optimisation.ema import EmaView
 from dtl.train.parts import RunParts
 from dtl.train.train_state import TrainState
 
@@ -42,11 +42,11 @@ def evaluate_ema(parts: RunParts, state: TrainState, end: EpochEnd) -> None:
     local = local_module(parts.model.wrapped)
     if parts.model.sharded:  # FSDP gathers its own (sharded) tensors: the averages go into them for the pass
         with parts.ema.swapped():
-            result = evaluate(local, parts.eval_loader, parts.device, parts.env, parts.precision,
+            result = evaluate(local, parts.eval_loader, parts.device, parts.groups, parts.precision,
                               len(parts.splits.classes), desc="eval (EMA)", tta=parts.cfg.run.tta)
     else:
         view = EmaView(local, parts.ema, "wrapped_model." if hasattr(local, "wrapped_model") else "")
-        result = evaluate(view, parts.eval_loader, parts.device, parts.env, parts.precision,
+        result = evaluate(view, parts.eval_loader, parts.device, parts.groups, parts.precision,
                           len(parts.splits.classes), desc="eval (EMA)", tta=parts.cfg.run.tta)
     end.row["test_loss_ema"], end.row["test_acc_ema"] = result.loss, result.top1
     end.scores["ema"] = result.top1

@@ -13,7 +13,7 @@ import torch
 
 from dtl import models
 from dtl.data.splits import stream_seed
-from dtl.distributed import Agreement, all_gather_tensor, barrier, signals
+from dtl.distributed import Agreement, signals
 from dtl.errors import EXIT_OK, EXIT_PREEMPTED, NonFiniteLossError
 from dtl.train.evaluate import evaluate
 from dtl.train.hooks import EpochEnd
@@ -78,7 +78,7 @@ def check_replicas(parts: RunParts) -> None:
         return
     if parts.model.sharded:  # each rank holds other shards: nothing to compare (DCP checkpoints carry them all)
         return
-    params = list(parts.model.own().parameters())
+    params = list(parts.model.unwrapped().parameters())
     checksum = torch.zeros(2, dtype=torch.float64, device=params[0].device)
     offset = 0
     for p in params:
@@ -88,7 +88,7 @@ def check_replicas(parts: RunParts) -> None:
         checksum[0] += flat.sum()
         checksum[1] += (flat * weights).sum()
         offset += flat.numel()
-    sums = all_gather_tensor(checksum, parts.env)
+    sums = parts.groups.all_gather(checksum)
     if any(not torch.equal(sums[0], s) for s in sums[1:]):
         raise RuntimeError(f"replicas diverged: parameter checksums per rank {[s.tolist() for s in sums]}")
     log.info("replicas in sync: identical parameter checksums on all %d ranks", parts.env.world_size)
@@ -110,7 +110,7 @@ def train_one_epoch(parts: RunParts, state: TrainState, epoch: int) -> EpochResu
     models.freeze_frozen_norms(parts.model.wrapped, all_stats=cfg.backbone.freeze_bn_stats)
     criterion = criterion_for(cfg.optim, parts.class_weights)
     nonfinite = NonFiniteSteps()
-    agreement = Agreement(env)  # stop flag + rank 0's "checkpoint time", without a per-step round trip
+    agreement = Agreement(parts.groups)  # stop flag + rank 0's "checkpoint time", without a per-step round trip
     n_batches = len(parts.train_loader)
     bar = Progress(n_batches, f"epoch {epoch + 1}/{cfg.optim.epochs} train", env.is_main, initial=start_batch,
                    every_s=cfg.run.progress_every)
@@ -129,7 +129,7 @@ def train_one_epoch(parts: RunParts, state: TrainState, epoch: int) -> EpochResu
         stop, time_due = flags
         if stop or parts.checkpointer.due(state.global_step, time_due, last):
             sync_point(parts, state, nonfinite)
-            state.partial_meter = meter.reduced_totals(env)
+            state.partial_meter = meter.reduced_totals(parts.groups)
             state.partial_seconds = time.perf_counter() - t0
             state.partial_grad_norms = state.grad_norms.tolist()
             save(parts, state)
@@ -139,7 +139,7 @@ def train_one_epoch(parts: RunParts, state: TrainState, epoch: int) -> EpochResu
     agreement.drain()
     bar.close()
     sync_point(parts, state, nonfinite)
-    train = meter.reduced(env)
+    train = meter.reduced(parts.groups)
     norm_sum, norm_max, norm_count = state.grad_norms.tolist()
     return EpochResult(False, train["loss"], train["acc"], int(train["count"]), time.perf_counter() - t0,
                        norm_sum / max(norm_count, 1), norm_max)
@@ -154,7 +154,7 @@ def base_lr(optimizer: torch.optim.Optimizer) -> float:
 def end_epoch(parts: RunParts, state: TrainState, epoch: int, train: EpochResult) -> None:
     """Evaluate the raw weights into the epoch's row, run the end-of-epoch hooks (`parts.hooks`: EMA evaluation,
     best-model choice, early stopping, logging), checkpoint."""
-    test = evaluate(parts.model.wrapped, parts.eval_loader, parts.device, parts.env, parts.precision,
+    test = evaluate(parts.model.wrapped, parts.eval_loader, parts.device, parts.groups, parts.precision,
                     len(parts.splits.classes), confusion=parts.cfg.data.class_balance != "none",
                     tta=parts.cfg.run.tta)
     row = {"epoch": epoch + 1, "train_loss": train.loss, "train_acc": train.acc, "train_count": train.count,
@@ -202,5 +202,5 @@ def fit(parts: RunParts, state: TrainState) -> int:
     ema = parts.model.full_state(parts.ema) if parts.ema is not None else None
     if parts.env.is_main:
         parts.folder.finish(weights, ema, state, parts.cfg.run.early_stop_metric, parts.checkpointer.last)
-    barrier(parts.env)
+    parts.groups.barrier()
     return EXIT_OK

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from dtl.distributed import DistEnv, all_reduce_sum
+from dtl.distributed import ProcessGroups
 from dtl.train.trackers import Tracker, scalars
 
 METRICS_FILE = "metrics.jsonl"
@@ -60,14 +60,14 @@ class Meter:
         self._fold()
         return list(self.totals)
 
-    def reduced_totals(self, env: DistEnv) -> list[float]:
+    def reduced_totals(self, groups: ProcessGroups) -> list[float]:
         """[loss sum, correct, count] over all ranks (one collective, one host sync)."""
         totals = torch.tensor(self.local(), dtype=torch.float64, device=self.device)
-        return all_reduce_sum(totals, env).tolist()
+        return groups.all_reduce_sum(totals).tolist()
 
-    def reduced(self, env: DistEnv) -> dict[str, float]:
+    def reduced(self, groups: ProcessGroups) -> dict[str, float]:
         """{'loss', 'acc', 'count'} over all ranks."""
-        loss, correct, count = self.reduced_totals(env)
+        loss, correct, count = self.reduced_totals(groups)
         return {"loss": loss / max(count, 1), "acc": correct / max(count, 1), "count": int(count)}
 
 
@@ -97,7 +97,7 @@ def append_metrics(outdir: Path, row: dict[str, Any]) -> None:
 
 class MetricsLog:
     """Rank 0's per-epoch log: a line in OUTDIR/metrics.jsonl, and the same scalars to each tracker
-    (`dtl.trackers`: TensorBoard, W&B, MLflow)."""
+    (`dtl.train.trackers`: TensorBoard, W&B, MLflow)."""
 
     def __init__(self, outdir: Path, trackers: Sequence[Tracker] = ()) -> None:
         self.outdir = outdir

@@ -13,10 +13,11 @@ from dtl.config import Config
 from dtl.data.augment.mix import Mixer
 from dtl.data.loaders import BatchLoader
 from dtl.data.splits import Splits
-from dtl.distributed import DistEnv
-from dtl.train.checkpointer import Checkpointer
-from dtl.train.ema import Ema
-from dtl.train.precision import Precision
+from dtl.distributed import DistEnv, ProcessGroups
+from dtl.faults import NO_FAULTS, Faults
+from dtl.train.checkpoint.checkpointer import Checkpointer
+from dtl.train.optimisation.ema import Ema
+from dtl.train.optimisation.precision import Precision
 from dtl.train.run_folder import RunFolder
 from dtl.train.trained_model import TrainedModel
 
@@ -39,8 +40,10 @@ class RunInfo:
     class_weights: list[float] | None = None
     """--class-balance loss: the cross-entropy's weight per class (inverse training-set frequency)."""
     preprocessing: dict[str, object] = field(default_factory=dict)
-    """The input normalisation and resampling the run trained with (`dtl.preprocessing.Preprocessing`), which
+    """The input normalisation and resampling the run trained with (`dtl.data.preprocessing.Preprocessing`), which
     `dtl eval`/`predict`/`export` apply."""
+    backend: str | None = None
+    """The process group's backend (nccl, gloo); None in a single process without one."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,8 @@ class RunParts:
     the run stands is the `TrainState`, the one mutable object."""
 
     cfg: Config
-    env: DistEnv
+    groups: ProcessGroups
+    """The process groups and their collectives (`groups.env`: who this process is)."""
     device: torch.device
     folder: RunFolder
     """The run folder: it alone writes config.json, status.json, metrics and the final weights."""
@@ -72,6 +76,12 @@ class RunParts:
     """--mixup/--cutmix: mixes each training micro-batch (seeded per epoch, rank and batch index)."""
     hooks: tuple[Callable[..., None], ...] = ()
     """What the loop calls at each epoch's end, in order (`dtl.train.hooks.hooks_for`)."""
+    faults: Faults = NO_FAULTS
+    """Testing hooks (`dtl.faults`), read once at start-up: the step checks whether one is due."""
+
+    @property
+    def env(self) -> DistEnv:
+        return self.groups.env
 
     @property
     def accum(self) -> int:

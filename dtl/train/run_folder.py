@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from dtl import files
+from dtl.atomic_files import read_tensors, write_json, write_tensors
 from dtl.config import Config, recipe_line
 from dtl.data.split_file import SPLIT_FILE, save_split
 from dtl.data.splits import Splits
-from dtl.distributed import DistEnv, barrier, broadcast_str
+from dtl.distributed import ProcessGroups
 from dtl.errors import EXIT_OK, UserError
-from dtl.train import checkpoint_format as ckpt
+from dtl.train.checkpoint import format as ckpt
 from dtl.train.metrics import METRICS_FILE, MetricsLog, plot_runs, truncate_metrics
 from dtl.train.trackers import TRACKERS_FILE, Tracker, flat_params, open_trackers
 from dtl.train.train_state import TrainState
@@ -42,9 +42,9 @@ class RunPlan:
     """Start over in a folder that holds another run (--overwrite without --resume)."""
 
 
-def plan(cfg: Config, env: DistEnv, device: torch.device) -> RunPlan:
+def plan(cfg: Config, groups: ProcessGroups, device: torch.device) -> RunPlan:
     """Where the run goes and where it continues from; refuses to clobber another run."""
-    outdir = _outdir(cfg, env, device)
+    outdir = _outdir(cfg, groups, device)
     resume_from = _resume_point(outdir, cfg)
     if resume_from is None and not cfg.checkpoint.resume and holds_run(outdir) and not cfg.checkpoint.overwrite:
         raise UserError(f"{outdir} already holds a run; continue it with --resume auto, replace it with "
@@ -53,7 +53,7 @@ def plan(cfg: Config, env: DistEnv, device: torch.device) -> RunPlan:
     return RunPlan(outdir, resume_from, split, replace=cfg.checkpoint.overwrite and not cfg.checkpoint.resume)
 
 
-def _outdir(cfg: Config, env: DistEnv, device: torch.device) -> Path:
+def _outdir(cfg: Config, groups: ProcessGroups, device: torch.device) -> Path:
     """--output-dir, or the run folder of a --resume PATH, or runs/<timestamp> chosen by rank 0."""
     if cfg.checkpoint.output_dir:
         return Path(cfg.checkpoint.output_dir)
@@ -62,8 +62,8 @@ def _outdir(cfg: Config, env: DistEnv, device: torch.device) -> Path:
     if cfg.checkpoint.resume:
         path = Path(cfg.checkpoint.resume)
         return ckpt.run_folder_of(path) or path
-    stamp = time.strftime("runs/%Y%m%d-%H%M%S") if env.is_main else ""
-    return Path(broadcast_str(stamp, env, device if device.type == "cuda" else torch.device("cpu")))
+    stamp = time.strftime("runs/%Y%m%d-%H%M%S") if groups.env.is_main else ""
+    return Path(groups.broadcast_str(stamp, device if device.type == "cuda" else torch.device("cpu")))
 
 
 def _resume_point(outdir: Path, cfg: Config) -> Path | None:
@@ -108,8 +108,8 @@ class RunFolder:
     trackers), curves.png and the final weights -- and only through this object; the other ranks know where it
     is."""
 
-    def __init__(self, plan: RunPlan, env: DistEnv) -> None:
-        self.plan, self.env = plan, env
+    def __init__(self, plan: RunPlan, groups: ProcessGroups) -> None:
+        self.plan, self.groups, self.env = plan, groups, groups.env
         self._metrics: MetricsLog | None = None
 
     @property
@@ -117,9 +117,11 @@ class RunFolder:
         return self.plan.outdir
 
     def start(self, cfg: Config, info: dict[str, Any], state: TrainState, splits: Splits,
-              model: torch.nn.Module) -> None:
+              model: torch.nn.Module, cached_features: str | None = None) -> None:
         """Create the folder and describe the run (rank 0); after this, files exist. `state`: where the run
-        starts (the resumed checkpoint's position, or the beginning)."""
+        starts (the resumed checkpoint's position, or the beginning). config.json also says how this start
+        began: ``resumed_from`` (the checkpoint, or null) and ``cached_features`` (--cache-features: "computed"
+        when this start extracted features, "reused" when all came from OUTDIR/features; null without it)."""
         if self.env.is_main:
             outdir = self.plan.outdir
             n_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -133,8 +135,11 @@ class RunFolder:
                     for name in RUN_FILES:
                         (outdir / name).unlink(missing_ok=True)
                 truncate_metrics(outdir, state.epoch)
-                files.write_json(outdir / "config.json", {"config": cfg.to_dict(), "run": info,
-                                                          "resolved_output_dir": str(outdir)})
+                resumed_from = str(self.plan.resume_from) if self.plan.resume_from is not None else None
+                write_json(outdir / "config.json", {"config": cfg.to_dict(), "run": info,
+                                                    "resolved_output_dir": str(outdir),
+                                                    "resumed_from": resumed_from,
+                                                    "cached_features": cached_features})
                 self.status("running", None, state, self.plan.resume_from)
                 save_split(outdir, splits)  # image folders: a resume and `dtl eval` reuse exactly this split
             except OSError as err:
@@ -147,7 +152,7 @@ class RunFolder:
             if (recipe := recipe_line(cfg)) is not None:
                 log.info("%s", recipe)  # flags and TOML win over the recipe: say which did
             log.info("output: %s", outdir)
-        barrier(self.env)
+        self.groups.barrier()
 
     def log_epoch(self, row: dict[str, Any]) -> None:
         """One epoch's metrics row (metrics.jsonl and the trackers; rank 0)."""
@@ -160,7 +165,7 @@ class RunFolder:
         if not self.env.is_main:
             return
         extra = {"best_epoch": state.early_stop_best_epoch} if state.early_stopped else {}
-        files.write_json(self.outdir / "status.json", {
+        write_json(self.outdir / "status.json", {
             "state": state_name, "exit_code": exit_code, "epoch": state.epoch, "global_step": state.global_step,
             "checkpoint": str(checkpoint) if checkpoint else None, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **extra,
@@ -174,13 +179,13 @@ class RunFolder:
         if not self.env.is_main:
             return
         outdir = self.outdir
-        files.write_tensors(outdir / "model.safetensors", weights)
+        write_tensors(outdir / "model.safetensors", weights)
         if ema_weights is not None:
-            files.write_tensors(outdir / "model_ema.safetensors", ema_weights)
+            write_tensors(outdir / "model_ema.safetensors", ema_weights)
         plot_runs([outdir], outdir / "curves.png")
         if state.early_stopped:
             best = ckpt.best_or_last(outdir)
-            files.write_tensors(outdir / "model.safetensors", files.read_tensors(best / "model.safetensors"))
+            write_tensors(outdir / "model.safetensors", read_tensors(best / "model.safetensors"))
             log.info("early stop: no %s improvement for %d epochs; model.safetensors holds the best epoch's "
                      "weights (epoch %d, %s)", early_stop_metric, state.early_stop_bad_epochs,
                      state.early_stop_best_epoch, best)

@@ -1,7 +1,7 @@
 """Experiment trackers beside metrics.jsonl (`--log-with tensorboard,wandb,mlflow`, rank 0 only).
 
-Each tracker gets the same per-epoch scalars as metrics.jsonl (x-axis: the global step; TensorBoard keeps
-the epoch, as before), the resolved config as hyperparameters, and `model.safetensors` / `curves.png` at
+Each tracker gets the same per-epoch scalars as metrics.jsonl (x-axis: the global step; TensorBoard's: the
+epoch), the resolved config as hyperparameters, and `model.safetensors` / `curves.png` at
 the end. One tracker run per dtl run: W&B's run id and MLflow's run id (with its tracking URI) are stored in
 OUTDIR/trackers.json and reused when the run continues (`--resume`), so a preempted and requeued job keeps
 logging into the same W&B/MLflow run. The packages are optional: `check_available` refuses a missing one
@@ -75,7 +75,7 @@ def scalars(row: Mapping[str, Any]) -> dict[str, float]:
 
 
 class TensorBoardTracker:
-    """OUTDIR/tensorboard; x-axis: the epoch (as before trackers existed)."""
+    """OUTDIR/tensorboard; x-axis: the epoch."""
 
     def __init__(self, outdir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter  # optional dependency

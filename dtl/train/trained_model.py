@@ -12,7 +12,7 @@ from torch.utils.hooks import RemovableHandle
 from dtl import models
 from dtl.config import BackboneConfig
 from dtl.distributed import DistEnv, GradCompression, fsdp, unwrap, wrap
-from dtl.train.ema import Ema
+from dtl.train.optimisation.ema import Ema
 
 log = logging.getLogger("dtl")
 
@@ -38,18 +38,19 @@ class TrainedModel:
         """lp-ft's probe epochs are running (only the head trains)."""
         return bool(self._probing)
 
-    def own(self) -> nn.Module:
-        """The model itself, with its architecture's state-dict keys (what checkpoints and weight files hold)."""
+    def unwrapped(self) -> nn.Module:
+        """The model without its DDP, torch.compile and cached-features wrappers: the architecture itself, with
+        its own state-dict keys (what checkpoints and weight files hold)."""
         return unwrap(self.wrapped)
 
     def full_state(self, ema: Ema | None = None) -> dict[str, torch.Tensor]:
         """The weights (or, given `ema`, the averaged weights) as one state dict with the architecture's keys:
         what model.safetensors holds. Sharded: gathered, a collective every rank calls; rank 0 gets the dict
         ({} elsewhere)."""
-        own = self.own()
+        model = self.unwrapped()
         if not self.sharded:
-            return ema.full_state(own) if ema is not None else own.state_dict()
-        weights = fsdp.full_state_dict(own)
+            return ema.full_state(model) if ema is not None else model.state_dict()
+        weights = fsdp.full_state_dict(model)
         if ema is None:
             return weights
         return {**weights, **fsdp.full_tensors(ema.state_dict(), keep=self._env.is_main)}

@@ -29,7 +29,7 @@ def assert_healthy(output: str, ranks: int) -> None:
     table = output[output.index("rank local host"):]
     assert all(f"\n   {r}     {r}" in table or f"\n   {r}     0" in table for r in range(ranks)), table
     assert "size MiB" in table and "\n     0.25 " in table and "\n        1 " in table
-    # ranks on one host share its CPUs: their timings are not a verdict (issue 19), and the table says so
+    # ranks on one host share its CPUs: their timings are not a verdict, and the table says so
     assert "\nslow rank: not judged here: one host" in table
     assert "network env (rank 0): " in table and "MASTER_ADDR=" in table
 

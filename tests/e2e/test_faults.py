@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from dtl.data import cifar
-from dtl.train import checkpoint_format as ckpt
+from dtl.train.checkpoint import format as ckpt
 from tests.conftest import PY, ROOT, TINY, fault_env, snapshot, train_inproc
 
 # 2 ranks x batch 8: 32 optimizer steps per epoch, long enough to land a signal in the middle

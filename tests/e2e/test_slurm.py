@@ -164,7 +164,7 @@ def test_one_node_cpu_two_processes(slurm) -> None:
                            extra_env={"DTL_PREFLIGHT": "1", "DTL_PREFLIGHT_ARGS": "--sizes-mb 0.25 --iters 1"})
     assert "dtl: preflight: srun " in log and "-m dtl.cli doctor --sizes-mb 0.25 --iters 1" in log
     assert "doctor: OK: 2 rank(s) on 1 host(s)" in log, log[-4000:]
-    # one host, one all-reduce: timing noise on a busy node must not block the job (issue 19)
+    # one host, one all-reduce: timing noise on a busy node must not block the job
     assert "slow rank: not judged here: one host" in log
     assert log.index("doctor: OK") < log.index("world size 2")
     assert "torch.distributed.run --standalone --nproc_per_node=2" in log

@@ -52,7 +52,7 @@ def test_tensorboard_scalars_equal_metrics_and_plot_overlays_two_runs(tmp_path):
 
 
 def test_an_op_without_deterministic_kernel_is_one_clear_message(caplog):
-    def body(device):
+    def body(groups, device):
         raise RuntimeError("adaptive_avg_pool2d_backward_cuda does not have a deterministic implementation, but "
                            "you set 'torch.use_deterministic_algorithms(True)'. You can turn off determinism ...")
 

@@ -11,14 +11,14 @@ DTL = Path(__file__).resolve().parents[2] / "dtl"
 
 #: ARCHITECTURE.md: the packages, lowest first. A top-level module counts as its own package.
 PACKAGES: tuple[tuple[str, ...], ...] = (
-    ("__init__", "errors", "faults", "files"),
+    ("__init__", "errors", "faults", "atomic_files"),
     ("config",),
     ("distributed",),
     ("data",),
     ("models",),
     ("train",),
     ("tools",),
-    ("cli", "__main__"),
+    ("cli",),
 )
 RANK = {name: i for i, names in enumerate(PACKAGES) for name in names}
 

@@ -42,7 +42,8 @@ from dtl.data.folder_split import FolderSplit
 from dtl.data.splits import Splits
 from dtl.distributed import DistEnv, pick_device
 from dtl.errors import UserError
-from dtl.tools.bench.report import Options, device_name
+from dtl.tools.bench.report import device_name
+from dtl.tools.bench.settings import Options
 
 SIDES = ("imagefolder", "workers", "decode", "cache")
 #: files decoded per library by the decode-only rows

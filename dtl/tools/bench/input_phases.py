@@ -27,7 +27,7 @@ from dtl.data.augment import mix
 from dtl.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from dtl.data.loaders.transforms import augment_chain
 from dtl.data.splits import Split
-from dtl.tools.bench.article_loop import endless
+from dtl.tools.bench.reference_loop import endless
 
 
 def v2_augment_transform(cfg: Config) -> v2.Compose:

@@ -13,8 +13,8 @@ settings (momentum 0.9, foreach, the settings' learning rate):
 
 Rounds are interleaved (the side that goes first alternates); reported: the median time per step of each side
 (CPU time of the process on a CPU, see `seconds_per_step`) and ``dtl / bare``, the ratio of the medians and the
-median of each round's ratio (``paired``). The issue's
-goal is a ratio <= 1.3 (dtl adds at most 30 % to a step whose model costs nothing).
+median of each round's ratio (``paired``). The goal is a ratio <= 1.3 (dtl adds at most 30 % to a step whose
+model costs nothing).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from dtl.config.loading import config_from_flags
-from dtl.distributed import DistEnv, pick_device
+from dtl.distributed import DistEnv, ProcessGroups, pick_device
 from dtl.train import loop
 from dtl.train.build import prepare
 from dtl.train.parts import RunParts
@@ -49,7 +49,7 @@ BASE_FLAGS = ("--dataset", "synthetic", "--model", "squeezenet1_1", "--mode", "s
 
 
 class PremadeBatches:
-    """A training loader (`dtl.data.BatchLoader`) over batches made beforehand: no input cost on either side."""
+    """A training loader (`dtl.data.loaders.BatchLoader`) over batches made beforehand: no input cost on either side."""
 
     def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.batches = batches
@@ -71,7 +71,8 @@ def linear_model(device: torch.device, seed: int) -> nn.Module:
 
 
 def sgd(model: nn.Module, parts: RunParts) -> torch.optim.Optimizer:
-    """What `dtl.train.optim.build_optimizer` makes with default settings: one group, foreach (fused on CUDA)."""
+    """What `dtl.train.optimisation.optimizer.build_optimizer` makes with default settings: one group, foreach
+    (fused on CUDA)."""
     o = parts.cfg.optim
     fast = {"fused": True} if parts.device.type == "cuda" else {"foreach": True}
     group = {"params": list(model.parameters()), "lr_mult": 1.0, "weight_decay": o.weight_decay}
@@ -88,7 +89,7 @@ def build_dtl(flags: list[str], batches: list, device: torch.device,
               outdir: Path) -> tuple[RunParts, TrainState]:
     """dtl's run with the Linear, its optimizer and the pre-made batches in place of the built ones."""
     cfg = config_from_flags([*BASE_FLAGS, "--output-dir", str(outdir), *flags])
-    parts, state = prepare(cfg, DistEnv(), device)
+    parts, state = prepare(cfg, ProcessGroups(), device)
     model = TrainedModel(linear_model(device, parts.cfg.run.seed), parts.env, device, compile_model=False)
     parts = dataclasses.replace(parts, model=model, optimizer=sgd(model.module, parts),
                                 train_loader=PremadeBatches(batches))

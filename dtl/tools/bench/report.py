@@ -4,7 +4,6 @@ layout and the table."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import os
 import platform
@@ -16,32 +15,12 @@ from typing import Any
 import torch
 
 from dtl.config import Config
+from dtl.tools.bench.settings import Options
 
 PHASES = ("input", "train_step", "eval_step")
 SIDES = ("reference", "strong", "dtl")
 #: the JSON key of dtl's ratio to each reference side
 RATIO_KEYS = {"reference": "ratio", "strong": "ratio_strong"}
-
-
-@dataclasses.dataclass
-class Options:
-    """The bench's own settings (the model/data/device ones are a `Config`)."""
-
-    steps: int = 5
-    warmup: int = 2
-    repeats: int = 3
-    memory: str = "subprocess"
-    flops: bool | None = None
-    threads: int | None = None
-    json_path: str | None = None
-    command: str = ""
-    input_steps: int = 50
-    min_seconds: float | None = None
-    """Timed seconds a measurement must reach (None: `dtl.tools.bench.compare.min_seconds`'s defaults per device
-    and phase)."""
-
-    def steps_for(self, phase: str) -> int:
-        return self.input_steps if phase.startswith("input") else self.steps
 
 
 def device_name(device: torch.device) -> str:
@@ -71,7 +50,7 @@ def meta(cfg: Config, opts: Options, device: torch.device, precision: dict[str, 
 def side_results(runs: dict[str, list[float]], memory: dict[str, dict[str, float]] | None,
                  flops: dict[str, float] | None) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for phase in runs:  # PHASES, then the extra input phases that ran (dtl.bench_input)
+    for phase in runs:  # PHASES, then the extra input phases that ran (dtl.tools.bench.input_phases)
         rate = statistics.median(runs[phase])
         entry: dict[str, Any] = {"images_per_s": rate, "runs": runs[phase]}
         entry.update((memory or {}).get(phase, {}))

@@ -1,4 +1,4 @@
-"""The strong reference of `dtl bench`: the short training loop a competent PyTorch user writes by hand (issue #18).
+"""The strong reference of `dtl bench`: the short training loop a competent PyTorch user writes by hand.
 
 * the data set's uint8 images and labels resident on the device;
 * per step: random indices -> index -> float -> bilinear resize to the image size on the device -> normalise ->
@@ -27,8 +27,8 @@ from torch import nn
 from dtl import models
 from dtl.config import Config
 from dtl.distributed import DistEnv
-from dtl.tools.bench.article_loop import task_model
-from dtl.train.precision import resolve
+from dtl.tools.bench.reference_loop import task_model
+from dtl.train.optimisation.precision import resolve
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -46,7 +46,7 @@ def split_head(net: nn.Module, head: str) -> tuple[nn.Module, nn.Module] | None:
 
 
 class StrongLoop:
-    """The hand-written loop, one method per benchmarked phase (the interface of `article_loop.ReferenceLoop`)."""
+    """The hand-written loop, one method per benchmarked phase (`dtl.tools.bench.timing.BenchLoop`)."""
 
     name = "strong"
 

@@ -14,7 +14,8 @@ import torch
 
 from dtl.config import Config
 from dtl.distributed import DistEnv, pick_device
-from dtl.tools.bench import compare
+from dtl.tools.bench import timing
+from dtl.tools.bench.settings import add_bench_arguments, bench_config
 from dtl.tools.bench.strong_loop import StrongLoop
 
 
@@ -26,15 +27,15 @@ def train_rate(cfg: Config, device: torch.device, warmup: int = 8, min_steps: in
     loop = StrongLoop(cfg, device)
     with loop.context():
         loop.train_step(warmup)
-    steps = compare.calibrated_steps(loop, loop.train_step, min_steps, min_seconds)
-    images, seconds = compare.timed_run(loop, loop.train_step, steps)
+    steps = timing.calibrated_steps(loop, loop.train_step, min_steps, min_seconds)
+    images, seconds = timing.timed_run(loop, loop.train_step, steps)
     out: dict[str, Any] = {"images_per_s": images / seconds, "steps": steps, "seconds": seconds,
                            "batch_size": cfg.optim.batch_size, "precision": loop.precision.name, "device": str(device)}
     if device.type == "cuda":
-        flops = compare.count_flops(loop)["train_step"]
+        flops = timing.count_flops(loop)["train_step"]
         out |= {"flops_per_image": flops, "tflops": flops * out["images_per_s"] / 1e12}
         if torch.cuda.is_bf16_supported():
-            out["bf16_matmul_tflops"] = compare.matmul_tflops(device)
+            out["bf16_matmul_tflops"] = timing.matmul_tflops(device)
             out["fraction_of_bf16_matmul"] = out["tflops"] / out["bf16_matmul_tflops"]
     return out
 
@@ -49,16 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["--cases"]:
         cases, args = json.loads(Path(args[1]).read_text()), args[2:]
     parser = argparse.ArgumentParser(prog="python -m dtl.tools.bench.strong_rate")
-    compare.add_bench_arguments(parser)
+    add_bench_arguments(parser)
     results, json_path = {}, None
     for label, flags in cases.items():
         parsed = parser.parse_args([*args, *flags])
         json_path = parsed.json_path
         if parsed.threads:
             torch.set_num_threads(parsed.threads)
-        cfg = compare.bench_config(parsed)
+        cfg = bench_config(parsed)
         device = pick_device(DistEnv(), cfg.dist.device)
-        results[label] = train_rate(cfg, device, parsed.warmup, parsed.steps, compare.min_seconds(device, "train_step"))
+        results[label] = train_rate(cfg, device, parsed.warmup, parsed.steps, timing.min_seconds(device, "train_step"))
         print(f"strong loop {label}: {results[label]['images_per_s']:.1f} img/s "
               f"({results[label]['steps']} steps)", flush=True)
     if json_path:

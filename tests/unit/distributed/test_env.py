@@ -128,11 +128,11 @@ def _two_ranks(rank: int, port: int, out: str, job: str) -> None:
                       LOCAL_RANK=str(rank))
     env = distributed.DistEnv(rank=rank, local_rank=rank, world_size=2, local_world_size=2, launcher="torchrun")
     # "order": rank 0's I/O outlasts --dist-timeout (2 s here), as a large image cache's first decode does
-    distributed.setup(env, torch.device("cpu"), timeout_s=2 if job == "order" else 20)
+    groups = distributed.setup(env, torch.device("cpu"), timeout_s=2 if job == "order" else 20)
     result: dict = {}
     try:
         if job == "agreement":
-            agreement = distributed.Agreement(env)
+            agreement = distributed.Agreement(groups)
             for step in range(8):
                 flag = rank == 1 and step >= 3  # rank 1 alone sees the signal, from step 3 on
                 if agreement.step(flag, False)[0]:
@@ -150,14 +150,14 @@ def _two_ranks(rank: int, port: int, out: str, job: str) -> None:
                     marker.write_text("0")
                 return marker.exists()
 
-            result["saw_rank0_result"] = distributed.main_first(env, work)
+            result["saw_rank0_result"] = groups.main_first(work)
         elif job == "failure":
             def fail(first: bool) -> None:
                 if rank == 0:
                     raise UserError("no data here")
 
             try:
-                distributed.main_first(env, fail, timeout_s=20)
+                groups.main_first(fail, timeout_s=20)
             except UserError as err:
                 result["error"] = str(err)
     finally:
@@ -193,15 +193,30 @@ def test_control_group_gets_the_dist_timeout(monkeypatch):
     monkeypatch.setattr(group.dist, "init_process_group", lambda *a, **k: None)
     monkeypatch.setattr(group.dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(group.dist, "get_rank", lambda: 0)
-    monkeypatch.setattr(group.dist, "new_group", lambda **k: seen.append(k))
-    try:
-        distributed.setup(distributed.DistEnv(world_size=2, launcher="torchrun"), torch.device("cpu"), 42)
-    finally:
-        group._CONTROL_GROUP = group._IO_GROUP = None
+    monkeypatch.setattr(group.dist, "new_group", lambda **k: seen.append(k) or f"group {len(seen)}")
+    groups = distributed.setup(distributed.DistEnv(world_size=2, launcher="torchrun"), torch.device("cpu"), 42)
     control, io = seen
     assert control["backend"] == "gloo" and control["timeout"].total_seconds() == 42
     # the rank-0 I/O waits (main_first, wait_for_main) get their own, longer gloo timeout
     assert io["backend"] == "gloo" and io["timeout"].total_seconds() == group.MAIN_IO_TIMEOUT_S
+    assert (groups.control, groups.control_timeout_s, groups.io, groups.io_timeout_s) == (
+        "group 1", 42, "group 2", group.MAIN_IO_TIMEOUT_S)
+
+
+def test_one_process_collectives_do_nothing(monkeypatch):
+    """Plain runs: `setup` creates no group, and the collectives of what it returns leave torch.distributed
+    alone (any call into it would fail here)."""
+    for name in ("init_process_group", "new_group", "barrier", "all_reduce", "all_gather", "broadcast"):
+        monkeypatch.setattr(group.dist, name, lambda *a, **k: pytest.fail("a collective in one process"))
+    groups = distributed.setup(distributed.DistEnv(), torch.device("cpu"), 42)
+    assert groups == distributed.ProcessGroups(control_timeout_s=42) and not groups.distributed
+    t = torch.ones(3)
+    assert groups.all_reduce_sum(t) is t and groups.all_gather(t) == [t]
+    assert groups.broadcast_str("runs/x", torch.device("cpu")) == "runs/x"
+    assert groups.main_first(lambda first: first) is True
+    groups.barrier()
+    groups.wait_for_main()
+    assert distributed.Agreement(groups).step(True, False) == [True, False]  # at once: nobody to wait for
 
 
 def test_unwrap_helpers_see_through_compile():

@@ -16,9 +16,9 @@ def _conv_net() -> nn.Module:
 
 
 def test_compile_keeps_static_shapes_through_a_partial_last_batch():
-    """GPU issue's compile_recompiles, on the CPU's inductor: channels_last convolutions trained on full batches
-    and a partial last batch, two epochs. One graph per batch size (one recompile, then none), gradients that
-    match eager and keep the weights' channels_last layout."""
+    """The GPU check's compile_recompiles step, on the CPU's inductor: channels_last convolutions trained on full
+    batches and a partial last batch, two epochs. One graph per batch size (one recompile, then none), gradients
+    that match eager and keep the weights' channels_last layout."""
     torch._dynamo.reset()
     counters.clear()
     eager = _conv_net()

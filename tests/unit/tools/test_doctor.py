@@ -93,7 +93,7 @@ def test_a_lower_slow_fraction_needs_a_larger_margin():
 @pytest.mark.parametrize(("hosts", "ranks", "iters", "why"), [
     (1, 4, 20, "one host"), (2, 2, 20, "2 ranks"), (2, 4, 1, "1 timed all-reduce(s) per size")])
 def test_where_timings_cannot_single_out_a_rank_nothing_is_named(hosts, ranks, iters, why):
-    """One host, fewer than 3 ranks, or too few iterations (the SLURM test's --iters 1, issue 19): the rank
+    """One host, fewer than 3 ranks, or too few iterations (the SLURM test's --iters 1): the rank
     that took 5x longer is not a finding, and the table says why."""
     times = [[[0.01] * iters] * 3 for _ in range(ranks - 1)] + [[[0.05] * iters] * 3]
     reports = [report(i, f"node{i * hosts // ranks}", t, world=ranks) for i, t in enumerate(times)]

@@ -17,7 +17,7 @@ from PIL import Image
 
 from dtl import cli
 from dtl.data.cifar import make_synthetic
-from dtl.train import checkpoint_format as ckpt
+from dtl.train.checkpoint import format as ckpt
 from tests.conftest import PY, ROOT, train_inproc
 
 #: `dtl predict` must put the right class first for at least this fraction of held-out images (the run's

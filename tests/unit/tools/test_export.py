@@ -1,4 +1,5 @@
-"""dtl export: each format for VGG16, ResNet-18 and a timm model, verified; a failed check leaves nothing."""
+"""dtl export: each format for ResNet-18 and a timm model, ONNX for VGG16, verified; a failed check leaves
+nothing."""
 
 from __future__ import annotations
 
@@ -82,17 +83,20 @@ def test_timm_preprocessing_is_the_models(timm_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_vgg16_every_format(tmp_path_factory, tmp_path, capsys, monkeypatch, fake_vgg16_home):
+def test_vgg16_onnx_at_its_smallest_size(tmp_path_factory, tmp_path, capsys, monkeypatch, fake_vgg16_home):
+    """VGG16 as ONNX at 32 px, where its adaptive pooling turns a 1x1 map into 7x7 (what the TorchScript-based
+    exporter could not export), verified by the export itself with onnxruntime on the run's test images. ONNX
+    only, and no second onnxruntime session here: each pass over VGG16's 528 MB is the costly part of this
+    file, and every format is checked independently on ResNet-18 and a timm model above."""
     monkeypatch.setenv("TORCH_HOME", str(fake_vgg16_home))  # transfer from (random) "ImageNet" weights
-    run = trained(tmp_path_factory, "vgg16", "--mode", "transfer", "--train-subset", "16", "--eval-subset", "8")
-    x = torch.randn(3, 3, 32, 32)
-    ref = reference_logits(run, x)
-    for fmt in export.FORMATS:
-        target = tmp_path / f"vgg16.{fmt}"
-        assert main_inproc("export", "--checkpoint", str(run), "--format", fmt, "--output", str(target)) == 0
-        if fmt != "safetensors":
-            assert torch.allclose(run_through(fmt, target, x), ref, atol=1e-4)
-    assert "opset 18" in capsys.readouterr().out
+    run = trained(tmp_path_factory, "vgg16", "--mode", "transfer", "--train-subset", "8", "--eval-subset", "8",
+                  "--batch-size", "8")
+    target = tmp_path / "vgg16.onnx"
+    assert main_inproc("export", "--checkpoint", str(run), "--format", "onnx", "--output", str(target)) == 0
+    out = capsys.readouterr().out
+    assert "(onnx, opset 18)" in out and "verified on 8 images of the run's synthetic test split" in out
+    assert target.stat().st_size > 500 * 2**20  # the weights inside the file (external_data=False)
+    assert json.loads((tmp_path / "preprocessing.json").read_text())["model"] == "vgg16"
 
 
 def test_a_failed_check_exits_1_and_leaves_no_file(resnet_run, tmp_path, monkeypatch, capsys):
@@ -105,13 +109,14 @@ def test_a_failed_check_exits_1_and_leaves_no_file(resnet_run, tmp_path, monkeyp
 
 
 def test_ema_exports_the_averaged_weights(resnet_run, tmp_path):
-    target = tmp_path / "ema.onnx"
-    assert main_inproc("export", "--checkpoint", str(resnet_run), "--format", "onnx", "--output", str(target),
-                       "--ema") == 0
+    """--ema picks the weights, whatever the format (TorchScript here: the cheapest to write and check)."""
+    target = tmp_path / "ema.pt"
+    assert main_inproc("export", "--checkpoint", str(resnet_run), "--format", "torchscript", "--output",
+                       str(target), "--ema") == 0
     x = torch.randn(2, 3, 32, 32)
     ema, raw = reference_logits(resnet_run, x, ema=True), reference_logits(resnet_run, x)
     assert not torch.allclose(ema, raw, atol=1e-3)
-    assert np.allclose(run_through("onnx", target, x).numpy(), ema.numpy(), atol=1e-4)
+    assert np.allclose(run_through("torchscript", target, x).detach().numpy(), ema.numpy(), atol=1e-4)
     assert "EMA (" in (tmp_path / "README.md").read_text()
 
 

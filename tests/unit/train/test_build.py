@@ -10,7 +10,7 @@ from dtl.config import Config
 from dtl.distributed import DistEnv, detect
 from dtl.errors import UserError
 from dtl.train.build import grad_compression, resolve_strategy, shard_model
-from dtl.train.precision import Precision
+from dtl.train.optimisation.precision import Precision
 
 TWO = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "ACCELERATE_MIXED_PRECISION": "no"}
 

@@ -6,10 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from dtl import distributed
-from dtl.distributed import DistEnv
+from dtl.distributed import ProcessGroups
 from dtl.train.evaluate import evaluate, tta_logits
-from dtl.train.precision import Precision
+from dtl.train.optimisation.precision import Precision
 
 CPU = torch.device("cpu")
 FP32 = Precision("fp32", CPU)
@@ -21,7 +20,7 @@ def test_matches_a_direct_computation():
     x, y = torch.randn(50, 6), torch.randint(0, 7, (50,))
     batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 50, 16)]
     model.train()
-    result = evaluate(model, batches, CPU, DistEnv(), FP32, 7, confusion=True, desc=None)
+    result = evaluate(model, batches, CPU, ProcessGroups(), FP32, 7, confusion=True, desc=None)
     assert model.training  # the caller's mode is restored
     with torch.no_grad():
         logits = model(x)
@@ -36,7 +35,7 @@ def test_matches_a_direct_computation():
 def test_fewer_than_five_classes_and_no_confusion_by_default():
     model = nn.Linear(4, 3)
     batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
-    result = evaluate(model, batches, CPU, DistEnv(), FP32, 3, desc=None)
+    result = evaluate(model, batches, CPU, ProcessGroups(), FP32, 3, desc=None)
     assert result.top5 == 1.0 and result.confusion is None
 
 
@@ -55,8 +54,8 @@ def test_flip_tta_is_the_mean_of_the_logits_of_the_image_and_its_mirror():
         none = tta_logits(model, x, "none")
         assert none[0] is none[1]  # none: one forward
     batches = [(x[:8], y[:8]), (x[8:], y[8:])]
-    flip = evaluate(model, batches, CPU, DistEnv(), FP32, 4, confusion=True, desc=None, tta="flip")
-    plain_result = evaluate(model, batches, CPU, DistEnv(), FP32, 4, desc=None)
+    flip = evaluate(model, batches, CPU, ProcessGroups(), FP32, 4, confusion=True, desc=None, tta="flip")
+    plain_result = evaluate(model, batches, CPU, ProcessGroups(), FP32, 4, desc=None)
     assert flip.plain == plain_result  # the un-augmented numbers of the same pass
     assert flip.top1 == (tta.argmax(1) == y).sum().item() / 20
     torch.testing.assert_close(flip.loss, nn.functional.cross_entropy(tta, y).item(), rtol=1e-6, atol=0)
@@ -67,7 +66,7 @@ def test_a_mirror_symmetric_model_scores_the_same_with_flip_tta():
     x, y, _ = images_and_model()
     model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4))  # sees no left or right
     batches = [(x, y)]
-    flip = evaluate(model, batches, CPU, DistEnv(), FP32, 4, desc=None, tta="flip")
+    flip = evaluate(model, batches, CPU, ProcessGroups(), FP32, 4, desc=None, tta="flip")
     assert flip.top1 == flip.plain.top1 and flip.count == 20
     torch.testing.assert_close(flip.loss, flip.plain.loss)
 
@@ -77,7 +76,7 @@ def test_runs_the_model_without_its_ddp_and_compile_wrappers():
     compiled = torch.compile(model, backend="eager")
     seen = []
     model.register_forward_hook(lambda m, a, out: seen.append(m))
-    evaluate(compiled, [(torch.randn(2, 4), torch.tensor([0, 1]))], CPU, DistEnv(), FP32, 3, desc=None)
+    evaluate(compiled, [(torch.randn(2, 4), torch.tensor([0, 1]))], CPU, ProcessGroups(), FP32, 3, desc=None)
     assert seen == [model]
 
 
@@ -99,5 +98,5 @@ def test_cuda_confusion_matrix_needs_no_host_sync():
                 ((y[:, None] == classes).float().T @ (pred[:, None] == classes).float()).long()
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    result = evaluate(totals_model, batches, torch.device("cuda"), distributed.DistEnv(), FP32, 10, confusion=True)
+    result = evaluate(totals_model, batches, torch.device("cuda"), ProcessGroups(), FP32, 10, confusion=True)
     assert result.count == 64 and int(result.confusion.sum()) == 64

@@ -23,20 +23,19 @@ def test_replica_check_sums_per_parameter_without_a_full_float64_copy():
     expected = torch.stack([flat.sum(), (flat * weights).sum()])
     seen = {}
 
-    class FakeParts:
+    class TwoRanks:  # the collective check_replicas calls, without a process group
         env = distributed.DistEnv(world_size=2)
+
+        def all_gather(self, t):
+            seen["t"] = t
+            return [t, t]
+
+    class FakeParts:
+        groups = TwoRanks()
+        env = groups.env
         model = TrainedModel(net, distributed.DistEnv(), torch.device("cpu"), compile_model=False)
 
-    def gather(t, env):
-        seen["t"] = t
-        return [t, t]
-
-    original = loop.all_gather_tensor
-    loop.all_gather_tensor = gather
-    try:
-        loop.check_replicas(FakeParts())  # type: ignore[arg-type]
-    finally:
-        loop.all_gather_tensor = original
+    loop.check_replicas(FakeParts())  # type: ignore[arg-type]
     torch.testing.assert_close(seen["t"], expected, rtol=1e-12, atol=1e-9)
 
 
@@ -45,7 +44,7 @@ MIX = [*TINY, "--model", "resnet18", "--train-subset", "48", "--eval-subset", "1
        "--keep-last", "20"]
 
 
-#: issue #13's acceptance set: the batched chain (TA wide, random erasing) and the mixing together
+#: every augmentation at once: the batched chain (TA wide, random erasing) and the mixing together
 ALL_AUG = ["--auto-augment", "ta_wide", "--random-erasing", "0.25"]
 
 

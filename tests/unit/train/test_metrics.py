@@ -3,7 +3,7 @@ from pathlib import Path
 
 import torch
 
-from dtl.distributed import DistEnv
+from dtl.distributed import ProcessGroups
 from dtl.train.metrics import Meter, append_metrics, plot_runs, read_metrics, truncate_metrics
 
 
@@ -11,7 +11,7 @@ def test_meter_sums_not_averages_of_averages():
     meter = Meter(torch.device("cpu"))
     meter.add(torch.tensor(2.5), torch.tensor(3), 4)  # batch of 4, mean loss 2.5
     meter.add(torch.tensor(1.0), torch.tensor(1), 1)  # batch of 1, mean loss 1.0
-    out = meter.reduced(DistEnv())
+    out = meter.reduced(ProcessGroups())
     assert out == {"loss": 11.0 / 5, "acc": 4 / 5, "count": 5}
 
 

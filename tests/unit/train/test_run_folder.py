@@ -11,10 +11,10 @@ import torch
 
 from dtl.config import Config, recipe_line
 from dtl.data.splits import Split, Splits
-from dtl.distributed import DistEnv
+from dtl.distributed import DistEnv, ProcessGroups
 from dtl.errors import UserError
-from dtl.train import checkpoint_format as ckpt
 from dtl.train import run_folder
+from dtl.train.checkpoint import format as ckpt
 from dtl.train.train_state import TrainState
 
 CPU = torch.device("cpu")
@@ -27,7 +27,7 @@ def fake_checkpoint(outdir, step: int):
 
 
 def plan(**kw):
-    return run_folder.plan(Config(mode="scratch", **kw), DistEnv(), CPU)
+    return run_folder.plan(Config(mode="scratch", **kw), ProcessGroups(), CPU)
 
 
 def test_fresh_folder(tmp_path):
@@ -70,7 +70,7 @@ def test_start_describes_the_run_and_status_follows_it(tmp_path):
                     Split(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.tensor([1]), ["a", "b"]))
     info = {"launcher": "python", "world_size": 1, "device": "cpu", "precision": "fp32",
             "precision_source": "test", "global_batch": 32}
-    folder = run_folder.RunFolder(p, DistEnv())
+    folder = run_folder.RunFolder(p, ProcessGroups())
     folder.start(Config(mode="scratch"), info, TrainState(), splits, torch.nn.Linear(2, 2))
     saved = json.loads((p.outdir / "config.json").read_text())
     assert saved["config"]["mode"] == "scratch" and saved["run"]["launcher"] == "python"
@@ -78,7 +78,8 @@ def test_start_describes_the_run_and_status_follows_it(tmp_path):
     folder.status("preempted", 75, TrainState(epoch=1, global_step=40), p.outdir / "checkpoints" / "step-40")
     status = json.loads((p.outdir / "status.json").read_text())
     assert (status["state"], status["exit_code"], status["epoch"], status["global_step"]) == ("preempted", 75, 1, 40)
-    run_folder.RunFolder(p, DistEnv(rank=1, world_size=2)).status("failed", 1, TrainState(), None)  # not rank 0
+    other_rank = ProcessGroups(DistEnv(rank=1, world_size=2))
+    run_folder.RunFolder(p, other_rank).status("failed", 1, TrainState(), None)  # not rank 0
     assert json.loads((p.outdir / "status.json").read_text())["state"] == "preempted"
 
 
@@ -97,7 +98,7 @@ def test_start_logs_what_the_recipe_set_and_what_the_user_overrode(tmp_path):
     info = {"launcher": "python", "world_size": 1, "device": "cpu", "precision": "fp32",
             "precision_source": "test", "global_batch": 32}
     try:
-        run_folder.RunFolder(run_folder.plan(cfg, DistEnv(), CPU), DistEnv()).start(
+        run_folder.RunFolder(run_folder.plan(cfg, ProcessGroups(), CPU), ProcessGroups()).start(
             cfg, info, TrainState(), splits, torch.nn.Linear(2, 2))
     finally:
         dtl_log.removeHandler(handler)

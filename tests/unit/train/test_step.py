@@ -14,7 +14,7 @@ from torch import nn
 from dtl import distributed
 from dtl.config.loading import config_from_flags
 from dtl.data.augment import mix
-from dtl.distributed import DistEnv
+from dtl.distributed import ProcessGroups
 from dtl.errors import NonFiniteLossError
 from dtl.train import loop, step
 from dtl.train.build import prepare
@@ -28,7 +28,7 @@ from tests.conftest import TINY, free_port, train_inproc
 def tiny_run(tmp_path, *flags: str) -> tuple[RunParts, TrainState]:
     cfg = config_from_flags([*TINY, "--train-subset", "32", "--eval-subset", "16", "--output-dir",
                              str(tmp_path / "run"), *flags])
-    return prepare(cfg, DistEnv(), torch.device("cpu"))
+    return prepare(cfg, ProcessGroups(), torch.device("cpu"))
 
 
 def backward(parts: RunParts, poison: bool = False) -> list[torch.Tensor]:

@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import pytest
 import torch
 import torchvision
 from safetensors.torch import load_file
@@ -114,17 +113,6 @@ def test_grad_accumulation_matches_the_larger_batch(tmp_path):
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
     cfg = json.loads((tmp_path / "acc" / "config.json").read_text())
     assert cfg["run"]["global_batch"] == 8
-
-
-def test_lr_schedule_and_linear_scaling():
-    from dtl.config import Config
-    from dtl.train.optim import lr_at
-
-    cfg = Config(lr=0.1, lr_scale="linear", grad_accum=2, warmup_epochs=1, lr_schedule="cosine", epochs=3).optim
-    assert lr_at(cfg, 0, steps_per_epoch=10, world_size=4) == pytest.approx(0.8 / 10)  # warm-up, scaled x8
-    assert lr_at(cfg, 10, 10, 4) == pytest.approx(0.8)  # cosine starts at the scaled rate
-    assert lr_at(cfg, 29, 10, 4) < 0.01
-    assert lr_at(Config(lr=0.1).optim, 5, 10, 4) == 0.1  # --lr-scale none: as given
 
 
 FP16 = [*TINY, "--precision", "fp16", "--train-subset", "48", "--eval-subset", "16", "--epochs", "1"]

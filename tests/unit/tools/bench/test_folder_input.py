@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from tests.unit.data.test_folder import write_folder
-from tests.unit.tools.bench.test_compare import bench_main
+from tests.unit.tools.bench.test_side_by_side import bench_main
 
 
 def test_folder_bench_reports_every_pipeline_against_imagefolder(tmp_path):

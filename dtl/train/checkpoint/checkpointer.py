@@ -1,6 +1,6 @@
 """The checkpoint policy of a run: when to save (every N steps, every M minutes, epoch ends, a stop signal),
 what goes in (weights, optimizer and scaler state, every rank's RNG streams, the `TrainState`), and
-restoring all of it. The file format itself is `dtl.train.checkpoint_format`'s."""
+restoring all of it. The file format itself is `dtl.train.checkpoint.format`'s."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ import torch
 from torch import nn
 
 from dtl import models
-from dtl.distributed import DistEnv, GradCompression, all_gather_tensor, fsdp, unwrap, wait_for_main
+from dtl.atomic_files import read_tensors, write_tensors
+from dtl.distributed import GradCompression, ProcessGroups, fsdp, unwrap
 from dtl.errors import UserError
-from dtl.files import read_tensors, write_tensors
-from dtl.train import checkpoint_format as ckpt
-from dtl.train.ema import Ema
-from dtl.train.optim import load_optimizer_state
+from dtl.faults import NO_FAULTS, Faults
+from dtl.train.checkpoint import format as ckpt
+from dtl.train.optimisation.ema import Ema
+from dtl.train.optimisation.optimizer import load_optimizer_state
 from dtl.train.train_state import TrainState
 
 log = logging.getLogger("dtl")
@@ -35,11 +36,11 @@ class Checkpointer:
     """Owns when and what to save. `save` is a collective (every rank's RNG state is gathered); rank 0
     writes, and the others wait for it on the CPU group."""
 
-    def __init__(self, outdir: Path, env: DistEnv, device: torch.device, *, every_steps: int,
+    def __init__(self, outdir: Path, groups: ProcessGroups, device: torch.device, *, every_steps: int,
                  every_minutes: float, keep_last: int, static_meta: dict[str, Any],
                  last: Path | None = None, sharded: bool = False,
-                 compression: GradCompression | None = None) -> None:
-        self.outdir, self.env, self.device = outdir, env, device
+                 compression: GradCompression | None = None, faults: Faults = NO_FAULTS) -> None:
+        self.outdir, self.groups, self.env, self.device = outdir, groups, groups.env, device
         self.sharded = sharded
         """--strategy fsdp: model, optimizer and EMA state as this rank's shards (DCP), plus consolidated
         weights."""
@@ -51,10 +52,12 @@ class Checkpointer:
         self.last = last
         """The newest complete checkpoint (the one resumed from, then each one written)."""
         self.last_time = time.monotonic()
+        self.faults = faults
+        """Testing hooks, read once at start-up (DTL_TEST_SLOW_WRITES: a pause after each file rank 0 writes)."""
 
     # ---- when ---------------------------------------------------------------------------------------
     def time_due(self) -> bool:
-        """Rank 0's clock alone decides; the others follow through `dist.Agreement`."""
+        """Rank 0's clock alone decides; the others follow through `dtl.distributed.Agreement`."""
         return (bool(self.every_minutes) and self.env.is_main
                 and time.monotonic() - self.last_time >= 60 * self.every_minutes)
 
@@ -74,7 +77,7 @@ class Checkpointer:
             states["cuda"] = torch.cuda.get_rng_state(self.device)
         where = self.device if self.env.distributed else torch.device("cpu")
         for name, state in states.items():
-            for r, s in enumerate(all_gather_tensor(state.to(where), self.env)):
+            for r, s in enumerate(self.groups.all_gather(state.to(where))):
                 out[f"{name}.rank{r}"] = s.cpu()
         return out
 
@@ -83,7 +86,7 @@ class Checkpointer:
              best_source: str = "raw") -> Path | None:
         """Checkpoint the current position; returns the folder on rank 0 (None elsewhere)."""
         rng = self.gather_rng()
-        own = unwrap(model)
+        unwrapped = unwrap(model)
         path = None
         extra: dict[str, Any] = {}
         tmp = None
@@ -92,39 +95,39 @@ class Checkpointer:
             tmp = ckpt.temp_folder(self.outdir, state.global_step)
             if self.env.is_main:
                 ckpt.begin_checkpoint(tmp)
-            wait_for_main(self.env)
+            self.groups.wait_for_main()
             if keeps_comm:
                 assert self.compression is not None
                 tensors, extra["comm"] = self.compression.state_tensors()
                 write_tensors(ckpt.rank_file(tmp, self.env.rank), tensors)
             if self.sharded:
                 ema_part = {f"ema.{k}": v for k, v in ema.state_dict().items()} if ema is not None else {}
-                flat, groups = fsdp.sharded_state(own, optimizer, ema_part)
+                flat, param_groups = fsdp.sharded_state(unwrapped, optimizer, ema_part)
                 fsdp.save(flat, tmp / ckpt.SHARDED_DIR)
-                extra["sharded"] = {"param_groups": groups, "world_size": self.env.world_size,
+                extra["sharded"] = {"param_groups": param_groups, "world_size": self.env.world_size,
                                     "ema": ema is not None}
-            wait_for_main(self.env)
+            self.groups.wait_for_main()
         if self.sharded:  # consolidated weights too, for every reader of checkpoint folders (a collective)
-            weights = fsdp.full_state_dict(own)
+            weights = fsdp.full_state_dict(unwrapped)
             ema_weights = fsdp.full_tensors(ema.state_dict(), keep=self.env.is_main) if ema is not None else None
         else:
-            weights, ema_weights = own.state_dict(), ema.state_dict() if ema is not None else None
+            weights, ema_weights = unwrapped.state_dict(), ema.state_dict() if ema is not None else None
         if self.env.is_main:
             if self.sharded:
                 assert tmp is not None
                 extra["sharded"]["files"] = ckpt.file_digests(tmp / ckpt.SHARDED_DIR)
             meta = {"progress": state.saved(), **self.static_meta, "scaler": scaler.state_dict(),
-                    "trainable": optimized(own, optimizer),
+                    "trainable": optimized(unwrapped, optimizer),
                     "global_step": state.global_step, "best_acc": state.best_acc, **extra}
             path = ckpt.save_checkpoint(self.outdir, model_state=weights,
                                         optim_state=None if self.sharded else optimizer.state_dict(), rng=rng,
                                         meta=meta, keep_last=self.keep_last, is_best=is_best, ema=ema_weights,
-                                        best_source=best_source, tmp=tmp)
+                                        best_source=best_source, tmp=tmp, pause_s=self.faults.slow_writes_s)
             self.last = path
         self.last_time = time.monotonic()
         # nobody leaves (or gets killed by the launcher) while rank 0 is still writing; the others wait on the
         # CPU group, not in an NCCL collective whose timeout a 1.6 GB VGG16 + AdamW checkpoint could outlast
-        wait_for_main(self.env)
+        self.groups.wait_for_main()
         return path
 
     def _restore_shards(self, path: Path, meta: dict[str, Any], model: nn.Module,

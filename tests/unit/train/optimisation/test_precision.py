@@ -1,4 +1,4 @@
-"""dtl.train.precision."""
+"""dtl.train.optimisation.precision: which precision a run uses, and why."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dtl import distributed
-from dtl.train import precision
+from dtl.train.optimisation import precision
 from tests.conftest import TINY, train_inproc
 
 

@@ -1,3 +1,5 @@
+"""dtl.train.checkpoint.format: round trips, partial writes never picked up, pruning, damaged files."""
+
 import json
 from pathlib import Path
 
@@ -5,7 +7,7 @@ import pytest
 import torch
 
 from dtl.errors import UserError
-from dtl.train import checkpoint_format as ckpt
+from dtl.train.checkpoint import format as ckpt
 
 
 def write(outdir: Path, step: int, best: bool = False, keep_last: int = 2) -> Path:

@@ -1,10 +1,9 @@
 """The optimizer: its parameter groups (layer-wise LR decay, head LR multiplier, no weight decay on biases and
-norms), the learning rate of each step, and how its state is restored."""
+norms), the optimizer built over them, and how its state is restored. The rate of each step is `lr`'s."""
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,7 +32,7 @@ def param_groups(model: nn.Module, model_name: str, optim: OptimConfig) -> tuple
     `layer_decay`^(n - k) x, so the block below the head gets D and the stem D^n; parameters outside the
     table learn with the stem. Biases and normalisation weights (tensors of one dimension) get no weight decay
     unless `wd_norm_bias`. Groups with the same (multiplier, decay) are merged: with every feature off there
-    is one group, as before."""
+    is one group."""
     head = models.head_name(model)
     blocks = models.backbone_blocks(model, model_name)
     n = len(blocks)
@@ -81,8 +80,8 @@ def build_optimizer(optim: OptimConfig, model: nn.Module, model_name: str, devic
     # torch's fused SGD takes the scaler's found_inf and skips an overflowed step itself, but it has already
     # allocated the momentum buffers with empty_like: after a skipped *first* step they hold uninitialised
     # memory that the next step treats as momentum (non-finite on CUDA, whose allocator hands back the inf
-    # gradients; reproduced on the CPU in tests/unit/test_optim.py). foreach SGD under a scaler is skipped
-    # whole by GradScaler.step. Fused AdamW zero-fills its state first and honours found_inf.
+    # gradients; reproduced on the CPU in tests/unit/train/optimisation/test_optimizer.py). foreach SGD under a
+    # scaler is skipped whole by GradScaler.step. Fused AdamW zero-fills its state first and honours found_inf.
     kernels = {"foreach": True} if grad_scaler else _kernels(device)
     return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, **kernels), rows
 
@@ -90,18 +89,6 @@ def build_optimizer(optim: OptimConfig, model: nn.Module, model_name: str, devic
 def _kernels(device: torch.device) -> dict[str, bool]:
     # foreach is the fast path on both CPU and GPU; fused only exists for (and helps on) CUDA.
     return {"fused": True} if device.type == "cuda" else {"foreach": True}
-
-
-def lr_at(optim: OptimConfig, step: int, steps_per_epoch: int, world_size: int) -> float:
-    """Learning rate for an optimizer step: a pure function of the step, so resume needs no scheduler state."""
-    base = optim.lr * (world_size * optim.grad_accum if optim.lr_scale == "linear" else 1)
-    warmup = optim.warmup_epochs * steps_per_epoch
-    if warmup and step < warmup:
-        return base * (step + 1) / warmup
-    if optim.lr_schedule == "cosine":
-        total = max(optim.epochs * steps_per_epoch - warmup, 1)
-        return base * 0.5 * (1 + math.cos(math.pi * min((step - warmup) / total, 1.0)))
-    return base
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:

@@ -1,7 +1,11 @@
-"""The reference recipe's loop, exactly as the article runs it: CIFAR-format uint8 images made into PIL images,
-per-image torchvision transforms in a ``DataLoader`` (``num_workers=0``, ``shuffle=True``), fp32, plain SGD
-(lr 1e-3, momentum 0.9) over the parameters the mode trains, and ``loss.item()`` + ``torch.sum(preds ==
-labels)`` (host syncs) every step. `dtl bench` times dtl's loop against it."""
+"""The reference loop: the single-GPU notebook script dtl grew from (a transfer-learning article's VGG16 on
+CIFAR-10 script), exactly as it runs -- CIFAR-format uint8 images made into PIL images, per-image torchvision
+transforms in a ``DataLoader`` (``num_workers=0``, ``shuffle=True``), fp32, plain SGD (lr 1e-3, momentum 0.9)
+over the parameters the mode trains, and ``loss.item()`` + ``torch.sum(preds == labels)`` (host syncs) every
+step. `dtl bench` times dtl's loop against it.
+
+Also the pieces every side of the bench shares: `task_model` (the data and the model they all train) and
+`endless` (batches across epochs)."""
 
 from __future__ import annotations
 
@@ -45,13 +49,13 @@ class CifarPIL(torch.utils.data.Dataset):
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image  # torchvision's dependency, imported where the recipe uses it
+        from PIL import Image  # torchvision's dependency, imported where the reference loop uses it
 
         return self.transform(Image.fromarray(self.data[index])), self.targets[index]
 
 
 def reference_transform(train: bool, size: int) -> Callable[[Any], torch.Tensor]:
-    """The reference recipe's per-image PIL transforms (torchvision.transforms, v1)."""
+    """The reference loop's per-image PIL transforms (torchvision.transforms, v1)."""
     head = ([transforms.RandomResizedCrop(size, scale=(0.5, 1.0)), transforms.RandomHorizontalFlip()]
             if train else [transforms.Resize(size)])
     return transforms.Compose([*head, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
@@ -69,7 +73,8 @@ def task_model(cfg: Config) -> tuple[Splits, nn.Module]:
 
 
 class ReferenceLoop:
-    """The reference recipe's data pipeline and train/test loops, one method per benchmarked phase."""
+    """The reference loop's data pipeline and train/test loops, one method per benchmarked phase
+    (`dtl.tools.bench.timing.BenchLoop`)."""
 
     name = "reference"
 
@@ -87,7 +92,7 @@ class ReferenceLoop:
         self.epoch_loss, self.epoch_corrects = 0.0, 0
 
     def context(self) -> contextlib.AbstractContextManager:
-        """The recipe never turns on cuDNN autotuning (dtl's prepare does, process-wide)."""
+        """The reference loop never turns on cuDNN autotuning (dtl's prepare does, process-wide)."""
         if self.device.type != "cuda":
             return contextlib.nullcontext()
         return torch.backends.cudnn.flags(enabled=True, benchmark=False)

@@ -1,5 +1,5 @@
-"""dtl.train.ema: the average against a reference computed from the raw weights' history; resume keeps it exact;
-model_ema.safetensors is a torchvision state dict."""
+"""dtl.train.optimisation.ema: the average against a reference computed from the raw weights' history; resume
+keeps it exact; model_ema.safetensors is a torchvision state dict."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
-from dtl.train.ema import Ema, EmaView
+from dtl.train.optimisation.ema import Ema, EmaView
 from tests.conftest import TINY, assert_same_weights, rewind_copy, train_inproc
 
 

@@ -1,4 +1,4 @@
-"""dtl.train.optim."""
+"""dtl.train.optimisation.optimizer: parameter groups, kernels under a GradScaler, and restored state."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from dtl import files, models
+from dtl import atomic_files, models
 from dtl.config import Config
-from dtl.train import checkpoint_format as ckpt
-from dtl.train import optim, step
+from dtl.train import step
+from dtl.train.checkpoint import format as ckpt
+from dtl.train.optimisation import optimizer as optim
+from dtl.train.optimisation.lr import lr_at
 from tests.conftest import TINY, train_inproc
 
 
@@ -49,9 +51,9 @@ def test_resume_with_channels_last_and_fused_optimizer_is_bitwise(kind, tmp_path
         _step(net, opt, i)
     # through the checkpoint format: tensors are written contiguous (NCHW)
     tensors, extra = ckpt.optimizer_to_tensors(opt.state_dict())
-    files.write_tensors(tmp_path / "optim.safetensors", tensors)
+    atomic_files.write_tensors(tmp_path / "optim.safetensors", tensors)
     model_state = {k: v.clone() for k, v in net.state_dict().items()}
-    state = ckpt.optimizer_from_tensors(files.read_tensors(tmp_path / "optim.safetensors"), extra)
+    state = ckpt.optimizer_from_tensors(atomic_files.read_tensors(tmp_path / "optim.safetensors"), extra)
 
     resumed = _conv_net()
     resumed.load_state_dict(model_state)
@@ -119,7 +121,7 @@ def test_biases_and_norms_get_no_weight_decay_unless_asked():
     assert all(p.ndim == 1 for p in by_decay[0.0]) and all(p.ndim > 1 for p in by_decay[0.05])
     groups, _ = optim.param_groups(net, "resnet18", Config(weight_decay=0.05, wd_norm_bias=True).optim)
     assert len(groups) == 1 and groups[0]["weight_decay"] == 0.05
-    groups, _ = optim.param_groups(net, "resnet18", Config().optim)  # every feature off: one group, as before
+    groups, _ = optim.param_groups(net, "resnet18", Config().optim)  # every feature off: one group
     assert len(groups) == 1 and len(groups[0]["params"]) == len(list(net.parameters()))
 
 
@@ -132,7 +134,7 @@ def test_head_group_learns_at_m_times_the_scheduled_rate(tmp_path, monkeypatch):
 
     def spy(parts, state, bad_step, losses):
         original(parts, state, bad_step, losses)
-        expected = optim.lr_at(parts.cfg.optim, state.global_step, parts.steps_per_epoch, 1)
+        expected = lr_at(parts.cfg.optim, state.global_step, parts.steps_per_epoch, 1)
         head = next(g for g in parts.optimizer.param_groups if g["lr_mult"] == 10.0)
         seen.append((head["lr"], 10.0 * expected))
 
@@ -157,9 +159,9 @@ def _overflow_then_step(opt: torch.optim.Optimizer, net: nn.Module) -> torch.amp
 
 
 def test_sgd_under_an_fp16_grad_scaler_survives_an_overflowed_first_step():
-    """GPU issue's fp16_overflow: torch's fused SGD, handed found_inf by the scaler, leaves uninitialised momentum
-    buffers after a skipped first step. dtl's optimizer for a scaled CUDA run must step exactly like plain SGD
-    that never saw the skipped step (the fused CPU kernel has the same flaw, so this runs here)."""
+    """The GPU check's fp16_overflow step: torch's fused SGD, handed found_inf by the scaler, leaves uninitialised
+    momentum buffers after a skipped first step. dtl's optimizer for a scaled CUDA run must step exactly like
+    plain SGD that never saw the skipped step (the fused CPU kernel has the same flaw, so this runs here)."""
     cfg = Config(model="squeezenet1_1", mode="scratch", momentum=0.9, weight_decay=0.0)
     net = models.build_model("squeezenet1_1", 3, "none", 32, dropout=0.0)
     reference = copy.deepcopy(net)

@@ -31,9 +31,8 @@ from typing import Any
 
 import torch
 
-from dtl import faults
+from dtl.atomic_files import fsync, read_tensors, write_json, write_tensors
 from dtl.errors import UserError
-from dtl.files import fsync, read_tensors, write_json, write_tensors
 
 log = logging.getLogger("dtl")
 
@@ -115,11 +114,12 @@ def verify_digests(folder: Path, expected: dict[str, str]) -> None:
 def save_checkpoint(outdir: Path, *, model_state: dict[str, torch.Tensor], optim_state: dict[str, Any] | None,
                     rng: dict[str, torch.Tensor], meta: dict[str, Any], keep_last: int,
                     is_best: bool = False, ema: dict[str, torch.Tensor] | None = None,
-                    best_source: str = "raw", tmp: Path | None = None) -> Path:
+                    best_source: str = "raw", tmp: Path | None = None, pause_s: float = 0.0) -> Path:
     """Write one complete checkpoint folder atomically, then prune older ones (never the best). `ema`: the
     averaged weights (ema.safetensors); `best_source`: raw or ema, which weights made it the best. `tmp`: the
     temporary folder the ranks already wrote their parts into (`begin_checkpoint`); `optim_state` None: the
-    optimizer state is in those parts (sharded)."""
+    optimizer state is in those parts (sharded). `pause_s`: seconds to sleep after each file, a testing hook
+    (`dtl.faults`, DTL_TEST_SLOW_WRITES) that widens the window in which a kill -9 lands mid-checkpoint."""
     root = outdir / CKPT_DIR
     name = checkpoint_name(meta["global_step"])
     if tmp is None:
@@ -129,8 +129,8 @@ def save_checkpoint(outdir: Path, *, model_state: dict[str, torch.Tensor], optim
     parts += [("ema", ema)] if ema else []
     for part, tensors in parts:
         write_tensors(tmp / f"{part}.safetensors", tensors)
-        if faults.slow_writes():  # testing hook: widen the window in which a kill -9 lands mid-checkpoint
-            time.sleep(faults.slow_writes())
+        if pause_s:
+            time.sleep(pause_s)
     # state.json last: it names the format version that readers check first.
     write_json(tmp / "state.json", {**meta, "optimizer": optim_extra, "format_version": FORMAT_VERSION,
                                     "saved_at": time.time()})
