@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--output", type=Path, default=Path("curves.png"))
 
     bench_parser = sub.add_parser(
-        "bench", help="time dtl's loop against the reference notebook loop and a strong hand-written one (images/s, memory)",
+        "bench",
+        help="time dtl's loop against the reference notebook loop and a strong hand-written one (images/s, memory)",
         description=_wrap("Time the reference notebook loop, a strong hand-written loop and dtl's on the same device, "
                           "model, mode, image size and batch size, interleaved after a warm-up: input pipeline, "
                           "train step, eval step (images/s), peak memory, and dtl / each of them."),

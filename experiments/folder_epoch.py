@@ -3,7 +3,8 @@ DataLoader loop a user would write, in wall time, measured from outside (issue #
 
     python experiments/folder_epoch.py /tmp/photos500 --make          # 400 + 100 real photos of 500x375 px
     python experiments/folder_epoch.py /tmp/photos500 --rounds 3 --json folder-epoch.json
-    python experiments/folder_epoch.py /tmp/photos500 --rounds 3 --side loop --side dtl --side "dtl:--data-pipeline workers"
+    python experiments/folder_epoch.py /tmp/photos500 --rounds 3 --side loop --side dtl \
+        --side "dtl:--data-pipeline workers"
 
 Photos: random 500x375 crops (375x500 for portrait photographs; a photograph smaller than that is resized up
 first) of the photographs `experiments/photo_folder.py` uses (scikit-image's and scikit-learn's), one class per
@@ -64,8 +65,8 @@ print(f"epoch+eval {time.perf_counter() - t0:.2f} s, val acc {correct / len(val.
 def make_photos(out: Path, per_class: int, val_per_class: int, seed: int) -> None:
     sys.path.insert(0, str(REPO / "experiments"))
     import numpy as np
-    from PIL import Image
     from photo_folder import photos
+    from PIL import Image
 
     rng = random.Random(seed)
     for name, photo in photos().items():

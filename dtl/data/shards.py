@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
+from dtl.atomic_files import write_json
 from dtl.config import Config
 from dtl.data.datasets import load_splits
 from dtl.data.images import check_bytes
 from dtl.data.splits import EncodedSplit, Split, Splits
 from dtl.data.webdataset import LABEL_KEY, MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION
 from dtl.errors import UserError
-from dtl.atomic_files import write_json
 
 __all__ = ["ENCODINGS", "extension_of", "write_shards"]
 

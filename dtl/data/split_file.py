@@ -9,10 +9,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dtl.atomic_files import write_json
 from dtl.data.folder_split import FolderSplit
 from dtl.data.splits import Splits
 from dtl.errors import UserError
-from dtl.atomic_files import write_json
 
 SPLIT_FILE = "split.json"
 SPLIT_FORMAT = "dtl-folder-split"

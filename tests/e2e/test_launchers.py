@@ -182,9 +182,9 @@ def test_weights_are_fetched_once_not_by_every_rank(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-#: (flags, weight files compared): EMA (every rank keeps the same average); the heavy augmentation set -- TrivialAugmentWide
-#: + random erasing (the loader's (seed, epoch, rank) stream, replayed on resume) and MixUp/CutMix (draws seeded
-#: by (epoch, rank, batch index))
+#: (flags, weight files compared): EMA (every rank keeps the same average); the heavy augmentation set --
+#: TrivialAugmentWide + random erasing (the loader's (seed, epoch, rank) stream, replayed on resume) and
+#: MixUp/CutMix (draws seeded by (epoch, rank, batch index))
 RESUMES = {
     "ema": (["--ema-decay", "0.8"], ("model.safetensors", "model_ema.safetensors")),
     "augment+mix": (["--auto-augment", "ta_wide", "--random-erasing", "0.25", "--mixup", "0.2", "--cutmix", "1.0"],
@@ -245,8 +245,9 @@ def test_lp_ft_crosses_the_switch_in_two_processes(tmp_path):
 
 
 def test_a_same_shape_head_is_new_and_the_same_on_both_ranks(tmp_path):
-    """Under torchrun x2, a same-shape head from a weight file is new: the file's 10-class head is replaced by the seeded fresh one on every rank
-    (the replica check compares all parameters after the first epoch; one step at lr 1e-12 keeps the start)."""
+    """Under torchrun x2, a same-shape head from a weight file is new: the file's 10-class head is replaced by the
+    seeded fresh one on every rank (the replica check compares all parameters after the first epoch; one step at
+    lr 1e-12 keeps the start)."""
     torch.manual_seed(1)
     src = models.build_model("resnet18", 10, "none", 32)
     weights = tmp_path / "other_task.safetensors"
