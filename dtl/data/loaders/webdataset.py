@@ -14,7 +14,9 @@ An epoch, for training (`ShardLoader`, `train=True`):
 3. A rank's run is split among its DataLoader workers in contiguous blocks of whole batches (worker k reads the
    k-th block of shards and offsets); each worker shuffles its stream window by window: every `--shuffle-buffer`
    consecutive samples are permuted by a generator drawn from (seed, epoch, rank, worker, window).
-4. The DataLoader takes the workers' batches in turn (worker 0, 1, ..., 0, 1, ...: its in-order round robin).
+4. The batches come in turn from the workers (worker 0, 1, ..., 0, 1, ...: `batch_order`); each batch carries its
+   worker's number and the loader yields them in that order, also after a resume (when the DataLoader's own round
+   robin, which always starts at worker 0, would not).
 
 Evaluation (`train=False`): the shards in their order, rank r reads the samples [r N / W, (r + 1) N / W), no
 shuffling, nothing left over: every evaluation sample is counted exactly once at any world size.
@@ -144,7 +146,7 @@ class _Stream(IterableDataset):
                                 "--skip-bad-images to skip such images (counted)") from None
             return None
 
-    def __iter__(self) -> Iterator[tuple[Any, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[int, Any, torch.Tensor]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         begin, end, skip = self.parts[worker]
@@ -152,10 +154,10 @@ class _Stream(IterableDataset):
         for url, key, data, label in self._shuffled(worker, begin, end, skip):
             batch.append((self._image(url, key, data), label, describe(url, key)))
             if len(batch) == self.batch_size:
-                yield self._collate(batch)
+                yield worker, *self._collate(batch)
                 batch = []
         if batch:
-            yield self._collate(batch)
+            yield worker, *self._collate(batch)
 
     def _collate(self, batch: list[tuple[torch.Tensor | None, int, str]]) -> tuple[Any, torch.Tensor]:
         good = [i for i, (img, _, _) in enumerate(batch) if img is not None]
@@ -225,8 +227,9 @@ class ShardLoader:
         gen = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch, "shards"))
         return torch.randperm(n, generator=gen).tolist()
 
-    def _parts(self) -> tuple[list[tuple[int, int, int]], list[int]]:
-        """Each worker's (begin, end, outputs to skip), and the sizes of the batches to skip, in yielded order."""
+    def _parts(self) -> tuple[list[tuple[int, int, int]], list[int], list[int]]:
+        """Each worker's (begin, end, outputs to skip), the sizes of the batches to skip, and which worker makes
+        each batch still to come, in yielded order."""
         workers = max(1, self.num_workers)
         blocks = worker_blocks(len(self), workers)
         order = batch_order(blocks)
@@ -238,11 +241,11 @@ class ShardLoader:
             begin, end = self.begin + lo * bs, self.begin + min(hi * bs, self.count)
             parts.append((begin, max(begin, end), done[k] * bs))
         sizes = [min(bs, self.count - (blocks[k][0] + j) * bs) for k, j in order[:self.start_batch]]
-        return parts, sizes
+        return parts, sizes, [k for k, _ in order[self.start_batch:]]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator(device=self.device).manual_seed(stream_seed(self.seed, self.epoch, self.rank))
-        parts, skipped = self._parts()
+        parts, skipped, makers = self._parts()
         if self.transform is not None:
             for n in skipped:  # before the resume point: same draws, no pixels
                 self.transform.skip(n, (self.size, self.size), gen)
@@ -250,10 +253,23 @@ class ShardLoader:
                          (self.seed, self.epoch, self.rank), decode_here=not self.on_device)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.on_device,
                             worker_init_fn=ignore_stop_signals if self.num_workers else None)
-        for batch, labels in loader:
+        for batch, labels in self._in_order(loader, makers):
             squares = batch.to(self.device) if not self.on_device else self._on_device(batch)
             images = squares if self.transform is None else self.transform(squares, gen)
             yield images, labels.to(self.device, non_blocking=True)
+
+    @staticmethod
+    def _in_order(loader: DataLoader, makers: list[int]) -> Iterator[tuple[Any, torch.Tensor]]:
+        """The workers' batches in the order of the uninterrupted pass (`makers`: the worker of each batch). The
+        DataLoader's round robin always starts at worker 0, which after a resume is not the worker whose batch
+        comes next; a batch that arrives early waits here (a few at most: the workers run in lockstep)."""
+        waiting: dict[int, list[tuple[Any, torch.Tensor]]] = {}
+        stream = iter(loader)
+        for k in makers:
+            while not waiting.get(k):
+                worker, batch, labels = next(stream)
+                waiting.setdefault(worker, []).append((batch, labels))
+            yield waiting[k].pop(0)
 
     def _on_device(self, encoded: list[torch.Tensor]) -> torch.Tensor:
         """A batch's bytes decoded on the GPU (nvJPEG, batched); an image no decoder reads is replaced by another of
