@@ -251,8 +251,11 @@ class ShardLoader:
                 self.transform.skip(n, (self.size, self.size), gen)
         stream = _Stream(self.split, self.shard_order(), parts, self.batch_size, self.size, self.window,
                          (self.seed, self.epoch, self.rank), decode_here=not self.on_device)
+        # a generator of its own: without one the DataLoader draws its workers' base seed from the global RNG, which
+        # carries the dropout stream, and a resume (RNG restored from the checkpoint) would draw it at another point
+        own = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch, self.rank, "loader"))
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.on_device,
-                            worker_init_fn=ignore_stop_signals if self.num_workers else None)
+                            worker_init_fn=ignore_stop_signals if self.num_workers else None, generator=own)
         for batch, labels in self._in_order(loader, makers):
             squares = batch.to(self.device) if not self.on_device else self._on_device(batch)
             images = squares if self.transform is None else self.transform(squares, gen)
