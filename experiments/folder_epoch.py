@@ -1,5 +1,5 @@
 """One CPU epoch of an image folder of real photos: `train.py --dataset folder` against the ImageFolder +
-DataLoader loop a user would write, in wall time, measured from outside (issue #31's regression).
+DataLoader loop a user would write, in wall time, measured from outside.
 
     python experiments/folder_epoch.py /tmp/photos500 --make          # 400 + 100 real photos of 500x375 px
     python experiments/folder_epoch.py /tmp/photos500 --rounds 3 --json folder-epoch.json
