@@ -53,6 +53,12 @@ def write_hf(out: Path, train: int = 48, test: int = 15, **extra_columns) -> Pat
     return out
 
 
+@pytest.fixture(autouse=True)
+def _own_datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parquet folders are prepared into the `datasets` cache: a temporary one, not the user's."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
+
+
 def cfg_for(data_dir: Path | str, **kw) -> Config:
     return Config(dataset="hf", data_dir=str(data_dir), mode="scratch", **kw)
 
