@@ -30,9 +30,9 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from dtl import distributed
-from dtl.config import DEVICES, PRECISIONS
+from dtl.config import DEVICES, PRECISIONS, Config
 from dtl.config.loading import add_config_arguments, config_from_args
-from dtl.data import cifar
+from dtl.data import cifar, shards
 from dtl.distributed import signals
 from dtl.errors import EXIT_FAILURE, EXIT_USAGE, NonFiniteLossError, PeerError, UserError
 from dtl.models import classification_models, timm_backbones
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(train)
 
-    data = sub.add_parser("data", help="write or inspect CIFAR-format data",
+    data = sub.add_parser("data", help="write or inspect CIFAR-format data; write WebDataset shards",
                           epilog=f"example:\n  {EXAMPLES['data']}")
     dsub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     synth = dsub.add_parser("synth", help="write a small learnable CIFAR-10-format data set")
@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--format", choices=("py", "bin"), default="py",
                        help="python pickles or binary records")
     synth.add_argument("--seed", type=int, default=0)
+    add_shards_parser(dsub)
     info = dsub.add_parser("info", help="counts per class and per-channel mean/std of each split")
     info.add_argument("--data-dir", required=True)
     info.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10")
@@ -127,6 +128,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     doctor.add_parser(sub)
     return parser
+
+
+def add_shards_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "shards", help="write CIFAR, an image folder or an HF data set as WebDataset tar shards with a manifest",
+        description=_wrap("Write a data set's train and held-out splits (as a training run reads them) as WebDataset "
+                          "tar shards, OUT/train-000000.tar ... and OUT/val-000000.tar ..., with OUT/manifest.json "
+                          "(classes, every sample's label, counts per class, sizes), for --dataset webdataset "
+                          "--data-dir OUT. Samples are shuffled (seeded) before writing; every image is checked."),
+        epilog="example:\n  dtl data shards --dataset folder --data-dir photos/ --val-split 0.1 --out shards/ "
+               "--shard-size 1000", formatter_class=_RAW)
+    p.add_argument("--out", required=True, type=Path, help="a new folder for the shards and manifest.json")
+    p.add_argument("--shard-size", required=True, type=int, metavar="N", help="samples per shard")
+    p.add_argument("--dataset", choices=("cifar10", "cifar100", "folder", "hf"), default="folder")
+    p.add_argument("--data-dir", default="./data", help="as for training (hf: a folder, or hf://NAME)")
+    for flag in ("--hf-name", "--hf-config", "--hf-revision", "--hf-eval-split", "--image-column", "--label-column"):
+        p.add_argument(flag, default=None, help="as for training")
+    p.add_argument("--hf-train-split", default="train", help="as for training")
+    p.add_argument("--val-split", type=float, default=0.0, help="as for training (a seeded, stratified held-out part)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the held-out part and the order of the samples")
+    p.add_argument("--no-shuffle", action="store_true", help="write the samples in the data set's order")
+    p.add_argument("--encoding", choices=shards.ENCODINGS, default="png",
+                   help="how CIFAR's pixels are encoded (png: lossless); encoded images are copied as they are")
+    p.add_argument("--quality", type=int, default=95, help="--encoding jpg: JPEG quality")
+    p.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out (counted)")
+    return p
 
 
 def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -236,6 +263,8 @@ def run_data(args: argparse.Namespace) -> int:
         folder = cifar.write_cifar10(args.out, train, test, args.format)
         print(f"wrote {args.train} train + {args.test} test images to {folder}")
         return 0
+    if args.data_command == "shards":
+        return run_shards(args)
     train, test = cifar.load_cifar(args.data_dir, args.dataset)
     for name, split in (("train", train), ("test", test)):
         x = split.images.float() / 255
@@ -246,6 +275,19 @@ def run_data(args: argparse.Namespace) -> int:
         print("  per class: " + ", ".join(f"{c}={n}" for c, n in zip(split.classes, counts)))
         print("  mean (R,G,B): " + ", ".join(f"{m:.4f}" for m in mean))
         print("  std  (R,G,B): " + ", ".join(f"{s:.4f}" for s in std))
+    return 0
+
+
+def run_shards(args: argparse.Namespace) -> int:
+    names = ("dataset", "data_dir", "hf_name", "hf_config", "hf_revision", "hf_train_split", "hf_eval_split",
+             "image_column", "label_column", "val_split", "seed", "skip_bad_images")
+    try:
+        cfg = Config(**{n: getattr(args, n) for n in names}, download=False)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"invalid settings: {err}") from None
+    path = shards.shards_of(cfg, args.out, args.shard_size, args.seed, not args.no_shuffle, args.encoding,
+                            args.quality)
+    print(f"wrote {path.parent}: {shards.summary(path)}")
     return 0
 
 

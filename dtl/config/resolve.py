@@ -104,7 +104,7 @@ def _resolve(cfg: Config) -> None:
     if b.weights is None:
         b.weights = "none" if b.mode == "scratch" else "imagenet"
     if d.subset_order == "auto":
-        d.subset_order = "stratified" if d.dataset == "folder" else "first"
+        d.subset_order = "stratified" if d.dataset in ("folder", "hf") else "first"
     if b.freeze_bn_stats is None:
         b.freeze_bn_stats = b.mode == "lp-ft"
     _check_across_sections(cfg)
@@ -139,10 +139,10 @@ def _check_across_sections(cfg: Config) -> None:
     if d.cache_features and (o.mixup > 0 or o.cutmix > 0):
         raise ValueError(f"mixup={o.mixup}/cutmix={o.cutmix} mix the images, but cache_features=True trains on "
                          "features computed once from unmixed images: drop --cache-features, or the mixing")
-    if d.cache_images is not None and d.dataset != "folder":
-        raise ValueError(f"cache_images={d.cache_images!r} caches the decoded images of a folder data set; "
+    if d.cache_images is not None and d.dataset not in ("folder", "hf"):
+        raise ValueError(f"cache_images={d.cache_images!r} caches the decoded images of a folder or HF data set; "
                          f"dataset={d.dataset!r} is held in memory already: drop --cache-images")
-    if d.data_pipeline == "decode" and d.dataset != "folder":
+    if d.data_pipeline == "decode" and d.dataset not in ("folder", "hf", "webdataset"):
         raise ValueError(f"data_pipeline='decode' decodes image files; dataset={d.dataset!r} has none: use "
                          "--data-pipeline device (or auto)")
     if d.data_pipeline == "decode" and d.cache_images is not None:

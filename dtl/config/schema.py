@@ -89,10 +89,51 @@ class BackboneConfig:
 class DataConfig:
     """What the run reads and how batches are made."""
 
-    dataset: Literal["cifar10", "cifar100", "synthetic", "folder"] = field(default="cifar10", metadata=doc(
-        "cifar10 | cifar100 | synthetic (a small learnable CIFAR-format set generated in memory) | folder."))
+    dataset: Literal["cifar10", "cifar100", "synthetic", "folder", "hf", "webdataset"] = field(
+        default="cifar10", metadata=doc(
+            """cifar10 | cifar100 | synthetic (a small learnable CIFAR-format set generated in memory) | folder (an
+            image folder) | hf (a Hugging Face data set: pip install 'dtl[hf]') | webdataset (tar shards: pip install
+            'dtl[webdataset]')."""))
     data_dir: str = field(default="./data", metadata=doc(
-        "Where the data set lives (CIFAR: the folder holding cifar-10-batches-py/ or -bin/ or the .tar.gz)."))
+        """Where the data set lives. CIFAR: the folder holding cifar-10-batches-py/ or -bin/ or the .tar.gz; folder: the
+        image folder; hf: a folder written by save_to_disk, a folder of Parquet files, or hf://NAME (a Hub data set,
+        as --hf-name NAME); webdataset: the training shards, a brace pattern or a '::'-separated list of paths or
+        webdataset URLs (e.g. 'DIR/train-{000000..000127}.tar', 'pipe:curl -s URL'), or a folder written by `dtl data
+        shards` (its manifest.json names the train and val shards)."""))
+    hf_name: str | None = field(default=None, metadata=rule(lambda v: v is None or bool(v.strip()),
+                                                            "must name a Hub data set when given") | doc(
+        """--dataset hf: a Hugging Face Hub data set (NAME or OWNER/NAME, e.g. cifar10, food101), read through the HF
+        cache: fetched once per node by its first process (the others wait), offline from the cache with
+        HF_HUB_OFFLINE=1 (the `datasets` cache, or a snapshot that `hf download --repo-type dataset NAME` put in the
+        hub cache)."""))
+    hf_config: str | None = field(default=None, metadata=doc(
+        "--dataset hf: the data set's configuration (subset) name, for Hub data sets that have several."))
+    hf_revision: str | None = field(default=None, metadata=doc(
+        "--dataset hf with a Hub data set: the revision (a branch, tag or commit) to read; default: main."))
+    hf_train_split: str = field(default="train", metadata=doc("--dataset hf: the split that trains."))
+    hf_eval_split: str | None = field(default=None, metadata=doc(
+        """--dataset hf: the split that evaluates. Default: the first of validation, val, valid, test that the data
+        set has; with none of them, --val-split holds out part of the training split."""))
+    image_column: str | None = field(default=None, metadata=doc(
+        """--dataset hf: the column holding the images (default: the one column whose feature is an Image);
+        --dataset webdataset: the key (extension) of a sample's image (default: the first of jpg, jpeg, png, webp,
+        as written)."""))
+    label_column: str | None = field(default=None, metadata=doc(
+        """--dataset hf: the column holding the labels (default: the one ClassLabel column, whose names are the
+        classes; else a column named label or labels of integers). A column of strings is accepted when named
+        here: its sorted distinct values become the classes. --dataset webdataset: the key of a sample's label,
+        an integer as text (default: cls)."""))
+    eval_data: str | None = field(default=None, metadata=doc(
+        """--dataset webdataset: the evaluation shards (a pattern or list as for --data-dir). Default: the val shards
+        of the manifest.json beside the training shards."""))
+    shuffle_buffer: int = field(default=1000, metadata=POSITIVE | doc(
+        """--dataset webdataset: samples shuffled together within a worker's stream (after the shards' order is
+        shuffled per epoch): each window of this many consecutive samples is permuted, so a resume in the middle
+        of an epoch restarts reading at most this many samples before its position."""))
+    skip_bad_images: bool = field(default=False, metadata=doc(
+        """--dataset hf and webdataset: skip images that cannot be decoded (counted and logged) instead of stopping
+        with a message that names them. (Image folders always skip unreadable files with a warning, or refuse them
+        with --strict-images.)"""))
     download: bool = field(default=True, metadata=doc(
         "Download the official archive when it is missing (rank 0 only)."))
     image_size: int = field(default=224, metadata=POSITIVE | doc(
@@ -102,30 +143,31 @@ class DataConfig:
         --random-erasing when given. --no-augment: the eval transform."""))
     data_pipeline: Literal["auto", "device", "workers", "decode"] = field(default="auto", metadata=doc(
         """device: the split lives on the device as one uint8 tensor and is augmented in batches (CIFAR, synthetic, and
-        image folders with --cache-images); workers: a DataLoader with worker processes and per-image transforms; decode
-        (image folders): workers read the files' bytes, each batch is decoded on the device (nvJPEG on a GPU, the CPU
-        decoder otherwise), resized to --cache-size squares and augmented in batches as by device -- for folders too
-        large to cache. auto: device for in-memory data sets and cached folders, decode for other folders (the log says
-        which). workers keeps torchvision's per-image semantics: crops of the whole image, the model's own resampling
-        (bicubic for some timm models)."""))
+        image folders or HF data sets with --cache-images); workers: a DataLoader with worker processes and per-image
+        transforms; decode (image folders, HF data sets, webdataset shards): workers read the encoded images, each batch
+        is decoded on the device (nvJPEG on a GPU, the CPU decoder otherwise), resized to --cache-size squares and
+        augmented in batches as by device -- for folders too large to cache. auto: device for in-memory data sets and
+        cached images, decode for other folders, HF data sets and shards (the log says which). workers keeps
+        torchvision's per-image semantics: crops of the whole image, the model's own resampling (bicubic for some timm
+        models)."""))
     image_decoder: Literal["auto", "torchcodec", "torchvision"] = field(default="auto", metadata=doc(
-        """folder data sets: the library that decodes JPEG/PNG/WebP (on the CPU, and nvJPEG on a GPU): torchcodec (pip
-        install 'dtl[torchcodec]'), torchvision (torchvision.io, deprecated since torchvision 0.29); auto: torchcodec
-        when installed. Other formats (BMP, TIFF, ...) go through PIL."""))
+        """folder, hf and webdataset data sets: the library that decodes JPEG/PNG/WebP (on the CPU, and nvJPEG on a
+        GPU): torchcodec (pip install 'dtl[torchcodec]'), torchvision (torchvision.io, deprecated since torchvision
+        0.29); auto: torchcodec when installed. Other formats (BMP, TIFF, ...) go through PIL."""))
     cache_images: str | None = field(default=None, metadata=bare_flag("auto") | doc(
-        """folder data sets: decode every image once into a uint8 cache (one memory-mapped file per split, images
+        """folder and hf data sets: decode every image once into a uint8 cache (one memory-mapped file per split, images
         resized to --cache-size squares), then train and evaluate from it with the device pipeline. --cache-images
         alone: in image-cache/ beside the run folder (OUTDIR/../image-cache, e.g. runs/image-cache, so the runs under
         runs/ share it); --cache-images DIR: in DIR. Rebuilt, with a message, when the split's files changed (list,
-        sizes, modification times) or the cache is damaged."""))
+        sizes, modification times; an HF data set's Arrow files) or the cache is damaged."""))
     cache_size: int | None = field(default=None, metadata=POSITIVE_IF_GIVEN | doc(
         """--cache-images (and --data-pipeline decode): each image is resized so its shorter side is this many pixels,
         then centre-cropped to a square. Default: --image-size, so evaluation sees exactly the pixels of the file
         pipeline's Resize + CenterCrop; a larger size (e.g. 256 for 224) keeps more detail for the random crops, at
         (256/224)^2 = 1.3x the disk and memory."""))
     eval_memory_mib: float = field(default=1024.0, metadata=NON_NEGATIVE | doc(
-        """folder data sets without --cache-images: keep the evaluation split's decoded, resized uint8 images (on the
-        device) after the first evaluation when this rank's share fits in this many MiB, so later evaluations do not
+        """folder and hf data sets without --cache-images: keep the evaluation split's decoded, resized uint8 images (on
+        the device) after the first evaluation when this rank's share fits in this many MiB, so later evaluations do not
         decode again (3 x image-size^2 bytes per image: 1,000 images at 224 px take 147 MiB); 0: off."""))
     num_workers: int = field(default=2, metadata=NON_NEGATIVE | doc(
         "DataLoader worker processes per rank (workers pipeline only)."))
@@ -134,10 +176,12 @@ class DataConfig:
     eval_subset: int | None = field(default=None, metadata=POSITIVE_IF_GIVEN | doc("Use only N test images."))
     subset_order: Literal["auto", "first", "random", "stratified"] = field(default="auto", metadata=doc(
         """How --train-subset/--eval-subset pick images: the first N, a seeded random N, or a stratified N (each class
-        in proportion to its size, seeded per class). auto: stratified for folder data sets (whose files are sorted by
-        class, so the first N would be one or two classes), first for the others (already shuffled)."""))
+        in proportion to its size, seeded per class). auto: stratified for folder and hf data sets (whose images are
+        often sorted by class, so the first N would be one or two classes), first for the others (already shuffled;
+        shards are read in order, so for webdataset a subset is always the first N)."""))
     val_split: float = field(default=0.0, metadata=FRACTION | doc(
-        "folder data sets without a val/ folder: fraction held out (seeded, stratified) for evaluation."))
+        """folder data sets without a val/ folder, hf data sets without an evaluation split: fraction held out (seeded,
+        stratified) for evaluation."""))
     coarse_labels: bool = field(default=False, metadata=doc(
         "cifar100 only: use the 20 coarse super-classes instead of the 100 fine labels."))
     strict_images: bool = field(default=False, metadata=doc(
@@ -175,6 +219,45 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         validate_section(self)
+        self._check_sources()
+
+    def _check_sources(self) -> None:
+        """The settings of one data source given with another, and what shards cannot do (they are read in
+        order, not indexed)."""
+        only = {"hf": ("hf_name", "hf_config", "hf_revision", "hf_eval_split"), "webdataset": ("eval_data",)}
+        for dataset, names in only.items():
+            for name in names:
+                if getattr(self, name) is not None and self.dataset != dataset:
+                    raise ValueError(f"{name} applies to --dataset {dataset}, got dataset={self.dataset!r}")
+        if self.hf_train_split != "train" and self.dataset != "hf":
+            raise ValueError(f"hf_train_split applies to --dataset hf, got dataset={self.dataset!r}")
+        sources = ("hf", "webdataset")
+        for name in ("image_column", "label_column"):
+            if getattr(self, name) is not None and self.dataset not in sources:
+                raise ValueError(f"{name} applies to --dataset hf or webdataset, got dataset={self.dataset!r}")
+        if self.skip_bad_images and self.dataset not in sources:
+            raise ValueError(f"skip_bad_images applies to --dataset hf or webdataset (image folders skip unreadable "
+                             f"files by default; --strict-images refuses them), got dataset={self.dataset!r}")
+        if self.hf_name is not None and self.data_dir.startswith("hf://") and self.data_dir[5:] != self.hf_name:
+            raise ValueError(f"hf_name={self.hf_name!r} and data_dir={self.data_dir!r} name two data sets: give one")
+        if self.dataset != "webdataset":
+            return
+        shards = "webdataset shards are read in order, not by index"
+        if self.data_pipeline in ("device", "workers"):
+            raise ValueError(f"data_pipeline={self.data_pipeline!r} with dataset='webdataset': {shards}; their own "
+                             "loader decodes in workers and augments in batches (--data-pipeline auto or decode)")
+        if self.cache_images is not None:
+            raise ValueError(f"cache_images with dataset='webdataset': {shards} (shards are for data that outgrows "
+                             "a node); drop --cache-images, or cache an image folder or an HF data set")
+        if self.class_balance == "sampler":
+            raise ValueError(f"class_balance='sampler' with dataset='webdataset': {shards}, so no sampler can draw "
+                             "them class-balanced; use --class-balance loss")
+        if self.subset_order not in ("auto", "first"):
+            raise ValueError(f"subset_order={self.subset_order!r} with dataset='webdataset': {shards}, so a subset "
+                             "is the first N samples (--subset-order first)")
+        if self.val_split:
+            raise ValueError(f"val_split={self.val_split} with dataset='webdataset': {shards}; give the evaluation "
+                             "shards (--eval-data)")
 
 
 @dataclass

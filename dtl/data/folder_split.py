@@ -8,13 +8,14 @@ check cannot see), the worker logs its path and uses the next image of the same 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dtl.data.images import decode
+from dtl.data.images import decode, read_bytes
 from dtl.data.splits import subset_indices
 from dtl.errors import UserError
 
@@ -60,7 +61,8 @@ class LazyImages(Sequence):
 
 class FolderSplit:
     """One split of an image folder: lazy `.images`, int64 `.labels`, `.classes`, `.files` relative to
-    `.root` (each `<class>/...`). A `dtl.data.splits.DatasetSplit`, as an in-memory `dtl.data.splits.Split` is.
+    `.root` (each `<class>/...`). A `dtl.data.splits.EncodedSplit` (hence a `DatasetSplit`, as an in-memory
+    `dtl.data.splits.Split` is).
     Served from its decoded-image cache (`with_images`, see `dtl.data.image_cache`), `.images` is one
     (N, 3, S, S) uint8 tensor instead, which the device pipeline takes as it takes CIFAR's."""
 
@@ -83,6 +85,21 @@ class FolderSplit:
 
     def paths(self) -> list[Path]:
         return [self.root / f for f in self.files]
+
+    def encoded(self, i: int) -> torch.Tensor:
+        """File i's bytes (`dtl.data.splits.EncodedSplit`)."""
+        return read_bytes(self.root / self.files[i])
+
+    def describe(self, i: int) -> str:
+        return str(self.root / self.files[i])
+
+    def cache_identity(self) -> tuple[str, list[list[Any]]]:
+        """(the folder, [file, size, modification time] per file): a cache is rebuilt when any of them changes."""
+        entries = []
+        for name in self.files:
+            st = os.stat(self.root / name)
+            entries.append([name, st.st_size, st.st_mtime_ns])
+        return str(self.root.resolve()), entries
 
     def counts(self) -> list[int]:
         return torch.bincount(self.labels, minlength=len(self.classes)).tolist()

@@ -1,11 +1,13 @@
-"""The decoded-image cache of a folder data set (`--cache-images [DIR]`): decode once, then serve the split as
-one uint8 tensor to the `device` pipeline, as CIFAR is served.
+"""The decoded-image cache of an image folder or an HF data set (`--cache-images [DIR]`): decode once, then serve
+the split as one uint8 tensor to the `device` pipeline, as CIFAR is served.
 
 Each split (train, held-out) is one raw file ``<role>-<size>px-<key>.u8`` of N x 3 x S x S bytes (every image
 resized so its shorter side is S = `--cache-size`, then centre-cropped to a square: the device pipeline batches
 one tensor of equal-sized images), memory-mapped when read (the page cache is shared by the ranks of a node,
 and a cache larger than memory still works), beside its manifest ``<same name>.json``: format and version, S,
-the split's root and classes, every file with its size and modification time, and a CRC-32 of the data. The
+the split's root and classes, every image (a folder's: each file with its size and modification time; an HF data
+set's: each row with a stamp of its Arrow files, see `dtl.data.splits.EncodedSplit.cache_identity`), and a CRC-32
+of the data. The
 key names (root, role, S), so each split of a folder has one cache per size in a folder, overwritten when it
 goes stale; the file list is in the manifest, not the name, so a subset or a changed folder rebuilds the one
 cache instead of leaving old ones behind.
@@ -38,10 +40,9 @@ import numpy as np
 import torch
 
 from dtl.atomic_files import fsync, write_json
-from dtl.data.folder_split import FolderSplit
 from dtl.data.images import decode_batch, resolve_decoder
 from dtl.data.preprocessing import eval_resize
-from dtl.data.splits import Splits
+from dtl.data.splits import EncodedSplit, Splits
 from dtl.errors import UserError
 
 log = logging.getLogger("dtl")
@@ -60,14 +61,12 @@ def cache_folder(setting: str, outdir: Path) -> Path:
     return Path(outdir).resolve().parent / FOLDER_NAME if setting == AUTO else Path(setting)
 
 
-def manifest_of(split: FolderSplit, size: int) -> dict[str, Any]:
-    """What a cache of `split` at `size` must have been built from: every file with its size and mtime."""
-    entries = []
-    for name in split.files:
-        st = os.stat(split.root / name)
-        entries.append([name, st.st_size, st.st_mtime_ns])
-    return {"format": FORMAT, "version": VERSION, "size": size, "root": str(split.root.resolve()),
-            "classes": list(split.classes), "files": entries}
+def manifest_of(split: EncodedSplit, size: int) -> dict[str, Any]:
+    """What a cache of `split` at `size` must have been built from: every image with what changes when it does
+    (a file's size and mtime)."""
+    root, entries = split.cache_identity()
+    return {"format": FORMAT, "version": VERSION, "size": size, "root": root, "classes": list(split.classes),
+            "files": entries}
 
 
 def _what_changed(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -87,8 +86,9 @@ def _what_changed(old: dict[str, Any], new: dict[str, Any]) -> str:
 class ImageCache:
     """The cache files of one split (`role`: train | val) at one size in one folder."""
 
-    def __init__(self, folder: Path, role: str, split: FolderSplit, size: int) -> None:
-        key = hashlib.sha256(json.dumps([str(split.root.resolve()), role, size]).encode()).hexdigest()[:12]
+    def __init__(self, folder: Path, role: str, split: EncodedSplit, size: int, root: str | None = None) -> None:
+        root = split.cache_identity()[0] if root is None else root
+        key = hashlib.sha256(json.dumps([root, role, size]).encode()).hexdigest()[:12]
         stem = f"{role}-{size}px-{key}"
         self.folder, self.size, self.n = Path(folder), size, len(split)
         self.data = self.folder / f"{stem}.u8"
@@ -125,7 +125,7 @@ class ImageCache:
         arr = np.memmap(self.data, dtype=np.uint8, mode="c", shape=(self.n, 3, self.size, self.size))
         return torch.from_numpy(arr)
 
-    def build(self, split: FolderSplit, want: dict[str, Any], decoder: str, device: torch.device) -> None:
+    def build(self, split: EncodedSplit, want: dict[str, Any], decoder: str, device: torch.device) -> None:
         """Decode every image of `split` once into the data file, then write the manifest (both atomically)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.data.with_name(f".{self.data.name}.tmp{os.getpid()}")
@@ -148,18 +148,17 @@ class ImageCache:
         log.info("image cache %s: %d images decoded once in %.1f s (%.0f images/s, %s decoder on %s), %.1f MiB",
                  self.data, self.n, took, self.n / max(took, 1e-9), decoder, device.type, self.nbytes / 2**20)
 
-    def _fill(self, out: np.ndarray, split: FolderSplit, decoder: str, device: torch.device) -> None:
-        paths = split.paths()
-        chunks = [(lo, paths[lo:lo + _CHUNK]) for lo in range(0, len(paths), _CHUNK)]
+    def _fill(self, out: np.ndarray, split: EncodedSplit, decoder: str, device: torch.device) -> None:
+        chunks = [(lo, range(lo, min(lo + _CHUNK, len(split)))) for lo in range(0, len(split), _CHUNK)]
 
-        def one(chunk: tuple[int, list[Path]]) -> None:
-            lo, names = chunk
+        def one(chunk: tuple[int, range]) -> None:
+            lo, rows = chunk
             try:
-                decoded = decode_batch(names, device, decoder)
-            except Exception as err:  # noqa: BLE001 - a file that passed the load-time check fails now
-                raise UserError(f"cannot decode an image among {names[0]} ... {names[-1]} while caching "
-                                f"({str(err).splitlines()[-1][-200:]}): the folder changed during the run? "
-                                "run again (it is checked and re-cached)") from None
+                decoded = decode_batch(None, device, decoder, encoded=[split.encoded(i) for i in rows])
+            except Exception as err:  # noqa: BLE001 - an image that passed the load-time check fails now
+                raise UserError(f"cannot decode an image among {split.describe(rows[0])} ... "
+                                f"{split.describe(rows[-1])} while caching ({str(err).splitlines()[-1][-200:]}): the "
+                                "data changed during the run? run again (it is checked and re-cached)") from None
             for i, img in enumerate(decoded):
                 out[lo + i] = eval_resize(img, self.size).cpu().numpy()
 
@@ -191,13 +190,13 @@ def _locked(path: Path, exclusive: bool) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def cached_split(split: FolderSplit, role: str, folder: Path, size: int, first: bool, decoder: str = "auto",
-                 device: torch.device | str = "cpu") -> FolderSplit:
+def cached_split(split: EncodedSplit, role: str, folder: Path, size: int, first: bool, decoder: str = "auto",
+                 device: torch.device | str = "cpu") -> EncodedSplit:
     """`split` served from its cache in `folder`, which `first` (the node's first process) checks and, when it
     is missing, stale or damaged, rebuilds (saying why); the others only open it."""
     device = torch.device(device)
-    cache = ImageCache(folder, role, split, size)
     want = manifest_of(split, size)
+    cache = ImageCache(folder, role, split, size, root=want["root"])
     with _locked(cache.lock, exclusive=first):
         problem = cache.problem(want, verify=first)
         if problem is not None and not first:
@@ -218,8 +217,8 @@ def cached_split(split: FolderSplit, role: str, folder: Path, size: int, first: 
 
 def cache_splits(splits: Splits, folder: Path, size: int, first: bool, decoder: str = "auto",
                  device: torch.device | str = "cpu") -> Splits:
-    """Both splits of an image folder served from their caches (see `cached_split`)."""
-    if not (isinstance(splits.train, FolderSplit) and isinstance(splits.test, FolderSplit)):
-        raise UserError("--cache-images caches image folders (--dataset folder)")
+    """Both splits of an image folder or HF data set served from their caches (see `cached_split`)."""
+    if not (isinstance(splits.train, EncodedSplit) and isinstance(splits.test, EncodedSplit)):
+        raise UserError("--cache-images caches image folders (--dataset folder) and HF data sets (--dataset hf)")
     return Splits(cached_split(splits.train, "train", folder, size, first, decoder, device),
                   cached_split(splits.test, "val", folder, size, first, decoder, device))

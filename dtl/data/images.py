@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -36,6 +37,8 @@ _SCAN_CHUNK = 256
 #: TorchCodec, kept as the fallback for installs without it).
 DECODERS = ("auto", "torchcodec", "torchvision")
 _JPEG_MAGIC = b"\xff\xd8\xff"
+#: PNG and GIF signatures (first 4 bytes): with JPEG and WebP, the formats the libraries decode from memory
+_LIBRARY_MAGIC = (b"\x89PNG", b"GIF8")
 
 
 @functools.cache
@@ -84,6 +87,38 @@ def decode(path: str | Path, decoder: str = "auto") -> torch.Tensor:
     return _rgb8(img)
 
 
+def decode_bytes(data: torch.Tensor | bytes, decoder: str = "auto") -> torch.Tensor:
+    """An encoded image held in memory (a 1-D uint8 tensor or bytes: a row of an Arrow file, a member of a tar
+    shard) as a uint8 RGB tensor (3, H, W), decoded as `decode` decodes a file: TorchCodec or torchvision.io for
+    JPEG/PNG/WebP/GIF, PIL for the rest and as a fallback. Raises `BadImage` when no decoder can read it."""
+    data = as_byte_tensor(data)
+    img = None
+    if bytes(data[:4].tolist()) in _LIBRARY_MAGIC or bytes(data[:3].tolist()) == _JPEG_MAGIC \
+            or bytes(data[8:12].tolist()) == b"WEBP":
+        try:
+            img = _library_decode(data, resolve_decoder(decoder))
+        except RuntimeError:
+            img = None
+    if img is None:
+        try:
+            img = _pil_decode(io.BytesIO(data.numpy().tobytes()))
+        except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data; all mean "unreadable"
+            raise BadImage(f"{type(err).__name__}: {err}") from None
+    return _rgb8(img)
+
+
+def as_byte_tensor(data: torch.Tensor | bytes | bytearray | memoryview) -> torch.Tensor:
+    """Encoded bytes as the 1-D uint8 CPU tensor the decoders take (bytes are copied once: a tensor over
+    immutable bytes would be read-only)."""
+    if isinstance(data, torch.Tensor):
+        return data
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+
+
+class BadImage(ValueError):
+    """Encoded image data that no decoder can read (the message says why)."""
+
+
 def _library_decode(source: str | torch.Tensor, decoder: str) -> torch.Tensor:
     if decoder == "torchcodec":
         from torchcodec.decoders import decode_image as tc_decode
@@ -123,18 +158,27 @@ def read_bytes(path: str | Path) -> torch.Tensor:
         return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
 
 
-def decode_batch(paths: Sequence[str | Path], device: torch.device | str = "cpu", decoder: str = "auto",
+def decode_batch(paths: Sequence[str | Path] | None, device: torch.device | str = "cpu", decoder: str = "auto",
                  encoded: Sequence[torch.Tensor] | None = None, batched: bool | None = None) -> list[torch.Tensor]:
     """Images as uint8 RGB (3, H, W) tensors on `device`. On a CUDA device the JPEG files are decoded in one
     batched nvJPEG call (the decoder's ``device="cuda"``); the other formats, and any JPEG nvJPEG refuses (the
     batch is then retried one image at a time), are decoded on the CPU by `decode` and copied. On the CPU each
     file goes through `decode` (a batch is not faster there) unless `batched` asks for the batched path (tests
-    run it on the CPU). `encoded`: the files' bytes, when a worker already read them (`read_bytes`)."""
+    run it on the CPU). `encoded`: the files' bytes, when a worker already read them (`read_bytes`); `paths`
+    None: images held only in memory (an HF data set's rows, a shard's members), decoded by `decode_bytes`."""
     device = torch.device(device)
+    if paths is None and encoded is None:
+        raise ValueError("decode_batch needs the paths or the encoded bytes")
+
+    def on_cpu(i: int) -> torch.Tensor:
+        return decode(paths[i], decoder) if paths is not None else decode_bytes(data[i], decoder)
+
     if not (device.type == "cuda" if batched is None else batched):
-        return [decode(p, decoder) for p in paths]
-    data = list(encoded) if encoded is not None else [read_bytes(p) for p in paths]
-    out: list[torch.Tensor | None] = [None] * len(paths)
+        if paths is not None:
+            return [decode(p, decoder) for p in paths]
+        return [decode_bytes(d, decoder) for d in encoded]  # type: ignore[union-attr] - checked above
+    data = list(encoded) if encoded is not None else [read_bytes(p) for p in paths]  # type: ignore[union-attr]
+    out: list[torch.Tensor | None] = [None] * len(data)
     jpegs = [i for i, d in enumerate(data) if is_jpeg(d)]
     if jpegs:
         lib = resolve_decoder(decoder)
@@ -147,8 +191,7 @@ def decode_batch(paths: Sequence[str | Path], device: torch.device | str = "cpu"
                     out[i] = _gpu_jpegs([data[i]], device, lib)[0]
                 except RuntimeError:
                     out[i] = None
-    return [img if img is not None else decode(paths[i], decoder).to(device, non_blocking=True)
-            for i, img in enumerate(out)]
+    return [img if img is not None else on_cpu(i).to(device, non_blocking=True) for i, img in enumerate(out)]
 
 
 def _gpu_jpegs(data: list[torch.Tensor], device: torch.device, decoder: str) -> list[torch.Tensor]:
@@ -165,7 +208,7 @@ def _gpu_jpegs(data: list[torch.Tensor], device: torch.device, decoder: str) -> 
         return [_rgb8(t) for t in decode_jpeg(data, mode=ImageReadMode.RGB, device=device)]
 
 
-def _pil_decode(path: str) -> torch.Tensor:
+def _pil_decode(path: str | io.BytesIO) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
@@ -201,6 +244,28 @@ def check_image(path: str | Path) -> str | None:
     if fmt == "JPEG" and not _jpeg_complete(path):
         try:
             decode(path)
+        except Exception as err:  # noqa: BLE001
+            return f"truncated JPEG ({str(err).splitlines()[-1][-120:]})"
+    return None
+
+
+def check_bytes(data: torch.Tensor | bytes) -> str | None:
+    """`check_image` for an encoded image held in memory: None when it looks readable, else the reason (a PIL
+    header check + `verify()`, and a full decode of a JPEG that lacks its end-of-image marker)."""
+    from PIL import Image
+
+    raw = data.numpy().tobytes() if isinstance(data, torch.Tensor) else bytes(data)
+    if not raw:
+        return "empty (0 bytes)"
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            fmt = im.format
+            im.verify()
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data; all mean "unreadable"
+        return f"{type(err).__name__}: {err}"
+    if fmt == "JPEG" and not raw[-4096:].rstrip(b"\0\r\n\t ").endswith(b"\xff\xd9"):
+        try:
+            decode_bytes(raw)
         except Exception as err:  # noqa: BLE001
             return f"truncated JPEG ({str(err).splitlines()[-1][-120:]})"
     return None

@@ -1,8 +1,9 @@
 """Splits of a data set, whatever holds them: the in-memory `Split` (CIFAR, synthetic), the `DatasetSplit`
 protocol an image folder's `dtl.data.folder_split.FolderSplit` shares with it, the `Splits` pair a run trains and
-evaluates on, and the rules every source applies the same way: how streams are seeded (`stream_seed`), which
-images a subset keeps (`subset_indices`) and the one stratified sampler (`stratified_pick`) behind a stratified
-subset (`stratified_indices`) and a folder's held-out split (`stratified_split`).
+evaluates on, the `EncodedSplit` protocol of the splits whose images are decoded when read (folders, HF data sets),
+and the rules every source applies the same way: how streams are seeded (`stream_seed`), which images a subset keeps
+(`subset_indices`) and the one stratified sampler (`stratified_pick`) behind a stratified subset
+(`stratified_indices`) and a held-out split (`stratified_split`).
 
 A leaf module: it imports torch and the standard library only, so `dtl.data.cifar`, `dtl.data.folder` and the
 loaders can all build on it without importing one another.
@@ -14,7 +15,7 @@ import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -113,6 +114,34 @@ class DatasetSplit(Protocol):
     def __len__(self) -> int: ...
 
     def subset(self, n: int | None, order: str = "first", seed: int = 0) -> DatasetSplit: ...
+
+
+@runtime_checkable
+class EncodedSplit(DatasetSplit, Protocol):
+    """A split of encoded images, decoded when read (an image folder's `dtl.data.folder_split.FolderSplit`, an HF
+    data set's `dtl.data.hf_split.HFSplit`): what the decode pipeline and the decoded-image cache use beyond
+    `DatasetSplit`. `images[i]` decodes image i; served from its cache (`with_images`), `images` is one
+    (N, 3, S, S) uint8 tensor instead."""
+
+    decoder: str
+    """--image-decoder, for the encoded images."""
+
+    def encoded(self, i: int) -> torch.Tensor:
+        """Image i's encoded bytes (a 1-D uint8 CPU tensor: what the decoders take)."""
+        ...
+
+    def describe(self, i: int) -> str:
+        """Where image i lives, for messages (a path; a data set, split and row)."""
+        ...
+
+    def cache_identity(self) -> tuple[str, list[list[Any]]]:
+        """What a cache of this split is built from: (where the split is read from, one entry per image -- its name
+        first, then what changes when the image does), as `dtl.data.image_cache` records and compares it."""
+        ...
+
+    def with_images(self, images: torch.Tensor) -> EncodedSplit:
+        """The same split served from decoded images (row i: image i), e.g. its cache."""
+        ...
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""The `decode` pipeline (image folders): DataLoader workers read the files every pass -- on a CPU they also decode
-them and resize them to squares; on a GPU each batch is decoded there (nvJPEG, batched) and resized -- then the
-squares are transformed as by the `device` pipeline."""
+"""The `decode` pipeline (image folders, HF data sets): DataLoader workers read the encoded images every pass -- on a
+CPU they also decode them and resize them to squares; on a GPU each batch is decoded there (nvJPEG, batched) and
+resized -- then the squares are transformed as by the `device` pipeline."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dtl.data.augment.chain import AugmentChain
 from dtl.data.augment.transform import BatchTransform
-from dtl.data.folder_split import FolderSplit
-from dtl.data.images import decode_batch, read_bytes
+from dtl.data.images import decode_batch
 from dtl.data.loaders.base import SampledLoader, ignore_stop_signals
 from dtl.data.preprocessing import eval_resize
-from dtl.data.splits import stream_seed
+from dtl.data.splits import EncodedSplit, stream_seed
 
 __all__ = ["DecodeLoader"]
 
@@ -25,16 +24,16 @@ class _Files(Dataset):
     on a CPU its decoded square (`preprocessing.eval_resize`) -- the per-image work that parallelises over
     workers."""
 
-    def __init__(self, split: FolderSplit, size: int, decode_here: bool) -> None:
+    def __init__(self, split: EncodedSplit, size: int, decode_here: bool) -> None:
         self.split, self.size, self.decode_here = split, size, decode_here
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        if self.decode_here:  # LazyImages: --image-decoder, and a file that fails now is replaced, logged
+        if self.decode_here:  # the split's images: --image-decoder (a folder's file that fails now is replaced, logged)
             return eval_resize(self.split.images[i], self.size), int(self.split.labels[i])
-        return read_bytes(self.split.root / self.split.files[i]), int(self.split.labels[i])
+        return self.split.encoded(i), int(self.split.labels[i])
 
 
 def _collate_bytes(items: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -42,13 +41,13 @@ def _collate_bytes(items: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Te
 
 
 class DecodeLoader(SampledLoader):
-    """Batches decoded from an image folder's files every pass (`--data-pipeline decode`), augmented as by
-    `DeviceLoader` (the same batched transforms, a generator per (seed, epoch, rank); a resume replays the
-    skipped batches' draws). On a GPU the workers only read bytes and each batch's JPEGs are decoded in one
+    """Batches decoded from an image folder's files (or an HF data set's rows) every pass (`--data-pipeline decode`),
+    augmented as by `DeviceLoader` (the same batched transforms, a generator per (seed, epoch, rank); a resume replays
+    the skipped batches' draws). On a GPU the workers only read bytes and each batch's JPEGs are decoded in one
     nvJPEG call (`images.decode_batch`), then resized to squares on the GPU; on a CPU the workers decode and
     resize. `transform` None: the uint8 squares themselves (what `KeptEvalLoader` keeps)."""
 
-    def __init__(self, split: FolderSplit, sampler: Sampler[int], batch_size: int,
+    def __init__(self, split: EncodedSplit, sampler: Sampler[int], batch_size: int,
                  transform: BatchTransform | AugmentChain | None, size: int, num_workers: int, device: torch.device,
                  seed: int, rank: int, decoder: str = "auto") -> None:
         super().__init__(sampler, batch_size)
@@ -59,10 +58,9 @@ class DecodeLoader(SampledLoader):
     def _squares(self, batch: list[torch.Tensor] | torch.Tensor, idx: list[int]) -> torch.Tensor:
         if not self.on_device:
             return batch.to(self.device)  # type: ignore[union-attr] - decoded by the workers
-        paths = [self.split.root / self.split.files[i] for i in idx]
         try:
-            decoded = decode_batch(paths, self.device, self.decoder, encoded=batch)  # type: ignore[arg-type]
-        except Exception:  # noqa: BLE001 - a file the CPU cannot decode either: LazyImages replaces and logs it
+            decoded = decode_batch(None, self.device, self.decoder, encoded=batch)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - an image the CPU cannot decode either: the split's images handle it
             decoded = [self.split.images[i].to(self.device) for i in idx]
         return torch.stack([eval_resize(img, self.size) for img in decoded])
 

@@ -13,6 +13,10 @@ epoch per side (which also warms the page cache for all):
   the device (channels_last, as dtl's): what a torchvision user writes;
 * ``workers``: dtl's ``--data-pipeline workers`` (decode + v2 per image in DataLoader workers);
 * ``decode``: ``--data-pipeline decode`` (batched nvJPEG on a GPU; on a CPU the workers decode and resize);
+* ``hf``: the same training images (their files' bytes) as a Hugging Face data set written by ``save_to_disk``,
+  read as ``--dataset hf`` through the decode pipeline (needs ``dtl[hf]``; left out without it);
+* ``shards``: the same images as WebDataset shards written by `dtl.data.shards.write_shards` (1,000 per shard),
+  read as ``--dataset webdataset`` (needs ``dtl[webdataset]``; left out without it);
 * ``cache``: ``--cache-images`` after its first epoch (the device pipeline over the memory-mapped cache). The
   first epoch, which decodes every image once into the cache, is timed once and reported as ``cache_build``.
 
@@ -39,13 +43,16 @@ from dtl.data import image_cache, images, loaders
 from dtl.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from dtl.data.folder import load_folder_splits
 from dtl.data.folder_split import FolderSplit
+from dtl.data.hf import load_hf_splits
+from dtl.data.shards import write_shards
 from dtl.data.splits import Splits
+from dtl.data.webdataset import load_shard_splits
 from dtl.distributed import DistEnv, pick_device
 from dtl.errors import UserError
 from dtl.tools.bench.report import device_name
 from dtl.tools.bench.settings import Options
 
-SIDES = ("imagefolder", "workers", "decode", "cache")
+SIDES = ("imagefolder", "workers", "decode", "hf", "shards", "cache")
 #: files decoded per library by the decode-only rows
 DECODE_FILES = 300
 
@@ -115,6 +122,36 @@ def _decode_rate(split: FolderSplit, decoder: str) -> float:
     return len(paths) / (time.perf_counter() - begin)
 
 
+def _source_sides(cfg: Config, splits: Splits, tmp: Path, device: torch.device) -> dict[str, Callable[[int], int]]:
+    """The folder's training images as an HF data set and as WebDataset shards, each read by its own source (the
+    sides whose library is installed)."""
+    import importlib.util
+
+    env, sides = DistEnv(), {}
+    source = cfg.replace(data_pipeline="decode", cache_images=None, val_split=0.0, train_subset=None,
+                         eval_subset=None, subset_order="first", strict_images=False)
+    if importlib.util.find_spec("datasets") is not None:
+        import datasets
+
+        def rows(split: FolderSplit) -> Any:
+            return datasets.Dataset.from_dict(
+                {"image": [{"bytes": p.read_bytes(), "path": None} for p in split.paths()],
+                 "label": split.labels.tolist()},
+                features=datasets.Features({"image": datasets.Image(),
+                                            "label": datasets.ClassLabel(names=list(split.classes))}))
+
+        datasets.DatasetDict({"train": rows(splits.train), "test": rows(splits.test)}).save_to_disk(str(tmp / "hf"))
+        hf_cfg = source.replace(dataset="hf", data_dir=str(tmp / "hf"))
+        train, _ = loaders.build_loaders(hf_cfg, load_hf_splits(hf_cfg), env, device, torch.float32)
+        sides["hf"] = DtlEpochs(train, device)
+    if importlib.util.find_spec("webdataset") is not None:
+        write_shards(splits, tmp / "shards", 1000, {"dataset": "folder"})
+        wds_cfg = source.replace(dataset="webdataset", data_dir=str(tmp / "shards"))
+        train, _ = loaders.build_loaders(wds_cfg, load_shard_splits(wds_cfg), env, device, torch.float32)
+        sides["shards"] = DtlEpochs(train, device)
+    return sides
+
+
 def run_folder_bench(cfg: Config, opts: Options) -> dict[str, Any]:
     """The folder input phase (see the module docstring); returns the result (also printed, and written to
     --json)."""
@@ -146,11 +183,13 @@ def run_folder_bench(cfg: Config, opts: Options) -> dict[str, Any]:
         cache_cfg = base.replace(data_pipeline="device", cache_images=tmp)
         train, _ = loaders.build_loaders(cache_cfg, Splits(cached, cached), env, device, torch.float32)
         sides["cache"] = DtlEpochs(train, device)
+        sides.update(_source_sides(cfg, splits, Path(tmp), device))
         for fn in sides.values():  # warm-up: one untimed epoch each
             fn(0)
-        runs: dict[str, list[float]] = {side: [] for side in sides}
+        runs: dict[str, list[float]] = {side: [] for side in SIDES if side in sides}
         for r in range(opts.repeats):
-            order = SIDES[r % len(SIDES):] + SIDES[:r % len(SIDES)]
+            present = [side for side in SIDES if side in sides]
+            order = present[r % len(present):] + present[:r % len(present)]
             for side in (order if r % 2 == 0 else order[::-1]):
                 rate = _timed(sides[side], 1 + r, min_seconds)
                 runs[side].append(rate)
@@ -169,7 +208,8 @@ def run_folder_bench(cfg: Config, opts: Options) -> dict[str, Any]:
                  "repeats": opts.repeats, "loadavg_1min": {"start": load_start, "end": os.getloadavg()[0]}},
         "input_folder": {side: {"img_s": medians[side], "runs": runs[side],
                                 "vs_imagefolder": medians[side] / medians["imagefolder"],
-                                "vs_workers": medians[side] / medians["workers"]} for side in runs},
+                                "vs_workers": medians[side] / medians["workers"],
+                                "vs_decode": medians[side] / medians["decode"]} for side in runs},
         "once": extra,
     }
     print(format_folder_table(result))
@@ -183,10 +223,11 @@ def format_folder_table(result: dict[str, Any]) -> str:
     lines = [f"folder input, {m['train_images']} training images at {m['image_size']} px (cache {m['cache_size']} "
              f"px), batch {m['batch_size']}, {m['num_workers']} workers, {m['threads']} threads, {m['device']}, "
              f"load {m['loadavg_1min']['start']:.1f}-{m['loadavg_1min']['end']:.1f}",
-             "| side | img/s (median) | vs imagefolder | vs workers |", "|---|---|---|---|"]
+             "| side | img/s (median) | vs imagefolder | vs workers | vs decode |", "|---|---|---|---|---|"]
     for side, row in result["input_folder"].items():
-        lines.append(f"| {side} | {row['img_s']:,.0f} | {row['vs_imagefolder']:.2f}x | {row['vs_workers']:.2f}x |")
+        lines.append(f"| {side} | {row['img_s']:,.0f} | {row['vs_imagefolder']:.2f}x | {row['vs_workers']:.2f}x "
+                     f"| {row['vs_decode']:.2f}x |")
     for name, rate in result["once"].items():
-        lines.append(f"| {name} (once) | {rate:,.0f} | | |")
+        lines.append(f"| {name} (once) | {rate:,.0f} | | | |")
     return "\n".join(lines)
 

@@ -19,7 +19,7 @@ def test_folder_bench_reports_every_pipeline_against_imagefolder(tmp_path):
                        "--json", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
-    assert list(result["input_folder"]) == ["imagefolder", "workers", "decode", "cache"]
+    assert list(result["input_folder"]) == ["imagefolder", "workers", "decode", "hf", "shards", "cache"]
     for row in result["input_folder"].values():
         assert row["img_s"] > 0 and len(row["runs"]) == 1
         assert row["vs_imagefolder"] == row["img_s"] / result["input_folder"]["imagefolder"]["img_s"]
