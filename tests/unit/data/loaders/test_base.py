@@ -7,7 +7,7 @@ import torch
 
 from dtl.data.augment.transform import BatchTransform
 from dtl.data.cifar import make_synthetic
-from dtl.data.features import FeatureLoader
+from dtl.data.features import CachedSplit, FeatureLoader
 from dtl.data.loaders import BatchLoader, DeviceLoader, WorkerLoader
 from dtl.data.loaders.transforms import v2_transform
 from dtl.data.samplers import EvalShardSampler
@@ -19,7 +19,7 @@ def test_every_loader_is_a_batch_loader():
     loaders = [
         DeviceLoader(split, sampler, 8, BatchTransform(False, 32), torch.device("cpu"), seed=0, rank=0),
         WorkerLoader(split, sampler, 8, v2_transform(False, 32, False), 0, torch.device("cpu"), seed=0),
-        FeatureLoader(torch.randn(20, 5), split.labels, sampler, 8),
+        FeatureLoader(CachedSplit(torch.randn(20, 5), split.labels), sampler, 8),
     ]
     want = inspect.signature(BatchLoader.set_epoch)
     for loader in loaders:
